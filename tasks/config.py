@@ -1,0 +1,376 @@
+"""One typed config: profile YAML + AIF_* environment + CLI flags (explicit wins).
+
+A profile is a YAML file (``infra/profiles/<name>.yaml`` or any path). Values may
+reference the environment as ``${VAR}`` or ``${VAR:-default}``. Relative paths in
+``*_dir`` keys and ``file://`` URLs are made absolute against the working directory so
+that Slurm jobs and Dask workers see the same paths as the flow.
+
+Precedence, lowest first: profile file < ``AIF_<SECTION>__<KEY>`` environment variables
+< explicit overrides (CLI flags). The resolved config is saved in every run manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "profiles"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ObjectStore(_Model):
+    """Credentials and endpoint for s3:// URLs (None: the default AWS chain)."""
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    region: str = "us-east-1"
+
+    def storage_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.key:
+            opts["key"] = self.key
+        if self.secret:
+            opts["secret"] = self.secret
+        client_kwargs: dict[str, Any] = {"region_name": self.region}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        opts["client_kwargs"] = client_kwargs
+        return opts
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes (Slurm jobs inherit it; never written to scripts)."""
+        out: dict[str, str] = {"AWS_DEFAULT_REGION": self.region}
+        if self.endpoint_url:
+            out["AWS_ENDPOINT_URL"] = self.endpoint_url
+            out["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+        if self.key:
+            out["AWS_ACCESS_KEY_ID"] = self.key
+        if self.secret:
+            out["AWS_SECRET_ACCESS_KEY"] = self.secret
+        return out
+
+
+class Generator(_Model):
+    """Deterministic seeding of the data space when it is empty (local and site)."""
+
+    seed: int = 7
+    rows: int = Field(default=200_000, ge=1)
+    objects: int = Field(default=8, ge=1)
+
+
+class Dataspace(_Model):
+    url: str  # fsspec URL of the dataset's prefix (s3://bucket/prefix or file:///path)
+    dataset: str = "mobility-trips"
+    generate: Generator | None = None  # seed it if the prefix holds no objects
+
+
+class Lake(_Model):
+    url: str  # fsspec URL of the lake root
+
+
+class DaskSpec(_Model):
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = Field(default=2, ge=1)
+    cores: int = Field(default=1, ge=1)  # per worker job
+    processes: int = Field(default=1, ge=1)
+    memory: str = "2GiB"  # per worker job
+    walltime: str = "00:30:00"
+    partition: str = "cpu"
+    qos: str | None = None
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)  # module loads, venv activation
+    interface: str | None = None
+    scheduler_host: str = "127.0.0.1"
+    partitions_per_task: int = 1
+
+
+class TrainingSpec(_Model):
+    """Generic resource names; translated to Slurm's names in tasks/training.py."""
+
+    executor: Literal["local", "slurm"] = "local"
+    payload: Literal["tabular"] = "tabular"
+    partition: str = "gpu"
+    gpus_per_node: int = Field(default=1, ge=0)
+    nodes: int = Field(default=1, ge=1)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem_gb: float = Field(default=2.0, gt=0)
+    timeout_min: int = Field(default=20, ge=1)
+    qos: str | None = None
+    constraint: str | None = None
+    modules: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list)  # shell lines before the payload
+    env: dict[str, str] = Field(default_factory=dict)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    # Hyperparameters of the reference payload.
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    lr: float = Field(default=2e-3, gt=0)
+    seed: int = 1234
+
+
+class MlflowSpec(_Model):
+    tracking_uri: str
+    registry_uri: str | None = None
+    artifact_location: str | None = None  # for a local file/sqlite store
+    experiment: str = "aifactory"
+    model_name: str = "mobility-trip-duration"
+
+
+class PrefectSpec(_Model):
+    # "managed": aif starts a local Prefect server (state in home_dir/prefect) and reuses it.
+    api_url: str = "managed"
+    managed_port: int = 4210
+
+
+class SlurmSpec(_Model):
+    conf: str | None = None  # SLURM_CONF for every Slurm command; None: the site default
+    bin_dir: str | None = None
+
+
+class Startup(_Model):
+    account: str
+    project: str = "default"
+    title: str = ""
+    s3_prefix: str | None = None
+
+
+class Profile(_Model):
+    name: str
+    description: str = ""
+    home_dir: str = ".aif"  # run directories, managed services' state
+    runs_dir: str = ".aif/runs"  # shared filesystem visible from compute nodes
+    default_startup: str
+    startups: dict[str, Startup]
+    object_store: ObjectStore | None = None
+    dataspace: Dataspace
+    lake: Lake
+    dask: DaskSpec = Field(default_factory=DaskSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    mlflow: MlflowSpec
+    prefect: PrefectSpec = Field(default_factory=PrefectSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+    @field_validator("startups")
+    @classmethod
+    def _some_startup(cls, v: dict[str, Startup]) -> dict[str, Startup]:
+        if not v:
+            raise ValueError("at least one start-up is required")
+        return v
+
+    # -- helpers -----------------------------------------------------------------------
+    def storage_options(self, url: str) -> dict[str, Any]:
+        if url.startswith("s3://") and self.object_store is not None:
+            return self.object_store.storage_options()
+        return {}
+
+    def child_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.object_store is not None:
+            env.update(self.object_store.env())
+        if self.slurm.conf:
+            env["SLURM_CONF"] = self.slurm.conf
+        return env
+
+    def startup(self, startup_id: str | None) -> tuple[str, Startup]:
+        sid = startup_id or self.default_startup
+        if sid not in self.startups:
+            known = ", ".join(sorted(self.startups))
+            raise ConfigError(
+                f"unknown start-up {sid!r} in profile {self.name!r}: known start-ups are {known}"
+            )
+        return sid, self.startups[sid]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config with secrets masked: safe for manifests, logs and tags."""
+        data = self.model_dump(mode="json")
+        store = data.get("object_store")
+        if store:
+            for k in ("key", "secret"):
+                if store.get(k):
+                    store[k] = "***"
+        return data
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.public_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{where}: environment variable ${{{name}}} is not set and has no default"
+            )
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _absolutise(data: dict[str, Any], base: Path) -> None:
+    """Make relative ``*_dir`` paths and ``file://`` URLs absolute (in place)."""
+
+    def fix_path(p: str) -> str:
+        return str((base / p).resolve()) if not os.path.isabs(p) else p
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(v, str):
+                    if v.startswith("file://"):
+                        node[k] = "file://" + fix_path(v[len("file://") :])
+                    elif (k.endswith("_dir") or k == "conf") and v:
+                        node[k] = fix_path(v)
+                    elif (
+                        k == "tracking_uri"
+                        and v.startswith("sqlite:///")
+                        and not v.startswith("sqlite:////")
+                    ):
+                        node[k] = "sqlite:///" + fix_path(v[len("sqlite:///") :])
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+        return node
+
+    walk(data)
+
+
+def _set_path(data: dict[str, Any], dotted: list[str], value: Any) -> None:
+    node = data
+    for part in dotted[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(dotted)}: {part} is not a section")
+    node[dotted[-1]] = value
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    """AIF_TRAINING__EPOCHS=3 -> {"training": {"epochs": 3}} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith("AIF_") or "__" not in key:
+            continue
+        path = [p.lower() for p in key[len("AIF_") :].split("__")]
+        _set_path(out, path, yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _fmt_validation(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(Profile, list(e["loc"][:-1]))
+            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            parts.append(f"{loc}: unknown key (valid keys: {valid})")
+        else:
+            parts.append(f"{loc}: {e['msg']}")
+    return f"profile {source}: " + "; ".join(parts)
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            # dict[str, Model]: the key is a name, keep the value model
+            continue
+        ann = field.annotation
+        current = _unwrap(ann)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    args = getattr(ann, "__args__", None)
+    if args:
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                return a
+            inner = _unwrap(a)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return ann
+
+
+def profile_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.is_file():
+            raise ConfigError(f"profile file {name_or_path}: not found")
+        return p
+    candidate = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(q.stem for q in PROFILES_DIR.glob("*.yaml")))
+        raise ConfigError(
+            f"unknown profile {name_or_path!r}: use one of {known}, or a path to a YAML file"
+        )
+    return candidate
+
+
+def load_profile(
+    name_or_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Profile:
+    env = dict(os.environ if env is None else env)
+    name_or_path = name_or_path or env.get("AIF_PROFILE") or "local"
+    path = profile_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        raise ConfigError(f"profile {path}: invalid YAML at {where}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"profile {path}: top level must be a mapping, got {type(raw).__name__}")
+    data = _interpolate(raw, env, path.name)
+    _merge(data, _env_overrides(env))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, dotted.split("."), value)
+    _absolutise(data, base_dir or Path.cwd())
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_fmt_validation(err, str(path))) from None

@@ -1,0 +1,156 @@
+"""Model registration in MLflow: idempotent by fingerprint, tagged with lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import AifError
+from tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
+from tasks.provenance import key_of, now_iso
+
+FINGERPRINT_TAG = "aif.fingerprint"
+PIP_REQUIREMENTS = ["torch==2.13.0", "pandas", "numpy", "pyarrow", "aifactory"]
+
+
+class RegistryError(AifError):
+    """The MLflow registry cannot be reached or refused an operation."""
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5) as r:
+            if r.status == 200:
+                return
+    except (urllib.error.URLError, OSError):
+        pass
+    raise RegistryError(
+        f"MLflow tracking server {tracking_uri} is not reachable: is the site up? (aif site status)"
+    )
+
+
+def fingerprint(trained: TrainedModel, model_name: str) -> str:
+    return key_of("register", model_name, trained.content_hash())
+
+
+def register_model(
+    trained: TrainedModel,
+    featureset: FeatureSet,
+    snapshot: DataSnapshot,
+    *,
+    tracking_uri: str,
+    model_name: str,
+    experiment: str,
+    artifact_location: str | None,
+    lineage: dict[str, str],
+    feature_config: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> ModelVersion:
+    """Log the run and register one model version (or return the existing one)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tasks.pyfunc_model import TabularPyfunc
+
+    _check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    fp = fingerprint(trained, model_name)
+
+    try:
+        existing = [
+            v
+            for v in client.search_model_versions(f"name='{model_name}'")
+            if v.tags.get(FINGERPRINT_TAG) == fp
+        ]
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise RegistryError(
+                f"MLflow {tracking_uri}: cannot search model versions: {exc}"
+            ) from None
+        existing = []
+    if existing:
+        mv = sorted(existing, key=lambda v: int(v.version))[0]
+        log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
+        client.set_registered_model_alias(model_name, "candidate", mv.version)
+        return _manifest(mv, model_name, fp, tracking_uri, client)
+
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp is not None
+        else client.create_experiment(experiment, artifact_location=artifact_location)
+    )
+    tags = {
+        FINGERPRINT_TAG: fp,
+        "aif.snapshot_id": snapshot.snapshot_id,
+        "aif.snapshot_hash": snapshot.content_hash(),
+        "aif.featureset_id": featureset.featureset_id,
+        "aif.featureset_hash": featureset.content_hash(),
+        "aif.run_key": trained.run_key,
+        "aif.slurm_job_ids": ",".join(trained.slurm_job_ids) or "none",
+        "aif.executor": trained.executor,
+        "aif.environment_hash": trained.environment_hash,
+        "aif.weights_sha256": trained.weights_sha256,
+        **lineage,
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{trained.run_key}") as run:
+        mlflow.log_params({k: _param(v) for k, v in trained.params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in trained.metrics.items()})
+        mlflow.set_tags(tags)
+        if trained.sacct:
+            mlflow.log_dict(trained.sacct, "lineage/sacct.json")
+        mlflow.log_dict(snapshot.canonical(), "lineage/data_snapshot.json")
+        mlflow.log_dict(featureset.canonical(), "lineage/featureset.json")
+        sbatch = Path(trained.run_dir) / "train.sbatch"
+        if sbatch.exists():
+            mlflow.log_artifact(str(sbatch), "lineage")
+        with tempfile.TemporaryDirectory() as tmp:
+            fc = Path(tmp) / "feature_config.json"
+            fc.write_text(json.dumps(feature_config, sort_keys=True, indent=2))
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=TabularPyfunc(),
+                artifacts={"model": trained.model_path, "feature_config": str(fc)},
+                pip_requirements=PIP_REQUIREMENTS,
+            )
+        run_id = run.info.run_id
+    mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
+    client.set_registered_model_alias(model_name, "candidate", mv.version)
+    log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
+    return _manifest(
+        client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
+    )
+
+
+def _param(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+def _manifest(mv: Any, name: str, fp: str, tracking_uri: str, client: Any) -> ModelVersion:
+    aliases = list(getattr(mv, "aliases", []) or [])
+    if "candidate" not in aliases:
+        aliases.append("candidate")
+    return ModelVersion(
+        name=name,
+        version=str(mv.version),
+        uri=f"models:/{name}/{mv.version}",
+        run_id=mv.run_id or "",
+        fingerprint=fp,
+        aliases=aliases,
+        tags=dict(mv.tags),
+        tracking_uri=tracking_uri,
+        created_at=now_iso(),
+    )
