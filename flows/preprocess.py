@@ -1,0 +1,93 @@
+"""Stage 2, preprocess: DataSnapshot -> FeatureSet on Dask (LocalCluster or Slurm workers).
+
+On profile ``site`` the workers are dask-jobqueue Slurm jobs on the CPU partition under the
+start-up's account; they are all gone from squeue when the stage ends, however it ends.
+An unchanged snapshot and feature config hit the cache: no cluster is started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import load_profile
+from tasks.dask_cluster import open_cluster
+from tasks.manifests import DataSnapshot, FeatureSet
+from tasks.preprocess import load_cached, plan, run_preprocess
+from tasks.provenance import key_of
+from tasks.runtime import artifact_markdown, md_table, stage_logger
+from tasks.slurm import SlurmClient
+
+
+@task(name="featurise-on-dask", cache_policy=NO_CACHE)
+def featurise(
+    snapshot: DataSnapshot,
+    profile: str,
+    startup: str | None,
+    overrides: dict[str, Any] | None,
+    fs_id: str,
+    config: dict[str, Any],
+) -> FeatureSet:
+    cfg = load_profile(profile, overrides)
+    _, st = cfg.startup(startup)
+    say = stage_logger("preprocess")
+    slurm = SlurmClient(env=cfg.child_env()) if cfg.dask.kind == "slurm" else None
+    job_name = f"aif-dask-{key_of(fs_id, st.account)[:10]}"
+    log_dir = str(Path(cfg.runs_dir) / "dask" / fs_id)
+    with open_cluster(
+        cfg.dask, account=st.account, job_name=job_name, slurm=slurm, log_dir=log_dir, log=say
+    ) as (client, info):
+        say(f"Dask {info.kind} cluster: dashboard {info.dashboard}")
+        fset = run_preprocess(
+            snapshot,
+            lake_url=cfg.lake.url,
+            storage_options=cfg.storage_options(cfg.lake.url),
+            client=client,
+            config=config,
+            fs_id=fs_id,
+            cluster_info=info.as_dict(),
+            progress=say,
+        )
+    if info.job_script:
+        artifact_markdown(
+            "dask-worker-job",
+            f"# Dask worker job script\n\n```bash\n"
+            f"{info.job_script}\n```\n\nJobs: {', '.join(info.job_ids)}",
+        )
+    fset.cluster = info.as_dict()
+    fset.slurm_job_ids = list(info.job_ids)
+    return fset
+
+
+@flow(name="preprocess", log_prints=False)
+def preprocess_flow(
+    snapshot: DataSnapshot,
+    profile: str = "local",
+    startup: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> FeatureSet:
+    cfg = load_profile(profile, overrides)
+    say = stage_logger("preprocess")
+    fs_id, fconfig = plan(snapshot)
+    cached = load_cached(cfg.lake.url, fs_id, cfg.storage_options(cfg.lake.url))
+    if cached is not None:
+        say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
+        return cached
+    fset = featurise(snapshot, profile, startup, overrides, fs_id, fconfig)
+    rows = [{"split": k, "rows": v.rows, "files": len(v.files)} for k, v in fset.splits.items()]
+    say(
+        f"feature set {fs_id}: "
+        + ", ".join(f"{r['split']}={r['rows']}" for r in rows)
+        + f"; dropped {sum(fset.rows_dropped.values())}"
+    )
+    artifact_markdown(
+        "preprocess-summary",
+        f"# Preprocess: feature set `{fs_id}`\n\n- snapshot: `{snapshot.snapshot_id}`\n"
+        f"- rows in: {fset.rows_in}\n- dropped: {fset.rows_dropped}\n"
+        f"- cluster: {fset.cluster.get('kind')}; Dask dashboard: {fset.cluster.get('dashboard')}\n"
+        f"- worker jobs: {', '.join(fset.slurm_job_ids) or 'none (local)'}\n\n{md_table(rows)}\n",
+    )
+    return fset

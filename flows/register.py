@@ -1,0 +1,81 @@
+"""Stage 4, register: TrainedModel -> MLflow model version with lineage, alias candidate.
+
+Idempotent: the version carries a fingerprint of the trained model; registering the same
+model again returns the existing version instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import load_profile
+from tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
+from tasks.provenance import git_info
+from tasks.registry import register_model
+from tasks.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
+
+
+@task(name="register-in-mlflow", cache_policy=NO_CACHE)
+def register_task(
+    trained: TrainedModel,
+    fset: FeatureSet,
+    snap: DataSnapshot,
+    profile: str,
+    startup: str | None,
+    overrides: dict[str, Any] | None,
+) -> ModelVersion:
+    cfg = load_profile(profile, overrides)
+    sid, st = cfg.startup(startup)
+    git = git_info()
+    lineage = {
+        "aif.git_commit": git["commit"],
+        "aif.git_dirty": str(git["dirty"]).lower(),
+        "aif.prefect_flow_run_id": flow_run_id(),
+        "aif.startup": sid,
+        "aif.account": st.account,
+        "aif.project": st.project,
+        "aif.profile": cfg.name,
+        "aif.config_hash": cfg.config_hash(),
+        "aif.dataset": snap.dataset,
+    }
+    return register_model(
+        trained,
+        fset,
+        snap,
+        tracking_uri=cfg.mlflow.tracking_uri,
+        model_name=cfg.mlflow.model_name,
+        experiment=cfg.mlflow.experiment,
+        artifact_location=cfg.mlflow.artifact_location,
+        lineage=lineage,
+        feature_config=fset.feature_config,
+        log=stage_logger("register"),
+    )
+
+
+@flow(name="register", log_prints=False)
+def register_flow(
+    trained: TrainedModel,
+    featureset: FeatureSet,
+    snapshot: DataSnapshot,
+    profile: str = "local",
+    startup: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ModelVersion:
+    mv = register_task(trained, featureset, snapshot, profile, startup, overrides)
+    cfg = load_profile(profile, overrides)
+    link = cfg.mlflow.tracking_uri
+    if link.startswith("http"):
+        link = f"{link.rstrip('/')}/#/models/{mv.name}/versions/{mv.version}"
+    metrics = [{"metric": k, "value": round(v, 5)} for k, v in sorted(trained.metrics.items())]
+    artifact_markdown(
+        "registered-model",
+        f"# Registered model `{mv.uri}`\n\n- aliases: {', '.join(mv.aliases)}\n"
+        f"- MLflow: [{mv.name} v{mv.version}]({link})\n- run: `{mv.run_id}`\n"
+        f"- fingerprint: `{mv.fingerprint}`\n\n## Metrics\n\n{md_table(metrics)}\n\n"
+        f"## Lineage tags\n\n"
+        + md_table([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())]),
+    )
+    return mv

@@ -1,0 +1,70 @@
+"""Stage 3, train: FeatureSet -> TrainedModel, as a Slurm GPU job (site) or a local process.
+
+The run key (feature set, training spec, environment, start-up) names the run directory and
+the Slurm job, so a re-run reattaches to a live job or reuses a finished run instead of
+submitting a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import load_profile
+from tasks.manifests import FeatureSet, TrainedModel
+from tasks.provenance import environment_hash, key_of
+from tasks.runtime import artifact_markdown, md_table, stage_logger
+from tasks.slurm import SlurmClient
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_task(
+    fset: FeatureSet, profile: str, startup: str | None, overrides: dict[str, Any] | None
+) -> TrainedModel:
+    from tasks.training import train
+
+    cfg = load_profile(profile, overrides)
+    sid, st = cfg.startup(startup)
+    spec = cfg.training
+    run_key = key_of(
+        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(), st.account
+    )
+    slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
+    return train(
+        spec=spec,
+        account=st.account,
+        featureset=fset,
+        runs_dir=cfg.runs_dir,
+        run_key=run_key,
+        slurm=slurm,
+        env=cfg.child_env(),
+        log=stage_logger("train"),
+    )
+
+
+@flow(name="train", log_prints=False)
+def train_flow(
+    featureset: FeatureSet,
+    profile: str = "local",
+    startup: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainedModel:
+    trained = train_task(featureset, profile, startup, overrides)
+    say = stage_logger("train")
+    m = trained.metrics
+    say(
+        f"run {trained.run_key}: test RMSE {m.get('test_rmse', float('nan')):.3f} min, "
+        f"R² {m.get('test_r2', float('nan')):.3f}, {m.get('samples_per_second', 0):.0f} samples/s"
+    )
+    sacct_rows = [{"field": k, "value": v} for k, v in trained.sacct.items()]
+    artifact_markdown(
+        "training-run",
+        f"# Training run `{trained.run_key}`\n\n- executor: {trained.executor}\n"
+        f"- Slurm jobs: {', '.join(trained.slurm_job_ids) or 'none (local process)'}\n"
+        f"- run dir: `{trained.run_dir}`\n\n## Metrics\n\n"
+        + md_table([{"metric": k, "value": v} for k, v in sorted(m.items())])
+        + ("\n\n## sacct\n\n" + md_table(sacct_rows) if sacct_rows else ""),
+    )
+    return trained

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# aifactory set-up in one place. From a fresh clone:
+#   infra/dev.sh run    install everything, run the whole pipeline on profile "local"
+#   infra/dev.sh test   install everything, bring up the local site, run the whole test suite
+#   infra/dev.sh setup  only install (Python venv in .venv; Debian packages for the site)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${AIF_VENV:-.venv}
+
+setup_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  echo "== installing Python packages into $VENV (first time: a few minutes)"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # torch pinned exactly: an unpinned torch would pull a multi-GB CUDA build.
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e ".[dev]"
+}
+
+setup_site_packages() {
+  # Debian packages of the local site; `aif site up` installs them too if missing.
+  local need=()
+  command -v slurmctld >/dev/null || need+=(slurm-wlm)
+  command -v slurmdbd >/dev/null || need+=(slurmdbd)
+  command -v munged >/dev/null || need+=(munge)
+  command -v mariadbd >/dev/null || need+=(mariadb-server)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing Debian packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q "${need[@]}" >/dev/null
+  fi
+}
+
+cmd="${1:-run}"
+shift || true
+case "$cmd" in
+  setup)
+    setup_python
+    setup_site_packages
+    ;;
+  run)
+    setup_python
+    exec "$VENV/bin/aif" run "$@"
+    ;;
+  test)
+    setup_python
+    setup_site_packages
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/aif" site up
+    trap '"$VENV/bin/aif" site down || true' EXIT
+    "$VENV/bin/python" -m pytest --site -q "$@"
+    ;;
+  *)
+    echo "usage: infra/dev.sh run|test|setup [args]" >&2
+    exit 2
+    ;;
+esac

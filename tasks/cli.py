@@ -1,0 +1,165 @@
+"""The ``aif`` command: run the pipeline, manage the local site, check profiles.
+
+Every user-facing failure is one line on stderr, ``aif: error: <what, where, why>``, with a
+non-zero exit code (2 for bad configuration, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import AifError
+
+DEFAULT_SITE_DIR = ".aif/site"
+
+
+def _site_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("AIF_SITE_DIR") or DEFAULT_SITE_DIR).resolve()
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "epochs", None) is not None:
+        out["training.epochs"] = args.epochs
+    if getattr(args, "rows", None) is not None:
+        out["dataspace.generate.rows"] = args.rows
+    if getattr(args, "dataspace", None):
+        out["dataspace.url"] = args.dataspace
+    return out
+
+
+def _quiet_prefect_console(verbose: bool) -> None:
+    # Prefect's logs still go to the API (the UI); the terminal gets our progress lines.
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.config import load_profile
+    from tasks.prefect_server import resolve_api_url
+
+    overrides = _overrides(args)
+    cfg = load_profile(args.profile, overrides)
+    sid, st = cfg.startup(args.startup)
+    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
+    os.environ["PREFECT_API_URL"] = api_url
+    _quiet_prefect_console(args.verbose)
+    ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
+    print(f"aif run: profile {cfg.name}, start-up {sid} (account {st.account}), Prefect {ui}",
+          flush=True)  # fmt: skip
+
+    from flows.pipeline import pipeline
+
+    state = pipeline(
+        profile=args.profile or cfg.name,
+        startup=sid,
+        overrides=overrides or None,
+        return_state=True,
+    )
+    run_id = state.state_details.flow_run_id
+    print(f"Prefect UI: {ui}/runs/flow-run/{run_id}", flush=True)
+    uri = state.result()  # raises the stage's error if the run failed
+    print(f"MLflow: {cfg.mlflow.tracking_uri}  (alias {cfg.mlflow.model_name}@candidate)")
+    print(uri)
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from infra.site import manager
+
+    site_dir = _site_dir(args.dir)
+    if args.action == "up":
+        parts = manager.up(site_dir)
+        _print_parts(parts)
+        return 0
+    if args.action == "status":
+        parts = manager.status(site_dir)
+        _print_parts(parts)
+        return 0 if parts and all(p.healthy for p in parts) else 1
+    if args.action == "env":
+        for line in manager.env_lines(site_dir):
+            print(line)
+        return 0
+    if args.action == "down":
+        stopped = manager.down(site_dir)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    raise AifError(f"unknown site action {args.action!r}")
+
+
+def _print_parts(parts: list[Any]) -> None:
+    for p in parts:
+        mark = "ok  " if p.healthy else "DOWN"
+        pid = f"pid {p.pid}" if p.pid else ""
+        print(f"{mark} {p.name:<12} {p.address:<32} {pid:<10} {p.detail}".rstrip())
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from tasks.config import load_profile
+
+    cfg = load_profile(args.profile)
+    if args.action == "show":
+        print(json.dumps(cfg.public_dict(), indent=2))
+    else:
+        print(f"profile {args.profile}: ok ({cfg.name}, {len(cfg.startups)} start-ups)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aif", description=__doc__.splitlines()[0])
+    p.add_argument("--verbose", "-v", action="store_true", help="full logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the whole pipeline: ingest, preprocess, train, register")
+    r.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
+    r.add_argument("--startup", default=None, help="start-up id (default: the profile's)")
+    r.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
+    r.add_argument("--dataspace", default=None, help="override the dataset's URL")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("site", help="the local AI-factory site (Slurm, S3, Prefect, MLflow)")
+    s.add_argument("action", choices=["up", "status", "env", "down"])
+    s.add_argument("--dir", default=None, help=f"state folder (default {DEFAULT_SITE_DIR})")
+    s.set_defaults(func=cmd_site)
+
+    pr = sub.add_parser("profile", help="check or show a profile")
+    pr.add_argument("action", choices=["validate", "show"])
+    pr.add_argument("profile", help="profile name or YAML file")
+    pr.set_defaults(func=cmd_profile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = args.verbose or getattr(args, "verbose_sub", False)
+    try:
+        return int(args.func(args))
+    except AifError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"aif: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("aif: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure still gets one line
+        if verbose:
+            traceback.print_exc()
+        msg = " ".join(str(err).split()) or "no message"
+        print(f"aif: error: {type(err).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Preprocessing: a DataSnapshot becomes a FeatureSet, partition by partition on Dask."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+
+from tasks import features as F
+from tasks.errors import DataError
+from tasks.lake import read_json, write_json_atomic
+from tasks.manifests import DataSnapshot, FeatureSet, SplitFiles
+from tasks.provenance import now_iso
+
+
+def featureset_url(lake_url: str, fs_id: str) -> str:
+    return f"{lake_url.rstrip('/')}/features/{fs_id}"
+
+
+def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> FeatureSet | None:
+    url = f"{featureset_url(lake_url, fs_id)}/manifest.json"
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    if not fs.exists(path):
+        return None
+    return FeatureSet.model_validate(read_json(fs, path))
+
+
+def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[str, dict]:
+    cfg = json.loads(json.dumps(config or F.DEFAULT_FEATURE_CONFIG))
+    return F.featureset_id(snapshot.content_hash(), cfg), cfg
+
+
+def run_preprocess(
+    snapshot: DataSnapshot,
+    *,
+    lake_url: str,
+    storage_options: dict[str, Any],
+    client: Any,
+    config: dict[str, Any],
+    fs_id: str,
+    cluster_info: dict[str, Any],
+    progress: Callable[[str], None] = print,
+) -> FeatureSet:
+    """Featurise every snapshot file on the Dask cluster, fit normalisation, commit."""
+    t0 = time.monotonic()
+    out_url = featureset_url(lake_url, fs_id)
+    files = [o.lake_path for o in snapshot.objects]
+    futures = [
+        client.submit(
+            F.featurize_partition, i, url, out_url, storage_options, config, pure=False,
+            key=f"featurize-{fs_id}-{i:05d}",
+        )
+        for i, url in enumerate(files)
+    ]  # fmt: skip
+    from distributed import as_completed
+
+    results: list[dict[str, Any]] = []
+    for n, fut in enumerate(as_completed(futures), 1):
+        try:
+            results.append(fut.result())
+        except Exception as exc:
+            for f in futures:
+                f.cancel()
+            raise DataError(
+                f"preprocess {snapshot.dataset}: partition {fut.key} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if n == len(futures) or n % max(1, len(futures) // 4) == 0:
+            progress(f"featurised {n}/{len(futures)} partitions")
+    results.sort(key=lambda r: r["index"])
+
+    cols = F.feature_columns(config)
+    norm = F.fit_normalisation(results, [*cols, config["target"]])
+    rows_in = sum(r["rows_in"] for r in results)
+    dropped: dict[str, int] = {}
+    for r in results:
+        for reason, n in r["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    splits = {
+        name: SplitFiles(
+            files=[r["splits"][name]["file"] for r in results],
+            rows=sum(r["splits"][name]["rows"] for r in results),
+        )
+        for name in F.SPLITS
+    }
+    rows_out = sum(s.rows for s in splits.values())
+    if rows_out + sum(dropped.values()) != rows_in:
+        raise DataError(
+            f"preprocess {snapshot.dataset}: row accounting broken: in={rows_in} "
+            f"out={rows_out} dropped={sum(dropped.values())}"
+        )
+    fset = FeatureSet(
+        featureset_id=fs_id,
+        snapshot_id=snapshot.snapshot_id,
+        snapshot_hash=snapshot.content_hash(),
+        lake_url=out_url,
+        key_column=config["key"],
+        feature_columns=cols,
+        target=config["target"],
+        normalisation=norm,
+        splits=splits,
+        rows_in=rows_in,
+        rows_dropped=dropped,
+        feature_config=config,
+        cluster=cluster_info,
+        slurm_job_ids=list(cluster_info.get("job_ids", [])),
+        created_at=now_iso(),
+        duration_s=round(time.monotonic() - t0, 3),
+    )
+    fs, path = fsspec.core.url_to_fs(f"{out_url}/manifest.json", **storage_options)
+    write_json_atomic(fs, path, json.loads(fset.to_json()))  # the commit point
+    return fset

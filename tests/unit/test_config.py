@@ -1,0 +1,87 @@
+"""Profiles: every shipped profile validates; bad ones fail with one precise line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import PROFILES_DIR, load_profile
+from tasks.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_profiles_validate(path: Path) -> None:
+    cfg = load_profile(str(path), env={})
+    assert cfg.startups and cfg.default_startup in cfg.startups
+    assert cfg.lake.url and cfg.dataspace.url
+
+
+def test_paths_become_absolute(tmp_path: Path) -> None:
+    cfg = load_profile("local", env={}, base_dir=tmp_path)
+    assert cfg.lake.url == f"file://{tmp_path}/.aif/local/lake"
+    assert cfg.runs_dir.startswith(str(tmp_path))
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path}/.aif/local/mlflow.db"
+
+
+def test_precedence_file_env_explicit() -> None:
+    env = {"AIF_TRAINING__EPOCHS": "3"}
+    assert load_profile("local", env=env).training.epochs == 3
+    assert load_profile("local", env=env, overrides={"training.epochs": 5}).training.epochs == 5
+    assert load_profile("local", env={}).training.epochs == 8
+
+
+def test_unknown_profile_lists_known() -> None:
+    with pytest.raises(ConfigError, match=r"unknown profile 'nope': use one of .*local.*site"):
+        load_profile("nope", env={})
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
+    src = (PROFILES_DIR / "local.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("  epochs: 8", "  epochs: 8\n  gpus: 2"))
+    with pytest.raises(ConfigError) as err:
+        load_profile(str(bad), env={})
+    msg = str(err.value)
+    assert "training.gpus: unknown key" in msg and "gpus_per_node" in msg
+    assert "\n" not in msg
+
+
+def test_bad_type_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((PROFILES_DIR / "local.yaml").read_text().replace("epochs: 8", "epochs: many"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: training.epochs: "):
+        load_profile(str(bad), env={})
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\n  - : [\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line"):
+        load_profile(str(bad), env={})
+
+
+def test_missing_env_without_default(tmp_path: Path) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        (PROFILES_DIR / "local.yaml")
+        .read_text()
+        .replace("${AIF_HOME:-.aif}/local/lake", "${LAKE_ROOT}")
+    )
+    with pytest.raises(ConfigError, match=r"LAKE_ROOT.* is not set"):
+        load_profile(str(p), env={})
+
+
+def test_unknown_startup() -> None:
+    cfg = load_profile("site", env={})
+    with pytest.raises(ConfigError, match=r"unknown start-up 'startup-z'.*startup-a, startup-b"):
+        cfg.startup("startup-z")
+
+
+def test_secrets_masked_and_hash_stable() -> None:
+    env = {"AWS_ACCESS_KEY_ID": "CANARY-KEY", "AWS_SECRET_ACCESS_KEY": "CANARY-SECRET"}
+    cfg = load_profile("site", env=env)
+    text = str(cfg.public_dict())
+    assert "CANARY" not in text
+    assert cfg.config_hash() == load_profile("site", env=env).config_hash()
+    assert cfg.child_env()["AWS_SECRET_ACCESS_KEY"] == "CANARY-SECRET"

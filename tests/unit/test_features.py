@@ -1,0 +1,83 @@
+"""Feature transform: deterministic split, exact row accounting, train-only normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tasks import features as F
+
+
+def _raw(n: int = 2000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "trip_id": [f"T{i:09d}" for i in range(n)],
+        "pickup_ts": pd.Timestamp("2025-01-01", tz="UTC")
+        + pd.to_timedelta(rng.integers(0, 365 * 24 * 3600, n), unit="s"),
+        "pickup_zone": rng.integers(1, 61, n).astype("int32"),
+        "dropoff_zone": rng.integers(1, 61, n).astype("int32"),
+        "distance_km": rng.gamma(2.0, 3.0, n),
+        "passenger_count": rng.integers(1, 5, n).astype("int8"),
+        "vendor": rng.choice(["V1", "V2", "V3"], n),
+        "payment_type": rng.choice(["card", "cash", None], n),
+        "weather": rng.choice(["clear", "rain", "snow"], n),
+        "temperature_c": np.where(rng.random(n) < 0.05, np.nan, rng.normal(12, 8, n)),
+        "duration_min": rng.gamma(3.0, 6.0, n) - 2.0,
+    })  # fmt: skip
+
+
+def test_split_is_stable_and_proportional() -> None:
+    keys = pd.Series([f"T{i:09d}" for i in range(20000)])
+    a = F.split_of(keys, F.DEFAULT_FEATURE_CONFIG["split"])
+    b = F.split_of(
+        keys.sample(frac=1, random_state=3).sort_index(), F.DEFAULT_FEATURE_CONFIG["split"]
+    )
+    assert (a == b).all()
+    share = pd.Series(a).value_counts(normalize=True)
+    assert abs(share["train"] - 0.8) < 0.02 and abs(share["test"] - 0.1) < 0.02
+
+
+def test_transform_accounts_for_every_row() -> None:
+    df = _raw()
+    feats, dropped = F.transform(df, F.DEFAULT_FEATURE_CONFIG)
+    assert len(feats) + sum(dropped.values()) == len(df)
+    assert "duration_min_out_of_range" in dropped
+    cols = F.feature_columns(F.DEFAULT_FEATURE_CONFIG)
+    assert not feats[cols].isna().any().any()
+
+
+def test_inference_keeps_all_rows_and_matches_training() -> None:
+    df = _raw(500)
+    train, _ = F.transform(df, F.DEFAULT_FEATURE_CONFIG)
+    infer, _ = F.transform(
+        df.drop(columns=["duration_min"]), F.DEFAULT_FEATURE_CONFIG, inference=True
+    )
+    assert len(infer) == len(df)
+    cols = F.feature_columns(F.DEFAULT_FEATURE_CONFIG)
+    kept = infer.set_index(df["trip_id"]).loc[train["trip_id"], cols].to_numpy()
+    np.testing.assert_array_equal(kept, train[cols].to_numpy())
+
+
+def test_partition_files_and_normalisation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    df = _raw(3000)
+    src = tmp_path / "in.parquet"
+    df.to_parquet(src)
+    out = f"file://{tmp_path}/features"
+    r1 = F.featurize_partition(0, f"file://{src}", out, {}, F.DEFAULT_FEATURE_CONFIG)
+    r2 = F.featurize_partition(0, f"file://{src}", out, {}, F.DEFAULT_FEATURE_CONFIG)
+    assert r1 == r2  # idempotent overwrite, same bytes
+    total = sum(s["rows"] for s in r1["splits"].values()) + sum(r1["dropped"].values())
+    assert total == 3000
+    cols = [*F.feature_columns(F.DEFAULT_FEATURE_CONFIG), "duration_min"]
+    norm = F.fit_normalisation([r1], cols)
+    train = pd.read_parquet(tmp_path / "features" / "train" / "part-00000.parquet")
+    assert abs(norm["distance_km"]["mean"] - train["distance_km"].astype("float64").mean()) < 1e-3
+    assert not list(tmp_path.glob("features/*/*.tmp*"))
+
+
+def test_featureset_id_changes_with_config() -> None:
+    cfg = dict(F.DEFAULT_FEATURE_CONFIG)
+    a = F.featureset_id("h", cfg)
+    cfg2 = {**cfg, "split": {"train": 70, "val": 15, "test": 15}}
+    assert a == F.featureset_id("h", dict(F.DEFAULT_FEATURE_CONFIG))
+    assert a != F.featureset_id("h", cfg2) and a != F.featureset_id("h2", cfg)
