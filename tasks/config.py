@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "profiles"
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${VAR} or ${VAR:-default}; defaults may nest (innermost first).
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
 
 
 class _Model(BaseModel):
@@ -224,7 +225,10 @@ def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
                 f"{where}: environment variable ${{{name}}} is not set and has no default"
             )
 
-        return _VAR.sub(sub, value)
+        prev = None
+        while prev != value:
+            prev, value = value, _VAR.sub(sub, value)
+        return value
     if isinstance(value, dict):
         return {k: _interpolate(v, env, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):

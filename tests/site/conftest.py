@@ -1,0 +1,68 @@
+"""Site fixtures: the real local site (aif site up) and one real pipeline run on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import Profile, load_profile
+
+REPO = Path(__file__).resolve().parents[2]
+AIF = str(Path(sys.executable).with_name("aif"))
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if ln.startswith("aif: error:")]
+
+
+def aif(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> RunResult:
+    proc = subprocess.run(
+        [AIF, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def site_profile() -> Profile:
+    status = aif("site", "status")
+    if status.returncode != 0:
+        pytest.fail(f"the local site is not healthy (run: aif site up):\n{status.stdout}")
+    return load_profile("site")
+
+
+@pytest.fixture(scope="session")
+def site_env(site_profile: Profile) -> dict[str, str]:
+    return {**os.environ, **site_profile.child_env()}
+
+
+@pytest.fixture(scope="session")
+def site_run(site_profile: Profile) -> dict[str, Any]:
+    """One full `aif run --profile site`; returns its pipeline record and output."""
+    res = aif("run", "--profile", "site", "--epochs", "4")
+    assert res.returncode == 0, f"aif run failed:\n{res.stdout}\n{res.stderr}"
+    ui = [ln for ln in res.stdout.splitlines() if ln.startswith("Prefect UI:")]
+    assert ui, res.stdout
+    run_id = ui[0].rsplit("/", 1)[-1]
+    record_path = Path(site_profile.runs_dir) / "pipeline" / f"{run_id}.json"
+    record = json.loads(record_path.read_text())
+    return {"result": res, "flow_run_id": run_id, "record": record}

@@ -1,0 +1,139 @@
+"""The whole pipeline on the real local site, checked with real clients."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pytest
+
+from tasks.config import Profile
+from tasks.errors import SlurmCommandError
+from tasks.slurm import SlurmClient
+
+pytestmark = pytest.mark.site
+
+
+def _sacct(profile: Profile, job_id: str) -> dict[str, str]:
+    rec = SlurmClient(env=profile.child_env()).sacct_record(job_id)
+    assert rec is not None, f"sacct knows nothing of job {job_id}"
+    return rec
+
+
+def test_last_line_is_model_uri(site_run: dict[str, Any]) -> None:
+    res = site_run["result"]
+    assert res.last_line.startswith("models:/mobility-trip-duration/")
+    for n, stage in enumerate(["ingest", "preprocess", "train", "register"], 1):
+        assert f"[{n}/4] {stage}" in res.stdout
+
+
+def test_training_job_completed_with_gpu(site_run: dict[str, Any], site_profile: Profile) -> None:
+    jobs = site_run["record"]["trained"]["slurm_job_ids"]
+    assert jobs, "the training ran without a Slurm job"
+    rec = _sacct(site_profile, jobs[-1])
+    assert rec["State"] == "COMPLETED", rec
+    assert rec["Account"] == "startup-a"
+    assert rec["Partition"] == "gpu"
+    assert "gres/gpu=1" in rec["AllocTRES"], rec["AllocTRES"]
+
+
+def test_dask_workers_were_slurm_jobs_on_cpu(
+    site_run: dict[str, Any], site_profile: Profile
+) -> None:
+    import json
+
+    fset_id = site_run["record"]["featureset"]["id"]
+    url = f"{site_profile.lake.url}/features/{fset_id}/manifest.json"
+    fs, path = fsspec.core.url_to_fs(url, **site_profile.storage_options(url))
+    manifest = json.loads(fs.cat_file(path))
+    jobs = manifest["slurm_job_ids"]
+    assert len(jobs) >= 2, manifest["cluster"]
+    client = SlurmClient(env=site_profile.child_env())
+    for job in jobs:
+        rec = _sacct(site_profile, job)
+        assert rec["Partition"] == "cpu" and rec["Account"] == "startup-a", rec
+        assert client.squeue_state(job) is None, f"worker job {job} left in squeue"
+
+
+def test_model_loads_with_pyfunc_and_predicts(
+    site_run: dict[str, Any],
+    site_profile: Profile,
+    site_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    import mlflow
+
+    for k, v in site_profile.child_env().items():
+        monkeypatch.setenv(k, v)
+    mlflow.set_tracking_uri(site_profile.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{site_profile.mlflow.model_name}@candidate")
+    fset_id = site_run["record"]["featureset"]["id"]
+    url = f"{site_profile.lake.url}/features/{fset_id}/manifest.json"
+    so = site_profile.storage_options(url)
+    fs, path = fsspec.core.url_to_fs(url, **so)
+    manifest = json.loads(fs.cat_file(path))
+    test_file = manifest["splits"]["test"]["files"][0]
+    df = pd.read_parquet(test_file, storage_options=so)
+    pred = model.predict(df[manifest["feature_columns"]])
+    assert len(pred) == len(df)
+    rmse = float(((pd.Series(pred) - df["duration_min"].astype(float)) ** 2).mean() ** 0.5)
+    assert rmse < df["duration_min"].astype(float).std(), "model no better than the mean"
+    # raw data-space rows work too: the preprocessing travels with the model
+    snap = site_run["record"]["snapshot"]["id"]
+    raw_url = f"{site_profile.lake.url}/snapshots/mobility-trips/{snap}/manifest.json"
+    fs2, p2 = fsspec.core.url_to_fs(raw_url, **so)
+    first = json.loads(fs2.cat_file(p2))["objects"][0]["lake_path"]
+    raw = pd.read_parquet(first, storage_options=so).head(50).drop(columns=["duration_min"])
+    assert len(model.predict(raw)) == 50
+
+
+def test_prefect_shows_completed_run_with_four_subflows(
+    site_run: dict[str, Any], site_profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", site_profile.prefect.api_url)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def read() -> tuple[Any, list[Any]]:
+        async with get_client() as client:
+            run = await client.read_flow_run(site_run["flow_run_id"])
+            subs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])
+                )
+            )
+            names = []
+            for s in subs:
+                flow = await client.read_flow(s.flow_id)
+                names.append((flow.name, s.state_type.value))
+            return run, names
+
+    run, subs = asyncio.run(read())
+    assert run.state_type.value == "COMPLETED"
+    assert sorted(subs) == sorted(
+        [(n, "COMPLETED") for n in ("ingest", "preprocess", "train", "register")]
+    )
+
+
+def test_lake_holds_manifests_and_parquet(site_run: dict[str, Any], site_profile: Profile) -> None:
+    lake = site_profile.lake.url
+    fs, root = fsspec.core.url_to_fs(lake, **site_profile.storage_options(lake))
+    snap = site_run["record"]["snapshot"]["id"]
+    fset = site_run["record"]["featureset"]["id"]
+    assert fs.exists(f"{root}/snapshots/mobility-trips/{snap}/manifest.json")
+    assert fs.glob(f"{root}/snapshots/mobility-trips/{snap}/data/*.parquet")
+    assert fs.exists(f"{root}/features/{fset}/manifest.json")
+    for split in ("train", "val", "test"):
+        assert fs.glob(f"{root}/features/{fset}/{split}/*.parquet")
+
+
+def test_unknown_account_is_refused(site_profile: Profile, tmp_path: Any) -> None:
+    script = tmp_path / "x.sbatch"
+    script.write_text("#!/bin/bash\ntrue\n")
+    with pytest.raises(SlurmCommandError) as err:
+        SlurmClient(env=site_profile.child_env()).submit(str(script), ["--account=nosuch"])
+    assert "account" in str(err.value).lower() or "association" in str(err.value).lower()
