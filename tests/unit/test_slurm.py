@@ -1,0 +1,64 @@
+"""The one door to Slurm, with fake commands: errors carry command, code and output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import SlurmCommandError, SlurmError
+from tasks.slurm import SlurmClient
+
+
+def _fake(bin_dir: Path, name: str, body: str) -> None:
+    p = bin_dir / name
+    p.write_text(f"#!/bin/sh\n{body}\n")
+    p.chmod(0o755)
+
+
+def test_failure_carries_command_code_and_stderr(tmp_path: Path) -> None:
+    _fake(tmp_path, "sbatch", 'echo "sbatch: error: Invalid account" >&2; exit 1')
+    client = SlurmClient(bin_dir=str(tmp_path))
+    with pytest.raises(SlurmCommandError) as err:
+        client.submit("job.sh", ["--account=nosuch"])
+    e = err.value
+    assert e.returncode == 1 and "Invalid account" in e.stderr
+    assert "sbatch --parsable --account=nosuch job.sh" in str(e)
+    assert "exit code 1" in str(e) and "\n" not in str(e)
+
+
+def test_unparsable_job_id_shows_raw_output(tmp_path: Path) -> None:
+    _fake(tmp_path, "sbatch", 'echo "Submitted batch job maybe"')
+    with pytest.raises(SlurmError, match="Submitted batch job maybe"):
+        SlurmClient(bin_dir=str(tmp_path)).submit("job.sh")
+
+
+def test_parsable_with_cluster_suffix(tmp_path: Path) -> None:
+    _fake(tmp_path, "sbatch", 'echo "4242;aif"')
+    assert SlurmClient(bin_dir=str(tmp_path)).submit("job.sh") == "4242"
+
+
+def test_state_from_squeue_then_sacct(tmp_path: Path) -> None:
+    _fake(tmp_path, "squeue", "exit 0")  # no longer known to squeue
+    _fake(
+        tmp_path, "sacct",
+        'echo "17|train|startup-a|gpu|CANCELLED by 0|0:15|00:00:03|cpu=1,gres/gpu=1|'
+        '|node1|2026-01-01T00:00:00|2026-01-01T00:00:03|0"',
+    )  # fmt: skip
+    client = SlurmClient(bin_dir=str(tmp_path))
+    assert client.state("17") == "CANCELLED"
+    rec = client.sacct_record("17")
+    assert rec is not None and rec["StateDetail"] == "CANCELLED by 0"
+    _fake(tmp_path, "squeue", 'echo "RUNNING"')
+    assert client.state("17") == "RUNNING"
+
+
+def test_missing_command_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(SlurmError, match="'sinfo' not found"):
+        SlurmClient(bin_dir=str(tmp_path / "nowhere")).run(["sinfo"])
+
+
+def test_timeout_is_reported(tmp_path: Path) -> None:
+    _fake(tmp_path, "squeue", "sleep 5")
+    with pytest.raises(SlurmCommandError, match="timed out"):
+        SlurmClient(bin_dir=str(tmp_path), timeout=0.3).run(["squeue"])
