@@ -50,6 +50,9 @@ class ObjectStore(_Model):
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
         opts["client_kwargs"] = client_kwargs
+        # Fail in seconds, not minutes, when the endpoint is down.
+        opts["config_kwargs"] = {"connect_timeout": 5, "retries": {"max_attempts": 2}}
+        opts["retries"] = 2
         return opts
 
     def env(self) -> dict[str, str]:

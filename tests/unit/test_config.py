@@ -12,7 +12,7 @@ from tasks.errors import ConfigError
 
 @pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_profiles_validate(path: Path) -> None:
-    cfg = load_profile(str(path), env={})
+    cfg = load_profile(str(path), env={"HOME": "/home/user"})
     assert cfg.startups and cfg.default_startup in cfg.startups
     assert cfg.lake.url and cfg.dataspace.url
 
