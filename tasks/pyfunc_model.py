@@ -8,21 +8,21 @@ model) or on already-featurised rows.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 
 
 class TabularPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context):  # type: ignore[no-untyped-def]
         from tasks.payloads.tabular_model import load_model
 
         self.module, self.meta = load_model(context.artifacts["model"])
         with open(context.artifacts["feature_config"]) as fh:
             self.feature_config = json.load(fh)
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> Any:
+    # No type hints on predict: MLflow would try to derive a schema from them.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         from tasks.features import transform
         from tasks.payloads.tabular_model import predict
 
