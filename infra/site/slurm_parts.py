@@ -1,0 +1,201 @@
+"""Slurm with accounting on one machine: munged, MariaDB, slurmdbd, slurmctld, slurmd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import string
+import subprocess
+
+from infra.site import procs
+from infra.site.layout import ACCOUNTS, CLUSTER, TEMPLATES, Site, host, memory_mb
+from tasks.errors import SiteError
+
+PACKAGES = {"slurmctld": "slurm-wlm", "slurmdbd": "slurmdbd", "munged": "munge",
+            "mariadbd": "mariadb-server"}  # fmt: skip
+
+
+def ensure_packages(progress) -> None:  # type: ignore[no-untyped-def]
+    """Install Slurm's Debian packages when missing (needs root and the Debian mirror)."""
+    missing = sorted({pkg for exe, pkg in PACKAGES.items() if shutil.which(exe) is None
+                      and not os.path.exists(f"/usr/sbin/{exe}")})  # fmt: skip
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SiteError(f"Debian packages {', '.join(missing)} are missing and need root")
+    progress(f"installing Debian packages: {', '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    procs.run(["apt-get", "update", "-q"], env=env, timeout=600)
+    procs.run(["apt-get", "install", "-y", "-q", *missing], env=env, timeout=1200)
+
+
+def render(site: Site) -> None:
+    d = site.slurm_dir
+    for sub in ("state", "spool"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    values = {
+        "cluster": CLUSTER, "host": host(), "ctld_port": site.ctld_port,
+        "slurmd_port": site.slurmd_port, "dbd_port": site.dbd_port, "db_port": site.db_port,
+        "munge_socket": site.munge_socket, "dir": d, "cpus": os.cpu_count() or 1,
+        "mem_mb": memory_mb(), "dev_dir": site.dev_dir, "db_pass": site.db_password(),
+    }  # fmt: skip
+    for name in ("slurm.conf", "gres.conf", "slurmdbd.conf"):
+        text = string.Template((TEMPLATES / name).read_text()).substitute(values)
+        path = d / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o600 if name == "slurmdbd.conf" else 0o644)
+        tmp.replace(path)
+    site.dev_dir.mkdir(parents=True, exist_ok=True)
+    for i in (0, 1):
+        dev = site.dev_dir / f"nvidia{i}"
+        if not dev.exists():
+            os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(195, i))
+
+
+# -- munge ------------------------------------------------------------------------------
+def munge_argv(site: Site) -> list[str]:
+    m = site.munge_dir
+    m.mkdir(parents=True, exist_ok=True)
+    m.chmod(0o700)
+    key = m / "munge.key"
+    if not key.exists():
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(1024))
+    return ["munged", "--foreground", "--force", f"--key-file={key}",
+            f"--socket={site.munge_socket}", f"--pid-file={m / 'munged.pid'}",
+            f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"]  # fmt: skip
+
+
+DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
+
+
+def link_default_munge_socket(site: Site) -> None:
+    """Slurm 22.05's accounting connections (sacctmgr, sacct -> slurmdbd) ignore AuthInfo's
+    socket and use munge's default path: point that path at our socket when it is free."""
+    link = DEFAULT_MUNGE_SOCKET
+    if os.path.islink(link) and os.readlink(link) == str(site.munge_socket):
+        return
+    if os.path.lexists(link):
+        if munge_default_ok():
+            return  # a system munged already serves the default socket with its own key
+        raise SiteError(
+            f"site part munged: {link} exists and is not ours; stop the system munged or remove it"
+        )
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(site.munge_socket, link)
+
+
+def unlink_default_munge_socket(site: Site) -> None:
+    link = DEFAULT_MUNGE_SOCKET
+    if os.path.islink(link) and os.readlink(link) == str(site.munge_socket):
+        os.unlink(link)
+
+
+def munge_default_ok() -> bool:
+    cred = subprocess.run(["munge", "-n"], capture_output=True)
+    return cred.returncode == 0
+
+
+def munge_ok(site: Site) -> bool:
+    if not site.munge_socket.exists():
+        return False
+    cred = subprocess.run(["munge", "-n", "-S", str(site.munge_socket)], capture_output=True)
+    if cred.returncode != 0:
+        return False
+    dec = subprocess.run(["unmunge", "-S", str(site.munge_socket)], input=cred.stdout,
+                         capture_output=True)  # fmt: skip
+    return dec.returncode == 0
+
+
+# -- MariaDB ----------------------------------------------------------------------------
+def mariadb_argv(site: Site) -> list[str]:
+    d = site.mysql_dir
+    if not (d / "mysql").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        procs.run(["mariadb-install-db", "--no-defaults", f"--datadir={d}", "--user=root",
+                   "--auth-root-authentication-method=socket", "--skip-test-db"],
+                  timeout=300)  # fmt: skip
+    return ["mariadbd", "--no-defaults", f"--datadir={d}", f"--port={site.db_port}",
+            "--bind-address=127.0.0.1", f"--socket={site.mysql_socket}", "--user=root",
+            f"--pid-file={site.root / 'mariadbd.pid'}", "--skip-name-resolve",
+            "--innodb-buffer-pool-size=128M", "--max-connections=100"]  # fmt: skip
+
+
+def mariadb_ok(site: Site) -> bool:
+    return procs.port_open("127.0.0.1", site.db_port) and site.mysql_socket.exists()
+
+
+def mariadb_grant(site: Site) -> None:
+    pw = site.db_password()
+    sql = (f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{pw}';"
+           f"ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{pw}';"
+           "CREATE DATABASE IF NOT EXISTS slurm_acct_db;"
+           "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;")  # fmt: skip
+    procs.run(["mariadb", "--no-defaults", f"--socket={site.mysql_socket}", "-uroot"],
+              input_text=sql)  # fmt: skip
+
+
+# -- Slurm daemons ----------------------------------------------------------------------
+def slurmdbd_argv(site: Site) -> list[str]:
+    # slurmdbd has no -f: it reads slurmdbd.conf beside $SLURM_CONF.
+    return ["slurmdbd", "-D"]
+
+
+def slurmdbd_ok(site: Site) -> bool:
+    if not procs.port_open("127.0.0.1", site.dbd_port):
+        return False
+    out = subprocess.run(["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"],
+                         capture_output=True, text=True, env={**os.environ, **site.slurm_env()})  # fmt: skip
+    return out.returncode == 0
+
+
+def sacctmgr(site: Site, *args: str) -> str:
+    proc = procs.run(["sacctmgr", "-i", *args], env=site.slurm_env(), check=False)
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0 and "Nothing new added" not in text and "already exists" not in text:
+        raise SiteError(f"site part slurmdbd: `sacctmgr {' '.join(args)}` failed: {text[:300]}")
+    return text
+
+
+def ensure_cluster(site: Site) -> None:
+    sacctmgr(site, "add", "cluster", CLUSTER)
+
+
+def ensure_accounts(site: Site) -> None:
+    for acct in ACCOUNTS:
+        sacctmgr(site, "add", "account", acct, f"Description=start-up {acct}",
+                 "Organization=aifactory")  # fmt: skip
+    sacctmgr(site, "add", "user", "root", f"Account={','.join(ACCOUNTS)}",
+             f"DefaultAccount={ACCOUNTS[0]}")  # fmt: skip
+
+
+def slurmctld_argv(site: Site) -> list[str]:
+    return ["slurmctld", "-D", "-f", str(site.slurm_conf)]
+
+
+def slurmctld_ok(site: Site) -> bool:
+    out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True,
+                         env={**os.environ, **site.slurm_env()})  # fmt: skip
+    return out.returncode == 0 and "UP" in out.stdout
+
+
+def slurmd_argv(site: Site) -> list[str]:
+    return ["slurmd", "-D", "-f", str(site.slurm_conf), "-N", host()]
+
+
+def node_state(site: Site) -> str:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                         env={**os.environ, **site.slurm_env()})  # fmt: skip
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
+def slurmd_ok(site: Site) -> bool:
+    state = node_state(site).rstrip("*~#!%$@^-")
+    if state in ("down", "drained", "draining", "drain"):
+        subprocess.run(["scontrol", "update", f"nodename={host()}", "state=resume"],
+                       capture_output=True, env={**os.environ, **site.slurm_env()})  # fmt: skip
+        return False
+    return state in ("idle", "mixed", "allocated", "completing")
