@@ -52,7 +52,6 @@ class ObjectStore(_Model):
         opts["client_kwargs"] = client_kwargs
         # Fail in seconds, not minutes, when the endpoint is down.
         opts["config_kwargs"] = {"connect_timeout": 5, "retries": {"max_attempts": 2}}
-        opts["retries"] = 2
         return opts
 
     def env(self) -> dict[str, str]:

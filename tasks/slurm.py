@@ -92,11 +92,9 @@ class SlurmClient:
         """The allocation's sacct record (state, exit code, elapsed, TRES...), or None."""
         fields = [
             "JobID", "JobName", "Account", "Partition", "State", "ExitCode", "Elapsed",
-            "AllocTRES", "MaxRSS", "NodeList", "Start", "End", "Restarts",
+            "AllocTRES", "MaxRSS", "NodeList", "Start", "End", "Submit",
         ]  # fmt: skip
-        out = self.run(
-            ["sacct", "-n", "-P", "-X", "-j", job_id, "--format", ",".join(fields)], check=False
-        )
+        out = self.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format", ",".join(fields)])
         for line in out.splitlines():
             parts = line.split("|")
             if len(parts) == len(fields) and parts[0] == job_id:

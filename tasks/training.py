@@ -28,6 +28,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "tra
 PAYLOADS = {"tabular": "train_tabular"}
 SIGNAL_BEFORE_END_S = 60
 TAIL_LINES = 8
+UNKNOWN_GRACE_S = 120.0
 HYPERPARAMS = ("epochs", "batch_size", "hidden", "lr", "seed")
 
 
@@ -131,9 +132,19 @@ def submit_and_watch(
         log(f"submitted Slurm job {job_id} ({job_name}) to partition {spec.partition}")
     tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
     last_state = None
+    unknown_since: float | None = None
     try:
         while True:
             state = client.state(job_id)
+            if state == "UNKNOWN":
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
+                    raise TrainingError(
+                        f"training job {job_id}: neither squeue nor sacct has known it for "
+                        f"{UNKNOWN_GRACE_S:.0f}s (is slurmdbd up? sacct -j {job_id})"
+                    )
+            else:
+                unknown_since = None
             if state != last_state:
                 log(f"job {job_id}: {state}")
                 last_state = state

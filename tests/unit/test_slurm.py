@@ -43,7 +43,7 @@ def test_state_from_squeue_then_sacct(tmp_path: Path) -> None:
     _fake(
         tmp_path, "sacct",
         'echo "17|train|startup-a|gpu|CANCELLED by 0|0:15|00:00:03|cpu=1,gres/gpu=1|'
-        '|node1|2026-01-01T00:00:00|2026-01-01T00:00:03|0"',
+        '|node1|2026-01-01T00:00:00|2026-01-01T00:00:03|2026-01-01T00:00:00"',
     )  # fmt: skip
     client = SlurmClient(bin_dir=str(tmp_path))
     assert client.state("17") == "CANCELLED"
