@@ -97,7 +97,7 @@ def transform(
     df = df.loc[keep]
     ts = pd.to_datetime(df["pickup_ts"], utc=True)
     hour = ts.dt.hour.to_numpy() + ts.dt.minute.to_numpy() / 60.0
-    dow = ts.dt.dayofweek.to_numpy()
+    dow = ts.dt.day_of_week.to_numpy()
     dist = df["distance_km"].to_numpy(dtype="float64")
     temp = df["temperature_c"].to_numpy(dtype="float64", na_value=np.nan)
     zones = float(config["zones"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ def register_model(
     log: Callable[[str], None] = print,
 ) -> ModelVersion:
     """Log the run and register one model version (or return the existing one)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     import mlflow
@@ -62,6 +67,9 @@ def register_model(
     from mlflow.tracking import MlflowClient
 
     from tasks.pyfunc_model import TabularPyfunc
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
 
     _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
@@ -117,7 +125,7 @@ def register_model(
         sbatch = Path(trained.run_dir) / "train.sbatch"
         if sbatch.exists():
             mlflow.log_artifact(str(sbatch), "lineage")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
             fc = Path(tmp) / "feature_config.json"
             fc.write_text(json.dumps(feature_config, sort_keys=True, indent=2))
             info = mlflow.pyfunc.log_model(
@@ -127,12 +135,20 @@ def register_model(
                 pip_requirements=PIP_REQUIREMENTS,
             )
         run_id = run.info.run_id
-    mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
+    with _quiet():
+        mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
     client.set_registered_model_alias(model_name, "candidate", mv.version)
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
     return _manifest(
         client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
     )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """MLflow prints progress to stdout/stderr; keep the terminal to our own lines."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _param(v: Any) -> str:
