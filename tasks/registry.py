@@ -66,10 +66,9 @@ def register_model(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks.pyfunc_model import TabularPyfunc
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
+    from tasks.pyfunc_model import TabularPyfunc
 
     _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
