@@ -1,0 +1,70 @@
+"""The README's main job: `aif run` on the embedded default profile, in a fresh AIF_HOME.
+
+Needs no site: the data space is a folder seeded by the generator, Dask is a LocalCluster,
+training is a local process, MLflow is SQLite, Prefect is the server aif starts and reuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AIF = str(Path(sys.executable).with_name("aif"))
+
+
+def _run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [AIF, "run", *args], capture_output=True, text=True, cwd=REPO, timeout=900,
+        env={**os.environ, "AIF_HOME": str(home), **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("aif-home")
+
+
+def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
+    first = _run(home, "--rows", "20000", "--epochs", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = first.stdout.strip().splitlines()
+    assert lines[-1] == "models:/mobility-trip-duration/1", first.stdout
+    assert any(ln.startswith("Prefect UI: http://127.0.0.1:") for ln in lines)
+    records = list((home / "local" / "runs" / "pipeline").glob("*.json"))
+    assert len(records) == 1
+    rec = json.loads(records[0].read_text())
+    assert "***" not in json.dumps(rec) or rec["profile"]["object_store"] is None
+
+    again = _run(home, "--rows", "20000", "--epochs", "2")
+    assert again.returncode == 0, again.stderr
+    out = again.stdout
+    assert "nothing changed, no data read" in out
+    assert "cache hit, no cluster started" in out
+    assert "already finished" in out and "already registered" in out
+    assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
+
+
+def test_local_run_bad_dataspace_is_one_line(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "trips"
+    bad.mkdir()
+    (bad / "part-00000.parquet").write_bytes(b"PAR1 this is not parquet")
+    res = _run(home, "--dataspace", f"file://{bad}")
+    assert res.returncode == 1
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("aif: error:")]
+    assert len(errors) == 1 and "part-00000.parquet" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_profile_exit_2(home: Path) -> None:
+    res = _run(home, "--profile", "nope")
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        "aif: error: unknown profile 'nope': use one of eurohpc-example, local, site, "
+        "or a path to a YAML file"
+    )
