@@ -13,7 +13,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import load_profile
-from tasks.errors import DataError
 from tasks.manifests import DataSnapshot
 from tasks.runtime import artifact_markdown, artifact_table, stage_logger
 
@@ -23,13 +22,10 @@ def seed_dataspace(
     url: str, storage_options: dict[str, Any], seed: int, rows: int, objects: int
 ) -> int:
     from tasks.datagen import generate_mobility
-    from tasks.dataspace import list_objects
+    from tasks.dataspace import has_objects
 
-    try:
-        if list_objects(url, storage_options):
-            return 0
-    except DataError:
-        pass  # empty prefix: seed it
+    if has_objects(url, storage_options):
+        return 0
     return len(generate_mobility(url, storage_options, seed=seed, rows=rows, objects=objects))
 
 

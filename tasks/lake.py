@@ -1,8 +1,9 @@
 """Lake writes that are atomic: readers see a whole file or none, never part of one.
 
-Local filesystems: write a temporary sibling, fsync, rename. Object stores: one PUT of the
-whole body (S3 makes an object visible only when its upload completes). A manifest written
-last is the commit point of a folder of data files.
+Local filesystems: write a temporary sibling, fsync, rename, fsync the folder. Object
+stores: one PUT of the whole body (S3 makes an object visible only when its upload
+completes, multipart uploads included). A manifest written last is the commit point of a
+folder of data files: a folder without its manifest is not there for readers.
 """
 
 from __future__ import annotations
@@ -11,27 +12,65 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
+
+CHUNK = 1 << 20
 
 
 def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def atomic_write_bytes(fs: Any, path: str, data: bytes) -> None:
+def _tmp_sibling(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _commit_local(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def exists(fs: Any, path: str) -> bool:
+    """Whether ``path`` exists; errors other than "not found" (an unreachable endpoint,
+    denied access) are raised, unlike ``fs.exists`` which turns them into False."""
     if is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        return os.path.exists(path)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def atomic_write_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old state or all of it."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _tmp_sibling(path)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            _commit_local(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -40,14 +79,16 @@ def atomic_write_bytes(fs: Any, path: str, data: bytes) -> None:
 
 
 def atomic_put_file(fs: Any, local_path: str, path: str) -> None:
-    """Commit a finished local file to ``path`` (a rename locally, a single upload on S3)."""
+    """Commit a finished local file to ``path``: copy+fsync+rename locally, one upload on S3."""
     if is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _tmp_sibling(path)
         try:
-            fs.put_file(local_path, tmp)
-            os.replace(tmp, path)
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            _commit_local(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -55,8 +96,38 @@ def atomic_put_file(fs: Any, local_path: str, path: str) -> None:
         fs.put_file(local_path, path)
 
 
+@contextlib.contextmanager
+def staged_file(fs: Any, path: str) -> Iterator[str]:
+    """A local path to write ``path``'s content to; committed atomically on a clean exit.
+
+    Locally the staging file is a hidden sibling (renamed into place, no copy); for object
+    stores it is a temporary file uploaded in one request. On an exception nothing is
+    committed and the staging file is removed.
+    """
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _tmp_sibling(path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            _commit_local(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="aif-stage-", suffix=os.path.splitext(path)[1])
+        os.close(fd)
+        try:
+            yield tmp
+            fs.put_file(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 def write_json_atomic(fs: Any, path: str, obj: Any) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
     atomic_write_bytes(fs, path, data)
 
 
@@ -68,7 +139,16 @@ def read_json(fs: Any, path: str) -> Any:
 def sha256_file(local_path: str) -> str:
     h = hashlib.sha256()
     with open(local_path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(fs: Any, path: str) -> str:
+    """Content hash of a file on any filesystem, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -77,3 +157,27 @@ def remove_quietly(fs: Any, paths: list[str]) -> None:
     for p in paths:
         with contextlib.suppress(Exception):
             fs.rm_file(p)
+
+
+def remove_tree_quietly(fs: Any, path: str, prune_up_to: str | None = None) -> None:
+    """Remove the folder ``path`` and everything in it; never raise.
+
+    With ``prune_up_to`` (an ancestor of ``path``), empty local folders between the two
+    are removed as well, so a failed write leaves no empty folders behind.
+    """
+    with contextlib.suppress(Exception):
+        if is_local(fs):
+            shutil.rmtree(path, ignore_errors=True)
+        elif fs.exists(path):
+            fs.rm(path, recursive=True)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    if prune_up_to and is_local(fs):
+        stop = os.path.normpath(prune_up_to)
+        parent = os.path.dirname(os.path.normpath(path))
+        while parent.startswith(stop + os.sep):
+            try:
+                os.rmdir(parent)  # only succeeds when empty
+            except OSError:
+                break
+            parent = os.path.dirname(parent)

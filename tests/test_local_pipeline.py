@@ -44,7 +44,7 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     again = _run(home, "--rows", "20000", "--epochs", "2")
     assert again.returncode == 0, again.stderr
     out = again.stdout
-    assert "nothing changed, no data read" in out
+    assert "nothing changed, no object read" in out
     assert "cache hit, no cluster started" in out
     assert "already finished" in out and "already registered" in out
     assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
