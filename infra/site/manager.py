@@ -1,23 +1,26 @@
 """`aif site up | status | env | down`: the local AI-factory site on loopback.
 
 Parts start in dependency order; each is recorded (pid, command, address) in
-``<site>/site.json``. ``up`` leaves a healthy recorded part alone and restarts a dead one;
-``down`` stops exactly the recorded pids (after checking their command line, so a recycled
-pid is never hit) in reverse order and nothing else. State stays for the next ``up``.
+``<site>/site.json`` (plus ``<site>/pids/<part>.pid``); logs go to ``<site>/logs/<part>.log``.
+``up`` leaves a healthy recorded part alone and restarts a dead one; ``down`` stops exactly
+the recorded processes (after checking command line and start time, so a recycled pid is
+never hit) in reverse order and nothing else. State stays for the next ``up``.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from infra.site import procs, services
 from infra.site import slurm_parts as sp
-from infra.site.layout import S3_KEY, S3_SECRET, Site
+from infra.site.layout import REGION, S3_KEY, S3_SECRET, Site
 from tasks.errors import SiteError
 
 Progress = Callable[[str], None]
@@ -26,7 +29,7 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class Part:
     name: str
-    expect: str  # substring of the daemon's command line
+    expect: str  # names the part's worker processes (for leftovers of a dead daemon)
     argv: Callable[[Site], list[str]]
     healthy: Callable[[Site], bool]
     address: Callable[[Site], str]
@@ -34,6 +37,7 @@ class Part:
     timeout: float = 60.0
     after: Callable[[Site, Progress], None] | None = None
     port: Callable[[Site], int | None] = lambda s: None
+    before_stop: Callable[[Site, Progress], None] | None = None
 
 
 def _after_munged(site: Site, _p: Progress) -> None:
@@ -51,7 +55,29 @@ def _after_slurmdbd(site: Site, _p: Progress) -> None:
 
 def _after_s3(site: Site, progress: Progress) -> None:
     services.ensure_buckets(site)
+    services.restore_s3(site, progress)
     services.seed_dataspace(site, progress)
+
+
+def _before_stop_slurmctld(site: Site, progress: Progress) -> None:
+    jobs = sp.running_jobs(site)
+    if jobs:
+        progress(
+            f"note: job(s) {', '.join(jobs)} still running: their steps keep running and are "
+            "re-adopted by the next `up` (scancel them first to stop them)"
+        )
+
+
+def _before_stop_s3(site: Site, progress: Progress) -> None:
+    if not services.s3_ok(site):
+        progress("warning: s3 is not answering; its objects cannot be saved")
+        return
+    try:
+        n = services.save_s3(site)
+    except Exception as exc:  # the previous snapshot stays; stopping goes on
+        progress(f"warning: saving s3 objects failed ({exc}); kept the previous snapshot")
+        return
+    progress(f"s3: saved {n} objects to {site.root / 's3'}")
 
 
 PARTS: list[Part] = [
@@ -65,17 +91,17 @@ PARTS: list[Part] = [
          after=_after_slurmdbd, timeout=90, port=lambda s: s.dbd_port),
     Part("slurmctld", "slurmctld", sp.slurmctld_argv, sp.slurmctld_ok,
          lambda s: f"127.0.0.1:{s.ctld_port}", env=lambda s: s.slurm_env(),
-         port=lambda s: s.ctld_port),
+         port=lambda s: s.ctld_port, before_stop=_before_stop_slurmctld),
     Part("slurmd", "slurmd", sp.slurmd_argv, sp.slurmd_ok,
          lambda s: f"127.0.0.1:{s.slurmd_port} (2 GPUs)", env=lambda s: s.slurm_env(),
          timeout=90, port=lambda s: s.slurmd_port),
     Part("s3", "moto.server", services.s3_argv, services.s3_ok, lambda s: s.s3_url,
-         after=_after_s3, port=lambda s: s.s3_port),
+         after=_after_s3, port=lambda s: s.s3_port, before_stop=_before_stop_s3),
     Part("prefect", "prefect", services.prefect_argv, services.prefect_ok,
          lambda s: f"http://127.0.0.1:{s.prefect_port}", env=services.prefect_env,
          timeout=240, port=lambda s: s.prefect_port),
     Part("mlflow", "mlflow", services.mlflow_argv, services.mlflow_ok,
-         lambda s: s.mlflow_url, env=lambda s: s.s3_env(), timeout=180,
+         lambda s: s.mlflow_url, env=services.mlflow_env, timeout=180,
          port=lambda s: s.mlflow_port),
 ]  # fmt: skip
 
@@ -103,44 +129,69 @@ def _save(site: Site, state: dict[str, Any]) -> None:
     tmp.replace(site.state_file)
 
 
+def _pidfile(site: Site, name: str) -> Path:
+    return site.root / "pids" / f"{name}.pid"
+
+
+def _record(site: Site, state: dict[str, Any], name: str) -> dict[str, Any]:
+    """What we know about a part: its site.json record, else a bare pidfile."""
+    rec = state.get(name)
+    if isinstance(rec, dict):
+        return rec
+    pid = procs.read_pidfile(_pidfile(site, name))
+    # A pidfile without its record cannot be checked against a command line: it is only
+    # reported (as stale), never signalled.
+    return {"pid": pid, "argv": []} if pid else {}
+
+
+def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) -> None:
+    port = part.port(site)
+    if port and procs.port_open("127.0.0.1", port):
+        raise SiteError(
+            f"site part {part.name}: port 127.0.0.1:{port} is already in use by a process "
+            "this site did not start (stop it, or use another machine)"
+        )
+    log = site.logs / f"{part.name}.log"
+    progress(f"starting {part.name}")
+    rec = procs.start(part.name, part.argv(site), log, env=part.env(site), cwd=site.root)
+    rec.update(address=part.address(site), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state[part.name] = rec
+    _save(site, state)
+    pid: int = rec["pid"]
+    procs.write_pidfile(_pidfile(site, part.name), pid)
+    t0 = time.monotonic()
+    procs.wait_until(part.name, partial(part.healthy, site), pid, log, part.timeout)
+    progress(f"{part.name} healthy after {time.monotonic() - t0:.1f}s (pid {pid})")
+    if part.after is not None:
+        part.after(site, progress)
+
+
 def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
+    """Start every part that is not already running and healthy; return their status."""
     site = Site(Path(site_dir).resolve())
     t0 = time.monotonic()
     sp.ensure_packages(progress)
-    site.root.mkdir(parents=True, exist_ok=True)
-    site.logs.mkdir(parents=True, exist_ok=True)
+    for d in (site.root, site.logs, site.root / "pids"):
+        d.mkdir(parents=True, exist_ok=True)
     sp.render(site)
     state = _load(site)
     for part in PARTS:
-        rec = state.get(part.name, {})
-        pid = rec.get("pid")
-        if procs.alive(pid, part.expect) and part.healthy(site):
-            continue
-        if procs.alive(pid, part.expect):  # running but unhealthy: give it a chance, then restart
+        rec = _record(site, state, part.name)
+        if procs.owns(rec):
+            if part.healthy(site):
+                continue
+            # Running but unhealthy: give it a moment, then restart it.
             try:
-                procs.wait_until(part.name, lambda p=part: p.healthy(site), pid, part.expect,
-                                 site.logs / f"{part.name}.log", 20)  # fmt: skip
+                log = site.logs / f"{part.name}.log"
+                procs.wait_until(part.name, partial(part.healthy, site), rec["pid"], log, 20)
                 continue
             except SiteError:
-                progress(f"restarting {part.name} (pid {pid} is not healthy)")
-                procs.stop(pid, part.expect)
-        port = part.port(site)
-        if port and procs.port_open("127.0.0.1", port):
-            raise SiteError(
-                f"site part {part.name}: port 127.0.0.1:{port} is already in use by a process "
-                "this site did not start (stop it, or use another machine)"
-            )
-        log = site.logs / f"{part.name}.log"
-        progress(f"starting {part.name}")
-        argv = part.argv(site)
-        pid = procs.start(part.name, argv, log, env=part.env(site), cwd=site.root)
-        state[part.name] = {"pid": pid, "argv": argv, "address": part.address(site),
-                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        _save(site, state)
-        procs.wait_until(part.name, lambda p=part: p.healthy(site), pid, part.expect, log,
-                         part.timeout)  # fmt: skip
-        if part.after is not None:
-            part.after(site, progress)
+                progress(f"restarting {part.name} (pid {rec['pid']} is not healthy)")
+                procs.stop(rec, part.expect)
+        elif rec.get("pid"):
+            progress(f"{part.name}: recorded pid {rec['pid']} is gone (stale), restarting")
+            procs.stop(rec, part.expect)  # leftovers of its session (e.g. worker processes)
+        _start(site, part, state, progress)
     # Links, accounts and seed data are idempotent: re-check them on every up.
     sp.link_default_munge_socket(site)
     sp.ensure_accounts(site)
@@ -151,20 +202,27 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
 
 
 def status(site_dir: Path) -> list[PartStatus]:
+    """Health and address of every part; starts nothing."""
     site = Site(Path(site_dir).resolve())
     state = _load(site)
     out = []
     for part in PARTS:
-        pid = state.get(part.name, {}).get("pid")
-        running = procs.alive(pid, part.expect)
+        rec = _record(site, state, part.name)
+        running = procs.owns(rec)
         healthy = running and part.healthy(site)
-        detail = "healthy" if healthy else ("unhealthy" if running else "not running")
-        out.append(PartStatus(part.name, healthy, part.address(site), pid if running else None,
-                              detail))  # fmt: skip
+        if healthy:
+            detail = "healthy"
+        elif running:
+            detail = f"running but unhealthy (log: {site.logs / f'{part.name}.log'})"
+        else:
+            detail = "not running" + (f" (stale pid {rec['pid']})" if rec.get("pid") else "")
+        out.append(PartStatus(part.name, healthy, part.address(site),
+                              rec["pid"] if running else None, detail))  # fmt: skip
     return out
 
 
 def env_lines(site_dir: Path) -> list[str]:
+    """``export X=...`` lines that point Slurm, Prefect, MLflow and S3 clients at the site."""
     site = Site(Path(site_dir).resolve())
     values = {
         "AIF_SITE_DIR": str(site.root),
@@ -175,21 +233,28 @@ def env_lines(site_dir: Path) -> list[str]:
         "MLFLOW_S3_ENDPOINT_URL": site.s3_url,
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": REGION,
     }
-    return [f"export {k}={v}" for k, v in values.items()]
+    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
 
 
 def down(site_dir: Path, progress: Progress = print) -> list[str]:
+    """Stop exactly the processes this site recorded, in reverse start order.
+
+    Nothing else is signalled, and no state (data, logs, configs) is removed.
+    """
     site = Site(Path(site_dir).resolve())
     state = _load(site)
     stopped = []
     for part in reversed(PARTS):
-        pid = state.get(part.name, {}).get("pid")
-        if pid and procs.stop(pid, part.expect):
-            progress(f"stopped {part.name} (pid {pid})")
+        rec = _record(site, state, part.name)
+        if part.before_stop is not None and procs.owns(rec):
+            part.before_stop(site, progress)
+        if rec.get("pid") and procs.stop(rec, part.expect):
+            progress(f"stopped {part.name} (pid {rec['pid']})")
             stopped.append(part.name)
         state.pop(part.name, None)
+        _pidfile(site, part.name).unlink(missing_ok=True)
     sp.unlink_default_munge_socket(site)
     _save(site, state)
     return stopped

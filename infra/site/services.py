@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from infra.site import procs
@@ -51,20 +55,89 @@ def ensure_buckets(site: Site) -> None:
             client.create_bucket(Bucket=b)
 
 
-def seed_dataspace(site: Site, progress) -> None:  # type: ignore[no-untyped-def]
+def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
     """Fill the data-space bucket with the deterministic mobility dataset when empty."""
     client = _s3_client(site)
     listing = client.list_objects_v2(Bucket="aif-dataspace", Prefix="mobility/trips/")
     if listing.get("KeyCount", 0) > 0:
         return
-    from tasks.datagen import generate_mobility
+    try:
+        from tasks.datagen import generate_mobility
+    except ImportError as exc:
+        progress(f"warning: not seeding {DATASPACE_URL}: tasks.datagen unavailable ({exc})")
+        return
 
     progress(f"seeding {DATASPACE_URL} ({SEED['rows']} trips in {SEED['objects']} objects, "
              f"seed {SEED['seed']})")  # fmt: skip
     try:
-        generate_mobility(DATASPACE_URL, site.s3_storage_options(), **SEED)
+        generate_mobility(url=DATASPACE_URL, storage_options=site.s3_storage_options(), **SEED)
     except Exception as exc:
         raise SiteError(f"site part s3: seeding {DATASPACE_URL} failed: {exc}") from None
+
+
+# -- S3 contents across restarts --------------------------------------------------------
+# moto keeps objects in memory. ``down`` saves every object of the site's buckets under
+# <site>/s3 (index.json + one blob per object) and a fresh moto gets them back on ``up``, so
+# the lake and MLflow's artifacts survive with MLflow's SQLite registry. Objects are put
+# back whole, so single-part ETags (MD5) are unchanged.
+def _store(site: Site) -> Path:
+    return site.root / "s3"
+
+
+def save_s3(site: Site) -> int:
+    """Snapshot all objects of the site's buckets; the previous snapshot is replaced last."""
+    client = _s3_client(site)
+    store, tmp = _store(site), site.root / "s3.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "blobs").mkdir(parents=True)
+    index: dict[str, dict[str, dict[str, object]]] = {}
+    for bucket in BUCKETS:
+        index[bucket] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                got = client.get_object(Bucket=bucket, Key=obj["Key"])
+                blob = hashlib.sha256(f"{bucket}/{obj['Key']}".encode()).hexdigest()
+                (tmp / "blobs" / blob).write_bytes(got["Body"].read())
+                index[bucket][obj["Key"]] = {
+                    "blob": blob, "etag": got.get("ETag", ""),
+                    "content_type": got.get("ContentType", "binary/octet-stream"),
+                    "metadata": got.get("Metadata", {}),
+                }  # fmt: skip
+    (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    old = site.root / "s3.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if store.exists():
+        store.rename(old)
+    tmp.rename(store)
+    shutil.rmtree(old, ignore_errors=True)
+    return sum(len(v) for v in index.values())
+
+
+def restore_s3(site: Site, progress: Callable[[str], None]) -> int:
+    """Put a saved snapshot back into empty buckets (a freshly started moto)."""
+    index_path = _store(site) / "index.json"
+    if not index_path.exists():
+        return 0
+    client = _s3_client(site)
+    if any(client.list_objects_v2(Bucket=b, MaxKeys=1).get("KeyCount", 0) for b in BUCKETS):
+        return 0
+    try:
+        index = json.loads(index_path.read_text())
+        n = 0
+        for bucket, objects in index.items():
+            for key, meta in objects.items():
+                body = (_store(site) / "blobs" / meta["blob"]).read_bytes()
+                client.put_object(
+                    Bucket=bucket, Key=key, Body=body, ContentType=meta["content_type"],
+                    Metadata=meta["metadata"],
+                )  # fmt: skip
+                n += 1
+    except (OSError, ValueError, KeyError) as exc:
+        raise SiteError(
+            f"site part s3: restoring objects from {_store(site)} failed: {exc}"
+        ) from None
+    progress(f"s3: restored {n} objects saved by the last `down` ({_store(site)})")
+    return n
 
 
 def prefect_argv(site: Site) -> list[str]:
@@ -75,6 +148,8 @@ def prefect_argv(site: Site) -> list[str]:
 def prefect_env(site: Site) -> dict[str, str]:
     return {
         "PREFECT_HOME": str(site.root / "prefect"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(site.prefect_port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": site.prefect_api,
         "PREFECT_UI_API_URL": site.prefect_api,
@@ -91,6 +166,12 @@ def mlflow_argv(site: Site) -> list[str]:
     return [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
             "--artifacts-destination", "s3://aif-mlflow/artifacts", "--serve-artifacts",
             "--host", "127.0.0.1", "--port", str(site.mlflow_port), "--workers", "1"]  # fmt: skip
+
+
+def mlflow_env(site: Site) -> dict[str, str]:
+    # The job runner (8 huey worker processes, ~250 MB each) serves GenAI features the
+    # registry does not use; on a 2-core site it costs ~2 GB and slows start-up.
+    return {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def mlflow_ok(site: Site) -> bool:

@@ -7,6 +7,8 @@ import shutil
 import stat
 import string
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 from infra.site import procs
 from infra.site.layout import ACCOUNTS, CLUSTER, TEMPLATES, Site, host, memory_mb
@@ -16,7 +18,7 @@ PACKAGES = {"slurmctld": "slurm-wlm", "slurmdbd": "slurmdbd", "munged": "munge",
             "mariadbd": "mariadb-server"}  # fmt: skip
 
 
-def ensure_packages(progress) -> None:  # type: ignore[no-untyped-def]
+def ensure_packages(progress: Callable[[str], None]) -> None:
     """Install Slurm's Debian packages when missing (needs root and the Debian mirror)."""
     missing = sorted({pkg for exe, pkg in PACKAGES.items() if shutil.which(exe) is None
                       and not os.path.exists(f"/usr/sbin/{exe}")})  # fmt: skip
@@ -30,23 +32,43 @@ def ensure_packages(progress) -> None:  # type: ignore[no-untyped-def]
     procs.run(["apt-get", "install", "-y", "-q", *missing], env=env, timeout=1200)
 
 
+CONFS = ("slurm.conf", "gres.conf", "slurmdbd.conf")
+
+
+def conf_values(site: Site) -> dict[str, object]:
+    """Everything the config templates in infra/templates/ refer to."""
+    return {
+        "cluster": CLUSTER, "host": host(), "ctld_port": site.ctld_port,
+        "slurmd_port": site.slurmd_port, "dbd_port": site.dbd_port, "db_port": site.db_port,
+        "munge_socket": site.munge_socket, "dir": site.slurm_dir, "cpus": os.cpu_count() or 1,
+        "mem_mb": memory_mb(), "dev_dir": site.dev_dir, "db_pass": site.db_password(),
+    }  # fmt: skip
+
+
+def render_confs(site: Site, templates: Path = TEMPLATES) -> dict[str, str]:
+    """The rendered text of slurm.conf, gres.conf and slurmdbd.conf (a missing key raises)."""
+    values = conf_values(site)
+    return {
+        name: string.Template((templates / name).read_text()).substitute(values) for name in CONFS
+    }
+
+
 def render(site: Site) -> None:
+    """Write the Slurm configs (slurmdbd.conf mode 600: it holds a password) and GPU devices."""
     d = site.slurm_dir
     for sub in ("state", "spool"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    values = {
-        "cluster": CLUSTER, "host": host(), "ctld_port": site.ctld_port,
-        "slurmd_port": site.slurmd_port, "dbd_port": site.dbd_port, "db_port": site.db_port,
-        "munge_socket": site.munge_socket, "dir": d, "cpus": os.cpu_count() or 1,
-        "mem_mb": memory_mb(), "dev_dir": site.dev_dir, "db_pass": site.db_password(),
-    }  # fmt: skip
-    for name in ("slurm.conf", "gres.conf", "slurmdbd.conf"):
-        text = string.Template((TEMPLATES / name).read_text()).substitute(values)
+    for name, text in render_confs(site).items():
         path = d / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.chmod(0o600 if name == "slurmdbd.conf" else 0o644)
         tmp.replace(path)
+    make_gpu_devices(site)
+
+
+def make_gpu_devices(site: Site) -> None:
+    """Two character devices (c 195 0|1, like /dev/nvidiaN) for gres.conf's File=."""
     site.dev_dir.mkdir(parents=True, exist_ok=True)
     for i in (0, 1):
         dev = site.dev_dir / f"nvidia{i}"
@@ -147,8 +169,10 @@ def slurmdbd_argv(site: Site) -> list[str]:
 def slurmdbd_ok(site: Site) -> bool:
     if not procs.port_open("127.0.0.1", site.dbd_port):
         return False
-    out = subprocess.run(["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"],
-                         capture_output=True, text=True, env={**os.environ, **site.slurm_env()})  # fmt: skip
+    out = subprocess.run(
+        ["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"],
+        capture_output=True, text=True, env={**os.environ, **site.slurm_env()},
+    )  # fmt: skip
     return out.returncode == 0
 
 
@@ -199,3 +223,12 @@ def slurmd_ok(site: Site) -> bool:
                        capture_output=True, env={**os.environ, **site.slurm_env()})  # fmt: skip
         return False
     return state in ("idle", "mixed", "allocated", "completing")
+
+
+def running_jobs(site: Site) -> list[str]:
+    """Ids of jobs that are running now (their slurmstepd outlives slurmd)."""
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%i"],
+        capture_output=True, text=True, env={**os.environ, **site.slurm_env()},
+    )  # fmt: skip
+    return out.stdout.split() if out.returncode == 0 else []

@@ -1,0 +1,94 @@
+"""The site manager's start/stop logic with stand-in daemons (no real services)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.site import manager, procs, services
+from infra.site import slurm_parts as sp
+from infra.site.layout import Site
+from tasks.errors import SiteError
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)", "aif-site-test-daemon"]
+FAILER = ["sh", "-c", "echo starting; echo 'fatal: cannot bind 127.0.0.1:1'; exit 3"]
+
+
+@pytest.fixture
+def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
+    for mod, name in [(sp, "ensure_packages"), (sp, "render"), (sp, "link_default_munge_socket"),
+                      (sp, "unlink_default_munge_socket"), (sp, "ensure_accounts"),
+                      (services, "ensure_buckets"), (services, "seed_dataspace")]:  # fmt: skip
+        monkeypatch.setattr(mod, name, lambda *a, **k: None)
+    parts = [
+        manager.Part("one", "aif-site-test-daemon", lambda s: SLEEPER, lambda s: True,
+                     lambda s: "here:1"),
+        manager.Part("two", "aif-site-test-daemon", lambda s: SLEEPER, lambda s: True,
+                     lambda s: "here:2"),
+    ]  # fmt: skip
+    monkeypatch.setattr(manager, "PARTS", parts)
+    return parts
+
+
+def test_up_is_idempotent_and_down_stops_in_reverse(
+    tmp_path: Path, fake_parts: list[manager.Part]
+) -> None:
+    site_dir = tmp_path / "site"
+    msgs: list[str] = []
+    first = manager.up(site_dir, progress=msgs.append)
+    try:
+        assert [(p.name, p.healthy) for p in first] == [("one", True), ("two", True)]
+        assert "starting one" in msgs and "starting two" in msgs
+        state = json.loads((site_dir / "site.json").read_text())
+        for p in first:
+            assert state[p.name]["pid"] == p.pid
+            assert procs.read_pidfile(site_dir / "pids" / f"{p.name}.pid") == p.pid
+            assert (site_dir / "logs" / f"{p.name}.log").exists()
+        msgs.clear()
+        second = manager.up(site_dir, progress=msgs.append)
+        assert [p.pid for p in second] == [p.pid for p in first]
+        assert not [m for m in msgs if m.startswith("starting")]
+    finally:
+        msgs.clear()
+        stopped = manager.down(site_dir, progress=msgs.append)
+    assert stopped == ["two", "one"]
+    assert not any(procs.alive(p.pid) for p in first)
+    assert not (site_dir / "pids" / "one.pid").exists()
+    assert all(not p.healthy for p in manager.status(site_dir))
+
+
+def test_a_dead_part_is_restarted(tmp_path: Path, fake_parts: list[manager.Part]) -> None:
+    site_dir = tmp_path / "site"
+    first = manager.up(site_dir, progress=lambda _m: None)
+    try:
+        rec = json.loads((site_dir / "site.json").read_text())["two"]
+        assert procs.stop(rec, "aif-site-test-daemon", timeout=5)
+        assert [p.healthy for p in manager.status(site_dir)] == [True, False]
+        msgs: list[str] = []
+        again = manager.up(site_dir, progress=msgs.append)
+        assert again[0].pid == first[0].pid and again[1].pid != first[1].pid
+        assert any("stale" in m for m in msgs)
+    finally:
+        manager.down(site_dir, progress=lambda _m: None)
+
+
+def test_a_part_that_dies_fails_with_its_log_tail(
+    tmp_path: Path, fake_parts: list[manager.Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = manager.Part("broken", "sh", lambda s: FAILER, lambda s: False, lambda s: "x")
+    monkeypatch.setattr(manager, "PARTS", [bad])
+    with pytest.raises(SiteError) as err:
+        manager.up(tmp_path / "site", progress=lambda _m: None)
+    msg = str(err.value)
+    assert msg.startswith("site part broken exited during start-up:")
+    assert "starting | fatal: cannot bind 127.0.0.1:1" in msg and "\n" not in msg
+
+
+def test_site_dir_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    lines = manager.env_lines(Path("rel/site"))
+    assert f"export AIF_SITE_DIR={tmp_path / 'rel' / 'site'}" in lines
+    assert Site(Path("x").resolve()).root.is_absolute()
