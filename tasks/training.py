@@ -1,15 +1,17 @@
 """Training: render the sbatch script, submit it (or run locally), watch it to the end.
 
 Generic resource names from :class:`TrainingSpec` are translated to Slurm's here. The run
-directory (``<runs_dir>/<run_key>``) keeps the rendered script, the config, the job's log,
-checkpoints and outputs. The job's name carries the run key, so a second call with the same
-key reattaches to a live job, and a finished run is collected instead of run again.
+directory (``<runs_dir>/train/<run_key>``) keeps the rendered script, the config, the job's
+log, checkpoints and outputs. The job's name carries the run key, so a second call with the
+same key reattaches to a live job, and a finished run is collected instead of run again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import signal
 import string
 import subprocess
 import sys
@@ -17,9 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from tasks.config import TrainingSpec
-from tasks.errors import TrainingError
+from tasks.errors import ConfigError, SlurmCommandError, TrainingError
+from tasks.lake import atomic_write_bytes
 from tasks.manifests import FeatureSet, TrainedModel
 from tasks.provenance import environment_hash, now_iso
 from tasks.slurm import TERMINAL_STATES, SlurmClient
@@ -29,51 +35,91 @@ PAYLOADS = {"tabular": "train_tabular"}
 SIGNAL_BEFORE_END_S = 60
 TAIL_LINES = 8
 UNKNOWN_GRACE_S = 120.0
+SACCT_WAIT_S = 30.0
+EXIT_REQUEUE = 99  # the payload checkpointed after SIGUSR1/SIGTERM
 HYPERPARAMS = ("epochs", "batch_size", "hidden", "lr", "seed")
+# Environment names that must never be written into a job script (they travel with sbatch's
+# default --export=ALL from the submitting environment instead).
+_SECRET_NAME = re.compile(r"SECRET|PASSW|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOCAL = LocalFileSystem()
 
 
 def slurm_time(minutes: int) -> str:
+    """Minutes as Slurm's --time: HH:MM:SS, or D-HH:MM:SS from one day on."""
     d, rem = divmod(minutes, 24 * 60)
     h, m = divmod(rem, 60)
     return f"{d}-{h:02d}:{m:02d}:00" if d else f"{h:02d}:{m:02d}:00"
 
 
-def render_sbatch(
-    spec: TrainingSpec, *, account: str, job_name: str, run_key: str, run_dir: str,
-    python: str, featureset_path: str, config_path: str,
-) -> str:  # fmt: skip
-    """The job script for this spec (generic names in, Slurm's names out)."""
-    optional = []
+def sbatch_options(spec: TrainingSpec) -> dict[str, str]:
+    """Generic resource names in, Slurm's names out (only the options the spec sets)."""
+    opts = {
+        "partition": spec.partition,
+        "nodes": str(spec.nodes),
+        "ntasks-per-node": "1",
+        "cpus-per-task": str(spec.cpus_per_task),
+        "mem": f"{int(spec.mem_gb * 1024)}M",
+        "time": slurm_time(spec.timeout_min),
+    }
+    if spec.gpus_per_node:
+        opts["gres"] = f"gpu:{spec.gpus_per_node}"
     if spec.qos:
-        optional.append(f"#SBATCH --qos={spec.qos}")
+        opts["qos"] = spec.qos
     if spec.constraint:
-        optional.append(f"#SBATCH --constraint={spec.constraint}")
-    env_lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items()))
+        opts["constraint"] = spec.constraint
+    return opts
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for name in env:
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"training.env: {name!r} is not a valid environment variable name")
+        if _SECRET_NAME.search(name):
+            raise ConfigError(
+                f"training.env.{name} looks like a secret: job scripts are kept with the run, "
+                "so pass it through the submitting environment (sbatch exports it) instead"
+            )
+
+
+def render_sbatch(
+    spec: TrainingSpec, *, account: str, job_name: str, run_dir: str, python: str,
+    featureset_path: str, config_path: str, run_key: str | None = None,
+) -> str:  # fmt: skip
+    """The job script for this spec (generic names in, Slurm's names out); no secrets."""
+    if any(c.isspace() for c in run_dir):
+        raise ConfigError(f"run directory {run_dir!r} contains whitespace: Slurm's --output "
+                          "cannot hold it; choose a runs_dir without spaces")  # fmt: skip
+    _check_env(spec.env)
+    opts = sbatch_options(spec)
+    optional = [f"#SBATCH --{k}={opts[k]}" for k in ("qos", "constraint") if k in opts]
     values = {
-        "run_key": run_key,
+        "run_key": run_key or job_name,
         "job_name": job_name,
         "account": account,
-        "partition": spec.partition,
-        "gres_line": f"#SBATCH --gres=gpu:{spec.gpus_per_node}\n" if spec.gpus_per_node else "",
-        "nodes": spec.nodes,
-        "cpus_per_task": spec.cpus_per_task,
-        "mem_mb": int(spec.mem_gb * 1024),
-        "time": slurm_time(spec.timeout_min),
+        "partition": opts["partition"],
+        "gres_line": f"#SBATCH --gres={opts['gres']}\n" if "gres" in opts else "",
+        "nodes": opts["nodes"],
+        "cpus_per_task": opts["cpus-per-task"],
+        "mem": opts["mem"],
+        "time": opts["time"],
         "run_dir": run_dir,
         "signal_s": SIGNAL_BEFORE_END_S,
         "optional_lines": "\n".join(optional),
         "module_lines": "".join(f"module load {m}\n" for m in spec.modules),
         "setup_lines": "".join(f"{line}\n" for line in spec.setup),
-        "env_lines": env_lines,
-        "python": python,
+        "env_lines": "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items())),
+        "run_dir_sh": shlex.quote(run_dir),
+        "python": shlex.quote(python),
         "payload": PAYLOADS[spec.payload],
-        "featureset": featureset_path,
-        "config": config_path,
+        "featureset": shlex.quote(featureset_path),
+        "config": shlex.quote(config_path),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
     return "\n".join(line for line in text.splitlines() if line != "") + "\n"
 
 
+# -- watching a Slurm job -----------------------------------------------------------------
 class _LogTail:
     """Follows a growing log file and hands each new complete line to ``log``."""
 
@@ -93,49 +139,109 @@ class _LogTail:
         for line in complete:
             self.lines.append(line)
             self.log(line)
+        del self.lines[:-200]
 
     def tail(self, n: int = TAIL_LINES) -> str:
-        lines = [ln for ln in [*self.lines, self.buf] if ln.strip()]
+        lines = [ln.strip() for ln in [*self.lines, self.buf] if ln.strip()]
         return " | ".join(lines[-n:]) or "(empty log)"
 
 
-def _failure(job_id: str, spec: TrainingSpec, rec: Mapping[str, str], tail: str) -> str:
+def failure_message(job_id: str, rec: Mapping[str, str], tail: str) -> str:
+    """One line for a job that ended in a state other than COMPLETED."""
     state = rec.get("State", "UNKNOWN")
-    where = f"training job {job_id} on partition {spec.partition}"
+    where = f"training job {job_id} on partition {rec.get('Partition') or '?'}"
+    elapsed = rec.get("Elapsed") or "?"
     if state == "OUT_OF_MEMORY":
-        rss = rec.get("MaxRSS") or "?"
-        return (f"{where} ran out of memory (requested {spec.mem_gb} GB, MaxRSS {rss}): "
-                f"raise training.mem_gb; log tail: {tail}")  # fmt: skip
-    if state == "TIMEOUT":
-        limit, elapsed = slurm_time(spec.timeout_min), rec.get("Elapsed", "?")
-        return (f"{where} hit its time limit of {limit} after {elapsed}: "
-                f"raise training.timeout_min; log tail: {tail}")  # fmt: skip
-    if state == "CANCELLED":
-        detail = rec.get("StateDetail", "CANCELLED")
-        return (f"{where} was cancelled ({detail}, at {rec.get('End', '?')}); "
+        mem = re.search(r"mem=([^,]+)", rec.get("AllocTRES", ""))
+        return (f"{where} ran out of memory (allocated {mem.group(1) if mem else '?'}, MaxRSS "
+                f"{rec.get('MaxRSS') or '?'}) after {elapsed}: raise training.mem_gb; "
                 f"log tail: {tail}")  # fmt: skip
-    return (f"{where} ended {state} (exit code {rec.get('ExitCode', '?')}, elapsed "
-            f"{rec.get('Elapsed', '?')}); log tail: {tail}")  # fmt: skip
+    if state == "TIMEOUT":
+        return (f"{where} hit its time limit after {elapsed}: raise training.timeout_min; "
+                f"log tail: {tail}")  # fmt: skip
+    if state == "CANCELLED":
+        by = re.search(r"by (\S+)", rec.get("StateDetail", ""))
+        who = f" by {by.group(1)}" if by else ""
+        return f"{where} was CANCELLED{who} after {elapsed}; log tail: {tail}"
+    code = rec.get("ExitCode") or "?"
+    hint = ""
+    if code.split(":")[0] == str(EXIT_REQUEUE):
+        hint = " (the payload checkpointed after a signal and was not requeued: re-run to resume)"
+    return f"{where} ended {state} (exit code {code}){hint} after {elapsed}; log tail: {tail}"
+
+
+def _poll_state(client: SlurmClient, job_id: str, log: Callable[[str], None]) -> str:
+    """The job's state; a failing squeue/sacct (slurmdbd restarting) reads as UNKNOWN."""
+    try:
+        return client.state(job_id)
+    except SlurmCommandError as exc:
+        log(f"job {job_id}: state query failed, will retry ({exc})")
+        return "UNKNOWN"
+
+
+def _final_record(client: SlurmClient, job_id: str) -> dict[str, str]:
+    """sacct lags the end of a job by a few seconds, and its first record can lack fields
+    (slurmdbd 22.05 fills Partition a second or two later): wait for a complete one."""
+    deadline = time.monotonic() + SACCT_WAIT_S
+    rec: dict[str, str] | None = None
+    while True:
+        try:
+            rec = client.sacct_record(job_id)
+        except SlurmCommandError:
+            rec = None
+        if (
+            rec
+            and rec["State"] in TERMINAL_STATES
+            and rec.get("End") not in ("", "Unknown")
+            and rec.get("Partition")
+        ):
+            return rec
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    return rec or {"JobID": job_id, "State": _poll_state(client, job_id, lambda _m: None)}
+
+
+def _script_option(script_path: str, name: str) -> str:
+    """The value of ``#SBATCH --name=value`` in the job script ('' if absent/unreadable)."""
+    try:
+        text = Path(script_path).read_text()
+    except OSError:
+        return ""
+    m = re.search(rf"^#SBATCH --{re.escape(name)}=(\S+)", text, re.MULTILINE)
+    return m.group(1) if m else ""
 
 
 def submit_and_watch(
-    client: SlurmClient, script_path: str, run_dir: str, job_name: str, spec: TrainingSpec,
-    log: Callable[[str], None], cancel_event: threading.Event | None = None,
-) -> tuple[str, dict[str, str]]:  # fmt: skip
-    """Submit (or reattach), follow the log, return (job id, sacct record) on COMPLETED."""
+    client: SlurmClient,
+    script_path: str,
+    run_dir: str,
+    job_name: str,
+    log: Callable[[str], None],
+    poll_s: float = 1.0,
+    cancel_event: threading.Event | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Submit (or reattach to a live job of the same name), stream its log, wait for its end.
+
+    Returns (job id, sacct record) when the job COMPLETED; raises TrainingError otherwise.
+    If the watcher is interrupted (KeyboardInterrupt, Prefect's termination, ``cancel_event``)
+    the job is cancelled with it; if a Slurm command keeps failing, the job is left running
+    and a re-run reattaches to it.
+    """
     live = client.jobs_named(job_name)
     if live:
         job_id = live[0]
         log(f"reattaching to live Slurm job {job_id} ({job_name}) instead of submitting")
     else:
         job_id = client.submit(script_path)
-        log(f"submitted Slurm job {job_id} ({job_name}) to partition {spec.partition}")
+        log(f"submitted Slurm job {job_id} ({job_name})")
     tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
     last_state = None
     unknown_since: float | None = None
+    cancelled = False
     try:
         while True:
-            state = client.state(job_id)
+            state = _poll_state(client, job_id, log)
             if state == "UNKNOWN":
                 unknown_since = unknown_since or time.monotonic()
                 if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
@@ -151,42 +257,58 @@ def submit_and_watch(
             tail.poll()
             if state in TERMINAL_STATES:
                 break
-            if cancel_event is not None and cancel_event.is_set():
-                raise KeyboardInterrupt
-            time.sleep(spec.poll_seconds)
-        rec = _final_record(client, job_id)
-        tail.poll()
-    except BaseException:
-        # The watcher stops (Prefect cancellation, Ctrl-C, crash): take the job with it.
-        if client.squeue_state(job_id):
-            log(f"cancelling Slurm job {job_id}")
-            client.cancel([job_id])
+            if cancel_event is None:
+                time.sleep(poll_s)
+            elif cancel_event.wait(poll_s):
+                cancelled = True
+                break
+        if not cancelled:
+            rec = _final_record(client, job_id)
+            if not rec.get("Partition"):
+                rec["Partition"] = _script_option(script_path, "partition")
+            tail.poll()
+    except Exception:
+        # The watcher failed, not the job: leave it; the next run reattaches by name.
+        if last_state not in TERMINAL_STATES:
+            log(f"watcher stopped; Slurm job {job_id} left as it is (a re-run reattaches)")
         raise
+    except BaseException:
+        # Ctrl-C, Prefect cancellation (TerminationSignal), SystemExit: take the job with us.
+        log(f"watcher interrupted: cancelling Slurm job {job_id}")
+        try:
+            client.cancel([job_id])
+        except Exception as exc:  # report, but re-raise the interruption itself
+            log(f"scancel {job_id} failed: {exc}")
+        raise
+    if cancelled:
+        log(f"watcher cancelled: cancelling Slurm job {job_id}")
+        client.cancel([job_id])
+        raise TrainingError(f"training job {job_id} was cancelled with its watcher")
     if rec.get("State") != "COMPLETED":
-        raise TrainingError(_failure(job_id, spec, rec, tail.tail()))
+        raise TrainingError(failure_message(job_id, rec, tail.tail()))
     return job_id, rec
 
 
-def _final_record(client: SlurmClient, job_id: str, wait_s: float = 30.0) -> dict[str, str]:
-    """sacct can lag the end of a job by a few seconds: wait for a terminal record."""
-    deadline = time.monotonic() + wait_s
-    rec: dict[str, str] | None = None
-    while time.monotonic() < deadline:
-        rec = client.sacct_record(job_id)
-        if rec and rec["State"] in TERMINAL_STATES and rec.get("End") not in ("", "Unknown"):
-            return rec
-        time.sleep(1.0)
-    return rec or {"JobID": job_id, "State": client.state(job_id)}
+# -- running locally ------------------------------------------------------------------------
+def payload_command(
+    spec: TrainingSpec, python: str, featureset_path: str, run_dir: str, config_path: str
+) -> list[str]:
+    module = f"tasks.payloads.{PAYLOADS[spec.payload]}"
+    return [python, "-m", module, "--featureset", featureset_path, "--run-dir", run_dir,
+            "--config", config_path]  # fmt: skip
 
 
 def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
               log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run the payload as a local process, streaming its output to ``log``."""
+    """Run the payload as a local process, streaming its output to ``log`` and local.out.
+
+    Raises TrainingError with the exit code and the log tail on failure. Interrupted, it
+    sends the payload SIGTERM (it checkpoints and exits 99), then re-raises.
+    """
     import os
 
-    log_path = Path(run_dir) / "local.out"
     lines: list[str] = []
-    with open(log_path, "a") as out:
+    with open(Path(run_dir) / "local.out", "a") as out:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **env}, cwd=run_dir,
@@ -196,40 +318,56 @@ def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 out.write(line + "\n")
+                out.flush()
                 lines.append(line)
+                del lines[:-200]
                 log(line)
             rc = proc.wait()
         except BaseException:
-            proc.terminate()
-            proc.wait(timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
     if rc != 0:
-        tail = " | ".join([ln for ln in lines if ln.strip()][-TAIL_LINES:]) or "(no output)"
-        raise TrainingError(f"local training process exited with code {rc}; log tail: {tail}")
+        tail = " | ".join([ln.strip() for ln in lines if ln.strip()][-TAIL_LINES:])
+        why = " (interrupted; checkpointed: re-run to resume)" if rc == EXIT_REQUEUE else ""
+        raise TrainingError(f"local training process exited with code {rc}{why}; "
+                            f"log tail: {tail or '(no output)'}")  # fmt: skip
+
+
+# -- the stage --------------------------------------------------------------------------------
+def _write(path: Path, text: str) -> None:
+    atomic_write_bytes(_LOCAL, str(path), text.encode())
 
 
 def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, executor: str,
              job_ids: list[str], sacct: dict[str, str], t0: float) -> TrainedModel:  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     env_path = run_dir / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env: dict[str, Any] = json.loads(env_path.read_text()) if env_path.exists() else {}
+    # The software, not the host or the job: the same packages give the same hash anywhere.
+    software: dict[str, Any] = {k: env[k] for k in ("python", "packages") if k in env}
     return TrainedModel(
         run_key=run_key,
         featureset_id=fset.featureset_id,
         featureset_hash=fset.content_hash(),
         run_dir=str(run_dir),
         model_path=str(run_dir / "model.pt"),
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         params={
             **{k: getattr(spec, k) for k in HYPERPARAMS},
             "partition": spec.partition,
             "gpus_per_node": spec.gpus_per_node,
             "payload": spec.payload,
+            "device": str(metrics.get("device", env.get("device", "?"))),
         },
         executor=executor,
         slurm_job_ids=job_ids,
         sacct=sacct,
-        environment_hash=environment_hash(env) if env else "",
+        environment_hash=environment_hash(software) if software else "",
         weights_sha256=(run_dir / "weights.sha256").read_text().strip(),
         created_at=now_iso(),
         duration_s=round(time.monotonic() - t0, 3),
@@ -239,9 +377,13 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
 def train(
     *, spec: TrainingSpec, account: str, featureset: FeatureSet, runs_dir: str, run_key: str,
     slurm: SlurmClient | None, env: Mapping[str, str], log: Callable[[str], None] = print,
-    cancel_event: threading.Event | None = None,
+    cancel_event: threading.Event | None = None, python: str = sys.executable,
 ) -> TrainedModel:  # fmt: skip
-    """Train once per run key: reuse a finished run, reattach to a live job, or start one."""
+    """Train once per run key: reuse a finished run, reattach to a live job, or start one.
+
+    ``env`` (object-store credentials, SLURM_CONF) goes to the local process or to the
+    Slurm client's environment, from which sbatch exports it: never into the script.
+    """
     t0 = time.monotonic()
     run_dir = Path(runs_dir) / "train" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,41 +396,33 @@ def train(
                         prior.get("job_ids", []), prior.get("sacct", {}), t0)  # fmt: skip
 
     fs_path = run_dir / "featureset.json"
-    fs_path.write_text(featureset.to_json())
+    _write(fs_path, featureset.to_json())
     cfg_path = run_dir / "config.json"
-    cfg_path.write_text(json.dumps({k: getattr(spec, k) for k in HYPERPARAMS}, indent=2))
+    _write(cfg_path, json.dumps({k: getattr(spec, k) for k in HYPERPARAMS}, indent=2))
     job_name = f"aif-train-{run_key}"
     script = render_sbatch(
         spec, account=account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
-        python=sys.executable, featureset_path=str(fs_path), config_path=str(cfg_path),
+        python=python, featureset_path=str(fs_path), config_path=str(cfg_path),
     )  # fmt: skip
     script_path = run_dir / "train.sbatch"
-    script_path.write_text(script)
+    _write(script_path, script)
 
+    job_ids: list[str] = []
+    sacct: dict[str, str] = {}
     if spec.executor == "local":
-        cmd = [
-            sys.executable,
-            "-m",
-            f"tasks.payloads.{PAYLOADS[spec.payload]}",
-            "--featureset",
-            str(fs_path),
-            "--run-dir",
-            str(run_dir),
-            "--config",
-            str(cfg_path),
-        ]
         log(f"training locally in {run_dir}")
+        cmd = payload_command(spec, python, str(fs_path), str(run_dir), str(cfg_path))
         run_local(cmd, str(run_dir), env, log)
-        job_ids: list[str] = []
-        sacct: dict[str, str] = {}
     else:
         if slurm is None:
             raise TrainingError("training.executor is slurm but no Slurm client was given")
-        job_id, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, spec,
-                                         log, cancel_event)  # fmt: skip
+        log(f"Slurm job {job_name}: account {account}, partition {spec.partition}, "
+            f"gres gpu:{spec.gpus_per_node}, script {script_path}")  # fmt: skip
+        job_id, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
+                                         spec.poll_seconds, cancel_event)  # fmt: skip
         job_ids = [job_id]
-    state_path.write_text(json.dumps({"executor": spec.executor, "job_ids": job_ids,
-                                      "sacct": sacct}, indent=2))  # fmt: skip
+    _write(state_path, json.dumps({"executor": spec.executor, "job_ids": job_ids,
+                                   "sacct": sacct}, indent=2))  # fmt: skip
     if not done.exists():
         raise TrainingError(f"training in {run_dir} ended without writing metrics.json")
     return _collect(run_dir, run_key, featureset, spec, spec.executor, job_ids, sacct, t0)

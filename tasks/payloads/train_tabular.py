@@ -4,24 +4,32 @@
 
 The payload contract (follow it in your own trainers):
 - Read inputs from the lake, write outputs only into the run directory; never call the
-  Prefect API (compute nodes may have no network to it).
+  Prefect API (compute nodes may have no network to it). s3:// credentials come from the
+  environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from files.
 - On SIGUSR1 (Slurm's warning before the time limit, ``--signal=B:USR1@N``) or SIGTERM
-  (preemption): finish the current step, write a checkpoint atomically (temporary file,
-  fsync, rename) and exit with code 99 so the job can be requeued.
+  (preemption, scancel): finish the current step, write a checkpoint atomically (temporary
+  file, fsync, rename) and exit with code 99. Under Slurm, SIGUSR1 also asks Slurm to
+  requeue the job (``scontrol requeue``), so the next attempt resumes in the same job.
 - On start, resume from the latest checkpoint, at the exact step: the same seed, data and
   config give the same weights however often the job was interrupted.
-- Append what each attempt did to ``ledger.jsonl``; write ``metrics.json``, ``model.pt``,
-  ``weights.sha256`` and ``environment.json`` last, each atomically.
+- Append what each attempt did to ``ledger.jsonl``; write ``model.pt``, ``weights.sha256``,
+  ``environment.json`` and, last (the commit), ``metrics.json``, each atomically.
+- Bad input: one line on stderr (``train_tabular: error: ...``), exit code 2.
+
+``AIF_TRAIN_SIGNAL_AT_STEP=N`` makes the payload send itself SIGUSR1 after N steps of an
+attempt: a preemption drill for tests and for checking a site's requeue set-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -36,7 +44,13 @@ from torch import nn
 from tasks.payloads.tabular_model import MLP, norm_arrays, state_dict_sha256
 
 EXIT_REQUEUE = 99
+EXIT_BAD_INPUT = 2
+CONFIG_KEYS = ("epochs", "batch_size", "hidden", "lr", "seed")
 _stop = {"signal": 0}
+
+
+class PayloadError(Exception):
+    """Bad input: reported as one line, exit code 2."""
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
@@ -44,6 +58,7 @@ def _on_signal(signum: int, _frame: Any) -> None:
     print(f"received signal {signum}: checkpointing after this step", flush=True)
 
 
+# -- atomic writes ----------------------------------------------------------------------
 def atomic_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
@@ -66,18 +81,33 @@ def atomic_torch(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# -- inputs -----------------------------------------------------------------------------
 def storage_options(url: str) -> dict[str, Any]:
+    """s3fs options from the environment (the keys themselves are read by botocore)."""
     if not url.startswith("s3://"):
         return {}
-    opts: dict[str, Any] = {}
     client_kwargs: dict[str, Any] = {}
     if os.environ.get("AWS_ENDPOINT_URL"):
         client_kwargs["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     if os.environ.get("AWS_DEFAULT_REGION"):
         client_kwargs["region_name"] = os.environ["AWS_DEFAULT_REGION"]
-    if client_kwargs:
-        opts["client_kwargs"] = client_kwargs
-    return opts
+    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+def check_inputs(fset: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Raise PayloadError naming what is missing from the manifest or the config."""
+    for key in ("feature_columns", "target", "normalisation", "splits"):
+        if key not in fset:
+            raise PayloadError(f"feature set manifest has no {key!r}")
+    for split in ("train", "val", "test"):
+        if split not in fset["splits"]:
+            raise PayloadError(f"feature set manifest has no {split!r} split")
+    missing = [c for c in fset["feature_columns"] if c not in fset["normalisation"]]
+    if missing:
+        raise PayloadError(f"feature set normalisation has no mean/std for {missing}")
+    absent = [k for k in CONFIG_KEYS if k not in cfg]
+    if absent:
+        raise PayloadError(f"training config lacks {absent} (needs {list(CONFIG_KEYS)})")
 
 
 def load_split(fset: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +115,15 @@ def load_split(fset: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray
     xs, ys = [], []
     for url in fset["splits"][split]["files"]:
         fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
-        with fs.open(path, "rb") as fh:
-            t = pq.read_table(fh, columns=[*cols, target])
+        try:
+            with fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                missing = [c for c in [*cols, target] if c not in pf.schema_arrow.names]
+                if missing:
+                    raise PayloadError(f"{split} split file {url} lacks columns {missing}")
+                t = pf.read(columns=[*cols, target])
+        except FileNotFoundError:
+            raise PayloadError(f"{split} split file {url} not found") from None
         xs.append(np.column_stack([t.column(c).to_numpy() for c in cols]).astype(np.float32))
         ys.append(t.column(target).to_numpy().astype(np.float32))
     if not xs:
@@ -94,8 +131,8 @@ def load_split(fset: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def environment() -> dict[str, Any]:
-    pkgs = {}
+def environment(device: str) -> dict[str, Any]:
+    pkgs: dict[str, str | None] = {}
     for name in ("torch", "numpy", "pyarrow", "fsspec", "s3fs"):
         try:
             pkgs[name] = metadata.version(name)
@@ -108,6 +145,8 @@ def environment() -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cuda_available": torch.cuda.is_available(),
+        "device": device,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -126,12 +165,52 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, t_mean: float,
     }
 
 
+# -- preemption -------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def request_requeue(signum: int) -> None:
+    """Under Slurm, the time-limit warning (USR1) requeues the job: it resumes from here."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum != signal.SIGUSR1 or not job or os.environ.get("AIF_REQUEUE", "1") == "0":
+        return
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+        detail = (out.stderr or out.stdout).strip() or "ok"
+        print(f"scontrol requeue {job}: exit {out.returncode} ({detail})", flush=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"scontrol requeue {job} failed: {exc}; re-run to resume", flush=True)
+
+
+def config_fingerprint(fset: dict[str, Any], cfg: dict[str, Any]) -> str:
+    what = {k: cfg[k] for k in CONFIG_KEYS}
+    what["splits"] = {k: v["files"] for k, v in sorted(fset["splits"].items())}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- training ---------------------------------------------------------------------------
 def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    check_inputs(fset, cfg)
+    # cuBLAS is only deterministic with a fixed workspace; must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", cfg.get("threads", 1))))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}; "
-          f"job {os.environ.get('SLURM_JOB_ID', 'local')}", flush=True)  # fmt: skip
+          f"job {os.environ.get('SLURM_JOB_ID', 'local')}; threads {torch.get_num_threads()}",
+          flush=True)  # fmt: skip
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -149,32 +228,47 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     load_s = time.perf_counter() - t_load
     print(f"loaded train={len(y_tr)} val={len(y_va)} test={len(y_te)} rows in {load_s:.2f}s",
           flush=True)  # fmt: skip
+    if len(y_tr) == 0:
+        raise PayloadError("the train split has no rows")
     xt = torch.from_numpy((x_tr - mean) / std).to(device)
     yt = torch.from_numpy((y_tr - t_mean) / t_std).to(device)
     xv = torch.from_numpy((x_va - mean) / std).to(device)
     xe = torch.from_numpy((x_te - mean) / std).to(device)
 
-    model = MLP(len(meta["feature_columns"]), list(cfg["hidden"])).to(device)
+    hidden = [int(h) for h in cfg["hidden"]]
+    model = MLP(len(meta["feature_columns"]), hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
     loss_fn = nn.MSELoss()
     epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
-    steps_per_epoch = max(1, (len(yt) + bs - 1) // bs)
+    steps_per_epoch = (len(yt) + bs - 1) // bs
+    fingerprint = config_fingerprint(fset, cfg)
 
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     ledger = os.path.join(run_dir, "ledger.jsonl")
     epoch, step = 0, 0
+    ep_loss, ep_n = 0.0, 0  # the current epoch's loss sum and sample count (for its log line)
     if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("fingerprint") != fingerprint:
+            raise PayloadError(
+                f"{ckpt_path} was written for other data or config "
+                f"({ck.get('fingerprint')} != {fingerprint}): remove it"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        set_rng_states(ck["rng"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
+        ep_loss, ep_n = ck.get("epoch_loss", (0.0, 0))
         print(f"resumed from checkpoint at epoch {epoch} step {step}", flush=True)
     attempt_start = (epoch, step)
     steps_this_attempt = 0
+    drill_at = int(os.environ.get("AIF_TRAIN_SIGNAL_AT_STEP", "0") or 0)
 
     def checkpoint(ep: int, st: int) -> None:
         atomic_torch(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "epoch": ep, "step": st})  # fmt: skip
+                                 "epoch": ep, "step": st, "rng": rng_states(),
+                                 "epoch_loss": (ep_loss, ep_n),
+                                 "fingerprint": fingerprint})  # fmt: skip
         with open(ledger, "a") as fh:
             fh.write(json.dumps({"job": os.environ.get("SLURM_JOB_ID", "local"),
                                  "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
@@ -185,9 +279,9 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     samples = 0
     t_train = time.perf_counter()
     while epoch < epochs:
+        # The data order depends only on (seed, epoch): a resumed epoch sees the same batches.
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         perm = torch.randperm(len(yt), generator=gen).to(device)
-        ep_loss, ep_n = 0.0, 0
         while step < steps_per_epoch:
             t0 = time.perf_counter()
             idx = perm[step * bs : (step + 1) * bs]
@@ -197,23 +291,28 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
+            ep_loss += float(loss.detach()) * len(idx)  # syncs the device: honest timing
             t2 = time.perf_counter()
             fetch_s += t1 - t0
             compute_s += t2 - t1
-            ep_loss += float(loss.detach()) * len(idx)
             ep_n += len(idx)
             samples += len(idx)
             step += 1
             steps_this_attempt += 1
+            if drill_at and steps_this_attempt == drill_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
             if _stop["signal"]:
                 checkpoint(epoch, step)
-                print(f"checkpointed at epoch {epoch} step {step}; exiting for requeue",
-                      flush=True)  # fmt: skip
+                print(f"checkpointed at epoch {epoch} step {step}; exiting with "
+                      f"{EXIT_REQUEUE} for requeue", flush=True)  # fmt: skip
+                request_requeue(_stop["signal"])
                 sys.exit(EXIT_REQUEUE)
         epoch, step = epoch + 1, 0
+        epoch_loss = ep_loss / max(ep_n, 1)
+        ep_loss, ep_n = 0.0, 0
         val = evaluate(model, xv, y_va, t_mean, t_std)
         rate = samples / max(time.perf_counter() - t_train, 1e-9)
-        print(f"epoch {epoch}/{epochs} train_loss={ep_loss / max(ep_n, 1):.4f} "
+        print(f"epoch {epoch}/{epochs} train_loss={epoch_loss:.4f} "
               f"val_rmse={val['rmse']:.3f} samples/s={rate:.0f}", flush=True)  # fmt: skip
         checkpoint(epoch, step)
 
@@ -222,18 +321,19 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     test = evaluate(model, xe, y_te, t_mean, t_std)
     model_cpu = model.to("cpu")
     digest = state_dict_sha256(model_cpu)
-    arch = {"in_features": len(meta["feature_columns"]), "hidden": list(cfg["hidden"])}
+    arch = {"in_features": len(meta["feature_columns"]), "hidden": hidden}
     atomic_torch(os.path.join(run_dir, "model.pt"),
                  {"state_dict": model_cpu.state_dict(), "architecture": arch, **meta})  # fmt: skip
-    metrics = {
+    metrics: dict[str, Any] = {
         "val_rmse": val["rmse"], "val_mae": val["mae"], "val_r2": val["r2"],
         "test_rmse": test["rmse"], "test_mae": test["mae"], "test_r2": test["r2"],
         "train_seconds": train_s, "load_seconds": load_s,
         "samples_per_second": samples / max(train_s, 1e-9) if samples else 0.0,
+        # Time spent getting batches / time of whole steps (fetch + forward/backward/step).
         "data_stall_fraction": fetch_s / max(fetch_s + compute_s, 1e-9),
-        "epochs": float(epochs), "train_rows": float(len(yt)),
+        "epochs": float(epochs), "train_rows": float(len(yt)), "device": device.type,
     }  # fmt: skip
-    atomic_json(os.path.join(run_dir, "environment.json"), environment())
+    atomic_json(os.path.join(run_dir, "environment.json"), environment(device.type))
     atomic_bytes(os.path.join(run_dir, "weights.sha256"), (digest + "\n").encode())
     atomic_json(os.path.join(run_dir, "metrics.json"), metrics)  # written last: the commit
     print(f"done: test_rmse={test['rmse']:.3f} test_r2={test['r2']:.3f} weights {digest[:12]}",
@@ -249,12 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     signal.signal(signal.SIGUSR1, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    with open(a.featureset) as fh:
-        fset = json.load(fh)
-    with open(a.config) as fh:
-        cfg = json.load(fh)
-    os.makedirs(a.run_dir, exist_ok=True)
-    train(fset, a.run_dir, cfg)
+    try:
+        docs = []
+        for what, path in (("feature set manifest", a.featureset), ("config", a.config)):
+            try:
+                with open(path) as fh:
+                    docs.append(json.load(fh))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise PayloadError(f"{what} {path}: {exc}") from None
+        os.makedirs(a.run_dir, exist_ok=True)
+        train(docs[0], a.run_dir, docs[1])
+    except PayloadError as exc:
+        print(f"train_tabular: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -1,0 +1,259 @@
+"""Training on the orchestrator side: the sbatch script, the spec, and the Slurm watcher
+against fake sbatch/squeue/sacct/scancel commands (no cluster needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tasks import training
+from tasks.config import TrainingSpec
+from tasks.errors import ConfigError, SlurmError, TrainingError
+from tasks.slurm import SlurmClient
+from tasks.training import render_sbatch, sbatch_options, submit_and_watch
+
+REF = Path(__file__).parent / "data" / "train.sbatch.ref"
+
+
+def _spec() -> TrainingSpec:
+    return TrainingSpec(
+        executor="slurm",
+        partition="gpu",
+        gpus_per_node=2,
+        nodes=1,
+        cpus_per_task=4,
+        mem_gb=6.5,
+        timeout_min=90,
+        qos="normal",
+        constraint="a100",
+        modules=["cuda/12.4", "python/3.11"],
+        setup=["source /opt/venv/bin/activate"],
+        env={"OMP_NUM_THREADS": "4", "AIF_NOTE": "it's fine"},
+    )
+
+
+def _render(spec: TrainingSpec) -> str:
+    return render_sbatch(
+        spec,
+        account="startup-a",
+        job_name="aif-train-abc123",
+        run_key="abc123",
+        run_dir="/runs/train/abc123",
+        python="/opt/venv/bin/python",
+        featureset_path="/runs/train/abc123/featureset.json",
+        config_path="/runs/train/abc123/config.json",
+    )
+
+
+def test_sbatch_matches_reference_copy() -> None:
+    text = _render(_spec())
+    if os.environ.get("AIF_RECORD") == "1":
+        REF.parent.mkdir(parents=True, exist_ok=True)
+        REF.write_text(text)
+    expected = REF.read_text().splitlines()
+    got = text.splitlines()
+    how = f"if the change is intended, re-record with: AIF_RECORD=1 pytest {__file__}"
+    for n, (want, have) in enumerate(zip(expected, got, strict=False), 1):
+        assert have == want, f"train.sbatch line {n} differs from {REF.name}; {how}"
+    assert len(got) == len(expected), (
+        f"train.sbatch has {len(got)} lines, not {len(expected)}; {how}"
+    )
+
+
+def test_script_is_valid_bash(tmp_path: Path) -> None:
+    script = tmp_path / "train.sbatch"
+    script.write_text(_render(_spec()))
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_no_gpu_no_gres_and_short_time() -> None:
+    spec = TrainingSpec(gpus_per_node=0, timeout_min=5, mem_gb=1)
+    text = _render(spec)
+    assert "--gres" not in text and "--qos" not in text and "--constraint" not in text
+    assert "#SBATCH --time=00:05:00" in text and "#SBATCH --mem=1024M" in text
+    assert sbatch_options(TrainingSpec(timeout_min=24 * 60 + 1))["time"] == "1-00:01:00"
+
+
+def test_unknown_spec_key_is_rejected() -> None:
+    with pytest.raises(Exception, match="gpus_per_nod") as err:
+        TrainingSpec.model_validate({"gpus_per_nod": 1})
+    assert "extra" in str(err.value).lower()
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HF_TOKEN"])
+def test_secrets_never_go_into_the_script(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        _render(TrainingSpec(env={name: "x"}))
+
+
+# -- the watcher against fake Slurm commands ------------------------------------------------
+SACCT = "|".join(
+    [
+        "123", "aif-train-k", "startup-a", "gpu", "{state}", "{code}", "00:00:07",
+        "billing=1,cpu=1,gres/gpu=1,mem=2G,node=1", "", "vm",
+        "2026-01-01T00:00:00", "2026-01-01T00:00:07", "2026-01-01T00:00:00",
+    ]
+)  # fmt: skip
+
+
+class FakeSlurm:
+    """sbatch/squeue/sacct/scancel as shell scripts; their calls are recorded in files."""
+
+    def __init__(self, root: Path, *, running_polls: int = 2, sbatch_out: str = "123") -> None:
+        self.bin = root / "bin"
+        self.state = root / "state"
+        self.run_dir = root / "run"
+        for d in (self.bin, self.state, self.run_dir):
+            d.mkdir()
+        (self.state / "running_polls").write_text(str(running_polls))
+        (self.state / "sbatch.out").write_text(sbatch_out + "\n")
+        self.sacct("COMPLETED", "0:0")
+        s = '"$FAKE_DIR"'
+        self._cmd("sbatch", f'echo "$@" >> {s}/sbatch.calls; cat {s}/sbatch.out')
+        self._cmd(
+            "squeue",
+            f"""case "$*" in *--name*) cat {s}/live 2>/dev/null; exit 0;; esac
+n=$(cat {s}/polls 2>/dev/null || echo 0); echo $((n+1)) > {s}/polls
+if [ "$n" -lt "$(cat {s}/running_polls)" ]; then
+  echo "epoch $n line" >> "$FAKE_RUN/slurm-123.out"; echo RUNNING
+fi""",
+        )
+        self._cmd("sacct", f"cat {s}/sacct.out")
+        self._cmd("scancel", f'echo "$@" >> {s}/scancel.calls')
+        self.client = SlurmClient(
+            env={"FAKE_DIR": str(self.state), "FAKE_RUN": str(self.run_dir)}, bin_dir=str(self.bin)
+        )
+
+    def _cmd(self, name: str, body: str) -> None:
+        p = self.bin / name
+        p.write_text(f"#!/bin/sh\n{body}\n")
+        p.chmod(0o755)
+
+    def sacct(self, state: str, code: str) -> None:
+        (self.state / "sacct.out").write_text(SACCT.format(state=state, code=code) + "\n")
+
+    def calls(self, name: str) -> str:
+        p = self.state / f"{name}.calls"
+        return p.read_text() if p.exists() else ""
+
+    def watch(
+        self, log: list[str], cancel_event: threading.Event | None = None
+    ) -> tuple[str, dict[str, str]]:
+        return submit_and_watch(
+            self.client,
+            str(self.run_dir / "train.sbatch"),
+            str(self.run_dir),
+            "aif-train-k",
+            log.append,
+            poll_s=0.01,
+            cancel_event=cancel_event,
+        )
+
+
+def test_completed_job_streams_its_log(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    log: list[str] = []
+    job_id, rec = fake.watch(log)
+    assert job_id == "123" and rec["State"] == "COMPLETED" and rec["Partition"] == "gpu"
+    assert "train.sbatch" in fake.calls("sbatch")
+    assert "epoch 0 line" in log and "epoch 1 line" in log
+    assert "job 123: RUNNING" in log and "job 123: COMPLETED" in log
+    assert fake.calls("scancel") == ""
+
+
+def test_failed_job_raises_with_exit_code_and_log_tail(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.sacct("FAILED", "1:0")
+    with pytest.raises(TrainingError) as err:
+        fake.watch([])
+    msg = str(err.value)
+    assert msg.startswith("training job 123 on partition gpu ended FAILED (exit code 1:0)")
+    assert "log tail: epoch 0 line | epoch 1 line" in msg and "\n" not in msg
+
+
+def test_out_of_memory_has_its_own_wording(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.sacct("OUT_OF_MEMORY", "0:125")
+    with pytest.raises(TrainingError, match=r"ran out of memory \(allocated 2G.*training\.mem_gb"):
+        fake.watch([])
+
+
+def test_timeout_and_cancelled_wording(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path, running_polls=0)
+    fake.sacct("TIMEOUT", "0:0")
+    with pytest.raises(TrainingError, match=r"hit its time limit.*training\.timeout_min"):
+        fake.watch([])
+    fake.sacct("CANCELLED by 1001", "0:15")
+    with pytest.raises(TrainingError, match="was CANCELLED by 1001"):
+        fake.watch([])
+
+
+def test_reattaches_to_a_live_job_instead_of_submitting(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    (fake.state / "live").write_text("77\n")
+    log: list[str] = []
+    fake.sacct("COMPLETED", "0:0")
+    (fake.state / "sacct.out").write_text(
+        (fake.state / "sacct.out").read_text().replace("123|", "77|", 1)
+    )
+    job_id, _ = fake.watch(log)
+    assert job_id == "77" and fake.calls("sbatch") == ""
+    assert any("reattaching to live Slurm job 77" in line for line in log)
+
+
+def test_unparsable_job_id_shows_the_raw_output(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path, sbatch_out="sbatch: queued somewhere, no id")
+    with pytest.raises(SlurmError, match="sbatch: queued somewhere, no id"):
+        fake.watch([])
+
+
+def test_interrupted_watcher_cancels_the_job(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path, running_polls=100)
+
+    def log(line: str) -> None:
+        if line == "epoch 1 line":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        submit_and_watch(fake.client, "s.sbatch", str(fake.run_dir), "aif-train-k", log, 0.01)
+    assert fake.calls("scancel").split() == ["123"]
+
+
+def test_cancel_event_cancels_the_job(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path, running_polls=100)
+    event = threading.Event()
+    event.set()
+    with pytest.raises(TrainingError, match="cancelled with its watcher"):
+        fake.watch([], cancel_event=event)
+    assert fake.calls("scancel").split() == ["123"]
+
+
+def test_failing_sacct_leaves_the_job_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSlurm(tmp_path, running_polls=0)
+    fake._cmd("sacct", 'echo "sacct: error: slurmdbd down" >&2; exit 1')
+    monkeypatch.setattr(training, "UNKNOWN_GRACE_S", 0.05)
+    log: list[str] = []
+    with pytest.raises(TrainingError, match="neither squeue nor sacct"):
+        fake.watch(log)
+    assert fake.calls("scancel") == ""
+    assert any("slurmdbd down" in line for line in log)
+
+
+def test_partition_from_the_script_when_sacct_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSlurm(tmp_path, running_polls=0)
+    (fake.state / "sacct.out").write_text(
+        SACCT.format(state="FAILED", code="2:0").replace("|gpu|", "||")
+    )
+    (fake.run_dir / "train.sbatch").write_text("#!/bin/bash\n#SBATCH --partition=gpu-x\n")
+    monkeypatch.setattr(training, "SACCT_WAIT_S", 0.05)
+    with pytest.raises(TrainingError, match="on partition gpu-x ended FAILED"):
+        fake.watch([])
