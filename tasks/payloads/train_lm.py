@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -150,8 +151,13 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     tokens = 0
     t0 = time.perf_counter()
     loss = float("nan")
+    # The loader prepares the next batch in a background thread while this step trains.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aif-loader")
+    upcoming = prefetch.submit(loader.get, step)
     while step < cfg["steps"]:
-        x, y = loader.get(step)
+        x, y = upcoming.result()
+        if step + 1 < cfg["steps"]:
+            upcoming = prefetch.submit(loader.get, step + 1)
         loss = one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         step += 1
         tokens += x.numel()
@@ -162,6 +168,7 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
                                 "step": step})  # fmt: skip
             print(f"checkpointed at step {step}; exiting for requeue", flush=True)
             sys.exit(EXIT_REQUEUE)
+    prefetch.shutdown(wait=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     real_s = time.perf_counter() - t0
@@ -170,11 +177,14 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     # is the difference. (Weights are restored afterwards, so the result is unaffected.)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state_dict()
-    x_syn, y_syn = (t.to(device) for t in loader.get(0))
     n_syn = max(1, step - start_step)
+    g = torch.Generator().manual_seed(0)
+    syn = torch.randint(0, VOCAB, (min(n_syn, 64), cfg["batch_size"], cfg["context"] + 1),
+                        generator=g).to(device)  # fmt: skip
     t1 = time.perf_counter()
-    for _ in range(n_syn):
-        one_step(x_syn, y_syn)
+    for i in range(n_syn):
+        b = syn[i % len(syn)]
+        one_step(b[:, :-1], b[:, 1:])
     if device.type == "cuda":
         torch.cuda.synchronize()
     synth_s = time.perf_counter() - t1
