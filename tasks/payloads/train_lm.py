@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from tasks.payloads.stall import stall_fraction, synthetic_seconds
 from tasks.payloads.tabular_model import state_dict_sha256
 from tasks.payloads.train_tabular import (
     EXIT_REQUEUE,
@@ -175,21 +176,17 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
     # The same number of steps on synthetic batches already in memory: the loader's cost
     # is the difference. (Weights are restored afterwards, so the result is unaffected.)
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_opt = opt.state_dict()
     n_syn = max(1, step - start_step)
     g = torch.Generator().manual_seed(0)
     syn = torch.randint(0, VOCAB, (min(n_syn, 64), cfg["batch_size"], cfg["context"] + 1),
                         generator=g).to(device)  # fmt: skip
-    t1 = time.perf_counter()
-    for i in range(n_syn):
+
+    def synthetic_step(i: int) -> None:
         b = syn[i % len(syn)]
         one_step(b[:, :-1], b[:, 1:])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    synth_s = time.perf_counter() - t1
-    model.load_state_dict(saved)
-    opt.load_state_dict(saved_opt)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synth_s = synthetic_seconds(model, opt, synthetic_step, n_syn, sync)
 
     atomic_torch(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "step": step})  # fmt: skip
@@ -197,7 +194,7 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     metrics = {
         "final_loss": loss, "bits_per_byte": loss / math.log(2), "steps": float(step),
         "tokens_per_second": tps, "train_seconds": real_s,
-        "data_stall_fraction": max(0.0, 1.0 - synth_s / max(real_s, 1e-9)),
+        "data_stall_fraction": stall_fraction(real_s, synth_s),
         "model_flops_per_second": tps * model.flops_per_token(),
         "device": 1.0 if device.type == "cuda" else 0.0,
     }  # fmt: skip

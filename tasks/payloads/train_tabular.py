@@ -23,7 +23,6 @@ attempt: a preemption drill for tests and for checking a site's requeue set-up.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from tasks.payloads.stall import stall_fraction, synthetic_seconds
 from tasks.payloads.tabular_model import MLP, norm_arrays, state_dict_sha256
 
 EXIT_REQUEUE = 99
@@ -206,32 +206,24 @@ def config_fingerprint(fset: dict[str, Any], cfg: dict[str, Any]) -> str:
 def synthetic_stall(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module,
                     xt: torch.Tensor, yt: torch.Tensor, bs: int, steps: int,
                     real_s: float) -> float:  # fmt: skip
-    """The loader's share of step time: the same steps on synthetic in-memory batches.
-
-    Weights and optimizer state are restored afterwards, so results are unaffected.
-    """
-    if steps <= 0 or real_s <= 0:
+    """The loader's share of step time (see tasks/payloads/stall.py)."""
+    if steps <= 0:
         return 0.0
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_opt = copy.deepcopy(opt.state_dict())
     # Synthetic data of the same shape, already in memory: batches are plain views of it.
     gen = torch.Generator().manual_seed(0)
     x_syn = torch.randn(xt.shape, generator=gen).to(xt.device)
     y_syn = torch.randn(yt.shape, generator=gen).to(yt.device)
     per_epoch = max(1, (len(yt) + bs - 1) // bs)
-    t0 = time.perf_counter()
-    for i in range(steps):
+
+    def step(i: int) -> None:
         j = i % per_epoch
-        xb, yb = x_syn[j * bs : (j + 1) * bs], y_syn[j * bs : (j + 1) * bs]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
+        loss = loss_fn(model(x_syn[j * bs : (j + 1) * bs]), y_syn[j * bs : (j + 1) * bs])
         loss.backward()
         opt.step()
         float(loss.detach())
-    synth_s = time.perf_counter() - t0
-    model.load_state_dict(saved)
-    opt.load_state_dict(saved_opt)
-    return max(0.0, 1.0 - synth_s / real_s)
+
+    return stall_fraction(real_s, synthetic_seconds(model, opt, step, steps))
 
 
 def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
