@@ -105,7 +105,7 @@ def open_cluster(
     from distributed import Client, LocalCluster
 
     if spec.kind == "local":
-        cluster = LocalCluster(
+        local_cluster = LocalCluster(
             n_workers=spec.workers,
             threads_per_worker=spec.cores,
             processes=True,
@@ -113,13 +113,15 @@ def open_cluster(
             dashboard_address="127.0.0.1:0",
             host="127.0.0.1",
         )
-        client = Client(cluster)
-        info = ClusterInfo(kind="local", dashboard=client.dashboard_link, workers=spec.workers)
+        local_client = Client(local_cluster)
+        info = ClusterInfo(
+            kind="local", dashboard=local_client.dashboard_link, workers=spec.workers
+        )
         try:
-            yield client, info
+            yield local_client, info
         finally:
-            client.close()
-            cluster.close()
+            local_client.close()
+            local_cluster.close()
         return
 
     if slurm is None:
@@ -132,8 +134,8 @@ def open_cluster(
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     info = ClusterInfo(kind="slurm", job_name=job_name)
     with _env(dict(slurm.env)):
-        cluster = None
-        client = None
+        cluster: Any = None
+        client: Any = None
         try:
             cluster = SLURMCluster(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
             info.job_script = str(cluster.job_script())

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 
-import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 
-class TabularPyfunc(mlflow.pyfunc.PythonModel):
+class TabularPyfunc(PythonModel):
     def load_context(self, context):  # type: ignore[no-untyped-def]
         from tasks.payloads.tabular_model import load_model
 

@@ -71,15 +71,18 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB, bias=False)
+        self.causal_mask: torch.Tensor
         self.register_buffer(
-            "mask", torch.triu(torch.full((context, context), float("-inf")), 1), persistent=False
+            "causal_mask",
+            torch.triu(torch.full((context, context), float("-inf")), 1),
+            persistent=False,
         )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for b in self.blocks:
-            x = b(x, self.mask[:t, :t])
+            x = b(x, self.causal_mask[:t, :t])
         return self.head(self.ln(x))
 
     def flops_per_token(self) -> float:
