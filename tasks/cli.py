@@ -72,6 +72,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lm(args: argparse.Namespace) -> int:
+    from tasks.config import load_profile
+    from tasks.lm_run import run_lm
+
+    cfg = load_profile(args.profile)
+    out = run_lm(cfg, startup=args.startup, data_url=args.data, steps=args.steps,
+                 log=lambda m: print(f"  {m}", flush=True))  # fmt: skip
+    m = out["metrics"]
+    print(f"run dir: {out['run_dir']}  Slurm jobs: {', '.join(out['job_ids']) or 'none (local)'}")
+    print(
+        f"loss {m['final_loss']:.4f}, {m['tokens_per_second']:.0f} tokens/s, "
+        f"stall {m['data_stall_fraction']:.1%}, weights {out['weights_sha256'][:12]}"
+    )
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from infra.site import manager
 
@@ -127,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
     r.add_argument("--dataspace", default=None, help="override the dataset's URL")
     r.set_defaults(func=cmd_run)
+
+    lm = sub.add_parser("train-lm", help="train the reference causal LM on data-space text")
+    lm.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
+    lm.add_argument("--startup", default=None)
+    lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
+    lm.add_argument("--steps", type=int, default=200)
+    lm.set_defaults(func=cmd_train_lm)
 
     s = sub.add_parser("site", help="the local AI-factory site (Slurm, S3, Prefect, MLflow)")
     s.add_argument("action", choices=["up", "status", "env", "down"])

@@ -105,7 +105,7 @@ class TrainingSpec(_Model):
     """Generic resource names; translated to Slurm's names in tasks/training.py."""
 
     executor: Literal["local", "slurm"] = "local"
-    payload: Literal["tabular"] = "tabular"
+    payload: Literal["tabular", "lm"] = "tabular"
     partition: str = "gpu"
     gpus_per_node: int = Field(default=1, ge=0)
     nodes: int = Field(default=1, ge=1)

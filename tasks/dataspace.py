@@ -37,6 +37,16 @@ MOBILITY_SCHEMA = pa.schema(
 )
 
 
+REVIEW_SCHEMA = pa.schema(
+    [
+        pa.field("review_id", pa.string(), nullable=False),
+        pa.field("place", pa.string(), nullable=False),
+        pa.field("rating", pa.int8(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+
+
 @dataclass(frozen=True)
 class DatasetContract:
     """What a data-space dataset promises: its columns, types, nullability and key."""
@@ -81,7 +91,17 @@ DATASETS: dict[str, DatasetContract] = {
             "temperature_c": "air temperature at pickup in °C; null when the sensor failed",
             "duration_min": "trip duration in minutes (the prediction target)",
         },
-    )
+    ),
+    "tourism-reviews": DatasetContract(
+        name="tourism-reviews",
+        data_space="tourism",
+        title="Visitor reviews of tourist sites (synthetic, deterministic)",
+        schema=REVIEW_SCHEMA,
+        primary_key="review_id",
+        publisher="aifactory generator (tasks/textgen.py)",
+        license="CC-BY-4.0",
+        descriptions={"text": "free-text review in English", "rating": "1..5 stars"},
+    ),
 }
 
 

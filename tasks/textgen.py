@@ -17,16 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.dataspace import REVIEW_SCHEMA
 from tasks.lake import atomic_write_bytes
 
-REVIEW_SCHEMA = pa.schema(
-    [
-        pa.field("review_id", pa.string(), nullable=False),
-        pa.field("place", pa.string(), nullable=False),
-        pa.field("rating", pa.int8(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-    ]
-)
 PLACES = ["the old harbour", "the cathedral", "the alpine hut", "the vineyard",
           "the museum", "the lakeside campsite", "the castle", "the night market",
           "the thermal baths"]  # fmt: skip

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from tasks.provenance import environment_hash, now_iso
 from tasks.slurm import TERMINAL_STATES, SlurmClient
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "train.sbatch"
-PAYLOADS = {"tabular": "train_tabular"}
+PAYLOADS = {"tabular": "train_tabular", "lm": "train_lm"}
 SIGNAL_BEFORE_END_S = 60
 TAIL_LINES = 8
 UNKNOWN_GRACE_S = 120.0
@@ -85,8 +85,16 @@ def _check_env(env: Mapping[str, str]) -> None:
 def render_sbatch(
     spec: TrainingSpec, *, account: str, job_name: str, run_dir: str, python: str,
     featureset_path: str, config_path: str, run_key: str | None = None,
+    payload_args: Sequence[str] | None = None,
 ) -> str:  # fmt: skip
-    """The job script for this spec (generic names in, Slurm's names out); no secrets."""
+    """The job script for this spec (generic names in, Slurm's names out); no secrets.
+
+    ``payload_args`` replaces the tabular payload's arguments (--featureset, --run-dir,
+    --config) for payloads that take other inputs, such as the language model's --data.
+    """
+    if payload_args is None:
+        payload_args = ["--featureset", featureset_path, "--run-dir", run_dir,
+                        "--config", config_path]  # fmt: skip
     if any(c.isspace() for c in run_dir):
         raise ConfigError(f"run directory {run_dir!r} contains whitespace: Slurm's --output "
                           "cannot hold it; choose a runs_dir without spaces")  # fmt: skip
@@ -112,8 +120,7 @@ def render_sbatch(
         "run_dir_sh": shlex.quote(run_dir),
         "python": shlex.quote(python),
         "payload": PAYLOADS[spec.payload],
-        "featureset": shlex.quote(featureset_path),
-        "config": shlex.quote(config_path),
+        "payload_args": " ".join(shlex.quote(a) for a in payload_args),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
     return "\n".join(line for line in text.splitlines() if line != "") + "\n"
@@ -384,6 +391,11 @@ def train(
     ``env`` (object-store credentials, SLURM_CONF) goes to the local process or to the
     Slurm client's environment, from which sbatch exports it: never into the script.
     """
+    if spec.payload != "tabular":
+        raise ConfigError(
+            f"training.payload {spec.payload!r}: the pipeline trains the tabular payload; "
+            "run the language model with `aif train-lm`"
+        )
     t0 = time.monotonic()
     run_dir = Path(runs_dir) / "train" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)

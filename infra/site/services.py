@@ -14,6 +14,8 @@ from infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
 from tasks.errors import SiteError
 
 DATASPACE_URL = "s3://aif-dataspace/mobility/trips"
+REVIEWS_URL = "s3://aif-dataspace/tourism/reviews"
+REVIEWS_SEED = {"seed": 11, "rows": 20_000, "objects": 2}
 SEED = {"seed": 7, "rows": 200_000, "objects": 8}
 
 
@@ -56,23 +58,27 @@ def ensure_buckets(site: Site) -> None:
 
 
 def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
-    """Fill the data-space bucket with the deterministic mobility dataset when empty."""
-    client = _s3_client(site)
-    listing = client.list_objects_v2(Bucket="aif-dataspace", Prefix="mobility/trips/")
-    if listing.get("KeyCount", 0) > 0:
-        return
-    try:
-        from tasks.datagen import generate_mobility
-    except ImportError as exc:
-        progress(f"warning: not seeding {DATASPACE_URL}: tasks.datagen unavailable ({exc})")
-        return
+    """Fill the data-space bucket with the deterministic datasets where they are missing:
+    mobility trips (the pipeline's) and tourism reviews (the language model's text)."""
+    from tasks.datagen import generate_mobility
+    from tasks.textgen import generate_reviews
 
-    progress(f"seeding {DATASPACE_URL} ({SEED['rows']} trips in {SEED['objects']} objects, "
-             f"seed {SEED['seed']})")  # fmt: skip
-    try:
-        generate_mobility(url=DATASPACE_URL, storage_options=site.s3_storage_options(), **SEED)
-    except Exception as exc:
-        raise SiteError(f"site part s3: seeding {DATASPACE_URL} failed: {exc}") from None
+    client = _s3_client(site)
+    datasets = [
+        ("mobility/trips/", DATASPACE_URL, generate_mobility, SEED,
+         f"{SEED['rows']} trips in {SEED['objects']} objects, seed {SEED['seed']}"),
+        ("tourism/reviews/", REVIEWS_URL, generate_reviews, REVIEWS_SEED,
+         f"{REVIEWS_SEED['rows']} reviews in {REVIEWS_SEED['objects']} objects"),
+    ]  # fmt: skip
+    for prefix, url, generate, params, what in datasets:
+        listing = client.list_objects_v2(Bucket="aif-dataspace", Prefix=prefix)
+        if listing.get("KeyCount", 0) > 0:
+            continue
+        progress(f"seeding {url} ({what})")
+        try:
+            generate(url, site.s3_storage_options(), **params)
+        except Exception as exc:
+            raise SiteError(f"site part s3: seeding {url} failed: {exc}") from None
 
 
 # -- S3 contents across restarts --------------------------------------------------------

@@ -1,0 +1,90 @@
+"""`aif train-lm`: the language-model reference payload on a data space's text.
+
+Ingests the tourism-reviews dataset through the same contract-checked ingestion as the
+pipeline (data space -> committed lake snapshot), then trains the tiny causal LM on the
+snapshot's files: as a Slurm GPU job (profile ``site``: partition, gres, account from the
+profile's training spec) or as a local process. The run directory keeps the rendered
+script, the job's log, the checkpoint and the metrics (tokens/s, stall fraction).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Profile
+from tasks.errors import TrainingError
+from tasks.ingest import ingest
+from tasks.lake import atomic_write_bytes
+from tasks.provenance import key_of
+from tasks.slurm import SlurmClient
+from tasks.training import render_sbatch, run_local, submit_and_watch
+
+DATASET = "tourism-reviews"
+
+
+def reviews_url(cfg: Profile) -> str:
+    """The reviews live beside the profile's mobility data, in the tourism data space."""
+    base = cfg.dataspace.url.rstrip("/")
+    root = base.rsplit("/", 2)[0] if base.count("/") > 3 else base
+    return f"{root}/tourism/reviews"
+
+
+def run_lm(
+    cfg: Profile, *, startup: str | None, data_url: str | None, steps: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    sid, st = cfg.startup(startup)
+    url = data_url or reviews_url(cfg)
+    so = cfg.storage_options(url)
+    if cfg.dataspace.generate is not None and data_url is None:
+        from tasks.dataspace import has_objects
+        from tasks.textgen import generate_reviews
+
+        if not has_objects(url, so):
+            log(f"seeding {url} with generated reviews")
+            generate_reviews(url, so)
+    snap = ingest(url, cfg.lake.url, DATASET, so, cfg.storage_options(cfg.lake.url), sid, log)
+    files = [o.lake_path for o in snap.objects]
+    spec = cfg.training.model_copy(update={"payload": "lm"})
+    run_key = key_of("lm", snap.content_hash(), steps, spec.model_dump(mode="json"))
+    run_dir = Path(cfg.runs_dir) / "lm" / run_key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    atomic_write_bytes_local(cfg_path, json.dumps({"steps": steps, "seed": spec.seed}))
+    args = ["--data", ",".join(files), "--run-dir", str(run_dir), "--config", str(cfg_path)]
+    job_name = f"aif-lm-{run_key}"
+    script = render_sbatch(
+        spec, account=st.account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
+        python=sys.executable, featureset_path="", config_path=str(cfg_path), payload_args=args,
+    )  # fmt: skip
+    script_path = run_dir / "train.sbatch"
+    atomic_write_bytes_local(script_path, script)
+    job_ids: list[str] = []
+    if spec.executor == "slurm":
+        client = SlurmClient(env=cfg.child_env())
+        job_id, _rec = submit_and_watch(client, str(script_path), str(run_dir), job_name, log,
+                                        spec.poll_seconds)  # fmt: skip
+        job_ids.append(job_id)
+    else:
+        cmd = [sys.executable, "-m", "tasks.payloads.train_lm", *args]
+        run_local(cmd, str(run_dir), cfg.child_env(), log)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise TrainingError(f"language-model run in {run_dir} ended without metrics.json")
+    return {
+        "run_dir": str(run_dir),
+        "snapshot": snap.snapshot_id,
+        "job_ids": job_ids,
+        "metrics": json.loads(metrics_path.read_text()),
+        "weights_sha256": (run_dir / "weights.sha256").read_text().strip(),
+    }
+
+
+def atomic_write_bytes_local(path: Path, text: str) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    atomic_write_bytes(LocalFileSystem(), str(path), text.encode())
