@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 # Fields that describe *when/where* something ran, not *what* it is: excluded from hashes.
-VOLATILE = {"created_at", "duration_s", "flow_run_id", "run_dir", "slurm_job_ids", "sacct"}
+VOLATILE = {
+    "created_at", "duration_s", "flow_run_id", "run_dir", "slurm_job_ids", "sacct", "cluster",
+}  # fmt: skip
 
 
 class _Manifest(BaseModel):
