@@ -18,8 +18,9 @@ def _fset(**over: object) -> FeatureSet:
 
 def test_hash_ignores_where_and_when() -> None:
     a = _fset()
+    cluster = {"kind": "slurm", "job_ids": ["1", "2"], "dashboard": "http://x"}
     b = _fset(created_at="2027-01-01T00:00:00Z", duration_s=9.0, slurm_job_ids=["1", "2"],
-              cluster={"kind": "slurm", "job_ids": ["1", "2"], "dashboard": "http://x"})  # fmt: skip
+              cluster=cluster)  # fmt: skip
     assert a.content_hash() == b.content_hash()
 
 
