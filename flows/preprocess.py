@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import load_profile
 from tasks.dask_cluster import open_cluster
+from tasks.features import resolve_config
 from tasks.manifests import DataSnapshot, FeatureSet
 from tasks.preprocess import load_cached, plan, run_preprocess
 from tasks.provenance import key_of
@@ -71,7 +72,7 @@ def preprocess_flow(
 ) -> FeatureSet:
     cfg = load_profile(profile, overrides)
     say = stage_logger("preprocess")
-    fs_id, fconfig = plan(snapshot)
+    fs_id, fconfig = plan(snapshot, resolve_config(cfg.features))
     cached = load_cached(cfg.lake.url, fs_id, cfg.storage_options(cfg.lake.url))
     if cached is not None:
         say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 
@@ -99,6 +106,23 @@ class DaskSpec(_Model):
     interface: str | None = None
     scheduler_host: str = "127.0.0.1"
     partitions_per_task: int = 1
+    # Adaptive scaling between these numbers of worker jobs (None: fixed ``workers``).
+    adaptive_min: int | None = Field(default=None, ge=0)
+    adaptive_max: int | None = Field(default=None, ge=1)
+    # Walltime safety: workers retire this long after start (before the job's walltime),
+    # staggered so they do not all leave at once, handing their data to the others;
+    # adaptive scaling submits replacements. Dask's duration syntax ("25m", "1h").
+    lifetime: str | None = None
+    lifetime_stagger: str = "2m"
+
+    @model_validator(mode="after")
+    def _adaptive_bounds(self) -> DaskSpec:
+        if (self.adaptive_min is None) != (self.adaptive_max is None):
+            raise ValueError("set both adaptive_min and adaptive_max, or neither")
+        lo, hi = self.adaptive_min, self.adaptive_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError("adaptive_min is larger than adaptive_max")
+        return self
 
 
 class TrainingSpec(_Model):
@@ -167,6 +191,16 @@ class Profile(_Model):
     mlflow: MlflowSpec
     prefect: PrefectSpec = Field(default_factory=PrefectSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    # Feature engineering over its defaults (tasks/features.py): clean ranges, split,
+    # categorical vocabularies, fill values. Checked by features.resolve_config.
+    features: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _features_valid(self) -> Profile:
+        from tasks.features import resolve_config
+
+        resolve_config(self.features)  # raises ConfigError naming the key
+        return self
 
     @field_validator("startups")
     @classmethod

@@ -54,6 +54,14 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def worker_args(spec: DaskSpec) -> list[str]:
+    args: list[str] = []  # dask-jobqueue already passes --nthreads (cores / processes)
+    if spec.lifetime:
+        # The worker leaves (its job ends) before the walltime; adaptive scaling replaces it.
+        args += ["--lifetime", spec.lifetime, "--lifetime-stagger", spec.lifetime_stagger]
+    return args
+
+
 def slurm_cluster_kwargs(
     spec: DaskSpec, account: str, job_name: str, log_dir: str | None
 ) -> dict[str, Any]:
@@ -73,7 +81,7 @@ def slurm_cluster_kwargs(
         "job_script_prologue": list(spec.job_script_prologue),
         "python": sys.executable,
         "scheduler_options": {"host": spec.scheduler_host, "dashboard_address": ":0"},
-        "worker_extra_args": ["--nthreads", str(spec.cores)],
+        "worker_extra_args": worker_args(spec),
     }
     if spec.interface:
         kwargs["interface"] = spec.interface
@@ -140,11 +148,15 @@ def open_cluster(
             cluster = SLURMCluster(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
             info.job_script = str(cluster.job_script())
             info.dashboard = cluster.dashboard_link
-            cluster.scale(jobs=spec.workers)
+            if spec.adaptive_min is not None and spec.adaptive_max is not None:
+                cluster.adapt(minimum_jobs=spec.adaptive_min, maximum_jobs=spec.adaptive_max)
+            else:
+                cluster.scale(jobs=spec.workers)
             client = Client(cluster)
-            log(f"waiting for {spec.workers} Dask worker job(s) on partition {spec.partition}")
+            want = spec.workers if spec.adaptive_min is None else max(1, spec.adaptive_min)
+            log(f"waiting for {want} Dask worker job(s) on partition {spec.partition}")
             try:
-                client.wait_for_workers(spec.workers, timeout=WORKER_START_TIMEOUT_S)
+                client.wait_for_workers(want, timeout=WORKER_START_TIMEOUT_S)
             except TimeoutError:
                 pending = slurm.jobs_named(job_name)
                 raise SlurmError(

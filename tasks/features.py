@@ -43,6 +43,58 @@ DEFAULT_FEATURE_CONFIG: dict[str, Any] = {
 }
 
 
+NUMERIC_COLUMNS = ("distance_km", "duration_min", "temperature_c", "passenger_count")
+
+
+def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The profile's ``features:`` section over the defaults, checked key by key.
+
+    Only cleaning ranges, split percentages, categorical vocabularies, fill values and the
+    zone count are configurable; anything else is refused naming the key.
+    """
+    from tasks.errors import ConfigError
+
+    cfg = json.loads(json.dumps(DEFAULT_FEATURE_CONFIG))
+    for key, value in (overrides or {}).items():
+        where = f"features.{key}"
+        if key not in ("clean", "split", "categorical", "fill", "zones"):
+            raise ConfigError(
+                f"{where}: unknown key (valid keys: categorical, clean, fill, split, zones)"
+            )
+        if key == "zones":
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+            cfg["zones"] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a mapping, got {type(value).__name__}")
+        for name, item in value.items():
+            sub = f"{where}.{name}"
+            if key == "split":
+                if name not in SPLITS or not isinstance(item, int) or item < 0:
+                    raise ConfigError(f"{sub}: expected one of {', '.join(SPLITS)} with a "
+                                      "non-negative integer percentage")  # fmt: skip
+            elif key == "clean":
+                if name not in NUMERIC_COLUMNS:
+                    raise ConfigError(f"{sub}: not a numeric column of the dataset "
+                                      f"({', '.join(NUMERIC_COLUMNS)})")  # fmt: skip
+                if not (isinstance(item, list) and len(item) == 2 and item[0] <= item[1]):
+                    raise ConfigError(f"{sub}: expected [low, high], got {item!r}")
+            elif key == "categorical":
+                if name not in DEFAULT_FEATURE_CONFIG["categorical"]:
+                    known = ", ".join(DEFAULT_FEATURE_CONFIG["categorical"])
+                    raise ConfigError(f"{sub}: not a categorical column ({known})")
+                if not (isinstance(item, list) and item and all(isinstance(v, str) for v in item)):
+                    raise ConfigError(f"{sub}: expected a non-empty list of strings")
+            elif key == "fill" and name not in DEFAULT_FEATURE_CONFIG["fill"]:
+                raise ConfigError(f"{sub}: no fill rule for this column")
+            cfg[key][name] = item
+    if sum(cfg["split"].values()) != 100:
+        raise ConfigError(f"features.split: percentages add up to {sum(cfg['split'].values())}, "
+                          "not 100")  # fmt: skip
+    return cfg
+
+
 def feature_columns(config: dict[str, Any]) -> list[str]:
     cols = [
         "distance_km",

@@ -81,3 +81,37 @@ def test_featureset_id_changes_with_config() -> None:
     cfg2 = {**cfg, "split": {"train": 70, "val": 15, "test": 15}}
     assert a == F.featureset_id("h", dict(F.DEFAULT_FEATURE_CONFIG))
     assert a != F.featureset_id("h", cfg2) and a != F.featureset_id("h2", cfg)
+
+
+def test_feature_config_from_profile_is_checked() -> None:
+    import pytest
+
+    from tasks.errors import ConfigError
+
+    cfg = F.resolve_config({"split": {"train": 70, "val": 15, "test": 15},
+                            "clean": {"distance_km": [0.1, 100.0]}})  # fmt: skip
+    assert cfg["split"]["train"] == 70 and cfg["clean"]["distance_km"] == [0.1, 100.0]
+    assert cfg["clean"]["duration_min"] == F.DEFAULT_FEATURE_CONFIG["clean"]["duration_min"]
+    bad = [
+        ({"splitt": {}}, r"features.splitt: unknown key"),
+        ({"split": {"train": 90, "val": 10, "test": 10}}, r"add up to 110"),
+        ({"clean": {"vendor": [0, 1]}}, r"features.clean.vendor: not a numeric column"),
+        ({"clean": {"distance_km": [5, 1]}}, r"expected \[low, high\]"),
+        ({"categorical": {"colour": ["red"]}}, r"features.categorical.colour"),
+    ]
+    for overrides, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            F.resolve_config(overrides)
+
+
+def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from tasks.config import PROFILES_DIR, load_profile
+    from tasks.errors import ConfigError
+
+    p = tmp_path / "p.yaml"
+    p.write_text((PROFILES_DIR / "local.yaml").read_text()
+                 + "features:\n  split: {train: 50, val: 10, test: 10}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="add up to 70"):
+        load_profile(str(p), env={})
