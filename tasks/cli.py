@@ -49,6 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
     sid, st = cfg.startup(args.startup)
+    if args.dry_run:
+        return dry_run(cfg, sid)
     api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
     os.environ["PREFECT_API_URL"] = api_url
     _quiet_prefect_console(args.verbose)
@@ -69,6 +71,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = state.result()  # raises the stage's error if the run failed
     print(f"MLflow: {cfg.mlflow.tracking_uri}  (alias {cfg.mlflow.model_name}@candidate)")
     print(uri)
+    return 0
+
+
+def dry_run(cfg: Any, sid: str) -> int:
+    """Print what a run would submit (resolved config, job scripts); submit nothing."""
+    import json
+
+    from tasks.dask_cluster import render_worker_script
+    from tasks.training import render_sbatch
+
+    _, st = cfg.startup(sid)
+    print("# resolved profile (secrets masked)")
+    print(json.dumps(cfg.public_dict(), indent=2))
+    if cfg.dask.kind == "slurm":
+        print("\n# Dask worker job script (one per worker job; the scheduler address is filled "
+              "in at run time)")  # fmt: skip
+        print(render_worker_script(cfg.dask, st.account, "aif-dask-<featureset>"))
+    else:
+        print(f"\n# Dask: LocalCluster with {cfg.dask.workers} workers")
+    run_dir = f"{cfg.runs_dir}/train/<run-key>"
+    print(f"\n# training job script ({cfg.training.executor} executor)")
+    print(render_sbatch(cfg.training, account=st.account, job_name="aif-train-<run-key>",
+                        run_dir=run_dir, python=sys.executable,
+                        featureset_path=f"{run_dir}/featureset.json",
+                        config_path=f"{run_dir}/config.json", run_key="<run-key>"))  # fmt: skip
     return 0
 
 
@@ -142,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
     r.add_argument("--dataspace", default=None, help="override the dataset's URL")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the job scripts; submit nothing",
+    )
     r.set_defaults(func=cmd_run)
 
     lm = sub.add_parser("train-lm", help="train the reference causal LM on data-space text")
