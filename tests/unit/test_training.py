@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import training
+from tasks import slurm_watch
 from tasks.config import TrainingSpec
 from tasks.errors import ConfigError, SlurmError, TrainingError
 from tasks.slurm import SlurmClient
@@ -238,7 +238,7 @@ def test_failing_sacct_leaves_the_job_alone(
 ) -> None:
     fake = FakeSlurm(tmp_path, running_polls=0)
     fake._cmd("sacct", 'echo "sacct: error: slurmdbd down" >&2; exit 1')
-    monkeypatch.setattr(training, "UNKNOWN_GRACE_S", 0.05)
+    monkeypatch.setattr(slurm_watch, "UNKNOWN_GRACE_S", 0.05)
     log: list[str] = []
     with pytest.raises(TrainingError, match="neither squeue nor sacct"):
         fake.watch(log)
@@ -254,6 +254,6 @@ def test_partition_from_the_script_when_sacct_lags(
         SACCT.format(state="FAILED", code="2:0").replace("|gpu|", "||")
     )
     (fake.run_dir / "train.sbatch").write_text("#!/bin/bash\n#SBATCH --partition=gpu-x\n")
-    monkeypatch.setattr(training, "SACCT_WAIT_S", 0.05)
+    monkeypatch.setattr(slurm_watch, "SACCT_WAIT_S", 0.05)
     with pytest.raises(TrainingError, match="on partition gpu-x ended FAILED"):
         fake.watch([])

@@ -1,0 +1,191 @@
+"""Watching a Slurm job to its end: squeue while known, then sacct; the job's log streamed.
+
+``submit_and_watch`` submits a rendered script (or reattaches to a live job of the same
+name), follows its state and log, and returns the sacct record of a COMPLETED job; every
+other ending raises :class:`TrainingError` with its own wording and the log's tail.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from tasks.errors import SlurmCommandError, TrainingError
+from tasks.slurm import TERMINAL_STATES, SlurmClient
+
+TAIL_LINES = 8
+UNKNOWN_GRACE_S = 120.0
+SACCT_WAIT_S = 30.0
+EXIT_REQUEUE = 99  # the payload checkpointed after SIGUSR1/SIGTERM
+
+
+class _LogTail:
+    """Follows a growing log file and hands each new complete line to ``log``."""
+
+    def __init__(self, path: Path, log: Callable[[str], None]) -> None:
+        self.path, self.log, self.pos, self.buf = path, log, 0, ""
+        self.lines: list[str] = []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, errors="replace") as fh:
+            fh.seek(self.pos)
+            chunk = fh.read()
+            self.pos = fh.tell()
+        self.buf += chunk
+        *complete, self.buf = self.buf.split("\n")
+        for line in complete:
+            self.lines.append(line)
+            self.log(line)
+        del self.lines[:-200]
+
+    def tail(self, n: int = TAIL_LINES) -> str:
+        lines = [ln.strip() for ln in [*self.lines, self.buf] if ln.strip()]
+        return " | ".join(lines[-n:]) or "(empty log)"
+
+
+def failure_message(job_id: str, rec: Mapping[str, str], tail: str) -> str:
+    """One line for a job that ended in a state other than COMPLETED."""
+    state = rec.get("State", "UNKNOWN")
+    where = f"training job {job_id} on partition {rec.get('Partition') or '?'}"
+    elapsed = rec.get("Elapsed") or "?"
+    if state == "OUT_OF_MEMORY":
+        mem = re.search(r"mem=([^,]+)", rec.get("AllocTRES", ""))
+        return (f"{where} ran out of memory (allocated {mem.group(1) if mem else '?'}, MaxRSS "
+                f"{rec.get('MaxRSS') or '?'}) after {elapsed}: raise training.mem_gb; "
+                f"log tail: {tail}")  # fmt: skip
+    if state == "TIMEOUT":
+        return (f"{where} hit its time limit after {elapsed}: raise training.timeout_min; "
+                f"log tail: {tail}")  # fmt: skip
+    if state == "CANCELLED":
+        by = re.search(r"by (\S+)", rec.get("StateDetail", ""))
+        who = f" by {by.group(1)}" if by else ""
+        return f"{where} was CANCELLED{who} after {elapsed}; log tail: {tail}"
+    code = rec.get("ExitCode") or "?"
+    hint = ""
+    if code.split(":")[0] == str(EXIT_REQUEUE):
+        hint = " (the payload checkpointed after a signal and was not requeued: re-run to resume)"
+    return f"{where} ended {state} (exit code {code}){hint} after {elapsed}; log tail: {tail}"
+
+
+def _poll_state(client: SlurmClient, job_id: str, log: Callable[[str], None]) -> str:
+    """The job's state; a failing squeue/sacct (slurmdbd restarting) reads as UNKNOWN."""
+    try:
+        return client.state(job_id)
+    except SlurmCommandError as exc:
+        log(f"job {job_id}: state query failed, will retry ({exc})")
+        return "UNKNOWN"
+
+
+def _final_record(client: SlurmClient, job_id: str) -> dict[str, str]:
+    """sacct lags the end of a job by a few seconds, and its first record can lack fields
+    (slurmdbd 22.05 fills Partition a second or two later): wait for a complete one."""
+    deadline = time.monotonic() + SACCT_WAIT_S
+    rec: dict[str, str] | None = None
+    while True:
+        try:
+            rec = client.sacct_record(job_id)
+        except SlurmCommandError:
+            rec = None
+        if (
+            rec
+            and rec["State"] in TERMINAL_STATES
+            and rec.get("End") not in ("", "Unknown")
+            and rec.get("Partition")
+        ):
+            return rec
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    return rec or {"JobID": job_id, "State": _poll_state(client, job_id, lambda _m: None)}
+
+
+def _script_option(script_path: str, name: str) -> str:
+    """The value of ``#SBATCH --name=value`` in the job script ('' if absent/unreadable)."""
+    try:
+        text = Path(script_path).read_text()
+    except OSError:
+        return ""
+    m = re.search(rf"^#SBATCH --{re.escape(name)}=(\S+)", text, re.MULTILINE)
+    return m.group(1) if m else ""
+
+
+def submit_and_watch(
+    client: SlurmClient,
+    script_path: str,
+    run_dir: str,
+    job_name: str,
+    log: Callable[[str], None],
+    poll_s: float = 1.0,
+    cancel_event: threading.Event | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Submit (or reattach to a live job of the same name), stream its log, wait for its end.
+
+    Returns (job id, sacct record) when the job COMPLETED; raises TrainingError otherwise.
+    If the watcher is interrupted (KeyboardInterrupt, Prefect's termination, ``cancel_event``)
+    the job is cancelled with it; if a Slurm command keeps failing, the job is left running
+    and a re-run reattaches to it.
+    """
+    live = client.jobs_named(job_name)
+    if live:
+        job_id = live[0]
+        log(f"reattaching to live Slurm job {job_id} ({job_name}) instead of submitting")
+    else:
+        job_id = client.submit(script_path)
+        log(f"submitted Slurm job {job_id} ({job_name})")
+    tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
+    last_state = None
+    unknown_since: float | None = None
+    cancelled = False
+    try:
+        while True:
+            state = _poll_state(client, job_id, log)
+            if state == "UNKNOWN":
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
+                    raise TrainingError(
+                        f"training job {job_id}: neither squeue nor sacct has known it for "
+                        f"{UNKNOWN_GRACE_S:.0f}s (is slurmdbd up? sacct -j {job_id})"
+                    )
+            else:
+                unknown_since = None
+            if state != last_state:
+                log(f"job {job_id}: {state}")
+                last_state = state
+            tail.poll()
+            if state in TERMINAL_STATES:
+                break
+            if cancel_event is None:
+                time.sleep(poll_s)
+            elif cancel_event.wait(poll_s):
+                cancelled = True
+                break
+        if not cancelled:
+            rec = _final_record(client, job_id)
+            if not rec.get("Partition"):
+                rec["Partition"] = _script_option(script_path, "partition")
+            tail.poll()
+    except Exception:
+        # The watcher failed, not the job: leave it; the next run reattaches by name.
+        if last_state not in TERMINAL_STATES:
+            log(f"watcher stopped; Slurm job {job_id} left as it is (a re-run reattaches)")
+        raise
+    except BaseException:
+        # Ctrl-C, Prefect cancellation (TerminationSignal), SystemExit: take the job with us.
+        log(f"watcher interrupted: cancelling Slurm job {job_id}")
+        try:
+            client.cancel([job_id])
+        except Exception as exc:  # report, but re-raise the interruption itself
+            log(f"scancel {job_id} failed: {exc}")
+        raise
+    if cancelled:
+        log(f"watcher cancelled: cancelling Slurm job {job_id}")
+        client.cancel([job_id])
+        raise TrainingError(f"training job {job_id} was cancelled with its watcher")
+    if rec.get("State") != "COMPLETED":
+        raise TrainingError(failure_message(job_id, rec, tail.tail()))
+    return job_id, rec
