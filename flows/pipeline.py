@@ -57,6 +57,15 @@ def pipeline(
     mv = register_flow(trained, fset, snap, profile, sid, overrides)
     times["register"] = time.monotonic() - t
 
+    reused = {"ingest": snap.reused, "preprocess": fset.reused, "train": trained.reused,
+              "register": mv.reused}  # fmt: skip
+    if all(reused.values()):
+        verdict = ("Nothing changed: no data bytes read, no Slurm job submitted, "
+                   "no new model version registered.")  # fmt: skip
+    else:
+        verdict = "Ran: " + ", ".join(k for k, v in reused.items() if not v) + "."
+    print(f"summary: {verdict}", flush=True)
+
     record = {
         "flow_run_id": flow_run_id(),
         "finished_at": now_iso(),
@@ -73,6 +82,7 @@ def pipeline(
         },
         "model": {"uri": mv.uri, "fingerprint": mv.fingerprint},
         "stage_seconds": {k: round(v, 2) for k, v in times.items()},
+        "reused": reused,
     }
     out = Path(cfg.runs_dir) / "pipeline" / f"{record['flow_run_id'] or 'run'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,11 +115,13 @@ def pipeline(
             "output": f"{mv.uri} (alias candidate)",
         },
     ]
+    for row in rows:
+        row["cache"] = "reused" if reused[row["stage"]] else "ran"
     artifact_markdown(
         "pipeline-summary",
         f"# aifactory pipeline: {st.title or sid}\n\n- profile: `{cfg.name}`\n"
         f"- start-up: `{sid}` (account `{st.account}`, project `{st.project}`)\n"
-        f"- model: `{mv.uri}`\n\n{md_table(rows)}\n",
+        f"- model: `{mv.uri}`\n- {verdict}\n\n{md_table(rows)}\n",
         description="Stages, outputs and durations of this pipeline run",
     )
     return mv.uri

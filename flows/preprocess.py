@@ -76,7 +76,7 @@ def preprocess_flow(
     cached = load_cached(cfg.lake.url, fs_id, cfg.storage_options(cfg.lake.url))
     if cached is not None:
         say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
-        return cached
+        return cached.model_copy(update={"reused": True})
     fset = featurise(snapshot, profile, startup, overrides, fs_id, fconfig)
     rows = [{"split": k, "rows": v.rows, "files": len(v.files)} for k, v in fset.splits.items()]
     say(

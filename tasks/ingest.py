@@ -180,7 +180,9 @@ def ingest(
         raise storage_error(f"lake {lake_url}", exc, storage_options_lake) from None
     if committed:
         say(f"snapshot {sid} is already committed: nothing changed, no object read")
-        return load_snapshot(lake_url, dataset, sid, storage_options_lake)
+        return load_snapshot(lake_url, dataset, sid, storage_options_lake).model_copy(
+            update={"reused": True}
+        )
 
     src_fs, _ = filesystem(source_url, storage_options_source)
     footer_rows = validate_objects(objs, dc, src_fs)

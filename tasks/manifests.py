@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Fields that describe *when/where* something ran, not *what* it is: excluded from hashes.
 VOLATILE = {
     "created_at", "duration_s", "flow_run_id", "run_dir", "slurm_job_ids", "sacct", "cluster",
+    "reused",
 }  # fmt: skip
 
 
@@ -58,6 +59,7 @@ class DataSnapshot(_Manifest):
     startup: str
     created_at: str
     duration_s: float = 0.0
+    reused: bool = False  # True when a run found it already committed (a cache hit)
 
 
 class SplitFiles(BaseModel):
@@ -84,6 +86,7 @@ class FeatureSet(_Manifest):
     slurm_job_ids: list[str] = Field(default_factory=list)
     created_at: str
     duration_s: float = 0.0
+    reused: bool = False
 
 
 class TrainedModel(_Manifest):
@@ -102,6 +105,7 @@ class TrainedModel(_Manifest):
     weights_sha256: str = ""
     created_at: str
     duration_s: float = 0.0
+    reused: bool = False
 
 
 class ModelVersion(_Manifest):
@@ -115,6 +119,7 @@ class ModelVersion(_Manifest):
     tags: dict[str, str]
     tracking_uri: str
     created_at: str
+    reused: bool = False
 
 
 def short(h: str, n: int = 12) -> str:

@@ -92,7 +92,9 @@ def register_model(
         mv = sorted(existing, key=lambda v: int(v.version))[0]
         log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
         client.set_registered_model_alias(model_name, "candidate", mv.version)
-        return _manifest(mv, model_name, fp, tracking_uri, client)
+        return _manifest(mv, model_name, fp, tracking_uri, client).model_copy(
+            update={"reused": True}
+        )
 
     exp = client.get_experiment_by_name(experiment)
     exp_id = (

@@ -231,8 +231,9 @@ def train(
     if done.exists() and (run_dir / "model.pt").exists():
         prior = json.loads(state_path.read_text()) if state_path.exists() else {}
         log(f"run {run_key} already finished: collecting it, nothing submitted")
-        return _collect(run_dir, run_key, featureset, spec, prior.get("executor", "?"),
-                        prior.get("job_ids", []), prior.get("sacct", {}), t0)  # fmt: skip
+        done_before = _collect(run_dir, run_key, featureset, spec, prior.get("executor", "?"),
+                               prior.get("job_ids", []), prior.get("sacct", {}), t0)  # fmt: skip
+        return done_before.model_copy(update={"reused": True})
 
     fs_path = run_dir / "featureset.json"
     _write(fs_path, featureset.to_json())

@@ -36,6 +36,7 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     lines = first.stdout.strip().splitlines()
     assert lines[-1] == "models:/mobility-trip-duration/1", first.stdout
     assert any(ln.startswith("Prefect UI: http://127.0.0.1:") for ln in lines)
+    assert "summary: Ran: ingest, preprocess, train, register." in lines
     records = list((home / "local" / "runs" / "pipeline").glob("*.json"))
     assert len(records) == 1
     rec = json.loads(records[0].read_text())
@@ -47,6 +48,7 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     assert "nothing changed, no object read" in out
     assert "cache hit, no cluster started" in out
     assert "already finished" in out and "already registered" in out
+    assert "summary: Nothing changed: no data bytes read, no Slurm job submitted" in out
     assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
 
 
