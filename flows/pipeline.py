@@ -116,7 +116,7 @@ def pipeline(
         },
     ]
     for row in rows:
-        row["cache"] = "reused" if reused[row["stage"]] else "ran"
+        row["cache"] = "reused" if reused[str(row["stage"])] else "ran"
     artifact_markdown(
         "pipeline-summary",
         f"# aifactory pipeline: {st.title or sid}\n\n- profile: `{cfg.name}`\n"
