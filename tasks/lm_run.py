@@ -53,6 +53,10 @@ def run_lm(
     run_key = key_of("lm", snap.content_hash(), steps, spec.model_dump(mode="json"))
     run_dir = Path(cfg.runs_dir) / "lm" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists() and (run_dir / "weights.sha256").exists():
+        log(f"run {run_key} already finished: collecting it, nothing submitted")
+        return _result(run_dir, snap.snapshot_id, _job_ids(run_dir), reused=True)
     cfg_path = run_dir / "config.json"
     atomic_write_bytes_local(cfg_path, json.dumps({"steps": steps, "seed": spec.seed}))
     args = ["--data", ",".join(files), "--run-dir", str(run_dir), "--config", str(cfg_path)]
@@ -72,14 +76,24 @@ def run_lm(
     else:
         cmd = [sys.executable, "-m", "tasks.payloads.train_lm", *args]
         run_local(cmd, str(run_dir), cfg.child_env(), log)
-    metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
         raise TrainingError(f"language-model run in {run_dir} ended without metrics.json")
+    atomic_write_bytes_local(run_dir / "jobs.json", json.dumps(job_ids))
+    return _result(run_dir, snap.snapshot_id, job_ids, reused=False)
+
+
+def _job_ids(run_dir: Path) -> list[str]:
+    path = run_dir / "jobs.json"
+    return list(json.loads(path.read_text())) if path.exists() else []
+
+
+def _result(run_dir: Path, snapshot_id: str, job_ids: list[str], reused: bool) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
-        "snapshot": snap.snapshot_id,
+        "snapshot": snapshot_id,
         "job_ids": job_ids,
-        "metrics": json.loads(metrics_path.read_text()),
+        "reused": reused,
+        "metrics": json.loads((run_dir / "metrics.json").read_text()),
         "weights_sha256": (run_dir / "weights.sha256").read_text().strip(),
     }
 

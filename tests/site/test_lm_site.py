@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.site
 
 
 def test_train_lm_on_slurm_matches_a_local_run(site_profile: Profile, tmp_path: Path) -> None:
-    res = aif("train-lm", "--profile", "site", "--steps", "30")
+    fresh = {"AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000)}  # a new run key
+    res = aif("train-lm", "--profile", "site", "--steps", "30", env=fresh)
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("run dir:"))
     run_dir = Path(line.split()[2])
@@ -38,3 +40,8 @@ def test_train_lm_on_slurm_matches_a_local_run(site_profile: Profile, tmp_path: 
     assert (tmp_path / "local" / "weights.sha256").read_text() == (
         run_dir / "weights.sha256"
     ).read_text()
+
+    # The same command again collects the finished run: no second job, same weights.
+    again = aif("train-lm", "--profile", "site", "--steps", "30", env=fresh)
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stdout and f"Slurm jobs: {job}" in again.stdout
