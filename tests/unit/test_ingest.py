@@ -107,7 +107,9 @@ def test_reingest_is_idempotent_and_reads_nothing(
     monkeypatch.setattr(ingest_mod, "copy_object", no_read)
     said: list[str] = []
     again = _run(store, lake, progress=said.append)
-    assert again == first and again.content_hash() == first.content_hash()
+    assert again.reused and not first.reused
+    assert again.model_copy(update={"reused": False}) == first
+    assert again.content_hash() == first.content_hash()
     assert listing(lake) == before  # no new file, no rewrite (mtime / LastModified)
     assert any("already committed" in m for m in said)
 
