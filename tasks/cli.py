@@ -115,6 +115,27 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.config import load_profile
+    from tasks.slurm import SlurmClient
+    from tasks.usage import collect, priced_rows
+
+    cfg = load_profile(args.profile)
+    accounts = [cfg.startup(args.startup)[1].account] if args.startup else None
+    usages = collect(SlurmClient(env=cfg.child_env()), args.since, accounts)
+    rows = priced_rows(usages, args.gpu_rate, args.cpu_rate, args.cloud_gpu_rate)
+    cols = ["account", "jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur", "cloud_gpu_cost_eur"]
+    print(f"usage since {args.since} (rates per hour: HPC GPU {args.gpu_rate}, HPC CPU "
+          f"{args.cpu_rate}, cloud GPU {args.cloud_gpu_rate} EUR)")  # fmt: skip
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    if not rows:
+        print("(no jobs in this period)")
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from infra.site import manager
 
@@ -182,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
     lm.add_argument("--steps", type=int, default=200)
     lm.set_defaults(func=cmd_train_lm)
+
+    from tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
+
+    rp = sub.add_parser("report", help="reports from Slurm accounting")
+    rp.add_argument("what", choices=["usage"])
+    rp.add_argument("--profile", default=None)
+    rp.add_argument("--startup", default=None, help="one start-up (default: all accounts)")
+    rp.add_argument("--since", default="now-30days", help="sacct --starttime (default 30 days)")
+    rp.add_argument("--gpu-rate", type=float, default=HPC_GPU_RATE, help="HPC EUR per GPU-hour")
+    rp.add_argument("--cpu-rate", type=float, default=HPC_CPU_RATE, help="HPC EUR per CPU-hour")
+    rp.add_argument(
+        "--cloud-gpu-rate",
+        type=float,
+        default=CLOUD_GPU_RATE,
+        help="cloud list price, EUR per GPU-hour, for comparison",
+    )
+    rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("site", help="the local AI-factory site (Slurm, S3, Prefect, MLflow)")
     s.add_argument("action", choices=["up", "status", "env", "down"])

@@ -137,3 +137,12 @@ def test_unknown_account_is_refused(site_profile: Profile, tmp_path: Any) -> Non
     with pytest.raises(SlurmCommandError) as err:
         SlurmClient(env=site_profile.child_env()).submit(str(script), ["--account=nosuch"])
     assert "account" in str(err.value).lower() or "association" in str(err.value).lower()
+
+
+def test_usage_report_counts_the_gpu_job(site_run: dict[str, Any]) -> None:
+    from tests.site.conftest import aif
+
+    res = aif("report", "usage", "--profile", "site", "--startup", "startup-a")
+    assert res.returncode == 0, res.stderr
+    row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("startup-a"))
+    assert int(row[1]) >= 3 and float(row[3]) > 0, res.stdout  # jobs, gpu_hours
