@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import AifError
+from tasks.errors import AifError, ConfigError
 
 DEFAULT_SITE_DIR = ".aif/site"
 
@@ -136,6 +136,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from tasks.config import load_profile
+    from tasks.ingest import list_snapshots, load_snapshot
+
+    cfg = load_profile(args.profile)
+    dataset = args.dataset or cfg.dataspace.dataset
+    so = cfg.storage_options(cfg.lake.url)
+    if args.action == "ls":
+        snaps = list_snapshots(cfg.lake.url, dataset, so)
+        print(f"{'snapshot':<18}{'created':<22}{'objects':>8}{'rows':>12}{'bytes':>14}  start-up")
+        for sn in snaps:
+            print(f"{sn.snapshot_id:<18}{sn.created_at:<22}{len(sn.objects):>8}{sn.rows:>12}"
+                  f"{sn.bytes:>14}  {sn.startup}")  # fmt: skip
+        if not snaps:
+            print(f"(no committed snapshot of {dataset} in {cfg.lake.url})")
+        return 0
+    if not args.id:
+        raise ConfigError("aif snapshot show: give a snapshot id (aif snapshot ls lists them)")
+    print(load_snapshot(cfg.lake.url, dataset, args.id, so).to_json())
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from infra.site import manager
 
@@ -203,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
     lm.add_argument("--steps", type=int, default=200)
     lm.set_defaults(func=cmd_train_lm)
+
+    sn = sub.add_parser("snapshot", help="committed data snapshots in the lake")
+    sn.add_argument("action", choices=["ls", "show"])
+    sn.add_argument("id", nargs="?", help="snapshot id (for show)")
+    sn.add_argument("--profile", default=None)
+    sn.add_argument("--dataset", default=None, help="default: the profile's dataset")
+    sn.set_defaults(func=cmd_snapshot)
 
     from tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
 

@@ -70,3 +70,21 @@ def test_unknown_profile_exit_2(home: Path) -> None:
         "aif: error: unknown profile 'nope': use one of eurohpc-example, local, site, "
         "or a path to a YAML file"
     )
+
+
+def test_snapshot_ls_and_show(home: Path) -> None:
+    env = {**os.environ, "AIF_HOME": str(home)}
+
+    def aif(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AIF, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=120)  # fmt: skip
+
+    ls = aif("snapshot", "ls")
+    assert ls.returncode == 0, ls.stderr
+    rows = ls.stdout.strip().splitlines()[1:]
+    assert rows and rows[0].split()[3] == "20000", ls.stdout  # rows of the module's run
+    sid = rows[0].split()[0]
+    show = aif("snapshot", "show", sid)
+    assert show.returncode == 0 and json.loads(show.stdout)["snapshot_id"] == sid
+    bad = aif("snapshot", "show", "0000000000000000")
+    assert bad.returncode == 1 and bad.stderr.startswith("aif: error: snapshot 0000000000000000")
