@@ -158,6 +158,22 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from tasks.config import load_profile
+    from tasks.promotion import promote, rollback
+
+    cfg = load_profile(args.profile)
+    name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
+    if args.action == "rollback":
+        old, new = rollback(uri, name)
+        print(f"champion: {name} version {old} -> {new}")
+        return 0
+    d = promote(uri, name, version=args.version, metric=args.metric, margin=args.margin)
+    verdict = "promoted to champion" if d.promoted else "not promoted"
+    print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
+    return 0
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from infra.site import manager
 
@@ -232,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--profile", default=None)
     sn.add_argument("--dataset", default=None, help="default: the profile's dataset")
     sn.set_defaults(func=cmd_snapshot)
+
+    md = sub.add_parser("model", help="promote the candidate to champion, or roll back")
+    md.add_argument("action", choices=["promote", "rollback"])
+    md.add_argument("--profile", default=None)
+    md.add_argument("--version", default=None, help="default: the 'candidate' alias")
+    md.add_argument("--metric", default="test_rmse", help="held-out metric, lower is better")
+    md.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="relative improvement needed over the champion (0.02 = 2%%)",
+    )
+    md.set_defaults(func=cmd_model)
 
     from tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
 

@@ -88,3 +88,28 @@ def test_snapshot_ls_and_show(home: Path) -> None:
     assert show.returncode == 0 and json.loads(show.stdout)["snapshot_id"] == sid
     bad = aif("snapshot", "show", "0000000000000000")
     assert bad.returncode == 1 and bad.stderr.startswith("aif: error: snapshot 0000000000000000")
+
+
+def test_promote_and_rollback(home: Path) -> None:
+    env = {**os.environ, "AIF_HOME": str(home)}
+
+    def aif(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AIF, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=600)  # fmt: skip
+
+    first = aif("model", "promote", "--version", "1")
+    assert first.returncode == 0 and "version 1: promoted to champion (no champion yet)" in (
+        first.stdout
+    ), first.stdout + first.stderr
+    none_before = aif("model", "rollback")
+    assert none_before.returncode == 1
+    assert "champion version 1 replaced no earlier champion" in none_before.stderr
+
+    run2 = _run(home, "--rows", "20000", "--epochs", "3")  # a new candidate: version 2
+    assert run2.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/2"
+    kept = aif("model", "promote", "--margin", "0.99")  # needs a 99% better RMSE
+    assert kept.returncode == 0 and "version 2: not promoted" in kept.stdout, kept.stdout
+    forced = aif("model", "promote", "--margin", "-1")  # any regression tolerated
+    assert "version 2: promoted to champion" in forced.stdout, forced.stdout + forced.stderr
+    back = aif("model", "rollback")
+    assert back.returncode == 0 and "version 2 -> 1" in back.stdout, back.stdout + back.stderr
