@@ -15,8 +15,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -60,38 +60,43 @@ def exists(fs: Any, path: str) -> bool:
     return True
 
 
+def _write_local(path: str, fill: Callable[[BinaryIO], object]) -> None:
+    """Fill a hidden sibling of ``path``, fsync it, then rename it into place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _commit_local(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def atomic_write_bytes(fs: Any, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old state or all of it."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _tmp_sibling(path)
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _commit_local(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _write_local(path, lambda fh: fh.write(data))
     else:
         fs.pipe_file(path, data)
+
+
+def write_text_local(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write a small text file on this host's filesystem (run directories)."""
+    _write_local(os.fspath(path), lambda fh: fh.write(text.encode()))
 
 
 def atomic_put_file(fs: Any, local_path: str, path: str) -> None:
     """Commit a finished local file to ``path``: copy+fsync+rename locally, one upload on S3."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _tmp_sibling(path)
-        try:
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+
+        def copy(dst: BinaryIO) -> None:
+            with open(local_path, "rb") as src:
                 shutil.copyfileobj(src, dst, CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-            _commit_local(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+
+        _write_local(path, copy)
     else:
         fs.put_file(local_path, path)
 

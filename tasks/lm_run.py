@@ -18,7 +18,7 @@ from typing import Any
 from tasks.config import Profile
 from tasks.errors import TrainingError
 from tasks.ingest import ingest
-from tasks.lake import atomic_write_bytes
+from tasks.lake import write_text_local
 from tasks.provenance import key_of
 from tasks.slurm import SlurmClient
 from tasks.training import render_sbatch, run_local, submit_and_watch
@@ -58,7 +58,7 @@ def run_lm(
         log(f"run {run_key} already finished: collecting it, nothing submitted")
         return _result(run_dir, snap.snapshot_id, _job_ids(run_dir), reused=True)
     cfg_path = run_dir / "config.json"
-    atomic_write_bytes_local(cfg_path, json.dumps({"steps": steps, "seed": spec.seed}))
+    write_text_local(cfg_path, json.dumps({"steps": steps, "seed": spec.seed}))
     args = ["--data", ",".join(files), "--run-dir", str(run_dir), "--config", str(cfg_path)]
     job_name = f"aif-lm-{run_key}"
     script = render_sbatch(
@@ -66,7 +66,7 @@ def run_lm(
         python=sys.executable, featureset_path="", config_path=str(cfg_path), payload_args=args,
     )  # fmt: skip
     script_path = run_dir / "train.sbatch"
-    atomic_write_bytes_local(script_path, script)
+    write_text_local(script_path, script)
     job_ids: list[str] = []
     if spec.executor == "slurm":
         client = SlurmClient(env=cfg.child_env())
@@ -78,7 +78,7 @@ def run_lm(
         run_local(cmd, str(run_dir), cfg.child_env(), log)
     if not metrics_path.exists():
         raise TrainingError(f"language-model run in {run_dir} ended without metrics.json")
-    atomic_write_bytes_local(run_dir / "jobs.json", json.dumps(job_ids))
+    write_text_local(run_dir / "jobs.json", json.dumps(job_ids))
     return _result(run_dir, snap.snapshot_id, job_ids, reused=False)
 
 
@@ -96,9 +96,3 @@ def _result(run_dir: Path, snapshot_id: str, job_ids: list[str], reused: bool) -
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
         "weights_sha256": (run_dir / "weights.sha256").read_text().strip(),
     }
-
-
-def atomic_write_bytes_local(path: Path, text: str) -> None:
-    from fsspec.implementations.local import LocalFileSystem
-
-    atomic_write_bytes(LocalFileSystem(), str(path), text.encode())

@@ -21,11 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
 from tasks.config import TrainingSpec
 from tasks.errors import ConfigError, TrainingError
-from tasks.lake import atomic_write_bytes
+from tasks.lake import write_text_local
 from tasks.manifests import FeatureSet, TrainedModel
 from tasks.provenance import environment_hash, now_iso
 from tasks.slurm import SlurmClient
@@ -39,7 +37,6 @@ HYPERPARAMS = ("epochs", "batch_size", "hidden", "lr", "seed")
 # default --export=ALL from the submitting environment instead).
 _SECRET_NAME = re.compile(r"SECRET|PASSW|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LOCAL = LocalFileSystem()
 
 
 def slurm_time(minutes: int) -> str:
@@ -173,10 +170,6 @@ def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
 
 
 # -- the stage --------------------------------------------------------------------------------
-def _write(path: Path, text: str) -> None:
-    atomic_write_bytes(_LOCAL, str(path), text.encode())
-
-
 def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, executor: str,
              job_ids: list[str], sacct: dict[str, str], t0: float) -> TrainedModel:  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -236,16 +229,16 @@ def train(
         return done_before.model_copy(update={"reused": True})
 
     fs_path = run_dir / "featureset.json"
-    _write(fs_path, featureset.to_json())
+    write_text_local(fs_path, featureset.to_json())
     cfg_path = run_dir / "config.json"
-    _write(cfg_path, json.dumps({k: getattr(spec, k) for k in HYPERPARAMS}, indent=2))
+    write_text_local(cfg_path, json.dumps({k: getattr(spec, k) for k in HYPERPARAMS}, indent=2))
     job_name = f"aif-train-{run_key}"
     script = render_sbatch(
         spec, account=account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
         python=python, featureset_path=str(fs_path), config_path=str(cfg_path),
     )  # fmt: skip
     script_path = run_dir / "train.sbatch"
-    _write(script_path, script)
+    write_text_local(script_path, script)
 
     job_ids: list[str] = []
     sacct: dict[str, str] = {}
@@ -261,7 +254,7 @@ def train(
         job_id, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
                                          spec.poll_seconds, cancel_event)  # fmt: skip
         job_ids = [job_id]
-    _write(state_path, json.dumps({"executor": spec.executor, "job_ids": job_ids,
+    write_text_local(state_path, json.dumps({"executor": spec.executor, "job_ids": job_ids,
                                    "sacct": sacct}, indent=2))  # fmt: skip
     if not done.exists():
         raise TrainingError(f"training in {run_dir} ended without writing metrics.json")

@@ -7,6 +7,7 @@ loopback port (the way s3fs's own tests run it); no external service is needed.
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 CREDS = {"key": "testing", "secret": "testing"}
@@ -33,6 +35,15 @@ class Store:
     @property
     def kind(self) -> str:
         return self.url.split("://", 1)[0]
+
+    def rewrite(self, name: str, change: Any, **write_kwargs: Any) -> str:
+        """Replace object ``name`` with ``change(table)``; return its URL."""
+        path = f"{self.path}/{name}"
+        table = change(pq.read_table(io.BytesIO(self.fs.cat_file(path))))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **write_kwargs)
+        self.fs.pipe_file(path, buf.getvalue())
+        return f"{self.url}/{name}"
 
 
 @dataclass

@@ -29,16 +29,6 @@ def _seed(s: Store, rows: int = 900, objects: int = 3) -> list[str]:
     return generate_mobility(s.url, s.storage_options, seed=7, rows=rows, objects=objects)
 
 
-def _rewrite(s: Store, name: str, change: Any, **write_kwargs: Any) -> str:
-    """Replace object ``name`` with ``change(table)``; return its URL."""
-    path = f"{s.path}/{name}"
-    table = change(pq.read_table(io.BytesIO(s.fs.cat_file(path))))
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **write_kwargs)
-    s.fs.pipe_file(path, buf.getvalue())
-    return f"{s.url}/{name}"
-
-
 def _one(s: Store, name: str) -> Any:
     return next(o for o in list_objects(s.url, s.storage_options) if o.name == name)
 
@@ -117,7 +107,7 @@ def test_valid_object(store: Store) -> None:
 
 def test_missing_column(store: Store) -> None:
     _seed(store)
-    url = _rewrite(store, "part-00001.parquet", lambda t: t.drop_columns(["distance_km"]))
+    url = store.rewrite("part-00001.parquet", lambda t: t.drop_columns(["distance_km"]))
     with pytest.raises(DataError) as e:
         validate_object(_one(store, "part-00001.parquet"), DC, store.fs)
     assert str(e.value) == (
@@ -134,7 +124,7 @@ def test_wrong_types(store: Store) -> None:
         i = t.schema.get_field_index("distance_km")
         return t.set_column(i, "distance_km", t.column("distance_km").cast(pa.float32()))
 
-    url = _rewrite(store, "part-00000.parquet", change)
+    url = store.rewrite("part-00000.parquet", change)
     with pytest.raises(DataError) as e:
         validate_object(_one(store, "part-00000.parquet"), DC, store.fs)
     msg = str(e.value)
@@ -151,7 +141,7 @@ def test_large_string_and_extra_columns_are_accepted(store: Store) -> None:
         t = t.set_column(i, "vendor", t.column("vendor").cast(pa.large_string()))
         return t.append_column("extra", pa.array([1] * t.num_rows))
 
-    _rewrite(store, "part-00000.parquet", change)
+    store.rewrite("part-00000.parquet", change)
     schema = validate_object(_one(store, "part-00000.parquet"), DC, store.fs)
     assert schema.field("vendor").type == pa.large_string()
 
@@ -165,7 +155,7 @@ def test_nulls_in_not_null_column_from_statistics(store: Store) -> None:
         i = t.schema.get_field_index("vendor")
         return t.set_column(i, pa.field("vendor", pa.string()), pa.array(vendor, pa.string()))
 
-    url = _rewrite(store, "part-00002.parquet", change)
+    url = store.rewrite("part-00002.parquet", change)
     with pytest.raises(DataError) as e:
         validate_object(_one(store, "part-00002.parquet"), DC, store.fs)
     assert str(e.value) == (
@@ -198,7 +188,7 @@ def test_truncated_body_with_footer(store: Store) -> None:
 
 def test_several_bad_objects_in_one_line(store: Store) -> None:
     _seed(store, objects=3)
-    _rewrite(store, "part-00000.parquet", lambda t: t.drop_columns(["weather"]))
+    store.rewrite("part-00000.parquet", lambda t: t.drop_columns(["weather"]))
     store.fs.pipe_file(f"{store.path}/part-00002.parquet", b"garbage, not parquet")
     objs = list_objects(store.url, store.storage_options)
     with pytest.raises(DataError) as e:

@@ -31,15 +31,6 @@ def _run(src: Store, lake: Store, **kw: Any) -> DataSnapshot:
                   "startup-a", **kw)  # fmt: skip
 
 
-def _rewrite(s: Store, name: str, change: Any, **write_kwargs: Any) -> str:
-    path = f"{s.path}/{name}"
-    table = change(pq.read_table(io.BytesIO(s.fs.cat_file(path))))
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **write_kwargs)
-    s.fs.pipe_file(path, buf.getvalue())
-    return f"{s.url}/{name}"
-
-
 def _fails_cleanly(src: Store, lake: Store, *needles: str, copied: int = 0) -> str:
     """Ingest must raise one DataError line containing ``needles`` and add nothing, even
     when ``copied`` objects had already been written to the lake before the failure."""
@@ -179,7 +170,7 @@ def test_corrupt_page_found_while_streaming(store: Store, lake: Store) -> None:
 
 def test_missing_column(store: Store, lake: Store) -> None:
     _seed(store)
-    url = _rewrite(store, "part-00001.parquet", lambda t: t.drop_columns(["distance_km"]))
+    url = store.rewrite("part-00001.parquet", lambda t: t.drop_columns(["distance_km"]))
     msg = _fails_cleanly(store, lake)
     assert msg == (
         f"ingest mobility-trips: object {url}: column 'distance_km' missing (expected double)"
@@ -193,7 +184,7 @@ def test_wrong_type(store: Store, lake: Store) -> None:
         i = t.schema.get_field_index("passenger_count")
         return t.set_column(i, "passenger_count", t.column("passenger_count").cast(pa.int64()))
 
-    url = _rewrite(store, "part-00000.parquet", change)
+    url = store.rewrite("part-00000.parquet", change)
     _fails_cleanly(store, lake, url, "column 'passenger_count' has type int64 (expected int8)")
 
 
@@ -206,20 +197,20 @@ def _with_null_vendor(t: pa.Table) -> pa.Table:
 
 def test_nulls_in_not_null_column(store: Store, lake: Store) -> None:
     _seed(store)
-    url = _rewrite(store, "part-00001.parquet", _with_null_vendor)
+    url = store.rewrite("part-00001.parquet", _with_null_vendor)
     _fails_cleanly(store, lake, url, "column 'vendor' has 1 null value(s)", "expected not null")
 
 
 def test_nulls_without_statistics_found_while_streaming(store: Store, lake: Store) -> None:
     """No statistics in the footer: the nulls are found mid-copy, in the last object."""
     _seed(store)
-    url = _rewrite(store, "part-00002.parquet", _with_null_vendor, write_statistics=False)
+    url = store.rewrite("part-00002.parquet", _with_null_vendor, write_statistics=False)
     _fails_cleanly(store, lake, url, "column 'vendor' has 1 null value(s) in row group 0", copied=2)
 
 
 def test_all_bad_objects_in_one_line(store: Store, lake: Store) -> None:
     _seed(store)
-    a = _rewrite(store, "part-00000.parquet", lambda t: t.drop_columns(["vendor"]))
+    a = store.rewrite("part-00000.parquet", lambda t: t.drop_columns(["vendor"]))
     store.fs.pipe_file(f"{store.path}/part-00002.parquet", b"PAR1 nothing else")
     msg = _fails_cleanly(store, lake, "2 of 3 objects break the contract", a,
                          f"{store.url}/part-00002.parquet")  # fmt: skip
