@@ -1,48 +1,88 @@
-"""Stage 1, ingest: data space -> validated, committed lake snapshot (DataSnapshot).
+"""Stage 1, ingest: data space -> policy-checked, validated, committed lake snapshot.
 
-Lists the dataset's objects through fsspec, checks every object's schema against the
-dataset's contract before a byte is written, copies them to the lake as Parquet (staged,
-committed by the manifest written last) and records each object's key, ETag, size and rows.
+The dataset comes from the catalog (infra/catalog/catalog.yaml, or the profile's). Its
+usage policy is checked for the start-up and purpose before a byte is read; personal-data
+columns are pseudonymised; only new or changed objects are read (tasks/ingest.py). The
+decision, the objects and any quarantined object are published as Prefect artifacts, and
+every decision is appended to the lake's audit trail.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import load_profile
+from tasks.config import Profile, load_profile
 from tasks.manifests import DataSnapshot
-from tasks.runtime import artifact_markdown, artifact_table, stage_logger
+from tasks.policy import Decision
+from tasks.runtime import artifact_markdown, artifact_table, md_table, stage_logger
 
 
 @task(name="seed-dataspace", cache_policy=NO_CACHE)
-def seed_dataspace(
-    url: str, storage_options: dict[str, Any], seed: int, rows: int, objects: int
-) -> int:
-    from tasks.datagen import generate_mobility
-    from tasks.dataspace import has_objects
+def seed_dataspace(profile: str, dataset: str, overrides: dict[str, Any] | None) -> int:
+    from tasks.generators import seed_entry
 
-    if has_objects(url, storage_options):
-        return 0
-    return len(generate_mobility(url, storage_options, seed=seed, rows=rows, objects=objects))
+    cfg = load_profile(profile, overrides)
+    entry = cfg.dataset_entry(dataset)
+    url = cfg.dataset_url(entry)
+    g = cfg.dataspace.generate
+    assert g is not None
+    return seed_entry(entry, url, cfg.storage_options(url), g.seed, g.rows, g.objects)
+
+
+def _decision_markdown(d: Decision) -> str:
+    verdict = "**allowed**" if d.allowed else "**refused**"
+    cols = ", ".join(f"`{c}`" for c in d.pseudonymised) or "none"
+    return (
+        f"# Usage policy: {d.dataset}\n\n{verdict} by rule `{d.rule}`: {d.reason}\n\n"
+        f"- start-up: {d.startup}\n- purpose: {d.purpose}\n- checked on: {d.checked_on}\n"
+        f"- valid until: {d.valid_until}\n- pseudonymised columns: {cols}\n"
+    )
+
+
+def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
+               purpose: str | None = None, quarantine: bool | None = None,
+               say: Any = None) -> DataSnapshot:  # fmt: skip
+    """Ingest one catalog dataset as the profile configures it (also used by train-lm)."""
+    from tasks.ingest import IngestOptions, audit, ingest
+    from tasks.policy import resolve_secret
+
+    say = say or stage_logger("ingest")
+    sid, _ = cfg.startup(startup)
+    entry = cfg.dataset_entry(dataset)
+    src, lake = cfg.dataset_url(entry), cfg.lake.url
+    chosen, declared = cfg.purpose(sid, purpose)
+    key = None
+    if entry.policy.personal_data:
+        key = resolve_secret(
+            cfg.dataspace.pseudonymisation_key, f"pseudonymisation key for {entry.id}"
+        )
+
+    def on_decision(d: Decision) -> None:
+        artifact_markdown("ingest-policy", _decision_markdown(d), f"Usage policy of {d.dataset}")
+        with contextlib.suppress(Exception):
+            audit(lake, cfg.storage_options(lake), d)
+
+    opts = IngestOptions(
+        startup=sid, purpose=chosen, declared_purposes=declared, pseudonymisation_key=key,
+        quarantine=cfg.dataspace.quarantine if quarantine is None else quarantine,
+        workers=cfg.dataspace.ingest_workers, entry=entry, on_decision=on_decision,
+    )  # fmt: skip
+    say(
+        f"snapshotting {entry.id} ({entry.data_space} data space, "
+        f"{entry.distribution.format}) from {src}"
+    )
+    return ingest(
+        src, lake, entry.id, cfg.storage_options(src), cfg.storage_options(lake), opts, say
+    )
 
 
 @task(name="snapshot-dataspace", cache_policy=NO_CACHE)
-def snapshot_task(
-    source_url: str,
-    lake_url: str,
-    dataset: str,
-    so_src: dict[str, Any],
-    so_lake: dict[str, Any],
-    startup: str,
-) -> DataSnapshot:
-    from tasks.ingest import ingest
-
-    return ingest(
-        source_url, lake_url, dataset, so_src, so_lake, startup, progress=stage_logger("ingest")
-    )
+def snapshot_task(profile: str, startup: str, overrides: dict[str, Any] | None) -> DataSnapshot:
+    return run_ingest(load_profile(profile, overrides), startup)
 
 
 @flow(name="ingest", log_prints=False)
@@ -52,33 +92,55 @@ def ingest_flow(
     cfg = load_profile(profile, overrides)
     sid, _ = cfg.startup(startup)
     say = stage_logger("ingest")
-    src, lake = cfg.dataspace.url, cfg.lake.url
     if cfg.dataspace.generate is not None:
-        g = cfg.dataspace.generate
-        n = seed_dataspace(src, cfg.storage_options(src), g.seed, g.rows, g.objects)
+        n = seed_dataspace(profile, cfg.dataspace.dataset, overrides)
         if n:
-            say(f"seeded the data space {src} with {n} objects ({g.rows} rows, seed {g.seed})")
-    say(f"snapshotting {cfg.dataspace.dataset} from {src}")
-    snap = snapshot_task(
-        src, lake, cfg.dataspace.dataset, cfg.storage_options(src), cfg.storage_options(lake), sid
-    )
+            say(
+                f"seeded the data space with {n} objects of {cfg.dataspace.dataset} "
+                "(catalog generator)"
+            )
+    snap = snapshot_task(profile, sid, overrides)
     say(
         f"snapshot {snap.snapshot_id}: {len(snap.objects)} objects, {snap.rows} rows, "
-        f"{snap.bytes / 1e6:.1f} MB -> {snap.lake_url}"
+        f"{snap.bytes / 1e6:.1f} MB ({len(snap.objects_read)} read, "
+        f"{snap.bytes_read / 1e6:.1f} MB) -> {snap.lake_url}"
     )
     artifact_table(
         "ingest-objects",
         [
-            {"key": o.key, "etag": o.etag, "size": o.size, "rows": o.rows, "lake": o.lake_path}
+            {
+                "key": o.key,
+                "etag": o.etag,
+                "size": o.size,
+                "rows": o.rows,
+                "read": o.key in snap.objects_read,
+                "lake": o.lake_path,
+                "lake_sha256": o.lake_sha256[:16],
+                "decision": o.decision,
+                "pseudonymised": ", ".join(o.pseudonymised),
+            }
             for o in snap.objects
         ],
         description=f"Objects of snapshot {snap.snapshot_id}",
     )
+    quarantine = ""
+    if snap.quarantined:
+        rows = [{"object": q.key, "problems": q.reason} for q in snap.quarantined]
+        artifact_table("ingest-quarantine", rows, f"Objects left out of {snap.snapshot_id}")
+        quarantine = f"\n## Quarantined ({len(rows)})\n\n{md_table(rows)}\n"
+    pol = snap.policy
     artifact_markdown(
         "ingest-summary",
-        f"# Ingest: {snap.dataset}\n\n- snapshot: `{snap.snapshot_id}`\n- source: `{src}`\n"
-        f"- lake: `{snap.lake_url}`\n- objects: {len(snap.objects)}\n- rows: {snap.rows}\n"
-        f"- bytes: {snap.bytes}\n- start-up: {sid}\n- manifest hash: `{snap.content_hash()}`\n",
+        f"# Ingest: {snap.dataset}\n\n- snapshot: `{snap.snapshot_id}`\n"
+        f"- data space: {snap.data_space}; publisher: {snap.publisher}; license: {snap.license}\n"
+        f"- source: `{snap.source_url}` ({snap.format})\n- lake: `{snap.lake_url}`\n"
+        f"- objects: {len(snap.objects)} ({len(snap.objects_read)} read this run, "
+        f"{len(snap.objects) - len(snap.objects_read)} reused)\n- rows: {snap.rows}\n"
+        f"- bytes: {snap.bytes} ({snap.bytes_read} read)\n"
+        f"- start-up: {sid}; purpose: {snap.purpose}\n"
+        f"- policy: {'allowed' if pol.get('allowed') else 'refused'} by `{pol.get('rule')}`\n"
+        f"- pseudonymisation: `{snap.pseudonymisation}`\n"
+        f"- manifest hash: `{snap.content_hash()}`\n{quarantine}",
     )
     return snap
 

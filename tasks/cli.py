@@ -30,6 +30,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["dataspace.generate.rows"] = args.rows
     if getattr(args, "dataspace", None):
         out["dataspace.url"] = args.dataspace
+    if getattr(args, "dataset", None) and getattr(args, "command", "") == "ingest":
+        out["dataspace.dataset"] = args.dataset
+    if getattr(args, "purpose", None):
+        out["dataspace.purpose"] = args.purpose
+    if getattr(args, "quarantine", False):
+        out["dataspace.quarantine"] = True
     return out
 
 
@@ -136,6 +142,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest one catalog dataset into a lake snapshot (the pipeline's first stage alone)."""
+    from tasks.config import load_profile
+    from tasks.prefect_server import resolve_api_url
+
+    overrides = _overrides(args)
+    cfg = load_profile(args.profile, overrides)
+    sid, _ = cfg.startup(args.startup)
+    cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
+    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
+    os.environ["PREFECT_API_URL"] = api_url
+    _quiet_prefect_console(args.verbose)
+    from flows.ingest import ingest_flow
+
+    state = ingest_flow(profile=args.profile or cfg.name, startup=sid,
+                        overrides=overrides or None, return_state=True)  # fmt: skip
+    ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
+    print(f"Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}", flush=True)
+    snap = state.result()
+    q = f", {len(snap.quarantined)} quarantined" if snap.quarantined else ""
+    print(f"snapshot {snap.snapshot_id} of {snap.dataset}: {len(snap.objects)} objects, "
+          f"{snap.rows} rows ({len(snap.objects_read)} objects read{q})")  # fmt: skip
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from tasks.catalog import catalog_at, load_catalog
+
+    if args.action == "validate":
+        if not args.arg:
+            raise ConfigError("aif catalog validate: give the catalog file to check")
+        cat = load_catalog(args.arg)
+        print(f"catalog {args.arg}: valid ({len(cat.datasets)} datasets: "
+              f"{', '.join(d.id for d in cat.datasets)})")  # fmt: skip
+        return 0
+    path = args.catalog
+    if path is None and args.profile:
+        from tasks.config import load_profile
+
+        path = load_profile(args.profile).dataspace.catalog
+    cat = catalog_at(path)
+    if args.action == "ls":
+        print(f"{'dataset':<22}{'data space':<13}{'format':<9}{'license':<20}{'valid until':<13}"
+              f"{'personal data':<15}publisher")  # fmt: skip
+        for d in cat.datasets:
+            pd = str(len(d.policy.personal_data)) + " column(s)" if d.policy.personal_data else "-"
+            print(f"{d.id:<22}{d.data_space:<13}{d.distribution.format:<9}{d.license[:19]:<20}"
+                  f"{d.policy.valid_until.isoformat():<13}{pd:<15}{d.publisher}")  # fmt: skip
+        return 0
+    if not args.arg:
+        raise ConfigError("aif catalog show: give a dataset id (aif catalog ls lists them)")
+    import yaml
+
+    print(yaml.safe_dump(cat.get(args.arg).public(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from tasks.config import load_profile
     from tasks.ingest import list_snapshots, load_snapshot
@@ -145,10 +208,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     so = cfg.storage_options(cfg.lake.url)
     if args.action == "ls":
         snaps = list_snapshots(cfg.lake.url, dataset, so)
-        print(f"{'snapshot':<18}{'created':<22}{'objects':>8}{'rows':>12}{'bytes':>14}  start-up")
+        print(f"{'snapshot':<18}{'created':<22}{'objects':>8}{'rows':>12}{'bytes':>14}"
+              f"{'quarantined':>12}  start-up / purpose")  # fmt: skip
         for sn in snaps:
             print(f"{sn.snapshot_id:<18}{sn.created_at:<22}{len(sn.objects):>8}{sn.rows:>12}"
-                  f"{sn.bytes:>14}  {sn.startup}")  # fmt: skip
+                  f"{sn.bytes:>14}{len(sn.quarantined):>12}  "
+                  f"{sn.startup} / {sn.purpose}")  # fmt: skip
         if not snaps:
             print(f"(no committed snapshot of {dataset} in {cfg.lake.url})")
         return 0
@@ -228,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
     r.add_argument("--dataspace", default=None, help="override the dataset's URL")
+    r.add_argument("--purpose", default=None, help="declared purpose (default: the start-up's)")
+    r.add_argument("--quarantine", action="store_true",
+                   help="commit the good objects and list bad ones (default: strict)")  # fmt: skip
     r.add_argument(
         "--dry-run",
         action="store_true",
@@ -241,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
     lm.add_argument("--steps", type=int, default=200)
     lm.set_defaults(func=cmd_train_lm)
+
+    ig = sub.add_parser("ingest", help="snapshot one catalog dataset into the lake")
+    ig.add_argument("dataset", nargs="?", default=None, help="catalog id (default: the profile's)")
+    ig.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
+    ig.add_argument("--startup", default=None, help="start-up id (default: the profile's)")
+    ig.add_argument("--purpose", default=None, help="declared purpose (default: the start-up's)")
+    ig.add_argument("--dataspace", default=None, help="override the dataset's URL or glob")
+    ig.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
+    ig.add_argument("--quarantine", action="store_true",
+                    help="commit the good objects and list bad ones (default: strict)")  # fmt: skip
+    ig.set_defaults(func=cmd_ingest)
+
+    ct = sub.add_parser("catalog", help="the data-space catalog: datasets, contracts, policies")
+    ct.add_argument("action", choices=["ls", "show", "validate"])
+    ct.add_argument("arg", nargs="?", help="dataset id (show) or catalog file (validate)")
+    ct.add_argument("--catalog", default=None, help="catalog file (default: the shipped one)")
+    ct.add_argument("--profile", default=None, help="use this profile's catalog")
+    ct.set_defaults(func=cmd_catalog)
 
     sn = sub.add_parser("snapshot", help="committed data snapshots in the lake")
     sn.add_argument("action", choices=["ls", "show"])

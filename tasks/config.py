@@ -75,17 +75,28 @@ class ObjectStore(_Model):
 
 
 class Generator(_Model):
-    """Deterministic seeding of the data space when it is empty (local and site)."""
+    """Deterministic seeding of the data space when it is empty (local and site); unset
+    fields take the catalog entry's generator settings."""
 
-    seed: int = 7
-    rows: int = Field(default=200_000, ge=1)
-    objects: int = Field(default=8, ge=1)
+    seed: int | None = None
+    rows: int | None = Field(default=None, ge=1)
+    objects: int | None = Field(default=None, ge=1)
 
 
 class Dataspace(_Model):
-    url: str  # fsspec URL of the dataset's prefix (s3://bucket/prefix or file:///path)
+    # Root of the data spaces: catalog distributions without a scheme are relative to it.
+    root: str | None = None
+    # fsspec URL or glob of the dataset's objects, overriding the catalog's distribution.
+    url: str | None = None
     dataset: str = "mobility-trips"
+    catalog: str | None = None  # catalog YAML (default: infra/catalog/catalog.yaml)
+    purpose: str | None = None  # default: the start-up's first declared purpose
     generate: Generator | None = None  # seed it if the prefix holds no objects
+    quarantine: bool = False  # commit good objects, list bad ones (default: strict)
+    # Secret for pseudonymising personal-data columns: file:PATH (created 0600 when
+    # missing), env:VAR, prefect-secret:BLOCK, or the value itself. Never logged.
+    pseudonymisation_key: str | None = None
+    ingest_workers: int = Field(default=2, ge=1)
 
 
 class Lake(_Model):
@@ -174,6 +185,9 @@ class Startup(_Model):
     project: str = "default"
     title: str = ""
     s3_prefix: str | None = None
+    # Intended purposes the start-up declared for its project; data-space policies are
+    # checked against the purpose a run gives (the first one by default).
+    purposes: list[str] = Field(default_factory=list)
 
 
 class Profile(_Model):
@@ -223,6 +237,28 @@ class Profile(_Model):
             env["SLURM_CONF"] = self.slurm.conf
         return env
 
+    def dataset_entry(self, dataset: str | None = None) -> Any:
+        """The catalog entry of ``dataset`` (default: dataspace.dataset)."""
+        from tasks.catalog import catalog_at
+
+        where = f"profile {self.name!r}: catalog {self.dataspace.catalog or 'default'}"
+        return catalog_at(self.dataspace.catalog).get(dataset or self.dataspace.dataset, where)
+
+    def dataset_url(self, entry: Any) -> str:
+        """Where ``entry``'s objects are: dataspace.url for the profile's own dataset, else
+        the catalog distribution under dataspace.root."""
+        from tasks.catalog import resolve_distribution
+
+        if self.dataspace.url and entry.id == self.dataspace.dataset:
+            return self.dataspace.url
+        return resolve_distribution(entry, self.dataspace.root)
+
+    def purpose(self, startup_id: str | None, explicit: str | None = None) -> tuple[str, list[str]]:
+        """The purpose a run declares, and the start-up's declared purposes."""
+        _, st = self.startup(startup_id)
+        chosen = explicit or self.dataspace.purpose or (st.purposes[0] if st.purposes else None)
+        return chosen or "unspecified", list(st.purposes)
+
     def startup(self, startup_id: str | None) -> tuple[str, Startup]:
         sid = startup_id or self.default_startup
         if sid not in self.startups:
@@ -240,6 +276,10 @@ class Profile(_Model):
             for k in ("key", "secret"):
                 if store.get(k):
                     store[k] = "***"
+        ds = data.get("dataspace") or {}
+        key = ds.get("pseudonymisation_key")
+        if key and not str(key).startswith(("file:", "env:", "prefect-secret:")):
+            ds["pseudonymisation_key"] = "***"
         return data
 
     def config_hash(self) -> str:
@@ -284,7 +324,9 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
                 if isinstance(v, str):
                     if v.startswith("file://"):
                         node[k] = "file://" + fix_path(v[len("file://") :])
-                    elif (k.endswith("_dir") or k == "conf") and v:
+                    elif k == "pseudonymisation_key" and v.startswith("file:"):
+                        node[k] = "file:" + fix_path(v[len("file:") :])
+                    elif (k == "catalog" and v) or ((k.endswith("_dir") or k == "conf") and v):
                         node[k] = fix_path(v)
                     elif (
                         k == "tracking_uri"

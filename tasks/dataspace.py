@@ -16,9 +16,8 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tasks.errors import DataError, StorageError
+from tasks.errors import ConfigError, DataError, StorageError
 
 MOBILITY_SCHEMA = pa.schema(
     [
@@ -49,7 +48,9 @@ REVIEW_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class DatasetContract:
-    """What a data-space dataset promises: its columns, types, nullability and key."""
+    """What a data-space dataset promises: its columns, types, nullability and key.
+
+    Built from the dataset's catalog entry (tasks/catalog.py)."""
 
     name: str
     data_space: str
@@ -58,58 +59,32 @@ class DatasetContract:
     primary_key: str
     publisher: str = ""
     license: str = ""
+    format: str = "parquet"
     descriptions: dict[str, str] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
 
     def schema_fields(self) -> list[dict[str, Any]]:
         return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in self.schema]
 
     def fingerprint(self) -> str:
-        """Hash of the columns' names, types and nullability (not of descriptions)."""
-        blob = json.dumps(self.schema_fields(), sort_keys=True, separators=(",", ":"))
+        """Hash of the columns' names, types and nullability, the key and the format (not of
+        descriptions)."""
+        blob = json.dumps(
+            [self.schema_fields(), self.primary_key, self.format],
+            sort_keys=True,
+            separators=(",", ":"),
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-DATASETS: dict[str, DatasetContract] = {
-    "mobility-trips": DatasetContract(
-        name="mobility-trips",
-        data_space="mobility",
-        title="Urban ride trips (synthetic, deterministic)",
-        schema=MOBILITY_SCHEMA,
-        primary_key="trip_id",
-        publisher="aifactory generator (tasks/datagen.py)",
-        license="CC-BY-4.0",
-        descriptions={
-            "trip_id": "unique trip identifier, 'T' + 10 digits",
-            "pickup_ts": "pickup time (UTC), within 2025",
-            "pickup_zone": "pickup zone 1..60, numbered outwards from the city centre",
-            "dropoff_zone": "dropoff zone 1..60",
-            "distance_km": "driven distance in km",
-            "passenger_count": "passengers, 1..6",
-            "vendor": "operator: V1, V2 or V3",
-            "payment_type": "card, cash or app; null when unknown",
-            "weather": "clear, rain or snow at pickup",
-            "temperature_c": "air temperature at pickup in °C; null when the sensor failed",
-            "duration_min": "trip duration in minutes (the prediction target)",
-        },
-    ),
-    "tourism-reviews": DatasetContract(
-        name="tourism-reviews",
-        data_space="tourism",
-        title="Visitor reviews of tourist sites (synthetic, deterministic)",
-        schema=REVIEW_SCHEMA,
-        primary_key="review_id",
-        publisher="aifactory generator (tasks/textgen.py)",
-        license="CC-BY-4.0",
-        descriptions={"text": "free-text review in English", "rating": "1..5 stars"},
-    ),
-}
+def contract(name: str, catalog_path: str | None = None) -> DatasetContract:
+    """The contract of catalog dataset ``name`` (default: the shipped catalog)."""
+    from tasks.catalog import catalog_at
 
-
-def contract(name: str) -> DatasetContract:
-    if name not in DATASETS:
-        known = ", ".join(sorted(DATASETS))
-        raise DataError(f"dataset {name!r}: no contract declared (known datasets: {known})")
-    return DATASETS[name]
+    try:
+        return catalog_at(catalog_path).get(name).contract()  # type: ignore[no-any-return]
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -217,16 +192,27 @@ def check_store(url: str, storage_options: dict[str, Any] | None, what: str) -> 
 
 
 # -- listing ----------------------------------------------------------------------------
+def glob_base(url: str) -> str:
+    """The folder above a glob's first wildcard (``url`` itself when it has none)."""
+    cuts = [url.find(c) for c in "*?[" if c in url]
+    return url[: min(cuts)].rsplit("/", 1)[0] if cuts else url
+
+
 def list_objects(
-    url: str, storage_options: dict[str, Any] | None = None, what: str = "data space"
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    what: str = "data space",
+    extension: str = ".parquet",
 ) -> list[SourceObject]:
-    """Every ``*.parquet`` object under ``url`` (recursively), sorted by key.
+    """Every ``*<extension>`` object under ``url`` (recursively), or matching ``url`` when it
+    is a glob (``s3://bucket/health/*.jsonl``), sorted by key. Only a listing: no data read.
 
     Raises StorageError for an unreachable endpoint, a missing bucket or a missing local
-    folder, and DataError when the prefix holds no Parquet object.
+    folder, and DataError when nothing matches.
     """
     where = f"{what} {url}"
-    fs, root = check_store(url, storage_options, what)
+    is_glob = glob_base(url) != url
+    fs, root = check_store(glob_base(url), storage_options, what)
     protocol = protocol_of(url)
     try:
         if hasattr(fs, "invalidate_cache"):
@@ -234,7 +220,14 @@ def list_objects(
         if protocol == "file" and not os.path.isdir(root):
             what_is = "is not a folder" if os.path.exists(root) else "path does not exist"
             raise StorageError(f"{where}: {what_is}")
-        found: dict[str, dict[str, Any]] = fs.find(root, detail=True)
+        if is_glob:
+            found: dict[str, dict[str, Any]] = fs.glob(
+                filesystem(url, storage_options)[1], detail=True
+            )
+        elif protocol in ("http", "https"):
+            found = {root: fs.info(url)}
+        else:
+            found = fs.find(root, detail=True)
     except StorageError:
         raise
     except FileNotFoundError:
@@ -245,15 +238,18 @@ def list_objects(
         raise storage_error(where, exc, storage_options) from None
     objs = []
     for path, info in sorted(found.items()):
-        if info.get("type") == "directory" or not path.endswith(".parquet"):
+        if info.get("type") == "directory" or not path.endswith(extension):
+            continue
+        if "/." in path or path.startswith("."):  # hidden staging files of a writer
             continue
         etag = info.get("ETag") or info.get("etag")
         version = info.get("VersionId") or info.get("version_id")
         mtime = info.get("mtime")
+        full = path if "://" in path else f"{protocol}://{path}"
         objs.append(
             SourceObject(
                 key=path,
-                url=f"{protocol}://{path}",
+                url=full,
                 size=int(info.get("size") or 0),
                 etag=etag.strip('"') if isinstance(etag, str) else None,
                 version_id=str(version) if version and version != "null" else None,
@@ -261,136 +257,41 @@ def list_objects(
             )
         )
     if not objs:
-        raise DataError(f"{where}: no Parquet objects (*.parquet) under this prefix")
+        raise DataError(f"{where}: no *{extension} objects under this prefix")
     return objs
 
 
-def has_objects(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+def stat_object(fs: Any, obj: SourceObject) -> SourceObject | None:
+    """The object as listed now (None if it is gone): to detect a change during a read."""
+    try:
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(obj.key)
+        info = fs.info(obj.key)
+    except FileNotFoundError:
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    version = info.get("VersionId") or info.get("version_id")
+    mtime = info.get("mtime")
+    return SourceObject(
+        key=obj.key,
+        url=obj.url,
+        size=int(info.get("size") or 0),
+        etag=etag.strip('"') if isinstance(etag, str) else None,
+        version_id=str(version) if version and version != "null" else None,
+        mtime=float(mtime) if isinstance(mtime, int | float) else None,
+    )
+
+
+def has_objects(
+    url: str, storage_options: dict[str, Any] | None = None, extension: str = ".parquet"
+) -> bool:
     """Whether ``url`` holds any Parquet object: False for an empty prefix or a local
     folder not created yet (a data space to seed); StorageError when the store itself is
     unreachable or its bucket is missing."""
-    if protocol_of(url) == "file" and not os.path.exists(filesystem(url, storage_options)[1]):
+    if protocol_of(url) == "file" and not os.path.exists(filesystem(glob_base(url))[1]):
         return False
     try:
-        list_objects(url, storage_options)
+        list_objects(url, storage_options, extension=extension)
     except DataError:
         return False
     return True
-
-
-# -- contract checks (footer only) ------------------------------------------------------
-def _normalise(t: pa.DataType) -> pa.DataType:
-    """The only leniencies: large_string reads as string, dictionary<string> as string."""
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if t == pa.large_string():
-        return pa.string()
-    return t
-
-
-def check_schema(actual: pa.Schema, expected: pa.Schema) -> list[str]:
-    """Every difference between a file's schema and the contract, one phrase each.
-
-    Types must match exactly (up to :func:`_normalise`). A column the contract declares
-    not-null may be declared nullable in the file: its nulls are counted from the footer's
-    statistics and again while the data streams. Extra columns are allowed and not ingested.
-    """
-    problems = []
-    for f in expected:
-        idx = actual.get_field_index(f.name)
-        if idx < 0:
-            problems.append(f"column {f.name!r} missing (expected {f.type})")
-            continue
-        got = actual.field(idx)
-        if _normalise(got.type) != f.type:
-            problems.append(f"column {f.name!r} has type {got.type} (expected {f.type})")
-    return problems
-
-
-def _footer_problems(md: pq.FileMetaData, size: int, expected: pa.Schema) -> list[str]:
-    """Truncation (column chunks beyond the data region) and nulls counted in statistics."""
-    problems: list[str] = []
-    data_end = size - md.serialized_size - 8  # footer + its 4-byte length + magic "PAR1"
-    required = {f.name for f in expected if not f.nullable}
-    nulls: dict[str, int] = {}
-    truncated: str | None = None
-    for i in range(md.num_row_groups):
-        rg = md.row_group(i)
-        for j in range(rg.num_columns):
-            col = rg.column(j)
-            start = col.data_page_offset
-            if col.has_dictionary_page and col.dictionary_page_offset:
-                start = min(start, col.dictionary_page_offset)
-            if truncated is None and (start < 4 or start + col.total_compressed_size > data_end):
-                truncated = (
-                    f"truncated or corrupt: column {col.path_in_schema!r} in row group {i} "
-                    f"lies beyond the data region (object is {size} bytes)"
-                )
-            stats = col.statistics
-            if col.path_in_schema in required and stats is not None and stats.has_null_count:
-                nulls[col.path_in_schema] = nulls.get(col.path_in_schema, 0) + stats.null_count
-    if truncated:
-        problems.append(truncated)
-    for name in expected.names:
-        if nulls.get(name):
-            problems.append(f"column {name!r} has {nulls[name]} null value(s) (expected not null)")
-    return problems
-
-
-def _open_footer(fs: Any, obj: SourceObject) -> tuple[pa.Schema, pq.FileMetaData]:
-    with fs.open(obj.key, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        return pf.schema_arrow, pf.metadata
-
-
-def object_problems(
-    obj: SourceObject, dc: DatasetContract, fs: Any
-) -> tuple[list[str], pa.Schema | None, int]:
-    """(problems, file schema or None, rows) of one object, from its footer only."""
-    try:
-        schema, md = _open_footer(fs, obj)
-    except FileNotFoundError:
-        return [f"vanished while being read (listed with {obj.size} bytes)"], None, 0
-    except Exception as exc:
-        if is_connection_error(exc):
-            raise storage_error(f"data space object {obj.url}", exc, options_of(fs)) from None
-        return [f"not a readable Parquet file ({_one_line(exc)})"], None, 0
-    problems = check_schema(schema, dc.schema)
-    problems += _footer_problems(md, obj.size, dc.schema)
-    return problems, schema, md.num_rows
-
-
-def validate_object(obj: SourceObject, contract: DatasetContract, fs: Any) -> pa.Schema:
-    """Check one object's footer against the contract; return the file's Arrow schema.
-
-    Raises DataError, e.g. ``ingest mobility-trips: object s3://b/p/part-00003.parquet:
-    column 'distance_km' missing (expected double)``.
-    """
-    problems, schema, _ = object_problems(obj, contract, fs)
-    if problems or schema is None:
-        raise DataError(f"ingest {contract.name}: object {obj.url}: " + ", ".join(problems))
-    return schema
-
-
-def validate_objects(
-    objs: list[SourceObject], contract: DatasetContract, fs: Any
-) -> dict[str, int]:
-    """Check every object's footer; raise one DataError line listing each bad object.
-
-    Returns the rows of each object (by key), as its footer states them.
-    """
-    bad: list[str] = []
-    rows: dict[str, int] = {}
-    for o in objs:
-        problems, _, n = object_problems(o, contract, fs)
-        if problems:
-            bad.append(f"object {o.url}: " + ", ".join(problems))
-        rows[o.key] = n
-    if len(bad) == 1:
-        raise DataError(f"ingest {contract.name}: {bad[0]}")
-    if bad:
-        raise DataError(
-            f"ingest {contract.name}: {len(bad)} of {len(objs)} objects break the contract: "
-            + "; ".join(bad)
-        )
-    return rows

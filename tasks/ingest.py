@@ -1,55 +1,89 @@
 """Ingestion: data-space objects -> a committed, immutable lake snapshot (DataSnapshot).
 
-Order of work, so that a failure leaves the lake as it was:
+Order of work, so that nothing is read that the policy does not allow, nothing is read
+twice, and readers never see a partial snapshot:
 
-1. list the objects (key, ETag/version, size) and derive the snapshot id from them, the
-   dataset and its contract's columns;
-2. if that snapshot is already committed, return its manifest: no object byte is read;
-3. check every object's footer against the contract; any bad object fails the whole
-   snapshot before a byte is written, and the one error line lists each bad object;
-4. stream each object by record batches into a local temporary Parquet file with the
-   contract's exact schema (nulls in not-null columns fail here too), then commit it to
-   ``<lake>/snapshots/<dataset>/<id>/data/part-NNNNN.parquet`` in one step (rename or
-   single upload), so the lake never holds a partial file;
-5. write ``manifest.json`` last: it is the commit point. On any failure the snapshot's
-   folder is removed and no manifest exists, so readers never see a partial snapshot.
+1. **Policy**, before any listing or read: the dataset's usage policy is evaluated for
+   the start-up and purpose (tasks/policy.py); a refusal names the rule.
+2. **Listing** (key, ETag or version id, size): the snapshot id is derived from it, the
+   dataset's contract, the policy's pseudonymisation (columns, key fingerprint), the
+   start-up and the purpose. If that snapshot is already committed it is returned as it
+   is: a listing and one metadata request, no data byte read.
+3. **Objects**: each listed object has a content address (its identity, the contract and
+   the pseudonymisation). An object already in the lake under that address is reused
+   without being read; only new or changed objects are read, streamed batch by batch,
+   checked and normalised to the contract (tasks/formats.py), pseudonymised, and written
+   to ``<lake>/objects/<dataset>/<address>.parquet`` (staged, then one rename or one
+   single-request PUT: no partial file and no multipart upload can be left behind), with
+   its primary-key hashes (``.pk``) and its record (``.json``, written last: the object's
+   commit point). An object that changes while it is read is refused.
+4. **Primary keys** are checked for duplicates within each object and across objects
+   (hash buckets on local disk: memory does not grow with the dataset).
+5. **Strict** (default): any bad object fails the snapshot, and the one error line lists
+   every bad object with its column, expected and actual. **Quarantine**: good objects
+   are committed and bad ones listed in ``quarantine.json`` and the manifest.
+6. ``<lake>/snapshots/<dataset>/<id>/manifest.json`` is written last: the commit point.
+
+Lake object files are content-addressed and never overwritten, so committed snapshots are
+immutable even though snapshots share unchanged objects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
+import json
+import os
+import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.catalog import DatasetEntry, catalog_at
 from tasks.dataspace import (
     DatasetContract,
     SourceObject,
     check_store,
-    contract,
     filesystem,
     is_connection_error,
     list_objects,
     options_of,
+    stat_object,
     storage_error,
-    validate_objects,
 )
 from tasks.errors import AifError, DataError, StorageError
+from tasks.formats import READERS, ObjectBad, Problem, short
 from tasks.lake import (
+    atomic_write_bytes,
     exists,
     read_json,
-    remove_tree_quietly,
+    remove_quietly,
     sha256_file,
     staged_file,
     write_json_atomic,
 )
-from tasks.manifests import DataSnapshot, ObjectRecord
+from tasks.manifests import DataSnapshot, ObjectRecord, QuarantineRecord
+from tasks.policy import (
+    Decision,
+    PolicyError,
+    enforce,
+    evaluate,
+    key_fingerprint,
+    pseudonymise_batch,
+)
 from tasks.provenance import now_iso
 
-BATCH_ROWS = 65_536
+LAKE_FORMAT = "aif-lake-v2"  # bump when the lake bytes for the same input would change
 # Fixed writer options: the same source bytes give the same lake bytes (and lake_sha256).
 LAKE_WRITER: dict[str, Any] = {
     "compression": "zstd",
@@ -58,118 +92,283 @@ LAKE_WRITER: dict[str, Any] = {
     "use_dictionary": True,
     "write_statistics": True,
 }
+PK_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8")])
+_PK_KEYS = ("aifactory-pk-h01", "aifactory-pk-h02")  # siphash keys (16 bytes each)
+PK_BUCKETS = 64
 
 Progress = Callable[[str], None]
 
 
-def snapshot_id(dataset: str, objs: list[SourceObject], dc: DatasetContract | None = None) -> str:
-    """First 16 hex of sha256 over the dataset, its contract and the sorted object identities
-    (key, ETag or version — size and mtime for local files — and size)."""
+@dataclass
+class IngestOptions:
+    """How to ingest: who and why (the policy), pseudonymisation key, strictness."""
+
+    startup: str
+    purpose: str = "unspecified"
+    declared_purposes: list[str] | None = None  # the start-up's declared purposes
+    pseudonymisation_key: bytes | None = None
+    quarantine: bool = False
+    workers: int = 2
+    today: dt.date | None = None
+    entry: DatasetEntry | None = None  # default: the shipped catalog's entry
+    on_decision: Callable[[Decision], None] | None = None
+
+
+@dataclass
+class _Outcome:
+    obj: SourceObject
+    record: ObjectRecord | None = None
+    problems: list[Problem] = field(default_factory=list)
+    read: bool = False
+    pk_local: str | None = None  # local file of the object's sorted key hashes
+
+
+def snapshot_id(
+    dataset: str,
+    objs: list[SourceObject],
+    dc: DatasetContract | None = None,
+    salt: str = "",
+) -> str:
+    """First 16 hex of sha256 over the dataset, its contract, ``salt`` (start-up, purpose,
+    pseudonymisation) and the sorted object identities (key, ETag or version, size)."""
     h = hashlib.sha256(dataset.encode())
     if dc is not None:
         h.update(f"\ncontract:{dc.fingerprint()}".encode())
+    if salt:
+        h.update(f"\n{salt}".encode())
     for o in sorted(objs, key=lambda o: o.key):
         h.update(f"\n{o.key}|{o.identity()}|{o.size}".encode())
     return h.hexdigest()[:16]
+
+
+def object_address(o: SourceObject, dc: DatasetContract, pseudo: str) -> str:
+    blob = f"{LAKE_FORMAT}|{dc.name}|{dc.fingerprint()}|{pseudo}|{o.key}|{o.identity()}|{o.size}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def snapshot_url(lake_url: str, dataset: str, sid: str) -> str:
     return f"{lake_url.rstrip('/')}/snapshots/{dataset}/{sid}"
 
 
-def _column_at_fault(pf: pq.ParquetFile, names: list[str], row_group: int) -> str | None:
-    """After a read failure: the first contract column whose chunk cannot be read."""
-    for name in names:
+def objects_url(lake_url: str, dataset: str) -> str:
+    return f"{lake_url.rstrip('/')}/objects/{dataset}"
+
+
+# -- primary keys -----------------------------------------------------------------------
+def key_hashes(col: pa.Array) -> np.ndarray:
+    """128-bit hashes (two siphash-2-4 of different keys) of a key column's values."""
+    values = col.to_pandas().to_numpy(dtype=object, na_value=None)
+    out = np.empty(len(values), dtype=PK_DTYPE)
+    out["h1"] = pd.util.hash_array(values, hash_key=_PK_KEYS[0], categorize=False)
+    out["h2"] = pd.util.hash_array(values, hash_key=_PK_KEYS[1], categorize=False)
+    return out
+
+
+def duplicates_within(sorted_hashes: np.ndarray) -> int:
+    if len(sorted_hashes) < 2:
+        return 0
+    return int(np.count_nonzero(sorted_hashes[1:] == sorted_hashes[:-1]))
+
+
+def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict[int, int]]:
+    """Key hashes shared between objects: {later object: {earlier object: count}}.
+
+    Hashes are spread over PK_BUCKETS files on local disk by their top bits and each bucket
+    is checked alone, so memory holds one object's hashes or one bucket at a time.
+    """
+    rec_dtype = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("o", "<u4")])
+    found: dict[int, dict[int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="aif-pk-") as tmp:
+        paths = [os.path.join(tmp, f"b{i:02d}") for i in range(PK_BUCKETS)]
+        shift = np.uint64(64 - int(np.log2(PK_BUCKETS)))
+        for idx, load in enumerate(loaders):
+            arr = np.sort(load(), order=["h1", "h2"])
+            rec = np.empty(len(arr), dtype=rec_dtype)
+            rec["h1"], rec["h2"], rec["o"] = arr["h1"], arr["h2"], idx
+            bounds = np.searchsorted(arr["h1"] >> shift, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
+            for b in range(PK_BUCKETS):
+                if bounds[b + 1] > bounds[b]:
+                    with open(paths[b], "ab") as fh:
+                        fh.write(rec[bounds[b] : bounds[b + 1]].tobytes())
+        for p in paths:
+            if not os.path.exists(p):
+                continue
+            a = np.fromfile(p, dtype=rec_dtype)
+            a = a[np.lexsort((a["o"], a["h2"], a["h1"]))]
+            same = (a["h1"][1:] == a["h1"][:-1]) & (a["h2"][1:] == a["h2"][:-1])
+            if not same.any():
+                continue
+            starts = np.where(np.concatenate([[True], ~same]))[0]
+            group_first = np.repeat(starts, np.diff(np.concatenate([starts, [len(a)]])))
+            for j in np.nonzero(same)[0] + 1:
+                first, this = int(a["o"][group_first[j]]), int(a["o"][j])
+                if this != first:
+                    found.setdefault(this, {})
+                    found[this][first] = found[this].get(first, 0) + 1
+    return found
+
+
+# -- one object ---------------------------------------------------------------------------
+class _Reader:
+    """Streams one source object into a staged lake file; counts bytes handed to Arrow."""
+
+    def __init__(self, fs: Any, obj: SourceObject, dc: DatasetContract, personal: list[str],
+                 key: bytes | None) -> None:  # fmt: skip
+        self.fs, self.obj, self.dc, self.personal, self.key = fs, obj, dc, personal, key
+
+    def copy(self, local_parquet: str, local_pk: str) -> int:
+        reader = READERS[self.dc.format]
+        rows = 0
+        hashes: list[np.ndarray] = []
         try:
-            pf.read_row_group(row_group, columns=[name])
-        except Exception:
-            return name
+            fh = self.fs.open(self.obj.key, "rb")
+        except FileNotFoundError:
+            raise ObjectBad([Problem("vanished after it was listed")]) from None
+        with fh, pq.ParquetWriter(local_parquet, self.dc.schema, **LAKE_WRITER) as writer:
+            for batch in reader(fh, self.dc.schema):
+                if self.personal:
+                    assert self.key is not None
+                    batch = pseudonymise_batch(batch, self.personal, self.key)
+                hashes.append(key_hashes(batch.column(self.dc.primary_key)))
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        if rows == 0:
+            raise ObjectBad([Problem("holds no rows (an empty or header-only export?)")])
+        pk = np.sort(np.concatenate(hashes), order=["h1", "h2"])
+        dups = duplicates_within(pk)
+        if dups:
+            raise ObjectBad([Problem(f"{dups} duplicate value(s) within the object",
+                                     self.dc.primary_key, "unique (primary key)",
+                                     "duplicates")])  # fmt: skip
+        pk.tofile(local_pk)
+        return rows
+
+
+def _changed(before: SourceObject, now: SourceObject | None) -> str | None:
+    if now is None:
+        return "vanished while being read"
+    if now.identity() != before.identity() or now.size != before.size:
+        return (
+            f"changed while being read (listed as {before.identity()}, {before.size} bytes; "
+            f"now {now.identity()}, {now.size} bytes)"
+        )
     return None
 
 
-def copy_object(src_fs: Any, obj: SourceObject, dc: DatasetContract, local_path: str) -> int:
-    """Stream one object into a local Parquet file with the contract's exact schema.
-
-    Reads one row group at a time (in batches of at most BATCH_ROWS rows), so memory
-    stays bounded whatever the object's size. Returns the number of rows written.
-    """
-    schema = dc.schema
-    required = [f.name for f in schema if not f.nullable]
-    prefix = f"ingest {dc.name}: object {obj.url}"
-    rows = 0
+def _ingest_object(
+    o: SourceObject, address: str, src_fs: Any, lake_fs: Any, objects_root: str,
+    objects_root_url: str, dc: DatasetContract, personal: list[str], key: bytes | None,
+    decision: str, storage_options_lake: dict[str, Any] | None,
+) -> _Outcome:  # fmt: skip
+    out = _Outcome(obj=o, read=True)
+    base = f"{objects_root}/{address}"
+    fd, local_pk = tempfile.mkstemp(prefix="aif-pk-", suffix=".bin")
+    os.close(fd)
+    committed: list[str] = []
     try:
-        fh = src_fs.open(obj.key, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{prefix}: vanished after it was listed") from None
+        with staged_file(lake_fs, f"{base}.parquet") as local:
+            try:
+                rows = _Reader(src_fs, o, dc, personal, key).copy(local, local_pk)
+            except ObjectBad:
+                raise
+            except Exception as exc:
+                if type(exc).__name__ == "FileExpired":
+                    raise ObjectBad(
+                        [Problem("changed while being read (its ETag changed)")]
+                    ) from None
+                if is_connection_error(exc) or isinstance(exc, PermissionError):
+                    raise storage_error(
+                        f"data space object {o.url}", exc, options_of(src_fs)
+                    ) from None
+                raise ObjectBad([Problem(f"cannot be read ({short(exc)})")]) from None
+            why = _changed(o, stat_object(src_fs, o))
+            if why:
+                raise ObjectBad([Problem(why)])
+            digest = sha256_file(local)
+        committed.append(f"{base}.parquet")
+        with open(local_pk, "rb") as fh:
+            atomic_write_bytes(lake_fs, f"{base}.pk", fh.read())
+        committed.append(f"{base}.pk")
+        out.record = ObjectRecord(
+            key=o.key, etag=o.etag, version_id=o.version_id, size=o.size, rows=rows,
+            lake_path=f"{objects_root_url}/{address}.parquet", lake_sha256=digest,
+            format=dc.format, address=address, decision=decision, pseudonymised=personal,
+        )  # fmt: skip
+        write_json_atomic(lake_fs, f"{base}.json", out.record.model_dump(mode="json"))
+        out.pk_local = local_pk
+        local_pk = ""
+    except ObjectBad as bad:
+        remove_quietly(lake_fs, committed)
+        out.problems = bad.problems
+    except AifError:
+        remove_quietly(lake_fs, committed)
+        raise
     except Exception as exc:
-        raise storage_error(f"data space object {obj.url}", exc, options_of(src_fs)) from None
-    with fh:
-        try:
-            pf = pq.ParquetFile(fh)
-        except Exception as exc:
-            raise DataError(f"{prefix}: not a readable Parquet file ({_short(exc)})") from None
-        with pq.ParquetWriter(local_path, schema, **LAKE_WRITER) as writer:
-            for rg in range(pf.num_row_groups):
-                batches = pf.iter_batches(
-                    batch_size=BATCH_ROWS, row_groups=[rg], columns=schema.names
-                )
-                while True:
-                    try:
-                        batch = next(batches, None)
-                    except Exception as exc:
-                        if is_connection_error(exc):
-                            raise storage_error(
-                                f"data space object {obj.url}", exc, options_of(src_fs)
-                            ) from None
-                        col = _column_at_fault(pf, schema.names, rg)
-                        where = f"column {col!r} in row group {rg}" if col else f"row group {rg}"
-                        raise DataError(
-                            f"{prefix}: {where} is corrupt or truncated ({_short(exc)})"
-                        ) from None
-                    if batch is None:
-                        break
-                    for name in required:
-                        nulls = batch.column(name).null_count
-                        if nulls:
-                            raise DataError(
-                                f"{prefix}: column {name!r} has {nulls} null value(s) in row "
-                                f"group {rg} (expected not null)"
-                            )
-                    try:
-                        table = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-                    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-                        raise DataError(
-                            f"{prefix}: does not fit the contract ({_short(exc)})"
-                        ) from None
-                    writer.write_table(table)
-                    rows += table.num_rows
-    return rows
+        remove_quietly(lake_fs, committed)
+        raise storage_error(
+            f"lake {objects_root_url}/{address}", exc, storage_options_lake
+        ) from None
+    finally:
+        if local_pk:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(local_pk)
+    return out
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _bad_line(o: SourceObject, problems: list[Problem]) -> str:
+    return f"object {o.url}: " + "; ".join(str(p) for p in problems)
 
 
+def _strict_error(dataset: str, bad: list[_Outcome], total: int) -> DataError:
+    lines = [_bad_line(b.obj, b.problems) for b in bad]
+    if len(lines) == 1:
+        return DataError(f"ingest {dataset}: {lines[0]}")
+    return DataError(
+        f"ingest {dataset}: {len(lines)} of {total} objects break the contract: "
+        + " | ".join(lines)
+    )
+
+
+# -- the snapshot ----------------------------------------------------------------------
 def ingest(
     source_url: str,
     lake_url: str,
     dataset: str,
     storage_options_source: dict[str, Any] | None,
     storage_options_lake: dict[str, Any] | None,
-    startup: str,
+    startup: str | IngestOptions,
     progress: Progress | None = None,
 ) -> DataSnapshot:
     """Snapshot ``dataset`` at ``source_url`` into the lake; return its committed manifest.
 
-    Idempotent: an unchanged data space gives the same snapshot id, and an already
-    committed snapshot is returned as it is, without reading any object.
+    ``startup`` is a start-up id (defaults for everything else) or full IngestOptions.
+    Raises PolicyError (refused), DataError (bad objects, strict), StorageError.
     """
+    opts = startup if isinstance(startup, IngestOptions) else IngestOptions(startup=startup)
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
-    dc = contract(dataset)
-    objs = list_objects(source_url, storage_options_source, "data space")
-    sid = snapshot_id(dataset, objs, dc)
+    entry = opts.entry or catalog_at().get(dataset)
+    dc: DatasetContract = entry.contract()
+
+    decision = evaluate(entry, opts.startup, opts.purpose, opts.declared_purposes, opts.today)
+    if opts.on_decision:
+        opts.on_decision(decision)
+    enforce(decision)
+    say(decision.line())
+    personal = list(entry.policy.personal_data)
+    pseudo = "none"
+    if personal:
+        if not opts.pseudonymisation_key:
+            raise PolicyError(
+                f"ingest {dataset}: personal-data columns {', '.join(personal)} must be "
+                "pseudonymised, and no pseudonymisation key is configured"
+            )
+        pseudo = f"hmac-sha256:{key_fingerprint(opts.pseudonymisation_key)}:{','.join(personal)}"
+
+    ext = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}[dc.format]
+    objs = list_objects(source_url, storage_options_source, "data space", extension=ext)
+    salt = f"startup:{opts.startup}|purpose:{opts.purpose}|pseudo:{pseudo}"
+    sid = snapshot_id(dataset, objs, dc, salt)
     root_url = snapshot_url(lake_url, dataset, sid)
     lake_fs, _ = check_store(lake_url, storage_options_lake, "lake")
     _, root = filesystem(root_url, storage_options_lake)
@@ -179,76 +378,182 @@ def ingest(
     except Exception as exc:
         raise storage_error(f"lake {lake_url}", exc, storage_options_lake) from None
     if committed:
+        snap = load_snapshot(lake_url, dataset, sid, storage_options_lake)
+        if snap.quarantined and not opts.quarantine:
+            raise DataError(
+                f"ingest {dataset}: snapshot {sid} of this listing has "
+                f"{len(snap.quarantined)} quarantined object(s) (strict mode refuses it): "
+                + " | ".join(f"object {q.key}: {q.reason}" for q in snap.quarantined)
+            )
         say(f"snapshot {sid} is already committed: nothing changed, no object read")
-        return load_snapshot(lake_url, dataset, sid, storage_options_lake).model_copy(
-            update={"reused": True}
+        return snap.model_copy(
+            update={
+                "reused": True,
+                "bytes_read": 0,
+                "objects_read": [],
+                "policy": decision.as_dict(),
+            }
         )
 
-    src_fs, _ = filesystem(source_url, storage_options_source)
-    footer_rows = validate_objects(objs, dc, src_fs)
-    total = sum(footer_rows.values())
-    say(f"{len(objs)} objects match the contract of {dataset} ({total} rows): snapshot {sid}")
+    obj_root_url = objects_url(lake_url, dataset)
+    _, obj_root = filesystem(obj_root_url, storage_options_lake)
+    src_fs, _ = filesystem(source_url.split("*")[0], storage_options_source)
+    addresses = {o.key: object_address(o, dc, pseudo) for o in objs}
+    outcomes: dict[str, _Outcome] = {}
+    to_read: list[SourceObject] = []
+    for o in objs:
+        rec_path = f"{obj_root}/{addresses[o.key]}.json"
+        try:
+            known = exists(lake_fs, rec_path)
+            data = read_json(lake_fs, rec_path) if known else None
+        except Exception as exc:
+            raise storage_error(f"lake {obj_root_url}", exc, storage_options_lake) from None
+        if data is not None:
+            outcomes[o.key] = _Outcome(obj=o, record=ObjectRecord.model_validate(data))
+        else:
+            to_read.append(o)
+    reused = len(objs) - len(to_read)
+    total_bytes = sum(o.size for o in to_read)
+    say(
+        f"{len(objs)} objects listed: {reused} unchanged (reused, not read), "
+        f"{len(to_read)} to read ({total_bytes / 1e6:.1f} MB): snapshot {sid}"
+    )
 
-    records: list[ObjectRecord] = []
+    done_lock = threading.Lock()
+    done = [0, 0]  # objects, bytes
+    t_read = time.monotonic()
+
+    def work(o: SourceObject) -> _Outcome:
+        res = _ingest_object(
+            o, addresses[o.key], src_fs, lake_fs, obj_root, obj_root_url, dc, personal,
+            opts.pseudonymisation_key, decision.rule, storage_options_lake,
+        )  # fmt: skip
+        with done_lock:
+            done[0] += 1
+            done[1] += o.size
+            rate = done[1] / 1e6 / max(time.monotonic() - t_read, 1e-6)
+            status = "bad" if res.problems else f"{res.record.rows if res.record else 0} rows"
+            say(f"[{done[0]}/{len(to_read)}] {o.key.rsplit('/', 1)[-1]}: {status} "
+                f"({done[1] / 1e6:.1f}/{total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s)")  # fmt: skip
+        return res
+
+    pk_files: list[str] = []
     try:
-        for i, o in enumerate(objs):
-            name = f"part-{i:05d}.parquet"
-            dest_url = f"{root_url}/data/{name}"
-            try:
-                with staged_file(lake_fs, f"{root}/data/{name}") as local:
-                    rows = copy_object(src_fs, o, dc, local)
-                    if rows != footer_rows[o.key]:
-                        raise DataError(
-                            f"ingest {dataset}: object {o.url}: read {rows} rows but its "
-                            f"footer says {footer_rows[o.key]} (changed while being read?)"
-                        )
-                    digest = sha256_file(local)
-            except AifError:
-                raise
-            except Exception as exc:
-                raise storage_error(f"lake {dest_url}", exc, storage_options_lake) from None
-            records.append(
-                ObjectRecord(
-                    key=o.key, etag=o.etag, version_id=o.version_id, size=o.size,
-                    rows=rows, lake_path=dest_url, lake_sha256=digest,
-                )
-            )  # fmt: skip
-            if (i + 1) == len(objs) or (i + 1) % max(1, len(objs) // 4) == 0:
-                say(f"copied {i + 1}/{len(objs)} objects to the lake")
+        workers = max(1, min(opts.workers, len(to_read)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aif-ingest") as pool:
+            for res in pool.map(work, to_read):
+                outcomes[res.obj.key] = res
+                if res.pk_local:
+                    pk_files.append(res.pk_local)
+        ordered = [outcomes[o.key] for o in objs]
+        good = [r for r in ordered if r.record is not None]
+        _check_across(good, lake_fs, obj_root, dc, say)
+        bad = [r for r in ordered if r.problems]
+        if bad and not opts.quarantine:
+            raise _strict_error(dataset, bad, len(objs))
+        good = [r for r in ordered if r.record is not None and not r.problems]
+        if not good:
+            raise DataError(f"ingest {dataset}: every object is bad; nothing to commit: "
+                            + " | ".join(_bad_line(b.obj, b.problems) for b in bad))  # fmt: skip
+        records = [r.record for r in good if r.record is not None]
+        quarantined = [
+            QuarantineRecord(
+                key=b.obj.key,
+                etag=b.obj.etag,
+                size=b.obj.size,
+                reason="; ".join(str(p) for p in b.problems),
+                problems=[p.as_dict() for p in b.problems],
+            )
+            for b in bad
+        ]
+        read = [r for r in ordered if r.read]
         snap = DataSnapshot(
             snapshot_id=sid,
             dataset=dataset,
+            data_space=entry.data_space,
+            title=entry.title,
+            publisher=entry.publisher,
+            license=entry.license,
+            format=dc.format,
             source_url=source_url,
             lake_url=root_url,
             schema_fields=dc.schema_fields(),
+            primary_key=dc.primary_key,
+            contract_fingerprint=dc.fingerprint(),
             objects=records,
             rows=sum(r.rows for r in records),
             bytes=sum(r.size for r in records),
-            startup=startup,
+            startup=opts.startup,
+            purpose=opts.purpose,
+            policy=decision.as_dict(),
+            pseudonymisation=pseudo,
+            quarantined=quarantined,
+            objects_read=[r.obj.key for r in read],
+            bytes_read=sum(r.obj.size for r in read),
             created_at=now_iso(),
             duration_s=round(time.monotonic() - t0, 3),
         )
         try:
+            if quarantined:
+                write_json_atomic(
+                    lake_fs, f"{root}/quarantine.json",
+                    {"snapshot_id": sid, "dataset": dataset,
+                     "objects": [q.model_dump(mode="json") for q in quarantined]},
+                )  # fmt: skip
             write_json_atomic(lake_fs, manifest_path, snap.model_dump(mode="json"))
         except Exception as exc:
-            raise storage_error(f"lake {root_url}/manifest.json", exc) from None
-    except BaseException:
-        # Nothing was committed: remove what this attempt wrote, unless a concurrent run
-        # of the same snapshot committed it in the meantime.
-        committed_now = False
-        try:
-            committed_now = exists(lake_fs, manifest_path)
-        except Exception:
-            committed_now = False
-        if not committed_now:
-            remove_tree_quietly(lake_fs, root, prune_up_to=_path_of(lake_url, storage_options_lake))
-        raise
-    say(f"snapshot {sid} committed: {snap.rows} rows in {len(records)} files")
+            raise storage_error(
+                f"lake {root_url}/manifest.json", exc, storage_options_lake
+            ) from None
+    finally:
+        for p in pk_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    if quarantined:
+        say(f"quarantined {len(quarantined)} object(s): " + " | ".join(
+            f"{q.key}: {q.reason}" for q in quarantined))  # fmt: skip
+    say(f"snapshot {sid} committed: {snap.rows} rows in {len(records)} objects "
+        f"({len(read)} read, {reused} reused)")  # fmt: skip
     return snap
 
 
-def _path_of(url: str, storage_options: dict[str, Any] | None) -> str:
-    return filesystem(url, storage_options)[1]
+def _check_across(good: list[_Outcome], lake_fs: Any, obj_root: str, dc: DatasetContract,
+                  say: Progress) -> None:  # fmt: skip
+    """Mark objects whose primary keys repeat keys of an earlier object as bad."""
+    if len(good) < 2:
+        return
+
+    def loader(r: _Outcome) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            if r.pk_local:
+                return np.fromfile(r.pk_local, dtype=PK_DTYPE)
+            assert r.record is not None
+            data = lake_fs.cat_file(f"{obj_root}/{r.record.address}.pk")
+            return np.frombuffer(data, dtype=PK_DTYPE)
+
+        return load
+
+    found = duplicates_across([loader(r) for r in good])
+    for idx, others in sorted(found.items()):
+        r = good[idx]
+        detail = ", ".join(f"{n} shared with {good[o].obj.url}" for o, n in sorted(others.items()))
+        r.problems.append(
+            Problem(f"primary-key values already in an earlier object: {detail}",
+                    dc.primary_key, "unique (primary key)", "duplicates")
+        )  # fmt: skip
+    if found:
+        say(f"{len(found)} object(s) repeat primary keys of earlier objects")
+
+
+def audit(lake_url: str, storage_options: dict[str, Any] | None, decision: Decision) -> str:
+    """Append a policy decision to the lake's audit trail (one small JSON object each)."""
+    fs, root = filesystem(lake_url, storage_options)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    name = f"{stamp}-{decision.startup}-{uuid.uuid4().hex[:8]}.json"
+    path = f"{root}/audit/policy/{decision.dataset}/{name}"
+    data = json.dumps({**decision.as_dict(), "recorded_at": now_iso()}, sort_keys=True)
+    atomic_write_bytes(fs, path, data.encode() + b"\n")
+    return path
 
 
 def load_snapshot(
@@ -272,7 +577,7 @@ def load_snapshot(
         return DataSnapshot.model_validate(data)
     except ValueError as exc:
         raise DataError(
-            f"lake {url}/manifest.json: not a valid DataSnapshot ({_short(exc)})"
+            f"lake {url}/manifest.json: not a valid DataSnapshot ({short(exc)})"
         ) from None
 
 
@@ -294,5 +599,9 @@ def list_snapshots(
     for entry in sorted(entries):
         sid = entry.rstrip("/").rsplit("/", 1)[-1]
         if exists(fs, f"{root}/{sid}/manifest.json"):
-            out.append(load_snapshot(lake_url, dataset, sid, storage_options))
+            with contextlib.suppress(DataError):
+                out.append(load_snapshot(lake_url, dataset, sid, storage_options))
     return sorted(out, key=lambda s: (s.created_at, s.snapshot_id))
+
+
+__all__ = ["IngestOptions", "PolicyError", "audit", "ingest", "list_snapshots", "load_snapshot"]

@@ -1,9 +1,10 @@
 """Lake writes that are atomic: readers see a whole file or none, never part of one.
 
 Local filesystems: write a temporary sibling, fsync, rename, fsync the folder. Object
-stores: one PUT of the whole body (S3 makes an object visible only when its upload
-completes, multipart uploads included). A manifest written last is the commit point of a
-folder of data files: a folder without its manifest is not there for readers.
+stores: one streamed PUT of the whole body, never multipart (S3 makes an object visible
+only when its upload completes, and a killed single PUT leaves nothing behind). A
+manifest written last is the commit point of a folder of data files: a folder without
+its manifest is not there for readers.
 """
 
 from __future__ import annotations
@@ -88,6 +89,28 @@ def write_text_local(path: str | os.PathLike[str], text: str) -> None:
     _write_local(os.fspath(path), lambda fh: fh.write(text.encode()))
 
 
+SINGLE_PUT_MAX = 5 * 2**30  # S3's limit for one PUT
+
+
+def put_single(fs: Any, local_path: str, path: str) -> None:
+    """Upload a finished local file to an object store in one streamed PUT request.
+
+    Never multipart: a process killed mid-upload leaves no object and no incomplete
+    multipart upload behind, and memory stays flat (the body streams from the file).
+    """
+    size = os.path.getsize(local_path)
+    if size > SINGLE_PUT_MAX:
+        raise OSError(f"{path}: {size} bytes is more than one PUT request can hold (5 GiB)")
+    if not hasattr(fs, "call_s3"):
+        fs.put_file(local_path, path)
+        return
+    bucket, key, _ = fs.split_path(path)
+    with open(local_path, "rb") as fh:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=fh, ContentLength=size)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+
+
 def atomic_put_file(fs: Any, local_path: str, path: str) -> None:
     """Commit a finished local file to ``path``: copy+fsync+rename locally, one upload on S3."""
     if is_local(fs):
@@ -98,7 +121,7 @@ def atomic_put_file(fs: Any, local_path: str, path: str) -> None:
 
         _write_local(path, copy)
     else:
-        fs.put_file(local_path, path)
+        put_single(fs, local_path, path)
 
 
 @contextlib.contextmanager
@@ -125,7 +148,7 @@ def staged_file(fs: Any, path: str) -> Iterator[str]:
         os.close(fd)
         try:
             yield tmp
-            fs.put_file(tmp, path)
+            put_single(fs, tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -17,37 +17,31 @@ from typing import Any
 
 from tasks.config import Profile
 from tasks.errors import TrainingError
-from tasks.ingest import ingest
 from tasks.lake import write_text_local
 from tasks.provenance import key_of
 from tasks.slurm import SlurmClient
 from tasks.training import render_sbatch, run_local, submit_and_watch
 
 DATASET = "tourism-reviews"
-
-
-def reviews_url(cfg: Profile) -> str:
-    """The reviews live beside the profile's mobility data, in the tourism data space."""
-    base = cfg.dataspace.url.rstrip("/")
-    root = base.rsplit("/", 2)[0] if base.count("/") > 3 else base
-    return f"{root}/tourism/reviews"
+PURPOSE = "language-modelling"
 
 
 def run_lm(
     cfg: Profile, *, startup: str | None, data_url: str | None, steps: int,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    sid, st = cfg.startup(startup)
-    url = data_url or reviews_url(cfg)
-    so = cfg.storage_options(url)
-    if cfg.dataspace.generate is not None and data_url is None:
-        from tasks.dataspace import has_objects
-        from tasks.textgen import generate_reviews
+    from flows.ingest import run_ingest
+    from tasks.generators import seed_entry
 
-        if not has_objects(url, so):
-            log(f"seeding {url} with generated reviews")
-            generate_reviews(url, so)
-    snap = ingest(url, cfg.lake.url, DATASET, so, cfg.storage_options(cfg.lake.url), sid, log)
+    sid, st = cfg.startup(startup)
+    ds = cfg.dataspace.model_copy(update={"dataset": DATASET, "url": data_url})
+    cfg = cfg.model_copy(update={"dataspace": ds})
+    entry = cfg.dataset_entry(DATASET)
+    url = cfg.dataset_url(entry)
+    seeding = cfg.dataspace.generate is not None and data_url is None
+    if seeding and seed_entry(entry, url, cfg.storage_options(url)):
+        log(f"seeded {url} with generated reviews")
+    snap = run_ingest(cfg, sid, DATASET, purpose=PURPOSE, say=log)
     files = [o.lake_path for o in snap.objects]
     spec = cfg.training.model_copy(update={"payload": "lm"})
     run_key = key_of("lm", snap.content_hash(), steps, spec.model_dump(mode="json"))

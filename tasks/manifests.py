@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Fields that describe *when/where* something ran, not *what* it is: excluded from hashes.
 VOLATILE = {
     "created_at", "duration_s", "flow_run_id", "run_dir", "slurm_job_ids", "sacct", "cluster",
-    "reused",
+    "reused", "policy", "objects_read", "bytes_read",
 }  # fmt: skip
 
 
@@ -44,19 +44,46 @@ class ObjectRecord(BaseModel):
     rows: int
     lake_path: str  # committed lake file (full fsspec URL)
     lake_sha256: str  # content hash of the lake file
+    format: str = "parquet"  # format of the source object
+    address: str = ""  # content address of the lake file (objects/<dataset>/<address>.*)
+    decision: str = ""  # the policy rule that allowed it
+    pseudonymised: list[str] = Field(default_factory=list)  # columns replaced by pseudonyms
+
+
+class QuarantineRecord(BaseModel):
+    """A bad object left out of a snapshot ingested with --quarantine."""
+
+    key: str
+    etag: str | None = None
+    size: int
+    reason: str  # one line: every problem
+    problems: list[dict[str, Any]]  # [{"column", "expected", "actual", "message"}]
 
 
 class DataSnapshot(_Manifest):
     kind: str = "DataSnapshot"
-    snapshot_id: str  # derived from dataset + object identities (key, etag/version, size)
+    snapshot_id: str  # dataset, contract, start-up, purpose, pseudonymisation, identities
     dataset: str
+    data_space: str = ""
+    title: str = ""
+    publisher: str = ""
+    license: str = ""
+    format: str = "parquet"  # of the source objects; the lake is always Parquet
     source_url: str
-    lake_url: str  # folder holding the snapshot's Parquet files and this manifest
+    lake_url: str  # folder holding this manifest (and quarantine.json, if any)
     schema_fields: list[dict[str, Any]]  # [{"name", "type", "nullable"}]
+    primary_key: str = ""
+    contract_fingerprint: str = ""
     objects: list[ObjectRecord]
     rows: int
     bytes: int
     startup: str
+    purpose: str = ""
+    policy: dict[str, Any] = Field(default_factory=dict)  # the decision (tasks/policy.py)
+    pseudonymisation: str = "none"  # "hmac-sha256:<key fingerprint>:<columns>"
+    quarantined: list[QuarantineRecord] = Field(default_factory=list)
+    objects_read: list[str] = Field(default_factory=list)  # keys read by the run that made it
+    bytes_read: int = 0
     created_at: str
     duration_s: float = 0.0
     reused: bool = False  # True when a run found it already committed (a cache hit)

@@ -14,7 +14,7 @@ S3_KEY = "aif-site-key"
 S3_SECRET = "aif-site-secret"
 REGION = "us-east-1"
 BUCKETS = ("aif-dataspace", "aif-lake", "aif-mlflow")
-ACCOUNTS = ("startup-a", "startup-b")
+ACCOUNTS = ("startup-a", "startup-b", "startup-c")
 CLUSTER = "aif"
 
 

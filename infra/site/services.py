@@ -13,10 +13,7 @@ from infra.site import procs
 from infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
 from tasks.errors import SiteError
 
-DATASPACE_URL = "s3://aif-dataspace/mobility/trips"
-REVIEWS_URL = "s3://aif-dataspace/tourism/reviews"
-REVIEWS_SEED = {"seed": 11, "rows": 20_000, "objects": 2}
-SEED = {"seed": 7, "rows": 200_000, "objects": 8}
+DATASPACE_ROOT = "s3://aif-dataspace"
 
 
 def _bin(name: str) -> str:
@@ -58,25 +55,25 @@ def ensure_buckets(site: Site) -> None:
 
 
 def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
-    """Fill the data-space bucket with the deterministic datasets where they are missing:
-    mobility trips (the pipeline's) and tourism reviews (the language model's text)."""
-    from tasks.datagen import generate_mobility
-    from tasks.textgen import generate_reviews
+    """Fill the data-space bucket with every catalog dataset that has a generator and is
+    missing (mobility trips, tourism reviews, health admissions, agriculture readings)."""
+    from tasks.catalog import catalog_at, resolve_distribution
+    from tasks.dataspace import glob_base
+    from tasks.generators import seed_entry
 
     client = _s3_client(site)
-    datasets = [
-        ("mobility/trips/", DATASPACE_URL, generate_mobility, SEED,
-         f"{SEED['rows']} trips in {SEED['objects']} objects, seed {SEED['seed']}"),
-        ("tourism/reviews/", REVIEWS_URL, generate_reviews, REVIEWS_SEED,
-         f"{REVIEWS_SEED['rows']} reviews in {REVIEWS_SEED['objects']} objects"),
-    ]  # fmt: skip
-    for prefix, url, generate, params, what in datasets:
+    for entry in catalog_at().datasets:
+        if entry.generator is None:
+            continue
+        url = resolve_distribution(entry, DATASPACE_ROOT)
+        prefix = glob_base(url).removeprefix(DATASPACE_ROOT + "/").rstrip("/") + "/"
         listing = client.list_objects_v2(Bucket="aif-dataspace", Prefix=prefix)
         if listing.get("KeyCount", 0) > 0:
             continue
-        progress(f"seeding {url} ({what})")
+        g = entry.generator
+        progress(f"seeding {url} ({entry.id}: {g.rows} rows in {g.objects} objects, seed {g.seed})")
         try:
-            generate(url, site.s3_storage_options(), **params)
+            seed_entry(entry, url, site.s3_storage_options())
         except Exception as exc:
             raise SiteError(f"site part s3: seeding {url} failed: {exc}") from None
 

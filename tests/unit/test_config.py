@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.catalog import catalog_at
 from tasks.config import PROFILES_DIR, load_profile
 from tasks.errors import ConfigError
 
@@ -14,7 +15,10 @@ from tasks.errors import ConfigError
 def test_shipped_profiles_validate(path: Path) -> None:
     cfg = load_profile(str(path), env={"HOME": "/home/user"})
     assert cfg.startups and cfg.default_startup in cfg.startups
-    assert cfg.lake.url and cfg.dataspace.url
+    assert cfg.lake.url and cfg.dataset_url(cfg.dataset_entry())
+    for st in cfg.startups.values():  # every declared purpose is allowed by some dataset
+        for purpose in st.purposes:
+            assert any(purpose in d.policy.allowed_purposes for d in catalog_at().datasets)
 
 
 def test_paths_become_absolute(tmp_path: Path) -> None:
@@ -79,7 +83,8 @@ def test_unknown_startup() -> None:
 
 
 def test_secrets_masked_and_hash_stable() -> None:
-    env = {"AWS_ACCESS_KEY_ID": "CANARY-KEY", "AWS_SECRET_ACCESS_KEY": "CANARY-SECRET"}
+    env = {"AWS_ACCESS_KEY_ID": "CANARY-KEY", "AWS_SECRET_ACCESS_KEY": "CANARY-SECRET",
+           "AIF_PSEUDONYMISATION_KEY": "CANARY-PSEUDO"}  # fmt: skip
     cfg = load_profile("site", env=env)
     text = str(cfg.public_dict())
     assert "CANARY" not in text

@@ -14,7 +14,7 @@ import pytest
 
 from tasks import datagen
 from tasks.datagen import MOBILITY_SCHEMA, generate_mobility
-from tasks.dataspace import DATASETS
+from tasks.dataspace import contract
 from tasks.errors import ConfigError, StorageError
 from tests.unit.conftest import MotoS3, Store
 
@@ -60,7 +60,7 @@ def test_schema_and_contract(store: Store) -> None:
     for data in _bytes(store, urls):
         schema = pq.ParquetFile(io.BytesIO(data)).schema_arrow
         assert schema.equals(MOBILITY_SCHEMA)
-    assert DATASETS["mobility-trips"].schema.equals(MOBILITY_SCHEMA)
+    assert contract("mobility-trips").schema.equals(MOBILITY_SCHEMA)
     nullable = {f.name for f in MOBILITY_SCHEMA if f.nullable}
     assert nullable == {"payment_type", "temperature_c"}
 

@@ -1,4 +1,4 @@
-"""Ingest: data space -> committed lake snapshot; idempotent; bad input leaves no trace."""
+"""Ingest: data space -> committed lake snapshot; increments; bad input leaves no trace."""
 
 from __future__ import annotations
 
@@ -12,68 +12,104 @@ import pytest
 
 from tasks import ingest as ingest_mod
 from tasks.datagen import generate_mobility
-from tasks.dataspace import DATASETS, list_objects
+from tasks.dataspace import contract, list_objects
 from tasks.errors import DataError, StorageError
-from tasks.ingest import ingest, list_snapshots, load_snapshot, snapshot_id, snapshot_url
+from tasks.ingest import (
+    IngestOptions,
+    duplicates_across,
+    ingest,
+    key_hashes,
+    list_snapshots,
+    load_snapshot,
+    snapshot_url,
+)
 from tasks.manifests import DataSnapshot
 from tests.unit.conftest import MotoS3, Store, listing
 
 DATASET = "mobility-trips"
 ROWS, OBJECTS = 2_400, 3
+OPTS = {"startup": "startup-a", "purpose": "trip-duration-prediction"}
 
 
-def _seed(s: Store, rows: int = ROWS, objects: int = OBJECTS) -> list[str]:
-    return generate_mobility(s.url, s.storage_options, seed=11, rows=rows, objects=objects)
+def _seed(s: Store, rows: int = ROWS, objects: int = OBJECTS, seed: int = 11) -> list[str]:
+    return generate_mobility(s.url, s.storage_options, seed=seed, rows=rows, objects=objects)
 
 
-def _run(src: Store, lake: Store, **kw: Any) -> DataSnapshot:
+def _run(src: Store, lake: Store, progress: Any = None, **kw: Any) -> DataSnapshot:
+    opts = IngestOptions(**{**OPTS, **kw})
     return ingest(src.url, lake.url, DATASET, src.storage_options, lake.storage_options,
-                  "startup-a", **kw)  # fmt: skip
+                  opts, progress)  # fmt: skip
 
 
-def _fails_cleanly(src: Store, lake: Store, *needles: str, copied: int = 0) -> str:
-    """Ingest must raise one DataError line containing ``needles`` and add nothing, even
-    when ``copied`` objects had already been written to the lake before the failure."""
-    before = listing(lake)
-    said: list[str] = []
+def snapshots_part(lake: Store) -> dict[str, Any]:
+    return {k: v for k, v in listing(lake).items() if "/snapshots/" in k}
+
+
+def assert_objects_complete(lake: Store) -> None:
+    """Every lake object file is whole: its .parquet, .pk and .json record all exist, and
+    no staging file is left."""
+    names = [k.rsplit("/", 1)[-1] for k in listing(lake) if "/objects/" in k]
+    names = [n for n in names if "." in n]  # not the folders
+    assert not [n for n in names if n.startswith(".")], names
+    stems: dict[str, set[str]] = {}
+    for n in names:
+        stem, ext = n.split(".", 1)
+        stems.setdefault(stem, set()).add(ext)
+    assert all(v == {"parquet", "pk", "json"} for v in stems.values()), stems
+
+
+def _fails_cleanly(src: Store, lake: Store, *needles: str) -> str:
+    """Ingest raises one DataError line with ``needles``; no snapshot becomes visible and
+    the lake holds only complete object files."""
+    before = snapshots_part(lake)
+    committed = list_snapshots(lake.url, DATASET, lake.storage_options)
     with pytest.raises(DataError) as e:
-        _run(src, lake, progress=said.append)
-    assert sum(m.startswith("copied ") for m in said) == copied, said
+        _run(src, lake)
     msg = str(e.value)
     assert "\n" not in msg
     for n in needles:
         assert n in msg, msg
-    assert listing(lake) == before, "the failed ingest left files in the lake"
+    assert snapshots_part(lake) == before, "the failed ingest left a snapshot behind"
+    assert list_snapshots(lake.url, DATASET, lake.storage_options) == committed
+    assert_objects_complete(lake)
     return msg
+
+
+def _table(s: Store, name: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(s.fs.cat_file(f"{s.path}/{name}")))
 
 
 # -- happy path ---------------------------------------------------------------------------
 def test_ingest_commits_a_snapshot(store: Store, lake: Store) -> None:
     _seed(store)
     said: list[str] = []
-    snap = _run(store, lake, progress=said.append)
+    snap = _run(store, lake, said.append)
     objs = list_objects(store.url, store.storage_options)
-    assert snap.snapshot_id == snapshot_id(DATASET, objs, DATASETS[DATASET])
+    dc = contract(DATASET)
     assert len(snap.snapshot_id) == 16
     assert snap.dataset == DATASET and snap.startup == "startup-a"
+    assert snap.purpose == "trip-duration-prediction"
+    assert (snap.data_space, snap.license, snap.format) == ("mobility", "CC-BY-4.0", "parquet")
+    assert snap.policy["allowed"] and snap.policy["rule"] == "all rules passed"
     assert snap.source_url == store.url
     assert snap.lake_url == snapshot_url(lake.url, DATASET, snap.snapshot_id)
     assert snap.rows == ROWS == sum(o.rows for o in snap.objects)
-    assert snap.bytes == sum(o.size for o in objs)
-    assert snap.schema_fields == DATASETS[DATASET].schema_fields()
+    assert snap.bytes == sum(o.size for o in objs) == snap.bytes_read
+    assert snap.objects_read == [o.key for o in objs]
+    assert snap.schema_fields == dc.schema_fields()
     assert [o.key for o in snap.objects] == [o.key for o in objs]
     assert [o.etag for o in snap.objects] == [o.etag for o in objs]
+    assert all(o.decision == "all rules passed" for o in snap.objects)
     assert said and said[-1].startswith(f"snapshot {snap.snapshot_id} committed")
 
-    source = pa.concat_tables(pq.read_table(io.BytesIO(store.fs.cat_file(o.key))) for o in objs)
+    source = pa.concat_tables(_table(store, o.key.rsplit("/", 1)[-1]) for o in objs)
     lake_tables = []
-    for i, rec in enumerate(snap.objects):
-        path = f"{lake.path}/snapshots/{DATASET}/{snap.snapshot_id}/data/part-{i:05d}.parquet"
-        assert rec.lake_path == f"{lake.kind}://{path}"
-        data = lake.fs.cat_file(path)
+    for rec in snap.objects:
+        assert rec.lake_path.startswith(f"{lake.kind}://{lake.path}/objects/{DATASET}/")
+        data = lake.fs.cat_file(rec.lake_path.split("://", 1)[1])
         assert hashlib.sha256(data).hexdigest() == rec.lake_sha256
         t = pq.read_table(io.BytesIO(data))
-        assert t.schema.equals(DATASETS[DATASET].schema)
+        assert t.schema.equals(dc.schema)
         assert t.num_rows == rec.rows
         lake_tables.append(t)
     assert pa.concat_tables(lake_tables).equals(source)
@@ -82,50 +118,98 @@ def test_ingest_commits_a_snapshot(store: Store, lake: Store) -> None:
     assert DataSnapshot.model_validate_json(lake.fs.cat_file(manifest)) == snap
     assert load_snapshot(lake.url, DATASET, snap.snapshot_id, lake.storage_options) == snap
     assert list_snapshots(lake.url, DATASET, lake.storage_options) == [snap]
+    assert_objects_complete(lake)
 
 
-def test_reingest_is_idempotent_and_reads_nothing(
+def _spy_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every data-space object the ingest opens for reading."""
+    opened: list[str] = []
+    real = ingest_mod._Reader.copy
+
+    def copy(self: Any, *a: Any) -> int:
+        opened.append(self.obj.key.rsplit("/", 1)[-1])
+        return real(self, *a)
+
+    monkeypatch.setattr(ingest_mod._Reader, "copy", copy)
+    return opened
+
+
+def test_unchanged_reingest_reads_nothing(
     store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _seed(store)
     first = _run(store, lake)
     before = listing(lake)
-
-    def no_read(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("a committed snapshot must not read objects")
-
-    monkeypatch.setattr(ingest_mod, "validate_objects", no_read)
-    monkeypatch.setattr(ingest_mod, "copy_object", no_read)
+    opened = _spy_opens(monkeypatch)
     said: list[str] = []
-    again = _run(store, lake, progress=said.append)
+    again = _run(store, lake, said.append)
+    assert opened == []
     assert again.reused and not first.reused
-    assert again.model_copy(update={"reused": False}) == first
+    assert again.snapshot_id == first.snapshot_id
+    assert (again.bytes_read, again.objects_read) == (0, [])
     assert again.content_hash() == first.content_hash()
     assert listing(lake) == before  # no new file, no rewrite (mtime / LastModified)
     assert any("already committed" in m for m in said)
+
+
+def test_one_changed_or_added_object_is_the_only_one_read(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seed(store)
+    first = _run(store, lake)
+    opened = _spy_opens(monkeypatch)
+    # change one object (other rows, same key range is irrelevant: new content)
+    store.rewrite("part-00001.parquet", lambda t: t.slice(0, 500))
+    second = _run(store, lake)
+    assert opened == ["part-00001.parquet"]
+    assert second.snapshot_id != first.snapshot_id
+    assert second.objects_read == [first.objects[1].key]
+    assert second.objects[0] == first.objects[0] and second.objects[2] == first.objects[2]
+    assert second.objects[1].rows == 500 and second.rows == ROWS - 800 + 500
+    # add one object
+    opened.clear()
+    extra = generate_mobility(f"{store.url}/more", store.storage_options, seed=99, rows=300,
+                              objects=1)  # fmt: skip
+    store.rewrite(
+        "more/part-00000.parquet",
+        lambda t: _set(t, "trip_id", pa.array([f"X{i:010d}" for i in range(len(t))])),
+    )
+    third = _run(store, lake)
+    assert opened == ["part-00000.parquet"] and extra[0].endswith("more/part-00000.parquet")
+    assert len(third.objects) == 4 and third.rows == second.rows + 300
+    # the first snapshot is untouched and still readable
+    again = load_snapshot(lake.url, DATASET, first.snapshot_id, lake.storage_options)
+    assert again == first
+    for rec in first.objects:
+        data = lake.fs.cat_file(rec.lake_path.split("://", 1)[1])
+        assert hashlib.sha256(data).hexdigest() == rec.lake_sha256
+
+
+def test_removed_object_drops_out(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seed(store)
+    first = _run(store, lake)
+    store.fs.rm_file(f"{store.path}/part-00002.parquet")
+    opened = _spy_opens(monkeypatch)
+    second = _run(store, lake)
+    assert opened == []  # nothing new to read
+    assert [o.key for o in second.objects] == [o.key for o in first.objects[:2]]
+    assert second.rows == first.objects[0].rows + first.objects[1].rows
+    assert second.snapshot_id != first.snapshot_id
 
 
 def test_lake_bytes_are_reproducible(store: Store, lake: Store, tmp_path: Any) -> None:
     """The same source gives the same lake files in a fresh lake (same lake_sha256)."""
     _seed(store)
     a = _run(store, lake)
-    b = ingest(store.url, f"file://{tmp_path}/lake2", DATASET, store.storage_options, {}, "a")
+    b = ingest(store.url, f"file://{tmp_path}/lake2", DATASET, store.storage_options, {},
+               IngestOptions(**OPTS))  # fmt: skip
     assert [o.lake_sha256 for o in a.objects] == [o.lake_sha256 for o in b.objects]
     assert a.snapshot_id == b.snapshot_id
 
 
-def test_changed_source_gives_a_new_snapshot(store: Store, lake: Store) -> None:
-    _seed(store)
-    first = _run(store, lake)
-    generate_mobility(store.url, store.storage_options, seed=12, rows=ROWS, objects=OBJECTS)
-    second = _run(store, lake)
-    assert second.snapshot_id != first.snapshot_id
-    ids = {s.snapshot_id for s in list_snapshots(lake.url, DATASET, lake.storage_options)}
-    assert ids == {first.snapshot_id, second.snapshot_id}
-    assert load_snapshot(lake.url, DATASET, first.snapshot_id, lake.storage_options) == first
-
-
-# -- bad input: one line, names object (and column), nothing written ----------------------
+# -- bad Parquet input: one line, names object and column, no snapshot ---------------------
 def test_corrupt_footer(store: Store, lake: Store) -> None:
     _seed(store)
     path = f"{store.path}/part-00001.parquet"
@@ -139,22 +223,10 @@ def test_truncated_object(store: Store, lake: Store) -> None:
     path = f"{store.path}/part-00002.parquet"
     data = store.fs.cat_file(path)
     store.fs.pipe_file(path, data[: len(data) // 2])
-    _fails_cleanly(store, lake, f"{store.url}/part-00002.parquet")
+    _fails_cleanly(store, lake, f"{store.url}/part-00002.parquet", "not a readable Parquet")
 
 
-def test_truncated_body_with_intact_footer(store: Store, lake: Store) -> None:
-    _seed(store)
-    path = f"{store.path}/part-00000.parquet"
-    data = store.fs.cat_file(path)
-    footer = pq.ParquetFile(io.BytesIO(data)).metadata.serialized_size + 8
-    store.fs.pipe_file(path, data[: len(data) // 2] + data[-footer:])
-    _fails_cleanly(store, lake, f"{store.url}/part-00000.parquet", "truncated or corrupt",
-                   "column '")  # fmt: skip
-
-
-def test_corrupt_page_found_while_streaming(store: Store, lake: Store) -> None:
-    """A damaged page with a valid footer is found mid-copy, after earlier objects were
-    already written to the lake: those are removed and the error names the column."""
+def test_corrupt_page_names_the_column(store: Store, lake: Store) -> None:
     _seed(store)
     path = f"{store.path}/part-00002.parquet"
     data = bytearray(store.fs.cat_file(path))
@@ -165,47 +237,172 @@ def test_corrupt_page_found_while_streaming(store: Store, lake: Store) -> None:
     data[off : off + 8] = b"\x00" * 8
     store.fs.pipe_file(path, bytes(data))
     _fails_cleanly(store, lake, f"{store.url}/part-00002.parquet", "column 'distance_km'",
-                   "corrupt or truncated", copied=2)  # fmt: skip
+                   "corrupt or truncated")  # fmt: skip
 
 
-def test_missing_column(store: Store, lake: Store) -> None:
+def test_zero_row_object(store: Store, lake: Store) -> None:
+    _seed(store)
+    url = store.rewrite("part-00000.parquet", lambda t: t.slice(0, 0))
+    _fails_cleanly(store, lake, url, "holds no rows")
+
+
+def test_extra_column_is_refused(store: Store, lake: Store) -> None:
+    _seed(store)
+    url = store.rewrite(
+        "part-00001.parquet", lambda t: t.append_column("driver_name", pa.array(["x"] * len(t)))
+    )
+    _fails_cleanly(store, lake, url, "column 'driver_name': expected no such column, actual string",
+                   "not in the contract")  # fmt: skip
+
+
+def test_missing_required_column(store: Store, lake: Store) -> None:
     _seed(store)
     url = store.rewrite("part-00001.parquet", lambda t: t.drop_columns(["distance_km"]))
     msg = _fails_cleanly(store, lake)
     assert msg == (
-        f"ingest mobility-trips: object {url}: column 'distance_km' missing (expected double)"
+        f"ingest mobility-trips: object {url}: column 'distance_km': expected double, "
+        "actual no such column (missing)"
     )
 
 
-def test_wrong_type(store: Store, lake: Store) -> None:
+def _set(t: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    return t.set_column(t.schema.get_field_index(name), name, arr)
+
+
+def _cast(t: pa.Table, name: str, to: pa.DataType, safe: bool = True) -> pa.Table:
+    return _set(t, name, t.column(name).cast(to, safe=safe))
+
+
+def test_int_to_double_drift_is_normalised(store: Store, lake: Store) -> None:
+    """An integer column where the contract has double is a safe cast: ingested as double."""
     _seed(store)
+    store.rewrite("part-00000.parquet",
+                  lambda t: _set(t, "distance_km", pa.compute.round(t.column("distance_km"))
+                                 .cast(pa.int64())))  # fmt: skip
+    snap = _run(store, lake)
+    t = pq.read_table(snap.objects[0].lake_path.split("://", 1)[1], filesystem=lake.fs)
+    assert t.schema.field("distance_km").type == pa.float64()
 
-    def change(t: pa.Table) -> pa.Table:
-        i = t.schema.get_field_index("passenger_count")
-        return t.set_column(i, "passenger_count", t.column("passenger_count").cast(pa.int64()))
 
-    url = store.rewrite("part-00000.parquet", change)
-    _fails_cleanly(store, lake, url, "column 'passenger_count' has type int64 (expected int8)")
+def test_int_to_double_losing_digits_is_refused(store: Store, lake: Store) -> None:
+    _seed(store)
+    url = store.rewrite(
+        "part-00000.parquet",
+        lambda t: _set(t, "distance_km", pa.array([2**53 + 1] * len(t), pa.int64())),
+    )
+    _fails_cleanly(store, lake, url, "column 'distance_km': expected double, actual int64",
+                   "not in range")  # fmt: skip
+
+
+def test_int_to_string_drift_is_refused(store: Store, lake: Store) -> None:
+    _seed(store)
+    url = store.rewrite(
+        "part-00002.parquet", lambda t: _set(t, "vendor", pa.array(range(len(t)), pa.int64()))
+    )
+    _fails_cleanly(store, lake, url, "column 'vendor': expected string, actual int64",
+                   "where the contract has text")  # fmt: skip
+    url = store.rewrite("part-00002.parquet",
+                        lambda t: _set(t, "passenger_count", pa.array(["2"] * len(t))))  # fmt: skip
+
+
+def test_string_where_int_expected_is_refused(store: Store, lake: Store) -> None:
+    _seed(store)
+    url = store.rewrite("part-00002.parquet",
+                        lambda t: _set(t, "passenger_count", pa.array(["2"] * len(t))))  # fmt: skip
+    _fails_cleanly(store, lake, url, "column 'passenger_count': expected int8, actual string")
+
+
+def test_timestamp_unit_mismatch(store: Store, lake: Store) -> None:
+    """ms -> us is exact and accepted; ns values with sub-microsecond digits are refused."""
+    _seed(store)
+    store.rewrite(
+        "part-00000.parquet", lambda t: _cast(t, "pickup_ts", pa.timestamp("ms", "UTC"), safe=False)
+    )
+    snap = _run(store, lake)
+    assert snap.rows == ROWS
+    got = pq.read_table(snap.objects[0].lake_path.split("://", 1)[1], filesystem=lake.fs)
+    assert got.schema.field("pickup_ts").type == pa.timestamp("us", "UTC")
+
+    def ns(t: pa.Table) -> pa.Table:
+        v = t.column("pickup_ts").cast(pa.int64()).to_numpy() * 1000 + 1
+        return _set(t, "pickup_ts", pa.array(v, pa.timestamp("ns", "UTC")))
+
+    url = store.rewrite("part-00001.parquet", ns, coerce_timestamps=None,
+                        use_deprecated_int96_timestamps=False, version="2.6")  # fmt: skip
+    _fails_cleanly(store, lake, url, "column 'pickup_ts': expected timestamp[us, tz=UTC], "
+                   "actual timestamp[ns, tz=UTC]")  # fmt: skip
+
+
+def test_timezone_mismatch(store: Store, lake: Store) -> None:
+    """Another zone is the same instant (accepted); a naive timestamp is refused."""
+    _seed(store)
+    src = _table(store, "part-00000.parquet").column("pickup_ts")
+    store.rewrite(
+        "part-00000.parquet", lambda t: _cast(t, "pickup_ts", pa.timestamp("us", "Europe/Paris"))
+    )
+    snap = _run(store, lake)
+    got = pq.read_table(snap.objects[0].lake_path.split("://", 1)[1], filesystem=lake.fs)
+    assert got.column("pickup_ts").equals(src)  # same instants, stored as UTC
+    url = store.rewrite("part-00001.parquet", lambda t: _cast(t, "pickup_ts", pa.timestamp("us")))
+    _fails_cleanly(store, lake, url, "column 'pickup_ts': expected timestamp[us, tz=UTC], "
+                   "actual timestamp[us]", "time zone mismatch")  # fmt: skip
 
 
 def _with_null_vendor(t: pa.Table) -> pa.Table:
     vendor = t.column("vendor").to_pylist()
     vendor[3] = None
-    i = t.schema.get_field_index("vendor")
-    return t.set_column(i, pa.field("vendor", pa.string()), pa.array(vendor, pa.string()))
+    return _set(t, "vendor", pa.array(vendor, pa.string()))
 
 
 def test_nulls_in_not_null_column(store: Store, lake: Store) -> None:
     _seed(store)
-    url = store.rewrite("part-00001.parquet", _with_null_vendor)
-    _fails_cleanly(store, lake, url, "column 'vendor' has 1 null value(s)", "expected not null")
+    url = store.rewrite("part-00001.parquet", _with_null_vendor, write_statistics=False)
+    _fails_cleanly(store, lake, url, "column 'vendor': expected not null, actual nulls",
+                   "1 null value(s)")  # fmt: skip
 
 
-def test_nulls_without_statistics_found_while_streaming(store: Store, lake: Store) -> None:
-    """No statistics in the footer: the nulls are found mid-copy, in the last object."""
+def test_duplicate_primary_keys_within_an_object(store: Store, lake: Store) -> None:
     _seed(store)
-    url = store.rewrite("part-00002.parquet", _with_null_vendor, write_statistics=False)
-    _fails_cleanly(store, lake, url, "column 'vendor' has 1 null value(s) in row group 0", copied=2)
+
+    def dup(t: pa.Table) -> pa.Table:
+        ids = t.column("trip_id").to_pylist()
+        ids[10] = ids[11] = ids[0]
+        return _set(t, "trip_id", pa.array(ids))
+
+    url = store.rewrite("part-00001.parquet", dup)
+    _fails_cleanly(store, lake, url, "column 'trip_id': expected unique (primary key)",
+                   "2 duplicate value(s) within the object")  # fmt: skip
+
+
+def test_duplicate_primary_keys_across_objects(store: Store, lake: Store) -> None:
+    _seed(store)
+    first = _table(store, "part-00000.parquet").column("trip_id").to_pylist()
+
+    def dup(t: pa.Table) -> pa.Table:
+        ids = t.column("trip_id").to_pylist()
+        ids[:5] = first[:5]
+        return _set(t, "trip_id", pa.array(ids))
+
+    url = store.rewrite("part-00002.parquet", dup)
+    _fails_cleanly(store, lake, url, "column 'trip_id'",
+                   f"5 shared with {store.url}/part-00000.parquet")  # fmt: skip
+
+
+def test_object_changing_while_read(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object is rewritten between its listing and the end of its read: refused."""
+    _seed(store)
+    real = ingest_mod._Reader.copy
+
+    def copy(self: Any, *a: Any) -> int:
+        rows = real(self, *a)
+        if self.obj.key.endswith("part-00001.parquet"):
+            store.rewrite("part-00001.parquet", lambda t: t.slice(0, 10))
+        return rows
+
+    monkeypatch.setattr(ingest_mod._Reader, "copy", copy)
+    _fails_cleanly(store, lake, f"{store.url}/part-00001.parquet", "changed while being read")
 
 
 def test_all_bad_objects_in_one_line(store: Store, lake: Store) -> None:
@@ -213,8 +410,28 @@ def test_all_bad_objects_in_one_line(store: Store, lake: Store) -> None:
     a = store.rewrite("part-00000.parquet", lambda t: t.drop_columns(["vendor"]))
     store.fs.pipe_file(f"{store.path}/part-00002.parquet", b"PAR1 nothing else")
     msg = _fails_cleanly(store, lake, "2 of 3 objects break the contract", a,
-                         f"{store.url}/part-00002.parquet")  # fmt: skip
-    assert msg.count("; ") == 1
+                         f"{store.url}/part-00002.parquet", "column 'vendor'")  # fmt: skip
+    assert msg.count(" | ") == 1
+
+
+def test_quarantine_commits_good_objects_and_reports_bad(store: Store, lake: Store) -> None:
+    _seed(store)
+    bad = store.rewrite("part-00001.parquet", lambda t: t.drop_columns(["weather"]))
+    snap = _run(store, lake, quarantine=True)
+    assert [o.key.rsplit("/", 1)[-1] for o in snap.objects] == ["part-00000.parquet",
+                                                               "part-00002.parquet"]  # fmt: skip
+    assert len(snap.quarantined) == 1
+    q = snap.quarantined[0]
+    assert f"{q.key}" in bad and "column 'weather'" in q.reason
+    assert q.problems == [{"column": "weather", "expected": "string", "actual": "no such column",
+                           "message": "missing"}]  # fmt: skip
+    report = lake.fs.cat_file(f"{lake.path}/snapshots/{DATASET}/{snap.snapshot_id}/quarantine.json")
+    assert b"weather" in report
+    # strict mode refuses the same listing without reading anything
+    with pytest.raises(DataError, match=r"1 quarantined object.*strict mode refuses it"):
+        _run(store, lake)
+    again = _run(store, lake, quarantine=True)
+    assert again.reused and again.snapshot_id == snap.snapshot_id
 
 
 def test_failed_lake_write_removes_what_was_written(
@@ -231,24 +448,35 @@ def test_failed_lake_write_removes_what_was_written(
         return real(path)
 
     monkeypatch.setattr(ingest_mod, "sha256_file", flaky)
-    before = listing(lake)
-    with pytest.raises(StorageError, match=r"part-00002\.parquet: OSError: disk full"):
-        _run(store, lake)
-    assert listing(lake) == before
+    with pytest.raises(StorageError, match=r"OSError: disk full"):
+        _run(store, lake, workers=1)
+    assert list_snapshots(lake.url, DATASET, lake.storage_options) == []
+    assert_objects_complete(lake)
+
+
+# -- primary-key hashing ----------------------------------------------------------------
+def test_duplicates_across_buckets() -> None:
+    a = key_hashes(pa.array([f"k{i}" for i in range(5000)]))
+    b = key_hashes(pa.array([f"k{i}" for i in range(4990, 6000)]))
+    c = key_hashes(pa.array([f"x{i}" for i in range(100)] + ["k1", "k2"]))
+    found = duplicates_across([lambda: a, lambda: b, lambda: c])
+    assert found == {1: {0: 10}, 2: {0: 2}}
+    assert duplicates_across([lambda: a, lambda: key_hashes(pa.array(["z"]))]) == {}
 
 
 # -- storage problems -----------------------------------------------------------------
 def test_missing_source_bucket(moto_s3: MotoS3, tmp_path: Any) -> None:
     url = "s3://aif-missing-bucket/mobility/trips"
     with pytest.raises(StorageError, match="bucket 'aif-missing-bucket' does not exist"):
-        ingest(url, f"file://{tmp_path}", DATASET, moto_s3.storage_options(), {}, "a")
+        ingest(url, f"file://{tmp_path}", DATASET, moto_s3.storage_options(), {},
+               IngestOptions(**OPTS))  # fmt: skip
 
 
 def test_missing_lake_bucket(store: Store, moto_s3: MotoS3) -> None:
     _seed(store)
     with pytest.raises(StorageError) as e:
         ingest(store.url, "s3://aif-missing-lake/lake", DATASET, store.storage_options,
-               moto_s3.storage_options(), "a")  # fmt: skip
+               moto_s3.storage_options(), IngestOptions(**OPTS))  # fmt: skip
     assert (
         str(e.value) == "lake s3://aif-missing-lake/lake: bucket 'aif-missing-lake' does not exist"
     )
@@ -262,7 +490,8 @@ def test_unreachable_endpoint(tmp_path: Any) -> None:
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
     }
     with pytest.raises(StorageError, match=r"endpoint http://127\.0\.0\.1:9 unreachable"):
-        ingest("s3://aif-dataspace/trips", f"file://{tmp_path}", DATASET, so, {}, "a")
+        ingest("s3://aif-dataspace/trips", f"file://{tmp_path}", DATASET, so, {},
+               IngestOptions(**OPTS))  # fmt: skip
 
 
 def test_load_missing_snapshot(lake: Store) -> None:
