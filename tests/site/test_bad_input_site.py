@@ -18,10 +18,13 @@ pytestmark = pytest.mark.site
 
 
 def _lake_listing(profile: Profile) -> set[str]:
+    """What readers can see: everything but the content-addressed object files (a failed
+    snapshot may leave whole, committed objects there for the next run to reuse) and the
+    policy audit trail (every decision is appended, also for failed runs)."""
     lake = profile.lake.url
     fs, root = fsspec.core.url_to_fs(lake, **profile.storage_options(lake))
     fs.invalidate_cache()
-    return set(fs.find(root))
+    return {p for p in fs.find(root) if "/objects/" not in p and "/audit/" not in p}
 
 
 def _our_jobs(profile: Profile) -> list[str]:
@@ -34,7 +37,7 @@ def _our_jobs(profile: Profile) -> list[str]:
 @pytest.fixture()
 def bad_prefix(site_profile: Profile, request: pytest.FixtureRequest) -> Any:
     """A copy of two data-space objects under a fresh prefix, for the test to spoil."""
-    src = site_profile.dataspace.url
+    src = site_profile.dataset_url(site_profile.dataset_entry())
     so = site_profile.storage_options(src)
     fs, src_path = fsspec.core.url_to_fs(src, **so)
     objs = sorted(fs.glob(f"{src_path}/*.parquet"))[:2]
