@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-BATCH_ROWS = 65_536
+BATCH_ROWS = 131_072
 BLOCK_BYTES = 4 << 20  # CSV / JSON Lines block size
 
 

@@ -14,11 +14,12 @@ twice, and readers never see a partial snapshot:
    without being read; only new or changed objects are read, streamed batch by batch,
    checked and normalised to the contract (tasks/formats.py), pseudonymised, and written
    to ``<lake>/objects/<dataset>/<address>.parquet`` (staged, then one rename or one
-   single-request PUT: no partial file and no multipart upload can be left behind), with
-   its primary-key hashes (``.pk``) and its record (``.json``, written last: the object's
-   commit point). An object that changes while it is read is refused.
-4. **Primary keys** are checked for duplicates within each object and across objects
-   (hash buckets on local disk: memory does not grow with the dataset).
+   single-request PUT: no partial file and no multipart upload can be left behind), then
+   its record (``.json``, written last: the object's commit point). An object that
+   changes while it is read is refused.
+4. **Primary keys** are checked for duplicates within each object and across objects:
+   64-bit key hashes, spread over hash buckets on local disk (memory does not grow with
+   the dataset), and every hash match confirmed on the values before it is reported.
 5. **Strict** (default): any bad object fails the snapshot, and the one error line lists
    every bad object with its column, expected and actual. **Quarantine**: good objects
    are committed and bad ones listed in ``quarantine.json`` and the manifest.
@@ -84,6 +85,8 @@ from tasks.policy import (
 from tasks.provenance import now_iso
 
 LAKE_FORMAT = "aif-lake-v2"  # bump when the lake bytes for the same input would change
+# Lake row groups: batches are gathered up to this many rows (bounded memory per worker).
+ROW_GROUP_ROWS = 524_288
 # Fixed writer options: the same source bytes give the same lake bytes (and lake_sha256).
 LAKE_WRITER: dict[str, Any] = {
     "compression": "zstd",
@@ -92,8 +95,6 @@ LAKE_WRITER: dict[str, Any] = {
     "use_dictionary": True,
     "write_statistics": True,
 }
-PK_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8")])
-_PK_KEYS = ("aifactory-pk-h01", "aifactory-pk-h02")  # siphash keys (16 bytes each)
 PK_BUCKETS = 64
 
 Progress = Callable[[str], None]
@@ -120,7 +121,7 @@ class _Outcome:
     record: ObjectRecord | None = None
     problems: list[Problem] = field(default_factory=list)
     read: bool = False
-    pk_local: str | None = None  # local file of the object's sorted key hashes
+    pk_local: str | None = None  # local file of the object's key hashes (this run's reads)
 
 
 def snapshot_id(
@@ -155,37 +156,78 @@ def objects_url(lake_url: str, dataset: str) -> str:
 
 
 # -- primary keys -----------------------------------------------------------------------
-def key_hashes(col: pa.Array) -> np.ndarray:
-    """128-bit hashes (two siphash-2-4 of different keys) of a key column's values."""
-    values = col.to_pandas().to_numpy(dtype=object, na_value=None)
-    out = np.empty(len(values), dtype=PK_DTYPE)
-    out["h1"] = pd.util.hash_array(values, hash_key=_PK_KEYS[0], categorize=False)
-    out["h2"] = pd.util.hash_array(values, hash_key=_PK_KEYS[1], categorize=False)
-    return out
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def duplicates_within(sorted_hashes: np.ndarray) -> int:
-    if len(sorted_hashes) < 2:
-        return 0
-    return int(np.count_nonzero(sorted_hashes[1:] == sorted_hashes[:-1]))
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
 
 
-def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict[int, int]]:
-    """Key hashes shared between objects: {later object: {earlier object: count}}.
+def key_hashes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of a key column's values, computed in numpy on Arrow's buffers (no
+    Python object per value). Integers and timestamps are mixed directly; text is padded to
+    whole 8-byte words (one reshape when all keys have the same length, as IDs usually do)
+    and folded word by word with its length.
+
+    Equal hashes are only candidates: every duplicate is confirmed on the values themselves
+    before it is reported, so a hash collision can never refuse good data.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    if pa.types.is_integer(t) or pa.types.is_temporal(t):
+        v = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        return _mix(v.view(np.uint64) ^ _GOLDEN)
+    if not pa.types.is_large_string(t):
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offs)
+    longest = int(lengths.max(initial=0))
+    width = max(8, -(-longest // 8) * 8)
+    mat = np.zeros((n, width), dtype=np.uint8)
+    if n and (lengths == longest).all():
+        mat[:, :longest] = data[offs[0] : offs[-1]].reshape(n, longest)
+    elif n:
+        dest = np.repeat(np.arange(n, dtype=np.int64) * width - offs[:-1], lengths)
+        mat.reshape(-1)[dest + np.arange(offs[0], offs[-1])] = data[offs[0] : offs[-1]]
+    words = mat.view("<u8")
+    h = _mix(lengths.astype(np.uint64) + _GOLDEN)
+    for j in range(width // 8):
+        h = _mix(h ^ words[:, j])
+    return h
+
+
+def _exact_duplicates(values: pa.Array | pa.ChunkedArray) -> tuple[int, list[str]]:
+    """(number of repeated values, a few examples) of one column, exactly."""
+    s = pd.Series(values.to_pandas())
+    dup = s[s.duplicated()]
+    return len(dup), [str(v) for v in dup.drop_duplicates().head(3)]
+
+
+def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict[int, set[int]]]:
+    """Key hashes shared between objects: {later object: {earlier object: {hashes}}}.
 
     Hashes are spread over PK_BUCKETS files on local disk by their top bits and each bucket
     is checked alone, so memory holds one object's hashes or one bucket at a time.
     """
-    rec_dtype = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("o", "<u4")])
-    found: dict[int, dict[int, int]] = {}
+    rec_dtype = np.dtype([("h", "<u8"), ("o", "<u4")])
+    found: dict[int, dict[int, set[int]]] = {}
     with tempfile.TemporaryDirectory(prefix="aif-pk-") as tmp:
         paths = [os.path.join(tmp, f"b{i:02d}") for i in range(PK_BUCKETS)]
         shift = np.uint64(64 - int(np.log2(PK_BUCKETS)))
         for idx, load in enumerate(loaders):
-            arr = np.sort(load(), order=["h1", "h2"])
-            rec = np.empty(len(arr), dtype=rec_dtype)
-            rec["h1"], rec["h2"], rec["o"] = arr["h1"], arr["h2"], idx
-            bounds = np.searchsorted(arr["h1"] >> shift, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
+            h = load()
+            if len(h) > 1 and (h[1:] < h[:-1]).any():
+                h = np.sort(h)
+            rec = np.empty(len(h), dtype=rec_dtype)
+            rec["h"], rec["o"] = h, idx
+            bounds = np.searchsorted(h >> shift, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
             for b in range(PK_BUCKETS):
                 if bounds[b + 1] > bounds[b]:
                     with open(paths[b], "ab") as fh:
@@ -194,17 +236,19 @@ def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict
             if not os.path.exists(p):
                 continue
             a = np.fromfile(p, dtype=rec_dtype)
-            a = a[np.lexsort((a["o"], a["h2"], a["h1"]))]
-            same = (a["h1"][1:] == a["h1"][:-1]) & (a["h2"][1:] == a["h2"][:-1])
+            hs = np.sort(a["h"])
+            if not (hs[1:] == hs[:-1]).any():  # the usual case: no shared hash at all
+                continue
+            a = a[np.argsort(a["h"], kind="stable")]  # stable: objects stay in order
+            same = a["h"][1:] == a["h"][:-1]
             if not same.any():
                 continue
-            starts = np.where(np.concatenate([[True], ~same]))[0]
-            group_first = np.repeat(starts, np.diff(np.concatenate([starts, [len(a)]])))
-            for j in np.nonzero(same)[0] + 1:
-                first, this = int(a["o"][group_first[j]]), int(a["o"][j])
-                if this != first:
-                    found.setdefault(this, {})
-                    found[this][first] = found[this].get(first, 0) + 1
+            starts = np.flatnonzero(np.concatenate([[True], ~same]))
+            first = np.repeat(starts, np.diff(np.concatenate([starts, [len(a)]])))
+            for j in np.flatnonzero(same) + 1:
+                o_first, o_this = int(a["o"][first[j]]), int(a["o"][j])
+                if o_this != o_first:
+                    found.setdefault(o_this, {}).setdefault(o_first, set()).add(int(a["h"][j]))
     return found
 
 
@@ -224,23 +268,39 @@ class _Reader:
             fh = self.fs.open(self.obj.key, "rb")
         except FileNotFoundError:
             raise ObjectBad([Problem("vanished after it was listed")]) from None
+        pending: list[pa.RecordBatch] = []
         with fh, pq.ParquetWriter(local_parquet, self.dc.schema, **LAKE_WRITER) as writer:
+
+            def flush() -> None:
+                if pending:
+                    writer.write_table(
+                        pa.Table.from_batches(pending), row_group_size=ROW_GROUP_ROWS
+                    )
+                    pending.clear()
+
             for batch in reader(fh, self.dc.schema):
                 if self.personal:
                     assert self.key is not None
                     batch = pseudonymise_batch(batch, self.personal, self.key)
                 hashes.append(key_hashes(batch.column(self.dc.primary_key)))
-                writer.write_batch(batch)
+                pending.append(batch)
                 rows += batch.num_rows
+                if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
+                    flush()
+            flush()
         if rows == 0:
             raise ObjectBad([Problem("holds no rows (an empty or header-only export?)")])
-        pk = np.sort(np.concatenate(hashes), order=["h1", "h2"])
-        dups = duplicates_within(pk)
-        if dups:
-            raise ObjectBad([Problem(f"{dups} duplicate value(s) within the object",
-                                     self.dc.primary_key, "unique (primary key)",
-                                     "duplicates")])  # fmt: skip
-        pk.tofile(local_pk)
+        s = np.sort(np.concatenate(hashes))
+        if (s[1:] == s[:-1]).any():  # candidates: confirm on the values
+            n, examples = _exact_duplicates(
+                pq.read_table(local_parquet, columns=[self.dc.primary_key]).column(0)
+            )
+            if n:
+                shown = ", ".join(repr(e) for e in examples)
+                raise ObjectBad([Problem(f"{n} duplicate value(s) within the object, e.g. {shown}",
+                                         self.dc.primary_key, "unique (primary key)",
+                                         "duplicates")])  # fmt: skip
+        s.tofile(local_pk)
         return rows
 
 
@@ -286,9 +346,6 @@ def _ingest_object(
                 raise ObjectBad([Problem(why)])
             digest = sha256_file(local)
         committed.append(f"{base}.parquet")
-        with open(local_pk, "rb") as fh:
-            atomic_write_bytes(lake_fs, f"{base}.pk", fh.read())
-        committed.append(f"{base}.pk")
         out.record = ObjectRecord(
             key=o.key, etag=o.etag, version_id=o.version_id, size=o.size, rows=rows,
             lake_path=f"{objects_root_url}/{address}.parquet", lake_sha256=digest,
@@ -401,10 +458,14 @@ def ingest(
     addresses = {o.key: object_address(o, dc, pseudo) for o in objs}
     outcomes: dict[str, _Outcome] = {}
     to_read: list[SourceObject] = []
+    try:  # one listing of the lake's objects, not one request per object
+        committed_objs = _listed_names(lake_fs, obj_root)
+    except Exception as exc:
+        raise storage_error(f"lake {obj_root_url}", exc, storage_options_lake) from None
     for o in objs:
         rec_path = f"{obj_root}/{addresses[o.key]}.json"
         try:
-            known = exists(lake_fs, rec_path)
+            known = f"{addresses[o.key]}.json" in committed_objs
             data = read_json(lake_fs, rec_path) if known else None
         except Exception as exc:
             raise storage_error(f"lake {obj_root_url}", exc, storage_options_lake) from None
@@ -441,13 +502,14 @@ def ingest(
     try:
         workers = max(1, min(opts.workers, len(to_read)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aif-ingest") as pool:
-            for res in pool.map(work, to_read):
+            results = pool.map(work, to_read) if workers > 1 else map(work, to_read)
+            for res in results:
                 outcomes[res.obj.key] = res
                 if res.pk_local:
                     pk_files.append(res.pk_local)
         ordered = [outcomes[o.key] for o in objs]
         good = [r for r in ordered if r.record is not None]
-        _check_across(good, lake_fs, obj_root, dc, say)
+        _check_across(good, lake_fs, dc, say)
         bad = [r for r in ordered if r.problems]
         if bad and not opts.quarantine:
             raise _strict_error(dataset, bad, len(objs))
@@ -517,32 +579,64 @@ def ingest(
     return snap
 
 
-def _check_across(good: list[_Outcome], lake_fs: Any, obj_root: str, dc: DatasetContract,
+def _listed_names(fs: Any, folder: str) -> set[str]:
+    """Names of the files directly in ``folder`` (empty when it does not exist yet)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(folder)
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def _check_across(good: list[_Outcome], lake_fs: Any, dc: DatasetContract,
                   say: Progress) -> None:  # fmt: skip
-    """Mark objects whose primary keys repeat keys of an earlier object as bad."""
+    """Mark objects whose primary keys repeat keys of an earlier object as bad.
+
+    Key hashes of objects read by this run come from local files; those of reused objects
+    from their lake file's key column. Hash matches are confirmed on the values."""
     if len(good) < 2:
         return
+    pk = dc.primary_key
+
+    def keys_of(r: _Outcome) -> pa.ChunkedArray:
+        assert r.record is not None
+        with lake_fs.open(r.record.lake_path.split("://", 1)[-1], "rb") as fh:
+            return pq.read_table(fh, columns=[pk]).column(0)
 
     def loader(r: _Outcome) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
             if r.pk_local:
-                return np.fromfile(r.pk_local, dtype=PK_DTYPE)
-            assert r.record is not None
-            data = lake_fs.cat_file(f"{obj_root}/{r.record.address}.pk")
-            return np.frombuffer(data, dtype=PK_DTYPE)
+                return np.fromfile(r.pk_local, dtype="<u8")
+            return key_hashes(keys_of(r))
 
         return load
 
     found = duplicates_across([loader(r) for r in good])
+    bad = 0
     for idx, others in sorted(found.items()):
         r = good[idx]
-        detail = ", ".join(f"{n} shared with {good[o].obj.url}" for o, n in sorted(others.items()))
-        r.problems.append(
-            Problem(f"primary-key values already in an earlier object: {detail}",
-                    dc.primary_key, "unique (primary key)", "duplicates")
-        )  # fmt: skip
-    if found:
-        say(f"{len(found)} object(s) repeat primary keys of earlier objects")
+        mine = keys_of(r)
+        mine_h = key_hashes(mine)
+        details = []
+        for o, hashes in sorted(others.items()):
+            cand = np.fromiter(hashes, dtype="<u8")
+            theirs = keys_of(good[o])
+            a = set(pa.array(mine).filter(pa.array(np.isin(mine_h, cand))).to_pylist())
+            b_keys = pa.array(theirs)
+            b = set(b_keys.filter(pa.array(np.isin(key_hashes(b_keys), cand))).to_pylist())
+            shared = sorted(a & b, key=str)
+            if shared:
+                eg = ", ".join(repr(v) for v in shared[:3])
+                details.append(f"{len(shared)} shared with {good[o].obj.url} (e.g. {eg})")
+        if details:
+            bad += 1
+            r.problems.append(
+                Problem("primary-key values already in an earlier object: " + "; ".join(details),
+                        pk, "unique (primary key)", "duplicates")
+            )  # fmt: skip
+    if bad:
+        say(f"{bad} object(s) repeat primary keys of earlier objects")
 
 
 def audit(lake_url: str, storage_options: dict[str, Any] | None, decision: Decision) -> str:

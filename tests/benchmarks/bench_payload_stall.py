@@ -18,9 +18,11 @@ from pathlib import Path
 
 from tasks import features as F
 from tasks.datagen import generate_mobility
-from tasks.ingest import ingest
+from tasks.ingest import IngestOptions, ingest
 from tasks.manifests import FeatureSet, SplitFiles
 from tasks.textgen import generate_reviews
+
+MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
 TARGET = 0.05
 
@@ -28,7 +30,7 @@ TARGET = 0.05
 def tabular_featureset(tmp: Path, rows: int) -> Path:
     src = f"file://{tmp}/dataspace"
     generate_mobility(src, rows=rows, objects=8)
-    snap = ingest(src, f"file://{tmp}/lake", "mobility-trips", {}, {}, "bench")
+    snap = ingest(src, f"file://{tmp}/lake", "mobility-trips", {}, {}, MOBILITY)
     cfg = F.DEFAULT_FEATURE_CONFIG
     out = f"file://{tmp}/lake/features/bench"
     results = [F.featurize_partition(i, o.lake_path, out, {}, cfg)

@@ -18,9 +18,11 @@ from tasks import features as F
 from tasks.config import DaskSpec, load_profile
 from tasks.dask_cluster import open_cluster
 from tasks.datagen import generate_mobility
-from tasks.ingest import ingest
+from tasks.ingest import IngestOptions, ingest
 from tasks.preprocess import plan, run_preprocess
 from tasks.slurm import SlurmClient
+
+MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
 
 def _warm() -> None:
@@ -34,7 +36,7 @@ def main() -> int:
     a = p.parse_args()
     root = tempfile.mkdtemp(prefix="aif-bench-pp-")
     generate_mobility(f"file://{root}/ds", rows=a.rows, objects=a.objects, seed=5)
-    snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, "b")
+    snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, MOBILITY)
     fs_id, cfg = plan(snap, F.resolve_config({}))
 
     t0 = time.perf_counter()

@@ -13,9 +13,11 @@ from tasks.config import DaskSpec, Profile
 from tasks.dask_cluster import open_cluster
 from tasks.datagen import generate_mobility
 from tasks.features import resolve_config
-from tasks.ingest import ingest
+from tasks.ingest import IngestOptions, ingest
 from tasks.preprocess import plan, run_preprocess
 from tasks.slurm import SlurmClient
+
+MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
 pytestmark = pytest.mark.site
 OBJECTS = 12
@@ -25,7 +27,7 @@ OBJECTS = 12
 def snapshot(site_profile: Profile, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("pp")
     generate_mobility(f"file://{root}/ds", rows=1_200_000, objects=OBJECTS, seed=3)
-    snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, "t")
+    snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, MOBILITY)
     return root, snap
 
 
