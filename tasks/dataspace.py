@@ -8,9 +8,14 @@ that breaks its contract becomes one :class:`DataError` line naming object and c
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime as dt
+import email.utils
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,23 +247,37 @@ def list_objects(
             continue
         if "/." in path or path.startswith("."):  # hidden staging files of a writer
             continue
-        etag = info.get("ETag") or info.get("etag")
-        version = info.get("VersionId") or info.get("version_id")
-        mtime = info.get("mtime")
+        if protocol in ("http", "https") and not info.get("size"):
+            try:  # an HTML index gives names only: ask the server for size and validators
+                info = fs.info(path)
+            except Exception as exc:
+                raise storage_error(f"{where}: {path}", exc, storage_options) from None
         full = path if "://" in path else f"{protocol}://{path}"
-        objs.append(
-            SourceObject(
-                key=path,
-                url=full,
-                size=int(info.get("size") or 0),
-                etag=etag.strip('"') if isinstance(etag, str) else None,
-                version_id=str(version) if version and version != "null" else None,
-                mtime=float(mtime) if isinstance(mtime, int | float) else None,
-            )
-        )
+        objs.append(_to_object(path, full, info))
     if not objs:
         raise DataError(f"{where}: no *{extension} objects under this prefix")
     return objs
+
+
+def _to_object(key: str, url: str, info: dict[str, Any]) -> SourceObject:
+    """A listing entry as a SourceObject. Where the store gives no ETag, version or time
+    (some HTTP servers), the object gets a one-off identity, so it is always read again:
+    a change could not be told otherwise."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    version = info.get("VersionId") or info.get("version_id") or info.get("generation")
+    mtime: Any = info.get("mtime") or info.get("created") or info.get("LastModified")
+    if mtime is None and info.get("Last-Modified"):
+        with contextlib.suppress(TypeError, ValueError):
+            mtime = email.utils.parsedate_to_datetime(str(info["Last-Modified"]))
+    if isinstance(mtime, dt.datetime):
+        mtime = mtime.timestamp()
+    etag = etag.strip('"') if isinstance(etag, str) else None
+    version = str(version) if version and version != "null" else None
+    mtime = float(mtime) if isinstance(mtime, int | float) else None
+    if not (etag or version or mtime):
+        etag = f"unverifiable-{uuid.uuid4().hex}"
+    return SourceObject(key=key, url=url, size=int(info.get("size") or 0), etag=etag,
+                        version_id=version, mtime=mtime)  # fmt: skip
 
 
 def stat_object(fs: Any, obj: SourceObject) -> SourceObject | None:
@@ -269,17 +288,10 @@ def stat_object(fs: Any, obj: SourceObject) -> SourceObject | None:
         info = fs.info(obj.key)
     except FileNotFoundError:
         return None
-    etag = info.get("ETag") or info.get("etag")
-    version = info.get("VersionId") or info.get("version_id")
-    mtime = info.get("mtime")
-    return SourceObject(
-        key=obj.key,
-        url=obj.url,
-        size=int(info.get("size") or 0),
-        etag=etag.strip('"') if isinstance(etag, str) else None,
-        version_id=str(version) if version and version != "null" else None,
-        mtime=float(mtime) if isinstance(mtime, int | float) else None,
-    )
+    now = _to_object(obj.key, obj.url, info)
+    if obj.etag and obj.etag.startswith("unverifiable-") and now.etag:
+        now = dataclasses.replace(now, etag=obj.etag)  # nothing to compare but the size
+    return now
 
 
 def has_objects(

@@ -243,3 +243,47 @@ def test_policy_decision_is_recorded(store: Store, lake: Store) -> None:
         list_snapshots(lake.url, "agriculture-fields", lake.storage_options)[0].policy
         == snap.policy
     )
+
+
+# -- other distributions: memory:// and http(s):// -----------------------------------------
+def test_memory_distribution(lake: Store) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/aif-{lake.kind}-{id(lake)}"
+    generate_agriculture(f"memory://{root}", None, rows=900, objects=3)
+    first = ingest(f"memory://{root}/*.csv", lake.url, "agriculture-fields", None,
+                   lake.storage_options, IngestOptions(**AGRI))  # fmt: skip
+    assert first.rows == 900 and len(first.objects_read) == 3
+    again = ingest(f"memory://{root}/*.csv", lake.url, "agriculture-fields", None,
+                   lake.storage_options, IngestOptions(**AGRI))  # fmt: skip
+    assert again.reused and again.snapshot_id == first.snapshot_id
+    fs.rm(root, recursive=True)
+
+
+def test_http_distribution(tmp_path: Any, lake: Store) -> None:
+    """An HTTP server's index page is listed; sizes and Last-Modified come from HEAD."""
+    import functools
+    import http.server
+    import threading
+
+    generate_agriculture(f"file://{tmp_path}/site/agri", None, rows=600, objects=2)
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site")
+    )
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/agri/*.csv"
+        snap = ingest(url, lake.url, "agriculture-fields", None, lake.storage_options,
+                      IngestOptions(**AGRI))  # fmt: skip
+        assert snap.rows == 600 and [o.key.rsplit("/", 1)[-1] for o in snap.objects] == [
+            "part-00000.csv",
+            "part-00001.csv",
+        ]
+        again = ingest(url, lake.url, "agriculture-fields", None, lake.storage_options,
+                       IngestOptions(**AGRI))  # fmt: skip
+        assert again.reused
+    finally:
+        server.shutdown()
