@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import fsspec
@@ -124,8 +125,12 @@ def test_lake_holds_manifests_and_parquet(site_run: dict[str, Any], site_profile
     fs, root = fsspec.core.url_to_fs(lake, **site_profile.storage_options(lake))
     snap = site_run["record"]["snapshot"]["id"]
     fset = site_run["record"]["featureset"]["id"]
-    assert fs.exists(f"{root}/snapshots/mobility-trips/{snap}/manifest.json")
-    assert fs.glob(f"{root}/snapshots/mobility-trips/{snap}/data/*.parquet")
+    manifest = json.loads(fs.cat_file(f"{root}/snapshots/mobility-trips/{snap}/manifest.json"))
+    assert manifest["objects"] and manifest["policy"]["allowed"]
+    for o in manifest["objects"]:  # content-addressed lake objects, each with its record
+        assert o["lake_path"].startswith(f"{lake}/objects/mobility-trips/")
+        assert fs.size(o["lake_path"]) > 0
+        assert fs.exists(o["lake_path"].removesuffix(".parquet") + ".json")
     assert fs.exists(f"{root}/features/{fset}/manifest.json")
     for split in ("train", "val", "test"):
         assert fs.glob(f"{root}/features/{fset}/{split}/*.parquet")
