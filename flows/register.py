@@ -6,6 +6,8 @@ model again returns the existing version instead of creating a second one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -13,7 +15,14 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import load_profile
 from tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
-from tasks.provenance import git_info
+from tasks.modelcard import (
+    model_card,
+    ro_crate,
+    time_ranges,
+    training_data_summary,
+    write_documents,
+)
+from tasks.provenance import git_info, now_iso
 from tasks.registry import register_model
 from tasks.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
 
@@ -41,17 +50,45 @@ def register_task(
         "aif.config_hash": cfg.config_hash(),
         "aif.dataset": snap.dataset,
     }
+    entry = cfg.dataset_entry(snap.dataset)
+    env_path = Path(trained.run_dir) / "environment.json"
+    software = json.loads(env_path.read_text()) if env_path.exists() else {}
+    name = cfg.mlflow.model_name
+    say = stage_logger("register")
+
+    def documents(version: str) -> dict[str, str | dict[str, Any]]:
+        ranges = time_ranges(snap, cfg.storage_options(cfg.lake.url))
+        card = model_card(name=name, version=version, trained=trained, fset=fset, snap=snap,
+                          entry=entry, startup=sid, startup_cfg=st, lineage=lineage)  # fmt: skip
+        summary = training_data_summary(snap, entry, ranges)
+        names = ["model_card.md", "training_data_summary.md"]
+        crate = ro_crate(name=name, version=version, trained=trained, fset=fset, snap=snap,
+                         entry=entry, startup=sid, lineage=lineage, software=software,
+                         documents=names, created=now_iso())  # fmt: skip
+        docs: dict[str, str | dict[str, Any]] = {
+            "model_card.md": card, "training_data_summary.md": summary,
+            "ro-crate-metadata.json": crate, "environment.json": software,
+        }  # fmt: skip
+        folder = Path(cfg.runs_dir) / "models" / name / version
+        write_documents(folder, docs)
+        say(f"model card, training-data summary and RO-Crate written to {folder}")
+        artifact_markdown("model-card", card, f"Model card of {name} v{version}")
+        artifact_markdown("training-data-summary", summary, f"Training data of {name} v{version}")
+        return docs
+
     return register_model(
         trained,
         fset,
         snap,
         tracking_uri=cfg.mlflow.tracking_uri,
-        model_name=cfg.mlflow.model_name,
+        model_name=name,
         experiment=cfg.mlflow.experiment,
         artifact_location=cfg.mlflow.artifact_location,
         lineage=lineage,
         feature_config=fset.feature_config,
-        log=stage_logger("register"),
+        log=say,
+        documents=documents,
+        extra_artifacts={"lineage/config.json": cfg.public_dict()},
     )
 
 

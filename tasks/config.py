@@ -11,6 +11,7 @@ Precedence, lowest first: profile file < ``AIF_<SECTION>__<KEY>`` environment va
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -180,6 +181,17 @@ class SlurmSpec(_Model):
     bin_dir: str | None = None
 
 
+class Declaration(_Model):
+    """A project's responsible-AI declaration (shown in every model card)."""
+
+    intended_purpose: str
+    # Self-assessment against the EU AI Act's prohibited practices (Art. 5).
+    prohibited_practices: str
+    risk_class: Literal["minimal", "limited", "high"] = "minimal"
+    approved_by: str | None = None
+    approved_on: dt.date | None = None
+
+
 class Startup(_Model):
     account: str
     project: str = "default"
@@ -188,6 +200,7 @@ class Startup(_Model):
     # Intended purposes the start-up declared for its project; data-space policies are
     # checked against the purpose a run gives (the first one by default).
     purposes: list[str] = Field(default_factory=list)
+    declaration: Declaration | None = None
 
 
 class Profile(_Model):

@@ -57,8 +57,17 @@ def register_model(
     lineage: dict[str, str],
     feature_config: dict[str, Any],
     log: Callable[[str], None] = print,
+    documents: Callable[[str], dict[str, str | dict[str, Any]]] | None = None,
+    extra_artifacts: dict[str, dict[str, Any]] | None = None,
 ) -> ModelVersion:
-    """Log the run and register one model version (or return the existing one)."""
+    """Log the run and register one model version (or return the existing one).
+
+    Idempotent, also under concurrency: a version is found by its fingerprint tag before
+    anything is created; if two registrations of the same model race, both see every
+    version with the fingerprint right after registering, the lowest version wins and the
+    other one is deleted (with its run), so exactly one version remains. ``documents``
+    (given the version) returns the files to attach under ``docs/`` (model card,
+    training-data summary, RO-Crate)."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -76,18 +85,7 @@ def register_model(
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     fp = fingerprint(trained, model_name)
 
-    try:
-        existing = [
-            v
-            for v in client.search_model_versions(f"name='{model_name}'")
-            if v.tags.get(FINGERPRINT_TAG) == fp
-        ]
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
-            raise RegistryError(
-                f"MLflow {tracking_uri}: cannot search model versions: {exc}"
-            ) from None
-        existing = []
+    existing = _versions_with(client, model_name, fp, tracking_uri)
     if existing:
         mv = sorted(existing, key=lambda v: int(v.version))[0]
         log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
@@ -113,6 +111,8 @@ def register_model(
         "aif.executor": trained.executor,
         "aif.environment_hash": trained.environment_hash,
         "aif.weights_sha256": trained.weights_sha256,
+        "aif.seed": str(trained.params.get("seed", "")),
+        "aif.sacct": _sacct_tag(trained.sacct),
         **lineage,
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{trained.run_key}") as run:
@@ -121,6 +121,8 @@ def register_model(
         mlflow.set_tags(tags)
         if trained.sacct:
             mlflow.log_dict(trained.sacct, "lineage/sacct.json")
+        for path, data in (extra_artifacts or {}).items():
+            mlflow.log_dict(data, path)
         mlflow.log_dict(snapshot.canonical(), "lineage/data_snapshot.json")
         mlflow.log_dict(featureset.canonical(), "lineage/featureset.json")
         sbatch = Path(trained.run_dir) / "train.sbatch"
@@ -138,11 +140,54 @@ def register_model(
         run_id = run.info.run_id
     with _quiet():
         mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
+    same = _versions_with(client, model_name, fp, tracking_uri)
+    winner = min(same, key=lambda v: int(v.version)) if same else mv
+    if str(winner.version) != str(mv.version):
+        # A concurrent registration of the same model got there first: keep one version.
+        with contextlib.suppress(MlflowException):
+            client.delete_model_version(model_name, mv.version)
+        with contextlib.suppress(MlflowException):
+            client.delete_run(run_id)
+        log(f"{model_name} version {winner.version} registered the same model concurrently: "
+            f"version {mv.version} withdrawn")  # fmt: skip
+        return _manifest(winner, model_name, fp, tracking_uri, client).model_copy(
+            update={"reused": True}
+        )
+    if documents is not None:
+        docs = documents(str(mv.version))
+        for doc, body in docs.items():
+            text = body if isinstance(body, str) else json.dumps(body, indent=2)
+            client.log_text(run_id, text, f"docs/{doc}")
+        card = docs.get("model_card.md")
+        if isinstance(card, str):
+            client.update_model_version(model_name, mv.version, description=card[:5000])
     client.set_registered_model_alias(model_name, "candidate", mv.version)
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
     return _manifest(
         client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
     )
+
+
+def _sacct_tag(rec: dict[str, str]) -> str:
+    keys = ("JobID", "State", "ExitCode", "Elapsed", "AllocTRES", "MaxRSS", "NodeList")
+    return " ".join(f"{k}={rec[k]}" for k in keys if rec.get(k))[:480] or "none"
+
+
+def _versions_with(client: Any, model_name: str, fp: str, tracking_uri: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return [
+            v
+            for v in client.search_model_versions(f"name='{model_name}'")
+            if v.tags.get(FINGERPRINT_TAG) == fp
+        ]
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise RegistryError(
+                f"MLflow {tracking_uri}: cannot search model versions: {exc}"
+            ) from None
+        return []
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     rec = json.loads(records[0].read_text())
     assert "***" not in json.dumps(rec) or rec["profile"]["object_store"] is None
 
+    _check_documents(home)
+
     again = _run(home, "--rows", "20000", "--epochs", "2")
     assert again.returncode == 0, again.stderr
     out = again.stdout
@@ -50,6 +52,46 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     assert "already finished" in out and "already registered" in out
     assert "summary: Nothing changed: no data bytes read, no Slurm job submitted" in out
     assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
+
+
+def _check_documents(home: Path) -> None:
+    """Model card, training-data summary and RO-Crate: beside the run and in MLflow."""
+    folder = home / "local" / "runs" / "models" / "mobility-trip-duration" / "1"
+    card = (folder / "model_card.md").read_text()
+    assert "# Model card: mobility-trip-duration version 1" in card
+    assert "## Responsible-AI declaration" in card and "approved by A. Lindqvist" in card
+    assert "## Metrics (held-out splits)" in card and "test_rmse" in card
+    assert "## Limitations" in card
+    summary = (folder / "training_data_summary.md").read_text()
+    for needle in ("City Mobility Data Space", "CC-BY-4.0", "20,000 rows", "valid until 2027-12-31",
+                   "`pickup_ts`: 2025-", "no personal data declared"):  # fmt: skip
+        assert needle in summary, needle
+    crate = json.loads((folder / "ro-crate-metadata.json").read_text())
+    assert crate["@context"] == "https://w3id.org/ro/crate/1.1/context"
+    graph = {e["@id"]: e for e in crate["@graph"]}
+    root = graph["./"]
+    assert {"@id": "https://w3id.org/ro/wfrun/workflow/0.5"} in root["conformsTo"]
+    run = graph[root["mentions"][0]["@id"]]
+    assert (
+        run["@type"] == "CreateAction"
+        and {"@id": "models:/mobility-trip-duration/1"} in run["result"]
+    )
+    snapshot = graph[run["object"][0]["@id"]]
+    assert len(snapshot["hasPart"]) == 8 and graph["environment.json"]["identifier"]
+    assert graph["flows/pipeline.py"]["version"] == graph["flows/pipeline.py"]["identifier"][4:]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home}/local/mlflow.db")
+    mv = client.get_model_version("mobility-trip-duration", "1")
+    assert mv.description.startswith("# Model card")
+    for tag in ("aif.snapshot_id", "aif.snapshot_hash", "aif.featureset_hash", "aif.git_commit",
+                "aif.git_dirty", "aif.environment_hash", "aif.config_hash", "aif.seed",
+                "aif.prefect_flow_run_id", "aif.startup", "aif.project"):  # fmt: skip
+        assert mv.tags.get(tag), tag
+    names = {a.path for a in client.list_artifacts(mv.run_id, "docs")}
+    assert names == {"docs/model_card.md", "docs/training_data_summary.md",
+                     "docs/ro-crate-metadata.json", "docs/environment.json"}  # fmt: skip
 
 
 def test_local_run_bad_dataspace_is_one_line(home: Path, tmp_path: Path) -> None:
