@@ -199,6 +199,18 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Rebuild a registered model from its record; MATCH when the weights are identical."""
+    from tasks.config import load_profile
+    from tasks.replay import replay
+
+    cfg = load_profile(args.profile)
+    result = replay(args.uri, cfg, allow_dirty=args.allow_dirty,
+                    log=lambda m: print(f"  [replay] {m}", flush=True))  # fmt: skip
+    print(result.line(), flush=True)
+    return 0 if result.match else 1
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from tasks.config import load_profile
     from tasks.ingest import list_snapshots, load_snapshot
@@ -327,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--catalog", default=None, help="catalog file (default: the shipped one)")
     ct.add_argument("--profile", default=None, help="use this profile's catalog")
     ct.set_defaults(func=cmd_catalog)
+
+    rl = sub.add_parser("replay", help="rebuild a registered model and compare its weights")
+    rl.add_argument("uri", help="models:/NAME/VERSION")
+    rl.add_argument("--profile", default=None, help="where the registry and lake are")
+    rl.add_argument("--allow-dirty", action="store_true",
+                    help="replay with uncommitted changes in the working tree")  # fmt: skip
+    rl.set_defaults(func=cmd_replay)
 
     sn = sub.add_parser("snapshot", help="committed data snapshots in the lake")
     sn.add_argument("action", choices=["ls", "show"])

@@ -347,7 +347,8 @@ def _ingest_object(
             digest = sha256_file(local)
         committed.append(f"{base}.parquet")
         out.record = ObjectRecord(
-            key=o.key, etag=o.etag, version_id=o.version_id, size=o.size, rows=rows,
+            key=o.key, etag=o.etag, version_id=o.version_id, identity=o.identity(),
+            size=o.size, rows=rows,
             lake_path=f"{objects_root_url}/{address}.parquet", lake_sha256=digest,
             format=dc.format, address=address, decision=decision, pseudonymised=personal,
         )  # fmt: skip

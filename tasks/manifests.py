@@ -40,6 +40,7 @@ class ObjectRecord(BaseModel):
     key: str  # path of the source object (bucket/prefix/name for s3)
     etag: str | None = None
     version_id: str | None = None
+    identity: str = ""  # version, ETag or mtime, as listed (what the snapshot id hashes)
     size: int
     rows: int
     lake_path: str  # committed lake file (full fsspec URL)

@@ -155,3 +155,33 @@ def test_promote_and_rollback(home: Path) -> None:
     assert "version 2: promoted to champion" in forced.stdout, forced.stdout + forced.stderr
     back = aif("model", "rollback")
     assert back.returncode == 0 and "version 2 -> 1" in back.stdout, back.stdout + back.stderr
+
+
+def test_replay_matches_then_refuses_a_changed_object(home: Path) -> None:
+    """Version 1 rebuilt from its record gives the same weights; after a data object changes
+    the replay is refused with the difference named."""
+    from tasks.provenance import git_info
+
+    env = {**os.environ, "AIF_HOME": str(home)}
+    # A clean checkout (CI) replays strictly; a working tree under edit needs --allow-dirty.
+    dirty = ["--allow-dirty"] if git_info()["dirty"] else []
+
+    def aif(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AIF, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=600)  # fmt: skip
+
+    uri = "models:/mobility-trip-duration/1"
+    ok = aif("replay", uri, *dirty)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().splitlines()[-1].startswith(f"MATCH {uri}: weights sha256 ")
+    victim = home / "local" / "dataspace" / "mobility" / "trips" / "part-00003.parquet"
+    os.utime(victim, (1_700_000_000, 1_700_000_000))
+    refused = aif("replay", uri, *dirty)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    err = refused.stderr.strip()
+    assert err.startswith(f"aif: error: replay {uri}: 1 difference(s) from what was recorded: ")
+    assert f"data: object file://{victim} changed (recorded mtime:" in err and "\n" not in err
+    bad = aif("replay", "models:/mobility-trip-duration/99", *dirty)
+    assert (
+        bad.returncode == 2 and "no model version models:/mobility-trip-duration/99" in bad.stderr
+    )
