@@ -94,12 +94,7 @@ def register_model(
             update={"reused": True}
         )
 
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp is not None
-        else client.create_experiment(experiment, artifact_location=artifact_location)
-    )
+    exp_id = _experiment_id(client, experiment, artifact_location)
     tags = {
         FINGERPRINT_TAG: fp,
         "aif.snapshot_id": snapshot.snapshot_id,
@@ -166,6 +161,22 @@ def register_model(
     return _manifest(
         client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
     )
+
+
+def _experiment_id(client: Any, experiment: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it; a concurrent creation by another run is fine."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(experiment, artifact_location=artifact_location))
+    except MlflowException as exc:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise RegistryError(f"MLflow: cannot create experiment {experiment!r}: {exc}") from None
+        return str(exp.experiment_id)
 
 
 def _sacct_tag(rec: dict[str, str]) -> str:

@@ -177,7 +177,7 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
     env: dict[str, Any] = json.loads(env_path.read_text()) if env_path.exists() else {}
     # The software, not the host or the job: the same packages give the same hash anywhere.
     software: dict[str, Any] = {k: env[k] for k in ("python", "packages") if k in env}
-    return TrainedModel(
+    trained = TrainedModel(
         run_key=run_key,
         featureset_id=fset.featureset_id,
         featureset_hash=fset.content_hash(),
@@ -199,6 +199,8 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
         created_at=now_iso(),
         duration_s=round(time.monotonic() - t0, 3),
     )
+    write_text_local(run_dir / "trained.json", trained.to_json())  # the stage's manifest
+    return trained
 
 
 def train(
