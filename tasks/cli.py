@@ -245,9 +245,22 @@ def cmd_model(args: argparse.Namespace) -> int:
         old, new = rollback(uri, name)
         print(f"champion: {name} version {old} -> {new}")
         return 0
-    d = promote(uri, name, version=args.version, metric=args.metric, margin=args.margin)
+    spec = cfg.promotion.model_copy(
+        update={
+            k: v for k, v in (("metric", args.metric), ("margin", args.margin)) if v is not None
+        }
+    )
+
+    def approved(startup: str) -> bool:
+        st = cfg.startups.get(startup)
+        decl = st.declaration if st else None
+        return bool(decl and decl.approved_by and decl.approved_on)
+
+    d = promote(uri, name, version=args.version, spec=spec, approved=approved)
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
+    for what, ok, detail in d.checks:
+        print(f"  check {'pass' if ok else 'FAIL'}: {what} ({detail})")
     return 0
 
 
@@ -358,13 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("action", choices=["promote", "rollback"])
     md.add_argument("--profile", default=None)
     md.add_argument("--version", default=None, help="default: the 'candidate' alias")
-    md.add_argument("--metric", default="test_rmse", help="held-out metric, lower is better")
-    md.add_argument(
-        "--margin",
-        type=float,
-        default=0.0,
-        help="relative improvement needed over the champion (0.02 = 2%%)",
-    )
+    md.add_argument("--metric", default=None,
+                    help="held-out metric (default: the profile's promotion.metric)")  # fmt: skip
+    md.add_argument("--margin", type=float, default=None,
+                    help="relative improvement needed over the champion (0.02 = 2%%; default: "
+                    "the profile's promotion.margin)")  # fmt: skip
     md.set_defaults(func=cmd_model)
 
     from tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE

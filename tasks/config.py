@@ -170,6 +170,31 @@ class MlflowSpec(_Model):
     model_name: str = "mobility-trip-duration"
 
 
+class MetricCheck(_Model):
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> MetricCheck:
+        if self.min is None and self.max is None:
+            raise ValueError(f"check on {self.metric!r}: give min, max or both")
+        return self
+
+
+class PromotionSpec(_Model):
+    """When `champion` may move (aif model promote): the candidate must beat the champion
+    on ``metric`` by ``margin`` (relative) and pass every check."""
+
+    metric: str = "test_rmse"
+    higher_is_better: bool = False
+    margin: float = 0.0
+    checks: list[MetricCheck] = Field(default_factory=list)
+    require_documents: bool = True  # model card, data summary and RO-Crate attached
+    require_clean_code: bool = False  # trained from a committed tree
+    require_approved_declaration: bool = True  # the start-up's declaration is approved
+
+
 class PrefectSpec(_Model):
     # "managed": aif starts a local Prefect server (state in home_dir/prefect) and reuses it.
     api_url: str = "managed"
@@ -217,6 +242,7 @@ class Profile(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     mlflow: MlflowSpec
     prefect: PrefectSpec = Field(default_factory=PrefectSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     # Feature engineering over its defaults (tasks/features.py): clean ranges, split,
     # categorical vocabularies, fill values. Checked by features.resolve_config.

@@ -1,16 +1,19 @@
 """`aif model promote | rollback`: the champion alias moves only on evidence.
 
 Promote: the candidate (alias ``candidate``, or a given version) becomes ``champion`` when
-there is no champion yet, or when it beats the champion on the held-out metric (lower is
-better: test RMSE by default) by at least the margin, relative to the champion's figure.
-The decision, both figures and the previous champion are recorded as tags on the candidate
-version, whether it is promoted or not. Rollback moves ``champion`` back to the version it
-replaced.
+it passes every configured check (profile section ``promotion``: metric bounds such as a
+minimum test R², the model card and data summary attached, an approved responsible-AI
+declaration, optionally a clean code tree) and either there is no champion yet or it beats
+the champion on the held-out metric (test RMSE by default, lower is better) by at least the
+margin, relative to the champion's figure. The decision, both figures, every check and the
+previous champion are recorded as tags on the candidate version, whether it is promoted or
+not. Rollback moves ``champion`` back to the version it replaced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.errors import AifError
@@ -31,6 +34,43 @@ class Decision:
     metric: str
     margin: float
     reason: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (check, passed, detail)
+
+
+def _checks(client: Any, name: str, version: str, spec: Any,
+            approved: bool | None) -> list[tuple[str, bool, str]]:  # fmt: skip
+    """Every configured check on one version: (what, passed, detail)."""
+    mv = client.get_model_version(name, version)
+    run_id = mv.tags.get("aif.run_id") or mv.run_id
+    metrics = client.get_run(run_id).data.metrics if run_id else {}
+    out: list[tuple[str, bool, str]] = []
+    for c in spec.checks:
+        v = metrics.get(c.metric)
+        label = (
+            c.metric
+            + (f" >= {c.min:g}" if c.min is not None else "")
+            + (f" <= {c.max:g}" if c.max is not None else "")
+        )
+        if v is None:
+            out.append((label, False, "not logged"))
+            continue
+        ok = (c.min is None or v >= c.min) and (c.max is None or v <= c.max)
+        out.append((label, ok, f"{v:.4g}"))
+    if spec.require_documents:
+        docs = {a.path for a in client.list_artifacts(run_id, "docs")} if run_id else set()
+        need = {"docs/model_card.md", "docs/training_data_summary.md",
+                "docs/ro-crate-metadata.json"}  # fmt: skip
+        missing = sorted(need - docs)
+        out.append(("documents attached", not missing,
+                    "all" if not missing else "missing " + ", ".join(missing)))  # fmt: skip
+    if spec.require_clean_code:
+        dirty = mv.tags.get("aif.git_dirty", "unknown")
+        out.append(("trained from a clean tree", dirty == "false", f"git_dirty={dirty}"))
+    if spec.require_approved_declaration:
+        out.append(("responsible-AI declaration approved", bool(approved),
+                    "approved" if approved else "no approved declaration for start-up "
+                    + mv.tags.get("aif.startup", "?")))  # fmt: skip
+    return out
 
 
 def _client(tracking_uri: str) -> Any:
@@ -64,8 +104,14 @@ def _metric(client: Any, name: str, version: str, metric: str) -> float:
     return float(metrics[metric])
 
 
-def promote(tracking_uri: str, name: str, *, version: str | None = None,
-            metric: str = "test_rmse", margin: float = 0.0) -> Decision:  # fmt: skip
+def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: Any = None,
+            approved: Callable[[str], bool] | None = None) -> Decision:  # fmt: skip
+    """Decide and record; ``approved(startup)`` says whether a start-up's responsible-AI
+    declaration is approved (from the profile)."""
+    from tasks.config import PromotionSpec
+
+    spec = spec or PromotionSpec()
+    metric, margin = spec.metric, spec.margin
     client = _client(tracking_uri)
     candidate = version or _alias_version(client, name, "candidate")
     if candidate is None:
@@ -73,25 +119,40 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None,
     champion = _alias_version(client, name, "champion")
     cand_value = _metric(client, name, candidate, metric)
     champ_value = _metric(client, name, champion, metric) if champion else None
+    startup = client.get_model_version(name, candidate).tags.get("aif.startup", "")
+    checks = _checks(client, name, candidate, spec, approved(startup) if approved else None)
+    failed = [c for c in checks if not c[1]]
     if champion == candidate:
-        decision = Decision(False, candidate, champion, cand_value, champ_value, metric, margin,
-                            f"version {candidate} is already the champion")  # fmt: skip
+        promoted, why = False, f"version {candidate} is already the champion"
+    elif failed:
+        promoted = False
+        why = "failed check(s): " + "; ".join(f"{c[0]} ({c[2]})" for c in failed)
     elif champ_value is None:
-        decision = Decision(True, candidate, None, cand_value, None, metric, margin,
-                            "no champion yet")  # fmt: skip
+        promoted, why = True, "no champion yet; every check passed"
     else:
-        needed = champ_value * (1.0 - margin)
-        ok = cand_value <= needed
+        if spec.higher_is_better:
+            needed = champ_value * (1.0 + margin)
+            promoted = cand_value >= needed
+            op = ">="
+        else:
+            needed = champ_value * (1.0 - margin)
+            promoted = cand_value <= needed
+            op = "<="
         why = (f"{metric} {cand_value:.4f} vs champion's {champ_value:.4f}: "
-               f"{'beats' if ok else 'does not beat'} it by the margin {margin:.1%} "
-               f"(needs <= {needed:.4f})")  # fmt: skip
-        decision = Decision(ok, candidate, champion, cand_value, champ_value, metric, margin, why)
+               f"{'beats' if promoted else 'does not beat'} it by the margin {margin:.1%} "
+               f"(needs {op} {needed:.4f})")  # fmt: skip
+    decision = Decision(promoted, candidate, champion, cand_value, champ_value, metric, margin,
+                        why, checks)  # fmt: skip
     tags = {
         "aif.promotion.decision": "promoted" if decision.promoted else "kept",
-        "aif.promotion.reason": decision.reason,
+        "aif.promotion.reason": decision.reason[:4000],
         "aif.promotion.metric": metric,
         "aif.promotion.candidate_value": f"{cand_value:.6f}",
         "aif.promotion.champion_value": "" if champ_value is None else f"{champ_value:.6f}",
+        "aif.promotion.checks": "; ".join(
+            f"{c[0]}: {'pass' if c[1] else 'FAIL'} ({c[2]})" for c in checks
+        )[:4000]
+        or "none configured",
         "aif.promotion.at": now_iso(),
     }
     if decision.promoted:

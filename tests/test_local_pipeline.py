@@ -140,8 +140,10 @@ def test_promote_and_rollback(home: Path) -> None:
                               timeout=600)  # fmt: skip
 
     first = aif("model", "promote", "--version", "1")
-    assert first.returncode == 0 and "version 1: promoted to champion (no champion yet)" in (
-        first.stdout
+    assert (
+        first.returncode == 0
+        and "version 1: promoted to champion (no champion yet; every check passed)"
+        in (first.stdout)
     ), first.stdout + first.stderr
     none_before = aif("model", "rollback")
     assert none_before.returncode == 1
@@ -155,6 +157,28 @@ def test_promote_and_rollback(home: Path) -> None:
     assert "version 2: promoted to champion" in forced.stdout, forced.stdout + forced.stderr
     back = aif("model", "rollback")
     assert back.returncode == 0 and "version 2 -> 1" in back.stdout, back.stdout + back.stderr
+
+    # configured checks gate the promotion whatever the metric says
+    env["AIF_PROMOTION__CHECKS"] = '[{"metric": "test_r2", "min": 0.999}]'
+    gated = aif("model", "promote", "--version", "2", "--margin", "-1")
+    assert (
+        gated.returncode == 0
+        and "version 2: not promoted (failed check(s): test_r2 >= 0.999" in (gated.stdout)
+    ), gated.stdout + gated.stderr
+    assert "check FAIL: test_r2 >= 0.999" in gated.stdout
+    assert "check pass: documents attached (all)" in gated.stdout
+    assert "check pass: responsible-AI declaration approved" in gated.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home}/local/mlflow.db")
+    tags = client.get_model_version("mobility-trip-duration", "2").tags
+    assert (
+        tags["aif.promotion.decision"] == "kept"
+        and "test_r2 >= 0.999: FAIL" in tags["aif.promotion.checks"]
+    )
+    assert (
+        str(client.get_model_version_by_alias("mobility-trip-duration", "champion").version) == "1"
+    )
 
 
 def test_replay_matches_then_refuses_a_changed_object(home: Path) -> None:
