@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import load_profile
 from tasks.manifests import FeatureSet, TrainedModel
-from tasks.provenance import environment_hash, key_of
+from tasks.provenance import code_hash, environment_hash, key_of
 from tasks.runtime import artifact_markdown, md_table, stage_logger
 from tasks.slurm import SlurmClient
 
@@ -29,8 +29,9 @@ def train_task(
     _, st = cfg.startup(startup)
     spec = cfg.training
     run_key = key_of(
-        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(), st.account
-    )
+        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
+        st.account, code_hash("train"),
+    )  # fmt: skip
     slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
     return train(
         spec=spec,

@@ -255,6 +255,7 @@ def fit_normalisation(
     }
 
 
-def featureset_id(snapshot_hash: str, config: dict[str, Any]) -> str:
-    blob = json.dumps({"snapshot": snapshot_hash, "config": config}, sort_keys=True)
+def featureset_id(snapshot_hash: str, config: dict[str, Any], code: str = "") -> str:
+    """The feature set's identity: its input snapshot, its config and its code."""
+    blob = json.dumps({"snapshot": snapshot_hash, "config": config, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -29,8 +29,10 @@ def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> F
 
 
 def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[str, dict]:
+    from tasks.provenance import code_hash
+
     cfg = json.loads(json.dumps(config or F.DEFAULT_FEATURE_CONFIG))
-    return F.featureset_id(snapshot.content_hash(), cfg), cfg
+    return F.featureset_id(snapshot.content_hash(), cfg, code_hash("preprocess")), cfg
 
 
 def run_preprocess(

@@ -50,6 +50,32 @@ def environment_hash(env: dict[str, Any] | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# The source files each stage's result depends on: part of its cache key, so that changing
+# the code of a stage re-runs it (and what is downstream), and nothing upstream of it.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "preprocess": ("tasks/features.py", "tasks/preprocess.py"),
+    "train": ("tasks/payloads/train_tabular.py", "tasks/payloads/tabular_model.py",
+              "tasks/training.py", "infra/templates/train.sbatch"),
+}  # fmt: skip
+STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "preprocess": ("pyarrow", "numpy", "pandas", "dask", "distributed", "fsspec", "s3fs"),
+}
+
+
+def code_hash(stage: str, root: Path = REPO_ROOT) -> str:
+    """sha256 (16 hex) of the stage's source files and the versions of its packages."""
+    h = hashlib.sha256(stage.encode())
+    for rel in STAGE_CODE.get(stage, ()):
+        h.update(f"\n{rel}\n".encode())
+        h.update((root / rel).read_bytes())
+    for pkg in STAGE_PACKAGES.get(stage, ()):
+        try:
+            h.update(f"\n{pkg}=={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"\n{pkg} absent".encode())
+    return h.hexdigest()[:16]
+
+
 def key_of(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

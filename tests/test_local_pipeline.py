@@ -151,6 +151,7 @@ def test_promote_and_rollback(home: Path) -> None:
 
     run2 = _run(home, "--rows", "20000", "--epochs", "3")  # a new candidate: version 2
     assert run2.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/2"
+    assert "summary: Ran: train, register." in run2.stdout  # only what is downstream of epochs
     kept = aif("model", "promote", "--margin", "0.99")  # needs a 99% better RMSE
     assert kept.returncode == 0 and "version 2: not promoted" in kept.stdout, kept.stdout
     forced = aif("model", "promote", "--margin", "-1")  # any regression tolerated
@@ -179,6 +180,27 @@ def test_promote_and_rollback(home: Path) -> None:
     assert (
         str(client.get_model_version_by_alias("mobility-trip-duration", "champion").version) == "1"
     )
+
+
+def test_changed_feature_config_reruns_from_preprocess(home: Path) -> None:
+    split = '{"train": 70, "val": 15, "test": 15}'
+    res = _run(home, "--rows", "20000", "--epochs", "2", env={"AIF_FEATURES__SPLIT": split})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "summary: Ran: preprocess, train, register." in res.stdout
+    assert "nothing changed, no object read" in res.stdout  # the snapshot is reused
+
+
+def test_code_hash_follows_the_stage_sources(tmp_path: Path) -> None:
+    from tasks.provenance import STAGE_CODE, code_hash
+
+    for rel in STAGE_CODE["preprocess"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text((REPO / rel).read_text())
+    before = code_hash("preprocess", root=tmp_path)
+    assert before == code_hash("preprocess")
+    target = tmp_path / STAGE_CODE["preprocess"][0]
+    target.write_text(target.read_text() + "\n# a change\n")
+    assert code_hash("preprocess", root=tmp_path) != before
 
 
 def test_replay_matches_then_refuses_a_changed_object(home: Path) -> None:
