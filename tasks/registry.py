@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -68,6 +69,11 @@ def register_model(
     other one is deleted (with its run), so exactly one version remains. ``documents``
     (given the version) returns the files to attach under ``docs/`` (model card,
     training-data summary, RO-Crate)."""
+    fp = fingerprint(trained, model_name)
+    found = _registered_over_rest(tracking_uri, model_name, fp)
+    if found is not None:  # the nightly no-change path: no MLflow import at all
+        log(f"model already registered as {model_name} version {found.version} (fingerprint {fp})")
+        return found
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -83,7 +89,6 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    fp = fingerprint(trained, model_name)
 
     existing = _versions_with(client, model_name, fp, tracking_uri)
     if existing:
@@ -160,6 +165,52 @@ def register_model(
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
     return _manifest(
         client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
+    )
+
+
+def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}"
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelVersion | None:
+    """The version already registered with fingerprint ``fp``, found through the tracking
+    server's REST API (and alias ``candidate`` moved to it); None when there is none or the
+    registry is not an HTTP server, so that the full MLflow client path decides."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        name_q = model_name.replace("'", "")
+        query = urllib.parse.urlencode({"filter": f"name='{name_q}'", "max_results": 1000})
+        res = _rest(tracking_uri, "GET", f"model-versions/search?{query}")
+        same = [v for v in res.get("model_versions", [])
+                if any(t.get("key") == FINGERPRINT_TAG and t.get("value") == fp
+                       for t in v.get("tags", []))]  # fmt: skip
+        if not same:
+            return None
+        mv = min(same, key=lambda v: int(v["version"]))
+        alias = {"name": model_name, "alias": "candidate", "version": str(mv["version"])}
+        _rest(tracking_uri, "POST", "registered-models/alias", alias)
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+    aliases = list(mv.get("aliases") or [])
+    if "candidate" not in aliases:
+        aliases.append("candidate")
+    return ModelVersion(
+        name=model_name,
+        version=str(mv["version"]),
+        uri=f"models:/{model_name}/{mv['version']}",
+        run_id=mv.get("run_id") or "",
+        fingerprint=fp,
+        aliases=aliases,
+        tags={t["key"]: t["value"] for t in mv.get("tags", [])},
+        tracking_uri=tracking_uri,
+        created_at=now_iso(),
+        reused=True,
     )
 
 
