@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a cached run never needs it
+    import pandas as pd
 
 # Bump when the transform's code changes: part of the FeatureSet id (cache key).
 FEATURES_VERSION = "1"
@@ -119,6 +121,8 @@ def feature_columns(config: dict[str, Any]) -> list[str]:
 
 def split_of(keys: pd.Series, split_pct: dict[str, int]) -> np.ndarray:
     """Stable split assignment: the same key lands in the same split on every run."""
+    import pandas as pd
+
     hashed = pd.util.hash_pandas_object(keys.astype("string"), index=False).to_numpy()
     bucket = (hashed % np.uint64(100)).astype(np.int64)
     out = np.empty(len(keys), dtype=object)
@@ -138,6 +142,8 @@ def transform(
     With ``inference=True`` no row is dropped and the target and key may be absent: the
     same code turns raw rows into model inputs at training and at prediction time.
     """
+    import pandas as pd
+
     dropped: dict[str, int] = {}
     keep = np.ones(len(df), dtype=bool)
     for col, (lo, hi) in [] if inference else config["clean"].items():

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -205,6 +204,8 @@ def key_hashes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def _exact_duplicates(values: pa.Array | pa.ChunkedArray) -> tuple[int, list[str]]:
     """(number of repeated values, a few examples) of one column, exactly."""
+    import pandas as pd
+
     s = pd.Series(values.to_pandas())
     dup = s[s.duplicated()]
     return len(dup), [str(v) for v in dup.drop_duplicates().head(3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -37,11 +38,16 @@ def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status)}
 
 
+@functools.lru_cache(maxsize=1)
+def _environment() -> tuple[str, tuple[tuple[str, str], ...]]:
+    pkgs = {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}
+    return sys.version.split()[0], tuple(sorted(pkgs.items()))
+
+
 def environment() -> dict[str, Any]:
-    pkgs = sorted(
-        {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}.items()
-    )
-    return {"python": sys.version.split()[0], "packages": dict(pkgs)}
+    """Python and every installed package's version (read once per process)."""
+    python, pkgs = _environment()
+    return {"python": python, "packages": dict(pkgs)}
 
 
 def environment_hash(env: dict[str, Any] | None = None) -> str:
