@@ -114,7 +114,7 @@ def feature_columns(config: dict[str, Any]) -> list[str]:
         "dropoff_zone_norm",
         "same_zone",
     ]
-    for name, values in config["categorical"].items():
+    for name, values in sorted(config["categorical"].items()):
         cols += [f"{name}={v}" for v in values]
     return cols
 
@@ -146,7 +146,9 @@ def transform(
 
     dropped: dict[str, int] = {}
     keep = np.ones(len(df), dtype=bool)
-    for col, (lo, hi) in [] if inference else config["clean"].items():
+    # Sorted: the result must not depend on the order a config's keys came in (a config read
+    # back from JSON, e.g. by `aif replay`, may list them in another order).
+    for col, (lo, hi) in [] if inference else sorted(config["clean"].items()):
         vals = df[col].to_numpy(dtype="float64", na_value=np.nan)
         bad = ~((vals >= lo) & (vals <= hi)) & keep
         if bad.any():
@@ -177,7 +179,7 @@ def transform(
             "float64"
         ),
     }
-    for name, values in config["categorical"].items():
+    for name, values in sorted(config["categorical"].items()):
         col = df[name].astype("string").fillna("")
         for v in values:
             out[f"{name}={v}"] = (col == v).to_numpy(dtype="float64")
