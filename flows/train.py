@@ -64,6 +64,7 @@ def train_flow(
         "training-run",
         f"# Training run `{trained.run_key}`\n\n- executor: {trained.executor}\n"
         f"- Slurm jobs: {', '.join(trained.slurm_job_ids) or 'none (local process)'}\n"
+        f"- restarts (requeues and resubmissions): {trained.sacct.get('aif_restarts', '0')}\n"
         f"- run dir: `{trained.run_dir}`\n\n## Metrics\n\n"
         + md_table([{"metric": k, "value": v} for k, v in sorted(m.items())])
         + ("\n\n## sacct\n\n" + md_table(sacct_rows) if sacct_rows else ""),

@@ -154,6 +154,9 @@ class TrainingSpec(_Model):
     setup: list[str] = Field(default_factory=list)  # shell lines before the payload
     env: dict[str, str] = Field(default_factory=dict)
     poll_seconds: float = Field(default=1.0, gt=0)
+    # Resubmissions after TIMEOUT, PREEMPTED or NODE_FAIL (the payload resumes from its
+    # checkpoint); out of memory, failures and cancellations are never retried.
+    max_resubmits: int = Field(default=2, ge=0)
     # Hyperparameters of the reference payload.
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=512, ge=1)

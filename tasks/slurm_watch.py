@@ -20,6 +20,25 @@ TAIL_LINES = 8
 UNKNOWN_GRACE_S = 120.0
 SACCT_WAIT_S = 30.0
 EXIT_REQUEUE = 99  # the payload checkpointed after SIGUSR1/SIGTERM
+# Endings after which the same script is submitted again (it resumes from its checkpoint):
+# the job ran out of time, was preempted, or its node failed. Out of memory, a failure
+# with an exit code and a cancellation by someone are never retried.
+RESUBMIT_STATES = ("TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL")
+
+
+def resubmit_reason(rec: Mapping[str, str]) -> str | None:
+    """Why an ended job should be submitted again, or None when it should not."""
+    state = rec.get("State", "")
+    if state in RESUBMIT_STATES:
+        return {
+            "TIMEOUT": "hit its time limit",
+            "PREEMPTED": "was preempted",
+            "NODE_FAIL": "lost its node",
+            "BOOT_FAIL": "its node failed to boot",
+        }[state]
+    if state == "FAILED" and (rec.get("ExitCode") or "").split(":")[0] == str(EXIT_REQUEUE):
+        return "checkpointed after a signal but was not requeued"
+    return None
 
 
 class _LogTail:
@@ -64,7 +83,8 @@ def failure_message(job_id: str, rec: Mapping[str, str], tail: str) -> str:
     if state == "CANCELLED":
         by = re.search(r"by (\S+)", rec.get("StateDetail", ""))
         who = f" by {by.group(1)}" if by else ""
-        return f"{where} was CANCELLED{who} after {elapsed}; log tail: {tail}"
+        when = f" at {rec['End']}" if rec.get("End") not in (None, "", "Unknown") else ""
+        return f"{where} was CANCELLED{who}{when} after {elapsed}; log tail: {tail}"
     code = rec.get("ExitCode") or "?"
     hint = ""
     if code.split(":")[0] == str(EXIT_REQUEUE):
@@ -122,8 +142,16 @@ def submit_and_watch(
     log: Callable[[str], None],
     poll_s: float = 1.0,
     cancel_event: threading.Event | None = None,
+    max_resubmits: int = 0,
+    on_job: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Submit (or reattach to a live job of the same name), stream its log, wait for its end.
+
+    A job that ends TIMEOUT, PREEMPTED, NODE_FAIL or after checkpointing without being
+    requeued is submitted again, up to ``max_resubmits`` times (the payload resumes from its
+    checkpoint); a requeue by Slurm keeps the same job and is followed through. Every job id
+    goes to ``on_job``; the returned record carries ``aif_restarts`` (requeues seen plus
+    resubmissions) and ``aif_jobs``.
 
     Returns (job id, sacct record) when the job COMPLETED; raises TrainingError otherwise.
     If the watcher is interrupted (KeyboardInterrupt, Prefect's termination, ``cancel_event``)
@@ -137,7 +165,43 @@ def submit_and_watch(
     else:
         job_id = client.submit(script_path)
         log(f"submitted Slurm job {job_id} ({job_name})")
+    jobs, restarts = [job_id], 0
+    if on_job:
+        on_job(job_id)
+    while True:
+        job_id, rec, requeues = _watch_one(client, job_id, script_path, run_dir, log, poll_s,
+                                           cancel_event)  # fmt: skip
+        restarts += requeues
+        why = resubmit_reason(rec)
+        if why is None or len(jobs) > max_resubmits:
+            break
+        log(f"job {job_id} {why} after {rec.get('Elapsed') or '?'}: resubmitting from its "
+            f"checkpoint (resubmission {len(jobs)} of at most {max_resubmits})")  # fmt: skip
+        job_id = client.submit(script_path)
+        log(f"submitted Slurm job {job_id} ({job_name})")
+        jobs.append(job_id)
+        restarts += 1
+        if on_job:
+            on_job(job_id)
+    rec = {**rec, "aif_restarts": str(restarts), "aif_jobs": ",".join(jobs)}
+    if rec.get("State") != "COMPLETED":
+        msg = failure_message(job_id, rec, rec.pop("aif_tail", ""))
+        if len(jobs) > 1:
+            msg += f" (after {len(jobs) - 1} resubmission(s): jobs {', '.join(jobs)})"
+        raise TrainingError(msg)
+    rec.pop("aif_tail", None)
+    if restarts:
+        log(f"training completed after {restarts} restart(s): jobs {', '.join(jobs)}")
+    return job_id, rec
+
+
+def _watch_one(
+    client: SlurmClient, job_id: str, script_path: str, run_dir: str, log: Callable[[str], None],
+    poll_s: float, cancel_event: threading.Event | None,
+) -> tuple[str, dict[str, str], int]:  # fmt: skip
+    """Follow one job to its end: (job id, sacct record with the log tail, requeues seen)."""
     tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
+    requeues = 0
     last_state = None
     unknown_since: float | None = None
     cancelled = False
@@ -154,6 +218,10 @@ def submit_and_watch(
             else:
                 unknown_since = None
             if state != last_state:
+                if last_state == "RUNNING" and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
+                    requeues += 1
+                    log(f"job {job_id}: requeued (restart {requeues}); it resumes from its "
+                        "checkpoint")  # fmt: skip
                 log(f"job {job_id}: {state}")
                 last_state = state
             tail.poll()
@@ -186,6 +254,4 @@ def submit_and_watch(
         log(f"watcher cancelled: cancelling Slurm job {job_id}")
         client.cancel([job_id])
         raise TrainingError(f"training job {job_id} was cancelled with its watcher")
-    if rec.get("State") != "COMPLETED":
-        raise TrainingError(failure_message(job_id, rec, tail.tail()))
-    return job_id, rec
+    return job_id, {**rec, "aif_tail": tail.tail()}, requeues

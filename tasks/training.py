@@ -253,9 +253,10 @@ def train(
             raise TrainingError("training.executor is slurm but no Slurm client was given")
         log(f"Slurm job {job_name}: account {account}, partition {spec.partition}, "
             f"gres gpu:{spec.gpus_per_node}, script {script_path}")  # fmt: skip
-        job_id, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
-                                         spec.poll_seconds, cancel_event)  # fmt: skip
-        job_ids = [job_id]
+        _, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
+                                         spec.poll_seconds, cancel_event,
+                                         max_resubmits=spec.max_resubmits,
+                                         on_job=job_ids.append)  # fmt: skip
     write_text_local(state_path, json.dumps({"executor": spec.executor, "job_ids": job_ids,
                                    "sacct": sacct}, indent=2))  # fmt: skip
     if not done.exists():
