@@ -7,6 +7,7 @@ submitting a second one.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prefect import flow, task
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import load_profile
 from tasks.manifests import FeatureSet, TrainedModel
 from tasks.provenance import code_hash, environment_hash, key_of
-from tasks.runtime import artifact_markdown, md_table, stage_logger
+from tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
 from tasks.slurm import SlurmClient
 
 
@@ -33,16 +34,20 @@ def train_task(
         st.account, code_hash("train"),
     )  # fmt: skip
     slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
-    return train(
-        spec=spec,
-        account=st.account,
-        featureset=fset,
-        runs_dir=cfg.runs_dir,
-        run_key=run_key,
-        slurm=slurm,
-        env=cfg.child_env(),
-        log=stage_logger("train"),
-    )
+    say = stage_logger("train")
+    # Cancelling the run in the UI scancels the training job (within a few seconds).
+    with cancellation_watch(threading.Event(), log=say) as cancel:
+        return train(
+            spec=spec,
+            account=st.account,
+            featureset=fset,
+            runs_dir=cfg.runs_dir,
+            run_key=run_key,
+            slurm=slurm,
+            env=cfg.child_env(),
+            log=say,
+            cancel_event=cancel,
+        )
 
 
 @flow(name="train", log_prints=False)

@@ -109,6 +109,56 @@ def md_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+@contextlib.contextmanager
+def cancellation_watch(
+    event: Any, interval_s: float = 3.0, log: Callable[[str], None] | None = None
+) -> Any:
+    """Set ``event`` when this flow run, or the pipeline run above it, is being cancelled.
+
+    A flow started by `aif run` (not by a worker) has no process that Prefect can kill, so
+    cancelling it in the UI only moves its state to Cancelling: this thread polls the API
+    for that and lets the stage stop what it started (the training watcher scancels its
+    Slurm job). Outside a flow run it does nothing.
+    """
+    import threading
+
+    ids: list[str] = []
+    with contextlib.suppress(Exception):
+        from prefect.runtime import flow_run
+
+        ids = [str(i) for i in {flow_run.id, flow_run.root_flow_run_id} if i]
+    stop = threading.Event()
+
+    def loop() -> None:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while not stop.wait(interval_s):
+                for i in ids:
+                    with contextlib.suppress(Exception):
+                        state = client.read_flow_run(UUID(i)).state
+                        if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                            if log:
+                                log(f"flow run {i} is being cancelled: stopping this stage")
+                            event.set()
+                            return
+
+    import contextvars
+
+    # The thread runs in a copy of this context, so it talks to the same Prefect API (a bare
+    # thread would see Prefect's import-time settings, possibly no API URL at all).
+    ctx = contextvars.copy_context()
+    thread = threading.Thread(target=ctx.run, args=(loop,), daemon=True, name="aif-cancel-watch")
+    if ids:
+        thread.start()
+    try:
+        yield event
+    finally:
+        stop.set()
+
+
 def flow_run_id() -> str:
     with contextlib.suppress(Exception):
         from prefect.runtime import flow_run
