@@ -202,6 +202,7 @@ def _watch_one(
     """Follow one job to its end: (job id, sacct record with the log tail, requeues seen)."""
     tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
     requeues = 0
+    ran = False
     last_state = None
     unknown_since: float | None = None
     cancelled = False
@@ -218,7 +219,10 @@ def _watch_one(
             else:
                 unknown_since = None
             if state != last_state:
-                if last_state == "RUNNING" and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
+                if state == "RUNNING":
+                    ran = True
+                elif ran and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+                    ran = False  # back in the queue after running (possibly via COMPLETING)
                     requeues += 1
                     log(f"job {job_id}: requeued (restart {requeues}); it resumes from its "
                         "checkpoint")  # fmt: skip

@@ -81,6 +81,14 @@ def test_requeue_in_the_same_job_counts_as_a_restart(tmp_path: Path) -> None:
     assert any("requeued (restart 1)" in m for m in said)
 
 
+def test_requeue_through_completing_is_seen(tmp_path: Path) -> None:
+    """What scontrol requeue looks like on the site: RUNNING, COMPLETING, PENDING, RUNNING."""
+    slurm = ScriptedSlurm([(["RUNNING", "COMPLETING", "PENDING", "RUNNING"],
+                            {"State": "COMPLETED"})])  # fmt: skip
+    (_, rec), _, _ = _watch(slurm, tmp_path)
+    assert rec["aif_restarts"] == "1"
+
+
 def test_resubmissions_are_bounded(tmp_path: Path) -> None:
     slurm = ScriptedSlurm([(["RUNNING"], {"State": "TIMEOUT"})] * 3)
     with pytest.raises(TrainingError) as e:

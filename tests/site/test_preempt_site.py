@@ -1,0 +1,85 @@
+"""Preemption on the real site: a running training job is requeued by Slurm (as a
+preemption does); the payload checkpoints on SIGTERM, resumes in the requeued job, and over
+all attempts the steps done equal the steps planned, as its ledger shows."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.config import Profile
+from tasks.slurm import SlurmClient
+from tests.site.conftest import AIF, REPO
+
+pytestmark = pytest.mark.site
+
+
+def _state(slurm: SlurmClient, job: str) -> str:
+    return slurm.run(["squeue", "-h", "-j", job, "-o", "%T"]).strip()
+
+
+def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> None:
+    slurm = SlurmClient(env=site_profile.child_env())
+    epochs = 40
+    env = {**os.environ, "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 7)}
+    cmd = [AIF, "run", "--profile", "site", "--epochs", str(epochs)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    out: list[str] = []
+    job = run_dir = ""
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            m = re.search(r"script (\S+)/train\.sbatch", line)
+            if m:
+                run_dir = m.group(1)
+            m = re.search(r"\[train\] job (\d+): RUNNING", line)
+            if m:
+                job = m.group(1)
+                break
+        assert job and run_dir, "".join(out)
+        ledger = Path(run_dir, "ledger.jsonl")
+        deadline = time.monotonic() + 60
+        while (not ledger.exists() or len(ledger.read_text().splitlines()) < 2) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert ledger.exists(), "no epoch was checkpointed"
+        slurm.run(["scontrol", "requeue", job])  # what a preemption with REQUEUE does
+        deadline = time.monotonic() + 60
+        while _state(slurm, job) not in ("PENDING",) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        # Slurm holds a requeued job back for a while before it may start again; release it.
+        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+        rest, _ = proc.communicate(timeout=600)
+        out.append(rest)
+        text = "".join(out)
+        assert proc.returncode == 0, text
+        train_lines = "\n".join(ln for ln in text.splitlines() if "[train]" in ln)
+        assert f"job {job}: requeued (restart 1)" in text, train_lines
+        assert "training completed after 1 restart(s)" in text
+        assert "resumed from checkpoint at epoch" in text
+        entries = [json.loads(ln) for ln in ledger.read_text().splitlines()]
+        attempts: dict[str, dict] = {}
+        for e in entries:
+            attempts[e["restart"]] = e  # the last line of each attempt covers all of it
+        assert sorted(attempts) == ["0", "1"], entries
+        first, second = attempts["0"], attempts["1"]
+        assert first["from"] == [0, 0] and second["from"] == first["to"]  # no step lost
+        metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+        steps_per_epoch = math.ceil(metrics["train_rows"] / 512)
+        assert first["steps"] + second["steps"] == epochs * steps_per_epoch  # none repeated
+        assert second["to"] == [epochs, 0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if job and _state(slurm, job):
+            slurm.cancel([job])
