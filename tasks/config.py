@@ -157,12 +157,28 @@ class TrainingSpec(_Model):
     # Resubmissions after TIMEOUT, PREEMPTED or NODE_FAIL (the payload resumes from its
     # checkpoint); out of memory, failures and cancellations are never retried.
     max_resubmits: int = Field(default=2, ge=0)
+    # Slurm warns the job this long before its time limit (--signal=B:USR1@N): the payload
+    # checkpoints and is requeued.
+    signal_before_end_s: int = Field(default=60, ge=5)
+    # An Apptainer image (path or URI) to run the payload in (`apptainer exec [--nv]`); the
+    # run directory is bound into it.
+    container: str | None = None
+    container_options: list[str] = Field(default_factory=list)  # e.g. ["--bind", "/scratch"]
     # Hyperparameters of the reference payload.
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=512, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [64, 32])
     lr: float = Field(default=2e-3, gt=0)
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _signal_before_limit(self) -> TrainingSpec:
+        if self.signal_before_end_s >= self.timeout_min * 60:
+            raise ValueError(
+                f"signal_before_end_s ({self.signal_before_end_s}) must be shorter than the time "
+                f"limit timeout_min ({self.timeout_min} min): the warning would come at the start"
+            )
+        return self
 
 
 class MlflowSpec(_Model):

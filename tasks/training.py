@@ -31,7 +31,6 @@ from tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "train.sbatch"
 PAYLOADS = {"tabular": "train_tabular", "lm": "train_lm"}
-SIGNAL_BEFORE_END_S = 60
 HYPERPARAMS = ("epochs", "batch_size", "hidden", "lr", "seed")
 # Environment names that must never be written into a job script (they travel with sbatch's
 # default --export=ALL from the submitting environment instead).
@@ -106,7 +105,8 @@ def render_sbatch(
         "mem": opts["mem"],
         "time": opts["time"],
         "run_dir": run_dir,
-        "signal_s": SIGNAL_BEFORE_END_S,
+        "signal_s": spec.signal_before_end_s,
+        "launcher": _launcher(spec, run_dir),
         "optional_lines": "\n".join(optional),
         "module_lines": "".join(f"module load {m}\n" for m in spec.modules),
         "setup_lines": "".join(f"{line}\n" for line in spec.setup),
@@ -118,6 +118,17 @@ def render_sbatch(
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
     return "\n".join(line for line in text.splitlines() if line != "") + "\n"
+
+
+def _launcher(spec: TrainingSpec, run_dir: str) -> str:
+    """``apptainer exec [--nv] --bind RUN_DIR [options] IMAGE `` or nothing."""
+    if not spec.container:
+        return ""
+    parts = ["apptainer", "exec"]
+    if spec.gpus_per_node > 0:
+        parts.append("--nv")
+    parts += ["--bind", run_dir, *spec.container_options, spec.container]
+    return " ".join(shlex.quote(p) for p in parts) + " "
 
 
 # -- running locally ------------------------------------------------------------------------

@@ -79,6 +79,23 @@ def test_no_gpu_no_gres_and_short_time() -> None:
     assert sbatch_options(TrainingSpec(timeout_min=24 * 60 + 1))["time"] == "1-00:01:00"
 
 
+def test_container_and_signal_offset(tmp_path: Path) -> None:
+    spec = TrainingSpec(container="/images/aif-train.sif", container_options=["--bind", "/scratch"],
+                        signal_before_end_s=120, timeout_min=30)  # fmt: skip
+    text = _render(spec)
+    assert "#SBATCH --signal=B:USR1@120" in text
+    launch = ("exec apptainer exec --nv --bind /runs/train/abc123 --bind /scratch "
+              "/images/aif-train.sif /opt/venv/bin/python -m tasks.payloads.train_tabular")  # fmt: skip
+    assert launch in text
+    cpu = _render(TrainingSpec(gpus_per_node=0, container="docker://ghcr.io/x/aif:1"))
+    assert "exec apptainer exec --bind /runs/train/abc123 docker://ghcr.io/x/aif:1 " in cpu
+    script = tmp_path / "train.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    with pytest.raises(ValueError, match=r"signal_before_end_s \(60\) must be shorter"):
+        TrainingSpec(timeout_min=1, signal_before_end_s=60)
+
+
 def test_unknown_spec_key_is_rejected() -> None:
     with pytest.raises(Exception, match="gpus_per_nod") as err:
         TrainingSpec.model_validate({"gpus_per_nod": 1})
