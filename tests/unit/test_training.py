@@ -84,8 +84,10 @@ def test_container_and_signal_offset(tmp_path: Path) -> None:
                         signal_before_end_s=120, timeout_min=30)  # fmt: skip
     text = _render(spec)
     assert "#SBATCH --signal=B:USR1@120" in text
-    launch = ("exec apptainer exec --nv --bind /runs/train/abc123 --bind /scratch "
-              "/images/aif-train.sif /opt/venv/bin/python -m tasks.payloads.train_tabular")  # fmt: skip
+    launch = (
+        "exec apptainer exec --nv --bind /runs/train/abc123 --bind /scratch "
+        "/images/aif-train.sif /opt/venv/bin/python -m tasks.payloads.train_tabular"
+    )
     assert launch in text
     cpu = _render(TrainingSpec(gpus_per_node=0, container="docker://ghcr.io/x/aif:1"))
     assert "exec apptainer exec --bind /runs/train/abc123 docker://ghcr.io/x/aif:1 " in cpu
