@@ -4,6 +4,7 @@ all attempts the steps done equal the steps planned, as its ledger shows."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -78,6 +79,62 @@ def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> N
         steps_per_epoch = math.ceil(metrics["train_rows"] / 512)
         assert first["steps"] + second["steps"] == epochs * steps_per_epoch  # none repeated
         assert second["to"] == [epochs, 0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if job and _state(slurm, job):
+            slurm.cancel([job])
+
+
+def test_time_limit_shorter_than_the_training(site_profile: Profile) -> None:
+    """A 1-minute time limit with the warning 20 s before it, for about 2 minutes of
+    training: every attempt checkpoints on USR1 and requeues itself; the run completes and
+    the ledger covers every planned step exactly once."""
+    slurm = SlurmClient(env=site_profile.child_env())
+    epochs = 500
+    env = {**os.environ, "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 11),
+           "AIF_TRAINING__TIMEOUT_MIN": "1", "AIF_TRAINING__SIGNAL_BEFORE_END_S": "20"}  # fmt: skip
+    cmd = [AIF, "run", "--profile", "site", "--epochs", str(epochs)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    job = run_dir = ""
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            m = re.search(r"script (\S+)/train\.sbatch", line)
+            run_dir = m.group(1) if m else run_dir
+            m = re.search(r"submitted Slurm job (\d+)", line)
+            if m and run_dir:
+                job = m.group(1)
+                break
+        assert job, "".join(out)
+        ran = False
+        while proc.poll() is None:  # release each requeued attempt at once (Slurm delays it)
+            state = _state(slurm, job)
+            ran = ran or state == "RUNNING"
+            if ran and state == "PENDING":
+                slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+                ran = False
+            time.sleep(1)
+        rest, _ = proc.communicate(timeout=60)
+        text = "".join(out) + rest
+        assert proc.returncode == 0, text[-3000:]
+        assert "checkpointed at epoch" in text and "resumed from checkpoint" in text
+        entries = [json.loads(ln) for ln in Path(run_dir, "ledger.jsonl").read_text().splitlines()]
+        last: dict[str, dict] = {}
+        for e in entries:
+            last[e["restart"]] = e
+        attempts = [last[k] for k in sorted(last, key=int)]
+        assert len(attempts) >= 2, entries
+        assert attempts[0]["from"] == [0, 0]
+        for a, b in itertools.pairwise(attempts):
+            assert b["from"] == a["to"]  # each attempt starts where the previous one stopped
+        metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+        planned = epochs * math.ceil(metrics["train_rows"] / 512)
+        assert sum(a["steps"] for a in attempts) == planned
+        assert f"training completed after {len(attempts) - 1} restart(s)" in text
     finally:
         if proc.poll() is None:
             proc.kill()
