@@ -7,6 +7,7 @@ non-zero exit code (2 for bad configuration, 1 otherwise).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -199,6 +200,50 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A hyperparameter search as one Slurm job array; prints the best trial."""
+    from tasks.config import load_profile
+    from tasks.prefect_server import resolve_api_url
+    from tasks.sweep import grid_trials, parse_value, random_trials
+
+    overrides = _overrides(args)
+    cfg = load_profile(args.profile or "site", overrides)
+    sid, _ = cfg.startup(args.startup)
+    grid: dict[str, list[Any]] = {}
+    for item in args.grid or []:
+        name, _, values = item.partition("=")
+        if not values:
+            raise ConfigError(f"aif sweep: --grid {item!r}: give NAME=V1,V2,...")
+        grid[name] = [parse_value(name, v) for v in values.split(",")]
+    trials = grid_trials(grid) if grid else []
+    if args.random:
+        space: dict[str, tuple[float, float]] = {}
+        for item in args.space or ["lr=0.0003:0.01"]:
+            name, _, rng = item.partition("=")
+            lo, _, hi = rng.partition(":")
+            try:
+                space[name] = (float(lo), float(hi))
+            except ValueError:
+                raise ConfigError(f"aif sweep: --space {item!r}: give NAME=LOW:HIGH") from None
+        trials += random_trials(space, args.random, args.seed)
+    if not trials:
+        raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
+    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
+    os.environ["PREFECT_API_URL"] = api_url
+    _quiet_prefect_console(args.verbose)
+    from flows.sweep import sweep_flow
+
+    record = sweep_flow(
+        profile=args.profile or "site", startup=sid, overrides=overrides or None,
+        trials=trials, max_parallel=args.max_parallel, metric=args.metric,
+    )  # fmt: skip
+    best = record["best"]
+    print(f"best trial {best['trial']} of {len(record['trials'])}: {args.metric}="
+          f"{best[args.metric]:.4f} {json.dumps(best['params'])} (job array "
+          f"{record['job_array']}, {record['sweep_dir']})")  # fmt: skip
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild a registered model from its record; MATCH when the weights are identical."""
     from tasks.config import load_profile
@@ -352,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--catalog", default=None, help="catalog file (default: the shipped one)")
     ct.add_argument("--profile", default=None, help="use this profile's catalog")
     ct.set_defaults(func=cmd_catalog)
+
+    sw = sub.add_parser("sweep", help="hyperparameter search as one Slurm job array")
+    sw.add_argument("--profile", default=None, help="default: site")
+    sw.add_argument("--startup", default=None)
+    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                    help="grid values (lr, batch_size, hidden as 64x32, epochs, seed)")  # fmt: skip
+    sw.add_argument("--random", type=int, default=0, metavar="N", help="N random trials")
+    sw.add_argument("--space", action="append", metavar="NAME=LOW:HIGH",
+                    help="random-search range (lr log-uniform; batch_size, epochs)")  # fmt: skip
+    sw.add_argument("--seed", type=int, default=0, help="random-search seed")
+    sw.add_argument("--max-parallel", type=int, default=2, help="array tasks running at once")
+    sw.add_argument("--metric", default="val_rmse", help="validation metric, lower is better")
+    sw.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    sw.set_defaults(func=cmd_sweep)
 
     rl = sub.add_parser("replay", help="rebuild a registered model and compare its weights")
     rl.add_argument("uri", help="models:/NAME/VERSION")

@@ -1,0 +1,65 @@
+"""`aif sweep`: ingest and preprocess as the pipeline does, then one Slurm job array of
+training trials; the best trial by its validation metric, and every trial, as artifacts."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.ingest import ingest_flow
+from flows.preprocess import preprocess_flow
+from tasks.config import load_profile
+from tasks.errors import ConfigError
+from tasks.manifests import FeatureSet
+from tasks.runtime import artifact_markdown, artifact_table, cancellation_watch, stage_logger
+from tasks.slurm import SlurmClient
+
+
+@task(name="sweep-job-array", cache_policy=NO_CACHE)
+def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
+               overrides: dict[str, Any] | None, trials: list[dict[str, Any]],
+               max_parallel: int, metric: str) -> dict[str, Any]:  # fmt: skip
+    from tasks.sweep import run_sweep
+
+    cfg = load_profile(profile, overrides)
+    _, st = cfg.startup(startup)
+    if cfg.training.executor != "slurm":
+        raise ConfigError(
+            f"profile {cfg.name!r}: sweeps run as Slurm job arrays (training.executor slurm)"
+        )
+    slurm = SlurmClient(env=cfg.child_env())
+    say = stage_logger("sweep")
+    with cancellation_watch(threading.Event(), log=say):
+        return run_sweep(trials, spec=cfg.training, account=st.account, featureset=fset,
+                         runs_dir=cfg.runs_dir, slurm=slurm, max_parallel=max_parallel,
+                         metric=metric, log=say)  # fmt: skip
+
+
+@flow(name="aif-sweep", log_prints=False)
+def sweep_flow(profile: str = "site", startup: str | None = None,
+               overrides: dict[str, Any] | None = None,
+               trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
+               metric: str = "val_rmse") -> dict[str, Any]:  # fmt: skip
+    cfg = load_profile(profile, overrides)
+    sid, _ = cfg.startup(startup)
+    print("[1/3] ingest", flush=True)
+    snap = ingest_flow(profile, sid, overrides)
+    print("[2/3] preprocess", flush=True)
+    fset = preprocess_flow(snap, profile, sid, overrides)
+    print("[3/3] sweep", flush=True)
+    record = sweep_task(fset, profile, sid, overrides, trials or [], max_parallel, metric)
+    rows = [{"trial": r["trial"], **{k: str(v) for k, v in r["params"].items()},
+             "state": r["state"], metric: r[metric], "test_rmse": r["test_rmse"],
+             "job": r["job"]} for r in record["trials"]]  # fmt: skip
+    artifact_table("sweep-trials", rows, f"Trials of sweep {record['sweep_key']}")
+    best = record["best"]
+    artifact_markdown(
+        "sweep-best",
+        f"# Sweep `{record['sweep_key']}`\n\n- job array: {record['job_array']} "
+        f"({len(rows)} trials, one sbatch call)\n- best: trial {best['trial']} with "
+        f"`{best['params']}`: {metric} = {best[metric]:.4f}\n- folder: `{record['sweep_dir']}`\n",
+    )
+    return record
