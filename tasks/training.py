@@ -105,19 +105,46 @@ def render_sbatch(
         "mem": opts["mem"],
         "time": opts["time"],
         "run_dir": run_dir,
-        "signal_s": spec.signal_before_end_s,
-        "launcher": _launcher(spec, run_dir),
+        "signal_spec": _signal_spec(spec),
+        "exec_lines": _exec_lines(spec, run_dir, python, list(payload_args)),
         "optional_lines": "\n".join(optional),
         "module_lines": "".join(f"module load {m}\n" for m in spec.modules),
         "setup_lines": "".join(f"{line}\n" for line in spec.setup),
         "env_lines": "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items())),
         "run_dir_sh": shlex.quote(run_dir),
-        "python": shlex.quote(python),
-        "payload": PAYLOADS[spec.payload],
-        "payload_args": " ".join(shlex.quote(a) for a in payload_args),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
     return "\n".join(line for line in text.splitlines() if line != "") + "\n"
+
+
+def distributed(spec: TrainingSpec) -> bool:
+    return spec.nodes > 1 or spec.gpus_per_node > 1
+
+
+def _signal_spec(spec: TrainingSpec) -> str:
+    """Single process: USR1 to the batch shell, which execs the payload. Distributed: TERM
+    to every step process; torchrun forwards it to its workers, which agree to checkpoint
+    and stop together (USR1 would end torchrun itself)."""
+    sig = "TERM" if distributed(spec) else "B:USR1"
+    return f"{sig}@{spec.signal_before_end_s}"
+
+
+def _exec_lines(spec: TrainingSpec, run_dir: str, python: str, payload_args: list[str]) -> str:
+    module = f"tasks.payloads.{PAYLOADS[spec.payload]}"
+    args = " ".join(shlex.quote(a) for a in payload_args)
+    py = shlex.quote(python)
+    if not distributed(spec):
+        return f"exec {_launcher(spec, run_dir)}{py} -m {module} {args}"
+    # One torchrun per node (srun), one worker per GPU; rendezvous on the first node.
+    procs = max(1, spec.gpus_per_node)
+    return (
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
+        f"exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 {_launcher(spec, run_dir)}{py} "
+        f"-m torch.distributed.run --nnodes={spec.nodes} --nproc_per_node={procs} "
+        '--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" '
+        f'--rdzv_id="$SLURM_JOB_ID" -m {module} {args}'
+    )
 
 
 def _launcher(spec: TrainingSpec, run_dir: str) -> str:

@@ -226,16 +226,47 @@ def synthetic_stall(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Mo
     return stall_fraction(real_s, synthetic_seconds(model, opt, step, steps))
 
 
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise. Initialises the
+    process group: NCCL on GPUs, Gloo on CPUs (the local site's GPUs are declared only)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _agree_to_stop(world: int) -> bool:
+    """Whether any rank got a stop signal: all ranks checkpoint and leave together."""
+    if world <= 1:
+        return bool(_stop["signal"])
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if _stop["signal"] else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     check_inputs(fset, cfg)
     # cuBLAS is only deterministic with a fixed workspace; must be set before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", cfg.get("threads", 1))))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", cfg.get("threads", 1)))
+    # Under torchrun the node's CPUs are shared by its workers.
+    torch.set_num_threads(max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    rank, world, local_rank = _distributed()
+    lead = rank == 0  # only rank 0 writes checkpoints, the ledger, the model and metrics
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank if world > 1 else 0)
+    else:
+        device = torch.device("cpu")
     print(f"device {device}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}; "
-          f"job {os.environ.get('SLURM_JOB_ID', 'local')}; threads {torch.get_num_threads()}",
-          flush=True)  # fmt: skip
+          f"job {os.environ.get('SLURM_JOB_ID', 'local')}; threads {torch.get_num_threads()}"
+          + (f"; rank {rank} of {world}" if world > 1 else ""), flush=True)  # fmt: skip
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -261,7 +292,13 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     xe = torch.from_numpy((x_te - mean) / std).to(device)
 
     hidden = [int(h) for h in cfg["hidden"]]
-    model = MLP(len(meta["feature_columns"]), hidden).to(device)
+    core = MLP(len(meta["feature_columns"]), hidden).to(device)
+    model: nn.Module = core
+    if world > 1:  # data parallel: each rank takes its share of every global batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(core, device_ids=[local_rank] if device.type == "cuda"
+                                        else None)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
     loss_fn = nn.MSELoss()
     epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
@@ -279,7 +316,7 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
                 f"{ckpt_path} was written for other data or config "
                 f"({ck.get('fingerprint')} != {fingerprint}): remove it"
             )
-        model.load_state_dict(ck["model"])
+        core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         set_rng_states(ck["rng"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
@@ -290,7 +327,9 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     drill_at = int(os.environ.get("AIF_TRAIN_SIGNAL_AT_STEP", "0") or 0)
 
     def checkpoint(ep: int, st: int) -> None:
-        atomic_torch(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        if not lead:
+            return
+        atomic_torch(ckpt_path, {"model": core.state_dict(), "optimizer": opt.state_dict(),
                                  "epoch": ep, "step": st, "rng": rng_states(),
                                  "epoch_loss": (ep_loss, ep_n),
                                  "fingerprint": fingerprint})  # fmt: skip
@@ -323,6 +362,8 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
         while step < steps_per_epoch:
             t0 = time.perf_counter()
             xb, yb = x_ep[step * bs : (step + 1) * bs], y_ep[step * bs : (step + 1) * bs]
+            if world > 1:
+                xb, yb = xb[rank::world], yb[rank::world]
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
@@ -338,16 +379,17 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
             steps_this_attempt += 1
             if drill_at and steps_this_attempt == drill_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
-            if _stop["signal"]:
+            if _agree_to_stop(world):
                 checkpoint(epoch, step)
                 print(f"checkpointed at epoch {epoch} step {step}; exiting with "
                       f"{EXIT_REQUEUE} for requeue", flush=True)  # fmt: skip
-                request_requeue(_stop["signal"])
+                if lead:
+                    request_requeue(_stop["signal"] or signal.SIGTERM)
                 sys.exit(EXIT_REQUEUE)
         epoch, step = epoch + 1, 0
         epoch_loss = ep_loss / max(ep_n, 1)
         ep_loss, ep_n = 0.0, 0
-        val = evaluate(model, xv, y_va, t_mean, t_std)
+        val = evaluate(core, xv, y_va, t_mean, t_std)
         rate = samples / max(time.perf_counter() - t_train, 1e-9)
         print(f"epoch {epoch}/{epochs} train_loss={epoch_loss:.4f} "
               f"val_rmse={val['rmse']:.3f} samples/s={rate:.0f}", flush=True)  # fmt: skip
@@ -357,9 +399,16 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
     train_s = time.perf_counter() - t_train
     stall = synthetic_stall(model, opt, loss_fn, xt, yt, bs, steps_this_attempt,
                             fetch_s + compute_s)  # fmt: skip
-    val = evaluate(model, xv, y_va, t_mean, t_std)
-    test = evaluate(model, xe, y_te, t_mean, t_std)
-    model_cpu = model.to("cpu")
+    val = evaluate(core, xv, y_va, t_mean, t_std)
+    test = evaluate(core, xe, y_te, t_mean, t_std)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if not lead:
+            return {"val_rmse": val["rmse"], "test_rmse": test["rmse"]}
+    model_cpu = core.to("cpu")
     digest = state_dict_sha256(model_cpu)
     arch = {"in_features": len(meta["feature_columns"]), "hidden": hidden}
     atomic_torch(os.path.join(run_dir, "model.pt"),
@@ -374,6 +423,7 @@ def train(fset: dict[str, Any], run_dir: str, cfg: dict[str, Any]) -> dict[str, 
         # Time spent getting batches / time of whole steps (fetch + forward/backward/step).
         "fetch_fraction": fetch_s / max(fetch_s + compute_s, 1e-9),
         "epochs": float(epochs), "train_rows": float(len(yt)), "device": device.type,
+        "world_size": float(world),
     }  # fmt: skip
     atomic_json(os.path.join(run_dir, "environment.json"), environment(device.type))
     atomic_bytes(os.path.join(run_dir, "weights.sha256"), (digest + "\n").encode())

@@ -98,6 +98,19 @@ def test_container_and_signal_offset(tmp_path: Path) -> None:
         TrainingSpec(timeout_min=1, signal_before_end_s=60)
 
 
+def test_multi_node_multi_gpu_goes_through_srun_and_torchrun(tmp_path: Path) -> None:
+    text = _render(TrainingSpec(nodes=2, gpus_per_node=4, cpus_per_task=16))
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gres=gpu:4" in text
+    assert "#SBATCH --signal=TERM@60" in text  # to every step process, not USR1 to the shell
+    assert "exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 " in text
+    assert "-m torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d" in text
+    single = _render(TrainingSpec(gpus_per_node=1))
+    assert "srun" not in single and "#SBATCH --signal=B:USR1@60" in single
+    script = tmp_path / "train.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
 def test_unknown_spec_key_is_rejected() -> None:
     with pytest.raises(Exception, match="gpus_per_nod") as err:
         TrainingSpec.model_validate({"gpus_per_nod": 1})
