@@ -92,6 +92,11 @@ def render_sbatch(
         raise ConfigError(f"run directory {run_dir!r} contains whitespace: Slurm's --output "
                           "cannot hold it; choose a runs_dir without spaces")  # fmt: skip
     _check_env(spec.env)
+    if distributed(spec) and spec.payload != "tabular":
+        raise ConfigError(
+            f"training.payload {spec.payload!r} trains on one GPU of one node: set "
+            f"gpus_per_node to 1 and nodes to 1 (got {spec.gpus_per_node} and {spec.nodes})"
+        )
     opts = sbatch_options(spec)
     optional = [f"#SBATCH --{k}={opts[k]}" for k in ("qos", "constraint") if k in opts]
     values = {

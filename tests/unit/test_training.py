@@ -104,6 +104,8 @@ def test_multi_node_multi_gpu_goes_through_srun_and_torchrun(tmp_path: Path) -> 
     assert "#SBATCH --signal=TERM@60" in text  # to every step process, not USR1 to the shell
     assert "exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 " in text
     assert "-m torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d" in text
+    with pytest.raises(ConfigError, match="'lm' trains on one GPU of one node"):
+        _render(TrainingSpec(payload="lm", gpus_per_node=2))
     single = _render(TrainingSpec(gpus_per_node=1))
     assert "srun" not in single and "#SBATCH --signal=B:USR1@60" in single
     script = tmp_path / "train.sbatch"
