@@ -95,9 +95,9 @@ def test_model_loads_with_pyfunc_and_predicts(
 def test_prefect_shows_completed_run_with_four_subflows(
     site_run: dict[str, Any], site_profile: Profile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PREFECT_API_URL", site_profile.prefect.api_url)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     async def read() -> tuple[Any, list[Any]]:
         async with get_client() as client:
@@ -113,7 +113,10 @@ def test_prefect_shows_completed_run_with_four_subflows(
                 names.append((flow.name, s.state_type.value))
             return run, names
 
-    run, subs = asyncio.run(read())
+    # Settings, not the environment: Prefect may have read its settings already in this
+    # process (another test imported it), and would then ignore a changed variable.
+    with temporary_settings({PREFECT_API_URL: site_profile.prefect.api_url}):
+        run, subs = asyncio.run(read())
     assert run.state_type.value == "COMPLETED"
     assert sorted(subs) == sorted(
         [(n, "COMPLETED") for n in ("ingest", "preprocess", "train", "register")]
