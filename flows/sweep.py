@@ -30,8 +30,11 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
         raise ConfigError(
             f"profile {cfg.name!r}: sweeps run as Slurm job arrays (training.executor slurm)"
         )
+    from tasks.admission import admit
+
     slurm = SlurmClient(env=cfg.child_env())
     say = stage_logger("sweep")
+    say(admit(startup or cfg.default_startup, st, cfg.training, slurm, jobs=len(trials)))
     with cancellation_watch(threading.Event(), log=say):
         return run_sweep(trials, spec=cfg.training, account=st.account, featureset=fset,
                          runs_dir=cfg.runs_dir, slurm=slurm, max_parallel=max_parallel,

@@ -24,10 +24,11 @@ from tasks.slurm import SlurmClient
 def train_task(
     fset: FeatureSet, profile: str, startup: str | None, overrides: dict[str, Any] | None
 ) -> TrainedModel:
+    from tasks.admission import admit
     from tasks.training import train
 
     cfg = load_profile(profile, overrides)
-    _, st = cfg.startup(startup)
+    sid, st = cfg.startup(startup)
     spec = cfg.training
     run_key = key_of(
         "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
@@ -47,6 +48,7 @@ def train_task(
             env=cfg.child_env(),
             log=say,
             cancel_event=cancel,
+            admit=lambda: admit(sid, st, spec, slurm),
         )
 
 

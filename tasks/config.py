@@ -245,6 +245,9 @@ class Startup(_Model):
     # checked against the purpose a run gives (the first one by default).
     purposes: list[str] = Field(default_factory=list)
     declaration: Declaration | None = None
+    # GPU-hours the start-up may use (sacct's allocations since budget_since); None: no cap.
+    gpu_hours_budget: float | None = Field(default=None, ge=0)
+    budget_since: str = "now-365days"  # sacct --starttime syntax
 
 
 class Profile(_Model):

@@ -250,6 +250,7 @@ def train(
     *, spec: TrainingSpec, account: str, featureset: FeatureSet, runs_dir: str, run_key: str,
     slurm: SlurmClient | None, env: Mapping[str, str], log: Callable[[str], None] = print,
     cancel_event: threading.Event | None = None, python: str = sys.executable,
+    admit: Callable[[], str] | None = None,
 ) -> TrainedModel:  # fmt: skip
     """Train once per run key: reuse a finished run, reattach to a live job, or start one.
 
@@ -294,6 +295,8 @@ def train(
     else:
         if slurm is None:
             raise TrainingError("training.executor is slurm but no Slurm client was given")
+        if admit is not None and not slurm.jobs_named(job_name):
+            log(admit())  # refuses (AdmissionError) before anything is submitted
         log(f"Slurm job {job_name}: account {account}, partition {spec.partition}, "
             f"gres gpu:{spec.gpus_per_node}, script {script_path}")  # fmt: skip
         _, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
