@@ -140,6 +140,23 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
     if not rows:
         print("(no jobs in this period)")
+    if args.artifact:
+        from tasks.prefect_server import resolve_api_url
+
+        os.environ["PREFECT_API_URL"] = resolve_api_url(
+            cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port
+        )
+        _quiet_prefect_console(args.verbose)
+        from prefect.artifacts import create_table_artifact
+
+        who = args.startup or "all start-ups"
+        artifact_id = create_table_artifact(
+            key="usage-report", table=rows or [{"account": "(no jobs)"}],
+            description=f"GPU and CPU hours of {who} since {args.since}: HPC at "
+            f"{args.gpu_rate} EUR/GPU-h and {args.cpu_rate} EUR/CPU-h, cloud GPU list price "
+            f"{args.cloud_gpu_rate} EUR/GPU-h",
+        )  # fmt: skip
+        print(f"Prefect artifact usage-report: {artifact_id}")
     return 0
 
 
@@ -452,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=CLOUD_GPU_RATE,
         help="cloud list price, EUR per GPU-hour, for comparison",
     )
+    rp.add_argument("--no-artifact", dest="artifact", action="store_false",
+                    help="do not publish the table as Prefect artifact usage-report")  # fmt: skip
     rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("site", help="the local AI-factory site (Slurm, S3, Prefect, MLflow)")

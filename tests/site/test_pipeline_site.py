@@ -154,3 +154,4 @@ def test_usage_report_counts_the_gpu_job(site_run: dict[str, Any]) -> None:
     assert res.returncode == 0, res.stderr
     row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("startup-a"))
     assert int(row[1]) >= 3 and float(row[3]) > 0, res.stdout  # jobs, gpu_hours
+    assert "Prefect artifact usage-report: " in res.stdout  # the same table, in the UI
