@@ -41,12 +41,17 @@ def resubmit_reason(rec: Mapping[str, str]) -> str | None:
     return None
 
 
+# The job script's first line: "aif: job 12 on node1 restart 1 gpus=0" (SLURM_RESTART_COUNT).
+_RESTART_LINE = re.compile(r"^aif: job \S+ on \S+ restart (\d+)")
+
+
 class _LogTail:
     """Follows a growing log file and hands each new complete line to ``log``."""
 
     def __init__(self, path: Path, log: Callable[[str], None]) -> None:
         self.path, self.log, self.pos, self.buf = path, log, 0, ""
         self.lines: list[str] = []
+        self.restart = 0  # the highest SLURM_RESTART_COUNT the job script reported
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -60,6 +65,9 @@ class _LogTail:
         for line in complete:
             self.lines.append(line)
             self.log(line)
+            m = _RESTART_LINE.match(line)
+            if m:
+                self.restart = max(self.restart, int(m.group(1)))
         del self.lines[:-200]
 
     def tail(self, n: int = TAIL_LINES) -> str:
@@ -202,7 +210,7 @@ def _watch_one(
     """Follow one job to its end: (job id, sacct record with the log tail, requeues seen)."""
     tail = _LogTail(Path(run_dir) / f"slurm-{job_id}.out", log)
     requeues = 0
-    ran = False
+    ran = left = False
     last_state = None
     unknown_since: float | None = None
     cancelled = False
@@ -220,12 +228,13 @@ def _watch_one(
                 unknown_since = None
             if state != last_state:
                 if state == "RUNNING":
-                    ran = True
-                elif ran and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
-                    ran = False  # back in the queue after running (possibly via COMPLETING)
-                    requeues += 1
-                    log(f"job {job_id}: requeued (restart {requeues}); it resumes from its "
-                        "checkpoint")  # fmt: skip
+                    if ran and left:  # running again after it had stopped: a requeue
+                        requeues += 1
+                        log(f"job {job_id}: requeued (restart {requeues}); it resumes from its "
+                            "checkpoint")  # fmt: skip
+                    ran, left = True, False
+                elif ran and state not in TERMINAL_STATES:
+                    left = True  # COMPLETING, PENDING, REQUEUED…: it stopped running
                 log(f"job {job_id}: {state}")
                 last_state = state
             tail.poll()
@@ -258,4 +267,5 @@ def _watch_one(
         log(f"watcher cancelled: cancelling Slurm job {job_id}")
         client.cancel([job_id])
         raise TrainingError(f"training job {job_id} was cancelled with its watcher")
-    return job_id, {**rec, "aif_tail": tail.tail()}, requeues
+    # The job script reports SLURM_RESTART_COUNT: requeues too quick for a poll to see count.
+    return job_id, {**rec, "aif_tail": tail.tail()}, max(requeues, tail.restart)

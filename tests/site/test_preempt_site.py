@@ -65,7 +65,7 @@ def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> N
         text = "".join(out)
         assert proc.returncode == 0, text
         train_lines = "\n".join(ln for ln in text.splitlines() if "[train]" in ln)
-        assert f"job {job}: requeued (restart 1)" in text, train_lines
+        assert f"aif: job {job} on " in text and " restart 1 " in text, train_lines
         assert "training completed after 1 restart(s)" in text
         assert "resumed from checkpoint at epoch" in text
         entries = [json.loads(ln) for ln in ledger.read_text().splitlines()]

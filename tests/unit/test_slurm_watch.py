@@ -89,6 +89,15 @@ def test_requeue_through_completing_is_seen(tmp_path: Path) -> None:
     assert rec["aif_restarts"] == "1"
 
 
+def test_restarts_too_quick_to_poll_are_read_from_the_job_log(tmp_path: Path) -> None:
+    (tmp_path / "slurm-100.out").write_text(
+        "aif: job 100 on vm restart 0 gpus=0\naif: job 100 on vm restart 2 gpus=0\n"
+    )
+    slurm = ScriptedSlurm([(["RUNNING"], {"State": "COMPLETED"})])
+    (_, rec), _, _ = _watch(slurm, tmp_path)
+    assert rec["aif_restarts"] == "2"
+
+
 def test_resubmissions_are_bounded(tmp_path: Path) -> None:
     slurm = ScriptedSlurm([(["RUNNING"], {"State": "TIMEOUT"})] * 3)
     with pytest.raises(TrainingError) as e:
