@@ -45,6 +45,7 @@ _SIMPLE_TYPES: dict[str, pa.DataType] = {
     "date32": pa.date32(),
 }
 _TIMESTAMP = re.compile(r"^timestamp\[(s|ms|us|ns)(?:,\s*(?:tz=)?([A-Za-z0-9_+\-/:]+))?\]$")
+EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}  # format -> file suffix
 TYPE_NAMES = [*sorted(_SIMPLE_TYPES), "timestamp[UNIT]", "timestamp[UNIT, TZ]"]
 
 
@@ -113,7 +114,7 @@ class Distribution(_Model):
     media_type: str | None = None
 
     def extension(self) -> str:
-        return {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}[self.format]
+        return EXTENSIONS[self.format]
 
 
 class UsagePolicy(_Model):

@@ -49,18 +49,26 @@ def _quiet_prefect_console(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _use_prefect(cfg: Any, verbose: bool) -> str:
+    """Point this process at the profile's Prefect API (starting the managed local server
+    if the profile says so) and keep Prefect's console logs quiet; return the API URL."""
+    from tasks.prefect_server import resolve_api_url
+
+    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
+    os.environ["PREFECT_API_URL"] = api_url
+    _quiet_prefect_console(verbose)
+    return api_url
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import load_profile
-    from tasks.prefect_server import resolve_api_url
 
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
     sid, st = cfg.startup(args.startup)
     if args.dry_run:
         return dry_run(cfg, sid)
-    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
-    os.environ["PREFECT_API_URL"] = api_url
-    _quiet_prefect_console(args.verbose)
+    api_url = _use_prefect(cfg, args.verbose)
     ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
     print(f"aif run: profile {cfg.name}, start-up {sid} (account {st.account}), Prefect {ui}",
           flush=True)  # fmt: skip
@@ -141,12 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         print("(no jobs in this period)")
     if args.artifact:
-        from tasks.prefect_server import resolve_api_url
-
-        os.environ["PREFECT_API_URL"] = resolve_api_url(
-            cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port
-        )
-        _quiet_prefect_console(args.verbose)
+        _use_prefect(cfg, args.verbose)
         from prefect.artifacts import create_table_artifact
 
         who = args.startup or "all start-ups"
@@ -163,15 +166,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Ingest one catalog dataset into a lake snapshot (the pipeline's first stage alone)."""
     from tasks.config import load_profile
-    from tasks.prefect_server import resolve_api_url
 
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
     sid, _ = cfg.startup(args.startup)
     cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
-    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
-    os.environ["PREFECT_API_URL"] = api_url
-    _quiet_prefect_console(args.verbose)
+    api_url = _use_prefect(cfg, args.verbose)
     from flows.ingest import ingest_flow
 
     state = ingest_flow(profile=args.profile or cfg.name, startup=sid,
@@ -220,7 +220,6 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A hyperparameter search as one Slurm job array; prints the best trial."""
     from tasks.config import load_profile
-    from tasks.prefect_server import resolve_api_url
     from tasks.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
@@ -245,9 +244,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         trials += random_trials(space, args.random, args.seed)
     if not trials:
         raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
-    api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
-    os.environ["PREFECT_API_URL"] = api_url
-    _quiet_prefect_console(args.verbose)
+    _use_prefect(cfg, args.verbose)
     from flows.sweep import sweep_flow
 
     record = sweep_flow(

@@ -244,8 +244,7 @@ def seed_entry(
     """Generate ``entry``'s data under ``url`` if nothing is there; the objects written."""
     if entry.generator is None:
         raise ConfigError(f"dataset {entry.id}: the catalog declares no generator to seed it with")
-    ext = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}[entry.distribution.format]
-    if has_objects(url, storage_options, extension=ext):
+    if has_objects(url, storage_options, extension=entry.distribution.extension()):
         return 0
     g = entry.generator
     target = glob_base(url)

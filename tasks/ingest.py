@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.catalog import DatasetEntry, catalog_at
+from tasks.catalog import EXTENSIONS, DatasetEntry, catalog_at
 from tasks.dataspace import (
     DatasetContract,
     SourceObject,
@@ -424,8 +424,8 @@ def ingest(
             )
         pseudo = f"hmac-sha256:{key_fingerprint(opts.pseudonymisation_key)}:{','.join(personal)}"
 
-    ext = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}[dc.format]
-    objs = list_objects(source_url, storage_options_source, "data space", extension=ext)
+    objs = list_objects(source_url, storage_options_source, "data space",
+                        extension=EXTENSIONS[dc.format])  # fmt: skip
     salt = f"startup:{opts.startup}|purpose:{opts.purpose}|pseudo:{pseudo}"
     sid = snapshot_id(dataset, objs, dc, salt)
     root_url = snapshot_url(lake_url, dataset, sid)
