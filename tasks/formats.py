@@ -201,6 +201,21 @@ def _column_at_fault(pf: pq.ParquetFile, names: list[str], row_group: int) -> st
     return None
 
 
+def _stream(reader: Any, problem: Any) -> Iterator[pa.RecordBatch]:
+    """The batches of a streaming CSV/JSON reader; a storage failure is raised as it is, a
+    problem of the object's bytes becomes ObjectBad([problem(exc)])."""
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as exc:
+            if _io_failure(exc):
+                raise
+            raise ObjectBad([problem(exc)]) from None
+        yield batch
+
+
 _CSV_COL = re.compile(r"In CSV column #(\d+): (.*)")
 
 
@@ -241,15 +256,7 @@ def csv_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     problems = schema_problems(reader.schema, schema)
     if problems:
         raise ObjectBad(problems)
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except Exception as exc:
-            if _io_failure(exc):
-                raise
-            raise ObjectBad([_csv_problem(exc, names, types)]) from None
+    for batch in _stream(reader, lambda exc: _csv_problem(exc, names, types)):
         yield cast_batch(batch, schema)
 
 
@@ -313,15 +320,7 @@ def jsonl_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         return
     except Exception as exc:
         raise ObjectBad([_json_problem(exc)]) from None
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except Exception as exc:
-            if _io_failure(exc):
-                raise
-            raise ObjectBad([_json_problem(exc)]) from None
+    for batch in _stream(reader, _json_problem):
         _check_utf8(batch)
         batch = _parse_timestamps(_add_missing_nullable(batch, schema), schema)
         problems = schema_problems(batch.schema, schema)

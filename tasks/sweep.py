@@ -16,7 +16,6 @@ import json
 import math
 import random
 import shlex
-import string
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from tasks.lake import write_text_local
 from tasks.manifests import FeatureSet
 from tasks.provenance import key_of
 from tasks.slurm import TERMINAL_STATES, SlurmClient
-from tasks.training import HYPERPARAMS, _check_env, _launcher, sbatch_options
+from tasks.training import HYPERPARAMS, _launcher, fill_template, job_values
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "sweep.sbatch"
 TUNABLE = ("lr", "batch_size", "hidden", "epochs", "seed")
@@ -75,26 +74,16 @@ def random_trials(space: dict[str, tuple[float, float]], n: int, seed: int) -> l
 def render_array(spec: TrainingSpec, *, account: str, job_name: str, sweep_key: str,
                  sweep_dir: str, featureset_path: str, n_trials: int, max_parallel: int,
                  python: str = sys.executable) -> str:  # fmt: skip
-    _check_env(spec.env)
-    opts = sbatch_options(spec)
-    optional = [f"#SBATCH --{k}={opts[k]}" for k in ("qos", "constraint") if k in opts]
     values = {
+        **job_values(spec),
         "sweep_key": sweep_key, "job_name": job_name, "account": account,
-        "partition": opts["partition"],
-        "gres_line": f"#SBATCH --gres={opts['gres']}\n" if "gres" in opts else "",
-        "cpus_per_task": opts["cpus-per-task"], "mem": opts["mem"], "time": opts["time"],
         "last": n_trials - 1, "max_parallel": max(1, max_parallel),
         "sweep_dir": sweep_dir, "sweep_dir_sh": shlex.quote(sweep_dir),
         "featureset_sh": shlex.quote(featureset_path),
         "signal_s": spec.signal_before_end_s,
-        "optional_lines": "\n".join(optional),
-        "module_lines": "".join(f"module load {m}\n" for m in spec.modules),
-        "setup_lines": "".join(f"{line}\n" for line in spec.setup),
-        "env_lines": "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items())),
         "launcher": _launcher(spec, sweep_dir), "python": shlex.quote(python),
     }  # fmt: skip
-    text = string.Template(TEMPLATE.read_text()).substitute(values)
-    return "\n".join(line for line in text.splitlines() if line != "") + "\n"
+    return fill_template(TEMPLATE, values)
 
 
 def _array_states(slurm: SlurmClient, job: str) -> dict[int, dict[str, str]]:

@@ -97,28 +97,42 @@ def render_sbatch(
             f"training.payload {spec.payload!r} trains on one GPU of one node: set "
             f"gpus_per_node to 1 and nodes to 1 (got {spec.gpus_per_node} and {spec.nodes})"
         )
-    opts = sbatch_options(spec)
-    optional = [f"#SBATCH --{k}={opts[k]}" for k in ("qos", "constraint") if k in opts]
     values = {
+        **job_values(spec),
         "run_key": run_key or job_name,
         "job_name": job_name,
         "account": account,
+        "run_dir": run_dir,
+        "signal_spec": _signal_spec(spec),
+        "exec_lines": _exec_lines(spec, run_dir, python, list(payload_args)),
+        "run_dir_sh": shlex.quote(run_dir),
+    }
+    return fill_template(TEMPLATE, values)
+
+
+def job_values(spec: TrainingSpec) -> dict[str, str]:
+    """What every job script of a training spec shares (the training job, a sweep's array):
+    resources, optional directives, module loads, set-up lines and exported variables."""
+    _check_env(spec.env)
+    opts = sbatch_options(spec)
+    optional = [f"#SBATCH --{k}={opts[k]}" for k in ("qos", "constraint") if k in opts]
+    return {
         "partition": opts["partition"],
         "gres_line": f"#SBATCH --gres={opts['gres']}\n" if "gres" in opts else "",
         "nodes": opts["nodes"],
         "cpus_per_task": opts["cpus-per-task"],
         "mem": opts["mem"],
         "time": opts["time"],
-        "run_dir": run_dir,
-        "signal_spec": _signal_spec(spec),
-        "exec_lines": _exec_lines(spec, run_dir, python, list(payload_args)),
         "optional_lines": "\n".join(optional),
         "module_lines": "".join(f"module load {m}\n" for m in spec.modules),
         "setup_lines": "".join(f"{line}\n" for line in spec.setup),
         "env_lines": "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items())),
-        "run_dir_sh": shlex.quote(run_dir),
     }
-    text = string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+def fill_template(path: Path, values: Mapping[str, object]) -> str:
+    """A job-script template with its values, empty lines dropped."""
+    text = string.Template(path.read_text()).substitute(values)
     return "\n".join(line for line in text.splitlines() if line != "") + "\n"
 
 
