@@ -500,15 +500,12 @@ def ingest(
                 f"({done[1] / 1e6:.1f}/{total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s)")  # fmt: skip
         return res
 
-    pk_files: list[str] = []
     try:
         workers = max(1, min(opts.workers, len(to_read)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aif-ingest") as pool:
             results = pool.map(work, to_read) if workers > 1 else map(work, to_read)
             for res in results:
                 outcomes[res.obj.key] = res
-                if res.pk_local:
-                    pk_files.append(res.pk_local)
         ordered = [outcomes[o.key] for o in objs]
         good = [r for r in ordered if r.record is not None]
         _check_across(good, lake_fs, dc, say)
@@ -570,7 +567,7 @@ def ingest(
                 f"lake {root_url}/manifest.json", exc, storage_options_lake
             ) from None
     finally:
-        for p in pk_files:
+        for p in [r.pk_local for r in outcomes.values() if r.pk_local]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
     if quarantined:

@@ -95,9 +95,7 @@ def register_model(
         mv = sorted(existing, key=lambda v: int(v.version))[0]
         log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
         client.set_registered_model_alias(model_name, "candidate", mv.version)
-        return _manifest(mv, model_name, fp, tracking_uri, client).model_copy(
-            update={"reused": True}
-        )
+        return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
 
     exp_id = _experiment_id(client, experiment, artifact_location)
     tags = {
@@ -150,9 +148,7 @@ def register_model(
             client.delete_run(run_id)
         log(f"{model_name} version {winner.version} registered the same model concurrently: "
             f"version {mv.version} withdrawn")  # fmt: skip
-        return _manifest(winner, model_name, fp, tracking_uri, client).model_copy(
-            update={"reused": True}
-        )
+        return _manifest(winner, model_name, fp, tracking_uri).model_copy(update={"reused": True})
     if documents is not None:
         docs = documents(str(mv.version))
         for doc, body in docs.items():
@@ -163,9 +159,7 @@ def register_model(
             client.update_model_version(model_name, mv.version, description=card[:5000])
     client.set_registered_model_alias(model_name, "candidate", mv.version)
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
-    return _manifest(
-        client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri, client
-    )
+    return _manifest(client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri)
 
 
 def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -197,21 +191,10 @@ def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelV
         _rest(tracking_uri, "POST", "registered-models/alias", alias)
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return None
-    aliases = list(mv.get("aliases") or [])
-    if "candidate" not in aliases:
-        aliases.append("candidate")
-    return ModelVersion(
-        name=model_name,
-        version=str(mv["version"]),
-        uri=f"models:/{model_name}/{mv['version']}",
-        run_id=mv.get("run_id") or "",
-        fingerprint=fp,
-        aliases=aliases,
-        tags={t["key"]: t["value"] for t in mv.get("tags", [])},
-        tracking_uri=tracking_uri,
-        created_at=now_iso(),
-        reused=True,
-    )
+    tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
+    return _version_manifest(model_name, fp, tracking_uri, str(mv["version"]),
+                             mv.get("run_id") or "", list(mv.get("aliases") or []),
+                             tags).model_copy(update={"reused": True})  # fmt: skip
 
 
 def _experiment_id(client: Any, experiment: str, artifact_location: str | None) -> str:
@@ -263,18 +246,23 @@ def _param(v: Any) -> str:
     return json.dumps(v) if isinstance(v, list | dict) else str(v)
 
 
-def _manifest(mv: Any, name: str, fp: str, tracking_uri: str, client: Any) -> ModelVersion:
-    aliases = list(getattr(mv, "aliases", []) or [])
-    if "candidate" not in aliases:
-        aliases.append("candidate")
+def _manifest(mv: Any, name: str, fp: str, tracking_uri: str) -> ModelVersion:
+    """The manifest of an MLflow ModelVersion object."""
+    return _version_manifest(name, fp, tracking_uri, str(mv.version), mv.run_id or "",
+                             list(getattr(mv, "aliases", []) or []), dict(mv.tags))  # fmt: skip
+
+
+def _version_manifest(name: str, fp: str, tracking_uri: str, version: str, run_id: str,
+                      aliases: list[str], tags: dict[str, str]) -> ModelVersion:  # fmt: skip
+    """A registered version as a manifest; it carries the alias candidate just set."""
     return ModelVersion(
         name=name,
-        version=str(mv.version),
-        uri=f"models:/{name}/{mv.version}",
-        run_id=mv.run_id or "",
+        version=version,
+        uri=f"models:/{name}/{version}",
+        run_id=run_id,
         fingerprint=fp,
-        aliases=aliases,
-        tags=dict(mv.tags),
+        aliases=aliases if "candidate" in aliases else [*aliases, "candidate"],
+        tags=tags,
         tracking_uri=tracking_uri,
         created_at=now_iso(),
     )

@@ -65,19 +65,13 @@ def _download_json(client: Any, run_id: str, path: str) -> Any:
         return json.loads(Path(local).read_text())
 
 
-def _software(names: list[str]) -> dict[str, Any]:
-    """This interpreter's Python and the versions of the packages the record lists (the
-    training payload records the ones its results depend on)."""
-    import platform
-    from importlib import metadata
+def _software() -> dict[str, Any]:
+    """This interpreter's Python and packages, as the training payload records them (the
+    same function: the record and the check cannot drift apart)."""
+    from tasks.payloads.train_tabular import environment
 
-    pkgs: dict[str, str | None] = {}
-    for n in names:
-        try:
-            pkgs[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            pkgs[n] = None
-    return {"python": platform.python_version(), "packages": pkgs}
+    env = environment("cpu")
+    return {"python": env["python"], "packages": env["packages"]}
 
 
 def check_environment(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -204,9 +198,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
                            f"{tags.get('aif.git_commit', '?')[:12]})")  # fmt: skip
     if git["dirty"] and not allow_dirty:
         differences.append("code: the working tree has uncommitted changes (commit or stash them)")
-    differences += check_environment(
-        recorded_env, _software(list(recorded_env.get("packages", {})))
-    )
+    differences += check_environment(recorded_env, _software())
 
     # The recorded config, with this machine's secrets (masked in the record).
     data = json.loads(json.dumps(recorded_cfg))
