@@ -7,6 +7,7 @@ An unchanged snapshot and feature config hit the cache: no cluster is started.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import load_profile
-from tasks.dask_cluster import open_cluster
+from tasks.dask_cluster import drain_margin_s, open_cluster
 from tasks.features import resolve_config
 from tasks.manifests import DataSnapshot, FeatureSet
 from tasks.preprocess import load_cached, plan, run_preprocess
 from tasks.provenance import key_of
-from tasks.runtime import artifact_markdown, md_table, stage_logger
+from tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
 from tasks.slurm import SlurmClient
 
 
@@ -38,9 +39,13 @@ def featurise(
     slurm = SlurmClient(env=cfg.child_env()) if cfg.dask.kind == "slurm" else None
     job_name = f"aif-dask-{key_of(fs_id, st.account)[:10]}"
     log_dir = str(Path(cfg.runs_dir) / "dask" / fs_id)
-    with open_cluster(
-        cfg.dask, account=st.account, job_name=job_name, slurm=slurm, log_dir=log_dir, log=say
-    ) as (client, info):
+    # Cancelling the run in the UI stops the partitions and gives back every worker job.
+    with (
+        cancellation_watch(threading.Event(), log=say) as cancel,
+        open_cluster(
+            cfg.dask, account=st.account, job_name=job_name, slurm=slurm, log_dir=log_dir, log=say
+        ) as (client, info),
+    ):
         say(f"Dask {info.kind} cluster: dashboard {info.dashboard}")
         fset = run_preprocess(
             snapshot,
@@ -51,6 +56,9 @@ def featurise(
             fs_id=fs_id,
             cluster_info=info.as_dict(),
             progress=say,
+            cluster=info,
+            cancel=cancel,
+            margin_s=drain_margin_s(cfg.dask),
         )
     if info.job_script:
         artifact_markdown(

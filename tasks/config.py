@@ -126,6 +126,10 @@ class DaskSpec(_Model):
     # adaptive scaling submits replacements. Dask's duration syntax ("25m", "1h").
     lifetime: str | None = None
     lifetime_stagger: str = "2m"
+    # A worker gets no new partition when less than this, plus the slowest partition so far
+    # (x1.5), is left before its deadline (lifetime or Slurm EndTime): it is drained, retired
+    # and replaced, so no partition is cut off by a walltime and none runs twice.
+    drain_margin: str = "10s"
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> DaskSpec:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DaskSpec
+from tasks.dask_dispatch import slurm_end_times
 from tasks.errors import AifError, SlurmError
 from tasks.slurm import SlurmClient
 
@@ -29,6 +30,10 @@ class ClusterInfo:
     job_ids: list[str] = field(default_factory=list)
     job_script: str | None = None
     workers: int = 0
+    # For tasks.dask_dispatch: Slurm EndTime lookup, and retire-and-replace of a worker job.
+    end_times: Callable[[list[str]], dict[str, float]] | None = None
+    retire: Callable[[str, str, str], None] | None = None
+    retired: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +42,7 @@ class ClusterInfo:
             "job_name": self.job_name,
             "job_ids": list(self.job_ids),
             "workers": self.workers,
+            "retired_for_walltime": list(self.retired),
         }
 
 
@@ -52,6 +58,12 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def drain_margin_s(spec: DaskSpec) -> float:
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(spec.drain_margin))
 
 
 def worker_args(spec: DaskSpec) -> list[str]:
@@ -153,6 +165,8 @@ def open_cluster(
             else:
                 cluster.scale(jobs=spec.workers)
             client = Client(cluster)
+            info.end_times = lambda ids: slurm_end_times(slurm.run, ids)
+            info.retire = _retirer(client, cluster, info, log)
             want = spec.workers if spec.adaptive_min is None else max(1, spec.adaptive_min)
             log(f"waiting for {want} Dask worker job(s) on partition {spec.partition}")
             try:
@@ -176,6 +190,45 @@ def open_cluster(
                 with contextlib.suppress(Exception):
                     cluster.close(timeout=30)
             _reap(slurm, job_name, info, log)
+
+
+def _spec_name(specs: dict[str, Any], worker_name: str) -> str | None:
+    """The cluster's job spec a worker belongs to (``processes`` > 1 adds ``-N``)."""
+    if worker_name in specs:
+        return worker_name
+    return next((k for k in specs if worker_name.startswith(f"{k}-")), None)
+
+
+def _retirer(
+    client: Any, cluster: Any, info: ClusterInfo, log: Callable[[str], None]
+) -> Callable[[str, str, str], None]:
+    """Retire a drained worker job gracefully, then have the cluster submit a replacement."""
+
+    def retire(address: str, name: str, job_id: str) -> None:
+        spec = _spec_name(cluster.worker_spec, name)
+        members = [
+            a
+            for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()
+            if spec is not None and _spec_name({spec: None}, str(w.get("name"))) == spec
+        ] or [address]
+        log(
+            f"worker job {job_id} ({name or address}) is near its deadline: retiring it and "
+            "asking for a replacement"
+        )
+        with contextlib.suppress(Exception):
+            client.retire_workers(members, close_workers=True)
+        info.retired.append(job_id)
+        if spec is None:
+            return
+
+        def swap() -> None:  # on the cluster's event loop: worker_spec is not thread-safe
+            jobs = len(cluster.worker_spec)
+            cluster.worker_spec.pop(spec, None)
+            cluster.scale(jobs=jobs)
+
+        cluster.loop.add_callback(swap)
+
+    return retire
 
 
 def _reap(slurm: SlurmClient, job_name: str, info: ClusterInfo, log: Callable[[str], None]) -> None:

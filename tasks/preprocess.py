@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import fsspec
 
 from tasks import features as F
-from tasks.errors import DataError
+from tasks.dask_dispatch import dispatch
+from tasks.errors import AifError, DataError
 from tasks.lake import read_json, write_json_atomic
 from tasks.manifests import DataSnapshot, FeatureSet, SplitFiles
 from tasks.provenance import now_iso
@@ -45,33 +47,47 @@ def run_preprocess(
     fs_id: str,
     cluster_info: dict[str, Any],
     progress: Callable[[str], None] = print,
+    cluster: Any = None,
+    cancel: threading.Event | None = None,
+    margin_s: float = 10.0,
+    transform: Callable[..., dict[str, Any]] = F.featurize_partition,
 ) -> FeatureSet:
-    """Featurise every snapshot file on the Dask cluster, fit normalisation, commit."""
+    """Featurise every snapshot file on the Dask cluster, fit normalisation, commit.
+
+    ``cluster`` (a ``dask_cluster.ClusterInfo``) lets workers be drained and replaced before
+    their deadline; ``cancel`` stops the stage; ``transform`` is the per-partition function
+    (``features.featurize_partition``; a test may wrap it).
+    """
     t0 = time.monotonic()
     out_url = featureset_url(lake_url, fs_id)
     files = [o.lake_path for o in snapshot.objects]
-    futures = [
-        client.submit(
-            F.featurize_partition, i, url, out_url, storage_options, config, pure=False,
-            key=f"featurize-{fs_id}-{i:05d}",
-        )
+    calls = [
+        (f"featurize-{fs_id}-{i:05d}", (i, url, out_url, storage_options, config))
         for i, url in enumerate(files)
-    ]  # fmt: skip
-    from distributed import as_completed
+    ]
+    step = max(1, len(calls) // 4)
 
-    results: list[dict[str, Any]] = []
-    for n, fut in enumerate(as_completed(futures), 1):
-        try:
-            results.append(fut.result())
-        except Exception as exc:
-            for f in futures:
-                f.cancel()
-            raise DataError(
-                f"preprocess {snapshot.dataset}: partition {fut.key} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
-        if n == len(futures) or n % max(1, len(futures) // 4) == 0:
-            progress(f"featurised {n}/{len(futures)} partitions")
+    def on_result(n: int, total: int) -> None:
+        if n == total or n % step == 0:
+            progress(f"featurised {n}/{total} partitions")
+
+    try:
+        results: list[dict[str, Any]] = dispatch(
+            client,
+            transform,
+            calls,
+            margin_s=margin_s,
+            end_times=getattr(cluster, "end_times", None),
+            retire=getattr(cluster, "retire", None),
+            cancel=cancel,
+            on_result=on_result,
+        )
+    except (AifError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"preprocess {snapshot.dataset}: a partition failed: {type(exc).__name__}: {exc}"
+        ) from None
     results.sort(key=lambda r: r["index"])
 
     cols = F.feature_columns(config)

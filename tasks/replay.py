@@ -156,7 +156,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     from mlflow.tracking import MlflowClient
 
     from tasks.config import DaskSpec, TrainingSpec
-    from tasks.dask_cluster import open_cluster
+    from tasks.dask_cluster import drain_margin_s, open_cluster
     from tasks.ingest import load_snapshot
     from tasks.preprocess import run_preprocess
     from tasks.provenance import git_info, key_of
@@ -235,7 +235,8 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
         fset = run_preprocess(
             snap, lake_url=replay_lake, storage_options=lake_so, client=dclient,
             config=recorded_fset["feature_config"], fs_id=recorded_fset["featureset_id"],
-            cluster_info=info.as_dict(), progress=log,
+            cluster_info=info.as_dict(), progress=log, cluster=info,
+            margin_s=drain_margin_s(dask_spec),
         )  # fmt: skip
     diff = compare_featuresets(recorded_fset, fset)
     if diff:

@@ -93,3 +93,67 @@ def test_cancelled_worker_job_loses_no_rows(site_profile: Profile, snapshot: Any
         k: v.rows for k, v in reference.splits.items()
     }
     assert fset.normalisation == reference.normalisation
+
+
+def test_run_longer_than_a_worker_walltime_loses_and_repeats_nothing(
+    site_profile: Profile, tmp_path: Path
+) -> None:
+    """Workers with a 1-minute walltime and a ~35 s lifetime; the stage takes well over a
+    minute. Workers are drained before their deadline and replaced; every partition runs
+    exactly once and no worker job reaches its time limit."""
+    import os
+
+    from tasks import features as F
+
+    objects, delay_s = 24, 5.0
+    generate_mobility(f"file://{tmp_path}/ds", rows=240_000, objects=objects, seed=11)
+    snap = ingest(f"file://{tmp_path}/ds", f"file://{tmp_path}/lake", "mobility-trips", {}, {},
+                  MOBILITY)  # fmt: skip
+    fs_id, cfg = plan(snap, resolve_config({}))
+    ledger = tmp_path / "attempts"
+    ledger.mkdir()
+
+    def slow_partition(i: int, *args: Any) -> dict[str, Any]:
+        # A heavier transform, the same result: one ledger file per attempt (shared disk).
+        (ledger / f"{i:03d}-{os.environ.get('SLURM_JOB_ID')}-{time.time_ns()}").touch()
+        time.sleep(delay_s)
+        return F.featurize_partition(i, *args)
+
+    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="1GiB", walltime="00:01:00",
+                    lifetime="35s", lifetime_stagger="5s", drain_margin="3s")  # fmt: skip
+    slurm = SlurmClient(env=site_profile.child_env())
+    logs: list[str] = []
+    job_name = "aif-dask-test-walltime"
+    t0 = time.monotonic()
+    log_dir = str(tmp_path / "logs")
+    with open_cluster(spec, account="startup-a", job_name=job_name, slurm=slurm,
+                      log_dir=log_dir, log=logs.append) as (client, info):  # fmt: skip
+        fset = run_preprocess(snap, lake_url=f"file://{tmp_path}/lake", storage_options={},
+                              client=client, config=cfg, fs_id=fs_id,
+                              cluster_info=info.as_dict(), progress=logs.append, cluster=info,
+                              margin_s=3.0, transform=slow_partition)  # fmt: skip
+    took = time.monotonic() - t0
+    assert slurm.jobs_named(job_name) == [], "worker jobs left in squeue"
+    assert took > 60, f"the stage took {took:.0f} s, not longer than the 60 s walltime"
+
+    attempts = sorted(p.name.split("-")[0] for p in ledger.iterdir())
+    assert attempts == [f"{i:03d}" for i in range(objects)], (
+        f"every partition must run exactly once: {attempts}"
+    )
+    jobs = sorted({p.name.split("-")[1] for p in ledger.iterdir()}, key=int)
+    assert len(jobs) >= 3, f"expected replacement worker jobs, work ran on {jobs}"
+    assert len(info.retired) >= 2, logs
+    print(f"stage {took:.0f} s; partitions ran on jobs {jobs}; retired {info.retired}")
+    for jid in jobs:
+        rec = slurm.sacct_record(jid)
+        assert rec is not None and rec["State"] != "TIMEOUT", (jid, rec)
+    assert fset.rows_in == snap.rows
+    assert sum(s.rows for s in fset.splits.values()) + sum(fset.rows_dropped.values()) == snap.rows
+    # Byte for byte the feature set of an undisturbed in-process run of the same transform.
+    import hashlib
+
+    for i, o in enumerate(snap.objects):
+        ref = F.featurize_partition(i, o.lake_path, f"file://{tmp_path}/ref", {}, cfg)
+        for name, entry in ref["splits"].items():
+            got = Path(fset.splits[name].files[i].removeprefix("file://")).read_bytes()
+            assert hashlib.sha256(got).hexdigest() == entry["sha256"], (name, i)
