@@ -157,3 +157,63 @@ def test_run_longer_than_a_worker_walltime_loses_and_repeats_nothing(
         for name, entry in ref["splits"].items():
             got = Path(fset.splits[name].files[i].removeprefix("file://")).read_bytes()
             assert hashlib.sha256(got).hexdigest() == entry["sha256"], (name, i)
+
+
+def test_dataset_three_times_the_workers_memory(site_profile: Profile, tmp_path: Path) -> None:
+    """Out of core: 2 workers of 512 MiB (Dask's limit and Slurm's --mem) featurise a
+    dataset whose Arrow size is over 3x their total memory; no worker dies or restarts."""
+    import pyarrow.parquet as pq
+
+    limit = 512 * 2**20
+    rows, objects = 42_000_000, 210
+    generate_mobility(f"file://{tmp_path}/ds", rows=rows, objects=objects, seed=17)
+    snap = ingest(f"file://{tmp_path}/ds", f"file://{tmp_path}/lake", "mobility-trips", {}, {},
+                  MOBILITY)  # fmt: skip
+    arrow_bytes = sum(pq.read_table(o.lake_path.removeprefix("file://")).nbytes
+                      for o in snap.objects)  # fmt: skip
+    assert arrow_bytes >= 3 * 2 * limit, f"dataset only {arrow_bytes / 2**30:.2f} GiB in memory"
+
+    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="512MiB", walltime="00:15:00")
+    slurm = SlurmClient(env=site_profile.child_env())
+    fs_id, cfg = plan(snap, resolve_config({}))
+    log_dir = tmp_path / "logs"
+    peak: dict[str, int] = {}
+    stop = threading.Event()
+
+    def rss() -> int:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+    def sample(client: Any) -> None:
+        while not stop.wait(0.5):
+            try:
+                for addr, b in client.run(rss).items():
+                    peak[addr] = max(peak.get(addr, 0), b)
+            except Exception:
+                pass
+
+    with open_cluster(spec, account="startup-a", job_name="aif-dask-test-ooc", slurm=slurm,
+                      log_dir=str(log_dir), log=lambda m: None) as (client, info):  # fmt: skip
+        sampler = threading.Thread(target=sample, args=(client,), daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        fset = run_preprocess(snap, lake_url=f"file://{tmp_path}/lake", storage_options={},
+                              client=client, config=cfg, fs_id=fs_id,
+                              cluster_info=info.as_dict(), progress=lambda m: None,
+                              cluster=info)  # fmt: skip
+        took = time.monotonic() - t0
+        stop.set()
+        sampler.join(timeout=5)
+    assert fset.rows_in == rows
+    assert sum(s.rows for s in fset.splits.values()) + sum(fset.rows_dropped.values()) == rows
+    assert len(info.job_ids) == 2, f"a worker job was replaced (died?): {info.job_ids}"
+    for jid in info.job_ids:
+        rec = slurm.sacct_record(jid)
+        assert rec is not None and rec["State"] not in ("OUT_OF_MEMORY", "FAILED"), rec
+    logs = "".join(p.read_text(errors="replace") for p in log_dir.glob("*"))
+    for sign in ("memory budget", "Restarting worker", "KilledWorker", "Worker is at"):
+        assert sign not in logs, f"worker log says {sign!r}"
+    assert peak and max(peak.values()) < 0.95 * limit, {a: b >> 20 for a, b in peak.items()}
+    print(f"out of core: {arrow_bytes / 2**30:.2f} GiB Arrow on 2 x 512 MiB workers in "
+          f"{took:.0f} s; peak worker RSS {max(peak.values()) >> 20} MiB")  # fmt: skip
