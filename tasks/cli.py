@@ -99,7 +99,14 @@ def dry_run(cfg: Any, sid: str) -> int:
     _, st = cfg.startup(sid)
     print("# resolved profile (secrets masked)")
     print(json.dumps(cfg.public_dict(), indent=2))
-    if cfg.dask.kind == "slurm":
+    if cfg.dask.kind == "slurm" and cfg.dask.scheduler == "allocation":
+        from tasks.dask_allocation import render_allocation_script
+
+        print("\n# Dask allocation job script (scheduler and workers in one Slurm job)")
+        print(render_allocation_script(cfg.dask, st.account, "aif-dask-<featureset>",
+                                       f"{cfg.runs_dir}/dask/<featureset>/scheduler.json",
+                                       f"{cfg.runs_dir}/dask/<featureset>"))  # fmt: skip
+    elif cfg.dask.kind == "slurm":
         print("\n# Dask worker job script (one per worker job; the scheduler address is filled "
               "in at run time)")  # fmt: skip
         print(render_worker_script(cfg.dask, st.account, "aif-dask-<featureset>"))

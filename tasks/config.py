@@ -106,6 +106,11 @@ class Lake(_Model):
 
 class DaskSpec(_Model):
     kind: Literal["local", "slurm"] = "local"
+    # Where the Dask scheduler runs (kind slurm): "flow-host" (the flow's process; each
+    # worker is its own Slurm job, replaced before its walltime) or "allocation" (scheduler
+    # and workers in one Slurm job; for sites whose compute nodes cannot reach the login
+    # node, or that forbid services there; the stage must fit that job's walltime).
+    scheduler: Literal["flow-host", "allocation"] = "flow-host"
     workers: int = Field(default=2, ge=1)
     cores: int = Field(default=1, ge=1)  # per worker job
     processes: int = Field(default=1, ge=1)

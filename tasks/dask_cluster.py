@@ -146,6 +146,15 @@ def open_cluster(
 
     if slurm is None:
         raise AifError("a Slurm Dask cluster needs a Slurm client")
+    if spec.scheduler == "allocation":
+        from tasks.dask_allocation import allocation_cluster
+
+        if not log_dir:
+            raise AifError("dask.scheduler allocation needs a directory on the shared filesystem")
+        with allocation_cluster(spec, account=account, job_name=job_name, slurm=slurm,
+                                run_dir=log_dir, log=log) as pair:  # fmt: skip
+            yield pair
+        return
     # Fail fast and clearly when Slurm is down, before dask-jobqueue's own sbatch call.
     slurm.run(["sinfo", "-h", "-o", "%P"])
     from dask_jobqueue import SLURMCluster

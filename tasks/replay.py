@@ -230,8 +230,9 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     replay_lake = f"{rec.lake.url.rstrip('/')}/replay/{token}"
     dask_spec = DaskSpec.model_validate(recorded_cfg["dask"])
     slurm = SlurmClient(env=rec.child_env()) if dask_spec.kind == "slurm" else None
+    dask_dir = f"{rec.runs_dir}/dask/replay-{token}"
     with open_cluster(dask_spec, account=st.account, job_name=f"aif-dask-replay-{token[-8:]}",
-                      slurm=slurm, log=log) as (dclient, info):  # fmt: skip
+                      slurm=slurm, log=log, log_dir=dask_dir) as (dclient, info):  # fmt: skip
         fset = run_preprocess(
             snap, lake_url=replay_lake, storage_options=lake_so, client=dclient,
             config=recorded_fset["feature_config"], fs_id=recorded_fset["featureset_id"],

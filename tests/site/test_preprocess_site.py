@@ -217,3 +217,32 @@ def test_dataset_three_times_the_workers_memory(site_profile: Profile, tmp_path:
     assert peak and max(peak.values()) < 0.95 * limit, {a: b >> 20 for a, b in peak.items()}
     print(f"out of core: {arrow_bytes / 2**30:.2f} GiB Arrow on 2 x 512 MiB workers in "
           f"{took:.0f} s; peak worker RSS {max(peak.values()) >> 20} MiB")  # fmt: skip
+
+
+def test_scheduler_inside_an_allocation(site_profile: Profile, snapshot: Any) -> None:
+    """dask.scheduler: allocation: one Slurm job runs the scheduler and both workers; the
+    result is the same feature set; the job is gone afterwards."""
+    root, snap = snapshot
+    spec = DaskSpec(kind="slurm", scheduler="allocation", workers=2, cores=1, memory="1GiB",
+                    walltime="00:10:00")  # fmt: skip
+    slurm = SlurmClient(env=site_profile.child_env())
+    fs_id, cfg = plan(snap, resolve_config({}))
+    job_name = "aif-dask-test-alloc"
+    alloc = str(root / "alloc")
+    with open_cluster(spec, account="startup-a", job_name=job_name, slurm=slurm,
+                      log_dir=alloc, log=lambda m: None) as (client, info):  # fmt: skip
+        assert info.kind == "slurm-allocation" and len(info.job_ids) == 1
+        assert slurm.jobs_named(job_name) == info.job_ids  # one job holds everything
+        # The scheduler is not in this process: it runs in the allocation's batch step.
+        sched = client.run_on_scheduler(lambda: __import__("os").environ.get("SLURM_JOB_ID"))
+        assert sched == info.job_ids[0]
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        fset = run_preprocess(snap, lake_url=f"file://{root}/lake-alloc", storage_options={},
+                              client=client, config=cfg, fs_id=fs_id,
+                              cluster_info=info.as_dict(), progress=lambda m: None,
+                              cluster=info)  # fmt: skip
+    assert slurm.jobs_named(job_name) == [], "the allocation was left in squeue"
+    rec = slurm.sacct_record(info.job_ids[0])
+    assert rec is not None and rec["Account"] == "startup-a", rec
+    assert fset.rows_in == snap.rows
+    assert sum(s.rows for s in fset.splits.values()) + sum(fset.rows_dropped.values()) == snap.rows
