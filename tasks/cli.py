@@ -503,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         print("aif: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # an unexpected failure still gets one line
+        if type(err).__name__ == "UnfinishedRun" and "CANCEL" in str(err):
+            # Prefect's "Run is in CANCELLING state, its result is not available".
+            print("aif: error: the run was cancelled (in the Prefect UI or API); every Slurm "
+                  "job it had started was cancelled with it", file=sys.stderr)  # fmt: skip
+            return 130
         if verbose:
             traceback.print_exc()
         msg = " ".join(str(err).split()) or "no message"
