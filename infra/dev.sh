@@ -27,6 +27,8 @@ setup_site_packages() {
   command -v slurmdbd >/dev/null || need+=(slurmdbd)
   command -v munged >/dev/null || need+=(munge)
   command -v mariadbd >/dev/null || need+=(mariadb-server)
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
   if [ ${#need[@]} -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
