@@ -5,8 +5,8 @@ profile sets ``dask.lifetime``, the moment Dask retires it. Submitting every par
 once lets the scheduler queue work on a worker that then leaves mid-partition: the
 partition starts again elsewhere (repeated work), and a walltime kill loses it outright.
 
-``dispatch`` keeps the queue on the client instead. A worker gets a partition only while it
-is idle and has time left for one (the slowest partition seen so far, with head-room, plus
+``dispatch`` keeps the queue on the client instead. A worker thread holds at most one
+running and one queued partition, and gets one only while it has time left for it (the slowest partition seen so far, with head-room, plus
 ``margin_s``); otherwise it is drained and retired, and the cluster brings a replacement job
 up. Results are small dicts gathered as soon as they finish, so a retiring worker holds no
 data. A worker that dies anyway (scancel, node failure) has its running partition re-run
@@ -28,6 +28,7 @@ from typing import Any
 from tasks.errors import AifError
 
 HEADROOM = 1.5  # a partition may take this much longer than the slowest seen so far
+QUEUED = 2  # partitions handed to a worker thread at once: the running one and the next
 
 
 class StageCancelled(AifError):
@@ -131,7 +132,14 @@ def dispatch(
                     clock.draining = True  # no new work; it leaves holding nothing
                 if clock.draining:
                     continue
-                while pending and busy[addr] < clock.nthreads:
+                # One partition running and one queued per thread, so that a worker never
+                # waits for the client between two; a queued one must fit too.
+                while pending and busy[addr] < QUEUED * clock.nthreads:
+                    rounds = busy[addr] // clock.nthreads + 1
+                    if retire is not None and end is not None and (
+                        end - now < margin_s + HEADROOM * slowest * rounds
+                    ):
+                        break
                     i = pending.popleft()
                     key, args = calls[i]
                     fut = client.submit(fn, *args, key=key, workers=[addr],

@@ -50,7 +50,7 @@ def main() -> int:
     t_req = time.perf_counter()
     first_worker_s = 0.0
     with open_cluster(spec, account="startup-a", job_name="aif-dask-bench", slurm=slurm,
-                      log=lambda m: None) as (client, info):  # fmt: skip
+                      log_dir=f"{root}/logs", log=lambda m: None) as (client, info):  # fmt: skip
         first_worker_s = time.perf_counter() - t_req  # both workers up (upper bound)
         # Warm-up: each worker imports pandas/pyarrow once (about a second), as the baseline
         # process already has.
