@@ -49,11 +49,13 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
     """Ingest one catalog dataset as the profile configures it (also used by train-lm)."""
     from tasks.ingest import IngestOptions, audit, ingest
     from tasks.policy import resolve_secret
+    from tasks.tenancy import check_dataspace_url
 
     say = say or stage_logger("ingest")
-    sid, _ = cfg.startup(startup)
+    sid, _ = cfg.tenant(startup)
     entry = cfg.dataset_entry(dataset)
-    src, lake = cfg.dataset_url(entry), cfg.lake.url
+    src, lake = cfg.dataset_url(entry), cfg.lake_url_for(sid)
+    check_dataspace_url(cfg, sid, src, f"data space of {entry.id}")  # before a byte is read
     chosen, declared = cfg.purpose(sid, purpose)
     key = None
     if entry.policy.personal_data:
@@ -90,7 +92,7 @@ def ingest_flow(
     profile: str = "local", startup: str | None = None, overrides: dict[str, Any] | None = None
 ) -> DataSnapshot:
     cfg = load_profile(profile, overrides)
-    sid, _ = cfg.startup(startup)
+    sid, _ = cfg.tenant(startup)
     say = stage_logger("ingest")
     if cfg.dataspace.generate is not None:
         n = seed_dataspace(profile, cfg.dataspace.dataset, overrides)

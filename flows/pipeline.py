@@ -19,9 +19,11 @@ from flows.ingest import ingest_flow
 from flows.preprocess import preprocess_flow
 from flows.register import register_flow
 from flows.train import train_flow
+from tasks.admission import admit_declaration
 from tasks.config import load_profile
 from tasks.provenance import git_info, now_iso
-from tasks.runtime import artifact_markdown, flow_run_id, md_table
+from tasks.runtime import artifact_link, artifact_markdown, artifact_table, flow_run_id, md_table
+from tasks.tenancy import check_run
 
 
 def _banner(n: int, name: str) -> None:
@@ -30,11 +32,21 @@ def _banner(n: int, name: str) -> None:
 
 @flow(name="aif-pipeline", log_prints=False)
 def pipeline(
-    profile: str = "local", startup: str | None = None, overrides: dict[str, Any] | None = None
+    profile: str = "local",
+    startup: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    promote: bool = False,
 ) -> str:
-    """Run ingest, preprocess, train and register; return the model URI models:/NAME/VER."""
+    """Run ingest, preprocess, train and register; return the model URI models:/NAME/VER.
+
+    With ``promote`` (the nightly deployments), the registered version then goes through
+    the promotion gates (profile section ``promotion``) and may become the champion."""
     cfg = load_profile(profile, overrides)
     sid, st = cfg.startup(startup)
+    # Before any byte is ingested or any job submitted: the tenant's own prefix, account
+    # and data space (isolation.*, exit 6), and an approved declaration (exit 5).
+    check_run(cfg, sid)
+    print(f"admission: {admit_declaration(sid, st)}", flush=True)
     times: dict[str, float] = {}
 
     t = time.monotonic()
@@ -56,6 +68,16 @@ def pipeline(
     _banner(4, "register")
     mv = register_flow(trained, fset, snap, profile, sid, overrides)
     times["register"] = time.monotonic() - t
+
+    decision = None
+    if promote:
+        from tasks.promotion import promote as decide
+
+        decision = decide(cfg.mlflow.tracking_uri, cfg.mlflow.model_name, version=mv.version,
+                          spec=cfg.promotion, approved=cfg.declaration_approved)  # fmt: skip
+        print(f"promotion: version {decision.candidate} "
+              f"{'promoted to champion' if decision.promoted else 'not promoted'} "
+              f"({decision.reason})", flush=True)  # fmt: skip
 
     reused = {"ingest": snap.reused, "preprocess": fset.reused, "train": trained.reused,
               "register": mv.reused}  # fmt: skip
@@ -117,14 +139,58 @@ def pipeline(
     ]
     for row in rows:
         row["cache"] = "reused" if reused[str(row["stage"])] else "ran"
+    _publish_summary(cfg, sid, st, snap, fset, trained, mv, decision, rows, verdict)
+    return mv.uri
+
+
+def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained: Any, mv: Any,
+                     decision: Any, rows: list[dict[str, Any]], verdict: str) -> None:  # fmt: skip
+    """The operators' view of the run: stages, data, jobs, GPU-hours and cost, the version
+    and its promotion, metrics, and links to MLflow and the Dask dashboard."""
+    from tasks.usage import HPC_CPU_RATE, HPC_GPU_RATE, job_hours
+
+    jobs = list(trained.slurm_job_ids) + list(fset.slurm_job_ids)
+    cpu_h = gpu_h = 0.0
+    states: dict[str, str] = {}
+    if (
+        jobs
+        and (trained.executor == "slurm" or cfg.dask.kind == "slurm")
+        and not (trained.reused and fset.reused)
+    ):
+        from tasks.slurm import SlurmClient
+
+        try:
+            cpu_h, gpu_h, states = job_hours(SlurmClient(env=cfg.child_env()), jobs)
+        except Exception as exc:  # the summary never fails the run
+            states = {"sacct": f"unavailable: {exc}"}
+    cost = gpu_h * HPC_GPU_RATE + cpu_h * HPC_CPU_RATE
+    model_url = f"{cfg.mlflow.tracking_uri.rstrip('/')}/#/models/{mv.name}/versions/{mv.version}"
+    dashboard = (fset.cluster or {}).get("dashboard") or ""
+    if decision is None:
+        promo = "not asked (alias `candidate`; `aif model promote` decides)"
+    elif decision.promoted:
+        promo = f"**promoted to champion** ({decision.reason})"
+    else:
+        promo = f"kept: not promoted ({decision.reason})"
+    job_rows = [{"job": j, "state": s} for j, s in sorted(states.items())]
+    metric_rows = [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else v}
+                   for k, v in sorted(trained.metrics.items())]  # fmt: skip
     artifact_markdown(
         "pipeline-summary",
         f"# aifactory pipeline: {st.title or sid}\n\n- profile: `{cfg.name}`\n"
         f"- start-up: `{sid}` (account `{st.account}`, project `{st.project}`)\n"
-        f"- model: `{mv.uri}`\n- {verdict}\n\n{md_table(rows)}\n",
-        description="Stages, outputs and durations of this pipeline run",
+        f"- data snapshot: `{snap.snapshot_id}` ({snap.rows} rows, dataset `{snap.dataset}`)\n"
+        f"- model: [`{mv.uri}`]({model_url}); promotion: {promo}\n"
+        f"- Slurm usage of this run: {gpu_h:.3f} GPU-hours, {cpu_h:.3f} CPU-hours, about "
+        f"EUR {cost:.2f} at the HPC rate\n"
+        f"- Dask dashboard (while the stage ran): {dashboard or 'none'}\n- {verdict}\n\n"
+        f"## Stages\n\n{md_table(rows)}\n\n## Slurm jobs\n\n{md_table(job_rows)}\n\n"
+        f"## Metrics\n\n{md_table(metric_rows)}\n",
+        description="Stages, data, jobs, GPU-hours and cost, model version and promotion",
     )
-    return mv.uri
+    artifact_table("pipeline-metrics", metric_rows, description="Held-out metrics of the model")
+    artifact_link("mlflow-model-version", model_url, f"{mv.name} version {mv.version}",
+                  description="The registered model version in MLflow")  # fmt: skip
 
 
 if __name__ == "__main__":

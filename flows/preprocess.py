@@ -49,8 +49,8 @@ def featurise(
         say(f"Dask {info.kind} cluster: dashboard {info.dashboard}")
         fset = run_preprocess(
             snapshot,
-            lake_url=cfg.lake.url,
-            storage_options=cfg.storage_options(cfg.lake.url),
+            lake_url=cfg.lake_url_for(startup),
+            storage_options=cfg.storage_options(cfg.lake_url_for(startup)),
             client=client,
             config=config,
             fs_id=fs_id,
@@ -81,7 +81,9 @@ def preprocess_flow(
     cfg = load_profile(profile, overrides)
     say = stage_logger("preprocess")
     fs_id, fconfig = plan(snapshot, resolve_config(cfg.features))
-    cached = load_cached(cfg.lake.url, fs_id, cfg.storage_options(cfg.lake.url))
+    cached = load_cached(
+        cfg.lake_url_for(startup), fs_id, cfg.storage_options(cfg.lake_url_for(startup))
+    )
     if cached is not None:
         say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
         return cached.model_copy(update={"reused": True})

@@ -37,7 +37,7 @@ def register_task(
     overrides: dict[str, Any] | None,
 ) -> ModelVersion:
     cfg = load_profile(profile, overrides)
-    sid, st = cfg.startup(startup)
+    sid, st = cfg.tenant(startup)
     git = git_info()
     lineage = {
         "aif.git_commit": git["commit"],
@@ -57,7 +57,7 @@ def register_task(
     say = stage_logger("register")
 
     def documents(version: str) -> dict[str, str | dict[str, Any]]:
-        ranges = time_ranges(snap, cfg.storage_options(cfg.lake.url))
+        ranges = time_ranges(snap, cfg.storage_options(cfg.lake_url_for(sid)))
         card = model_card(name=name, version=version, trained=trained, fset=fset, snap=snap,
                           entry=entry, startup=sid, startup_cfg=st, lineage=lineage)  # fmt: skip
         summary = training_data_summary(snap, entry, ranges)

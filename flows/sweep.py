@@ -25,7 +25,7 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
     from tasks.sweep import run_sweep
 
     cfg = load_profile(profile, overrides)
-    _, st = cfg.startup(startup)
+    sid, st = cfg.tenant(startup)
     if cfg.training.executor != "slurm":
         raise ConfigError(
             f"profile {cfg.name!r}: sweeps run as Slurm job arrays (training.executor slurm)"
@@ -34,7 +34,7 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
 
     slurm = SlurmClient(env=cfg.child_env())
     say = stage_logger("sweep")
-    say(admit(startup or cfg.default_startup, st, cfg.training, slurm, jobs=len(trials)))
+    say(admit(sid, st, cfg.training, slurm, jobs=len(trials)))
     with cancellation_watch(threading.Event(), log=say):
         return run_sweep(trials, spec=cfg.training, account=st.account, featureset=fset,
                          runs_dir=cfg.runs_dir, slurm=slurm, max_parallel=max_parallel,
@@ -46,8 +46,13 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
                overrides: dict[str, Any] | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
                metric: str = "val_rmse") -> dict[str, Any]:  # fmt: skip
+    from tasks.admission import admit_declaration
+    from tasks.tenancy import check_run
+
     cfg = load_profile(profile, overrides)
-    sid, _ = cfg.startup(startup)
+    sid, st = cfg.startup(startup)
+    check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
+    print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)
     print("[1/3] ingest", flush=True)
     snap = ingest_flow(profile, sid, overrides)
     print("[2/3] preprocess", flush=True)

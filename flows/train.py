@@ -28,7 +28,7 @@ def train_task(
     from tasks.training import train
 
     cfg = load_profile(profile, overrides)
-    sid, st = cfg.startup(startup)
+    sid, st = cfg.tenant(startup)
     spec = cfg.training
     run_key = key_of(
         "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),

@@ -52,7 +52,7 @@ case "$cmd" in
     setup_python
     setup_site_packages
     "$VENV/bin/ruff" check .
-    "$VENV/bin/mypy" --ignore-missing-imports flows tasks infra
+    "$VENV/bin/mypy" --ignore-missing-imports flows tasks infra deployments
     "$VENV/bin/aif" site up
     trap '"$VENV/bin/aif" site down || true' EXIT
     "$VENV/bin/python" -m pytest --site -q "$@"

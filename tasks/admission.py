@@ -7,7 +7,9 @@
    ``gpu_hours_budget``.
 
 A refusal is one line naming the rule, with used, remaining and requested hours for the
-budget; nothing is submitted. (The purpose of the data is checked at ingestion.)
+budget; nothing is submitted. The declaration is also checked when a pipeline or a sweep
+starts (``admit_declaration``), before any byte is ingested or any Dask job submitted.
+(The purpose of the data is checked at ingestion.)
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def requested_gpu_hours(spec: Any, jobs: int = 1) -> float:
     return max(1, spec.gpus_per_node) * spec.nodes * spec.timeout_min / 60.0 * jobs
 
 
-def admit(startup_id: str, st: Any, spec: Any, slurm: Any | None, jobs: int = 1) -> str:
-    """Raise AdmissionError, or return the one-line reason the job(s) may go."""
-    what = f"training for {startup_id} (project {st.project})"
+def admit_declaration(startup_id: str, st: Any, what: str = "run") -> str:
+    """``admission.declaration`` alone: checked when a pipeline or sweep starts, before any
+    byte is ingested or any job submitted. Raise AdmissionError, or return the reason."""
+    what = f"{what} for {startup_id} (project {st.project})"
     decl = st.declaration
     if decl is None or not (decl.approved_by and decl.approved_on):
         state = "no responsible-AI declaration" if decl is None else "a declaration not approved"
@@ -37,9 +40,16 @@ def admit(startup_id: str, st: Any, spec: Any, slurm: Any | None, jobs: int = 1)
             f"{what}: refused by admission.declaration: the project has {state} "
             f"(startups.{startup_id}.declaration needs approved_by and approved_on)"
         )
+    return f"{what}: admitted (declaration approved by {decl.approved_by})"
+
+
+def admit(startup_id: str, st: Any, spec: Any, slurm: Any | None, jobs: int = 1) -> str:
+    """Raise AdmissionError, or return the one-line reason the job(s) may go."""
+    what = f"training for {startup_id} (project {st.project})"
+    admitted = admit_declaration(startup_id, st, "training")
     budget = st.gpu_hours_budget
     if budget is None or slurm is None or spec.gpus_per_node == 0:
-        return f"{what}: admitted (declaration approved by {decl.approved_by})"
+        return admitted
     from tasks.usage import collect
 
     used = sum(u.gpu_hours for u in collect(slurm, st.budget_since, [st.account]))

@@ -1,7 +1,8 @@
 """The ``aif`` command: run the pipeline, manage the local site, check profiles.
 
 Every user-facing failure is one line on stderr, ``aif: error: <what, where, why>``, with a
-non-zero exit code (2 for bad configuration, 1 otherwise).
+non-zero exit code (2 for bad configuration, 5 for admission, 6 for tenant isolation, 1
+otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import AifError, ConfigError
+from tasks.tenancy import check_run
 
 DEFAULT_SITE_DIR = ".aif/site"
 
@@ -66,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
     sid, st = cfg.startup(args.startup)
+    check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
     if args.dry_run:
         return dry_run(cfg, sid)
     api_url = _use_prefect(cfg, args.verbose)
@@ -126,6 +129,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     from tasks.lm_run import run_lm
 
     cfg = load_profile(args.profile)
+    cfg.tenant(args.startup)  # isolation.*; run_ingest checks the --data URL
     out = run_lm(cfg, startup=args.startup, data_url=args.data, steps=args.steps,
                  log=lambda m: print(f"  {m}", flush=True))  # fmt: skip
     m = out["metrics"]
@@ -137,23 +141,51 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deployments.deploy import deploy_all, ensure_automations, webhook_url
+    from tasks.config import load_profile
+
+    cfg = load_profile(args.profile or "site")
+    api_url = _use_prefect(cfg, args.verbose)
+    deploy_all(api_url)
+    made = ensure_automations(None if args.no_notifications
+                              else webhook_url(cfg.notifications.webhook))  # fmt: skip
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for d in sorted(client.read_deployments(), key=lambda d: d.name):
+            when = "; ".join(
+                f"{getattr(s.schedule, 'cron', s.schedule)} {getattr(s.schedule, 'timezone', '')}"
+                for s in d.schedules
+            )
+            limit = d.global_concurrency_limit.limit if d.global_concurrency_limit else "none"
+            print(f"deployment {d.name}: pool {d.work_pool_name}, schedule {when or 'none'}, "
+                  f"concurrency {limit}, parameters {d.parameters}")  # fmt: skip
+    print(f"automations: {', '.join(made)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.config import load_profile
     from tasks.slurm import SlurmClient
-    from tasks.usage import collect, priced_rows
+    from tasks.usage import collect, owners, priced_rows
 
     cfg = load_profile(args.profile)
-    accounts = [cfg.startup(args.startup)[1].account] if args.startup else None
+    # The project of each account comes from the profile's start-ups.
+    who_owns = owners(dict([cfg.startup(args.startup)]) if args.startup else cfg.startups)
+    accounts = list(who_owns) if args.startup else None
     usages = collect(SlurmClient(env=cfg.child_env()), args.since, accounts)
-    rows = priced_rows(usages, args.gpu_rate, args.cpu_rate, args.cloud_gpu_rate)
-    cols = ["account", "jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur", "cloud_gpu_cost_eur"]
-    print(f"usage since {args.since} (rates per hour: HPC GPU {args.gpu_rate}, HPC CPU "
-          f"{args.cpu_rate}, cloud GPU {args.cloud_gpu_rate} EUR)")  # fmt: skip
+    rows = priced_rows(usages, args.gpu_rate, args.cpu_rate, args.cloud_gpu_rate, who_owns)
+    cols = ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur",
+            "cloud_gpu_cost_eur"]  # fmt: skip
+    print(f"usage since {args.since} per start-up and project (rates per hour: HPC GPU "
+          f"{args.gpu_rate}, HPC CPU {args.cpu_rate}, cloud GPU {args.cloud_gpu_rate} "
+          "EUR)")  # fmt: skip
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
     for r in rows:
         print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
-    if not rows:
+    if not any(int(r["jobs"]) for r in rows):
         print("(no jobs in this period)")
     if args.artifact:
         _use_prefect(cfg, args.verbose)
@@ -162,7 +194,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         who = args.startup or "all start-ups"
         artifact_id = create_table_artifact(
             key="usage-report", table=rows or [{"account": "(no jobs)"}],
-            description=f"GPU and CPU hours of {who} since {args.since}: HPC at "
+            description=f"GPU and CPU hours per start-up and project ({who}) since "
+            f"{args.since}: HPC at "
             f"{args.gpu_rate} EUR/GPU-h and {args.cpu_rate} EUR/CPU-h, cloud GPU list price "
             f"{args.cloud_gpu_rate} EUR/GPU-h",
         )  # fmt: skip
@@ -178,6 +211,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = load_profile(args.profile, overrides)
     sid, _ = cfg.startup(args.startup)
     cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
+    check_run(cfg, sid)  # isolation.* (exit 6)
     api_url = _use_prefect(cfg, args.verbose)
     from flows.ingest import ingest_flow
 
@@ -230,8 +264,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tasks.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
+    from tasks.admission import admit_declaration
+
     cfg = load_profile(args.profile or "site", overrides)
-    sid, _ = cfg.startup(args.startup)
+    sid, st = cfg.startup(args.startup)
+    check_run(cfg, sid)  # isolation.* (exit 6)
+    admit_declaration(sid, st, "sweep")  # admission.declaration (exit 5): nothing submitted
     grid: dict[str, list[Any]] = {}
     for item in args.grid or []:
         name, _, values = item.partition("=")
@@ -283,9 +321,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     cfg = load_profile(args.profile)
     dataset = args.dataset or cfg.dataspace.dataset
-    so = cfg.storage_options(cfg.lake.url)
+    lake = cfg.lake_url_for(args.startup)  # the start-up's own prefix of the lake
+    so = cfg.storage_options(lake)
     if args.action == "ls":
-        snaps = list_snapshots(cfg.lake.url, dataset, so)
+        snaps = list_snapshots(lake, dataset, so)
         print(f"{'snapshot':<18}{'created':<22}{'objects':>8}{'rows':>12}{'bytes':>14}"
               f"{'quarantined':>12}  start-up / purpose")  # fmt: skip
         for sn in snaps:
@@ -293,11 +332,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                   f"{sn.bytes:>14}{len(sn.quarantined):>12}  "
                   f"{sn.startup} / {sn.purpose}")  # fmt: skip
         if not snaps:
-            print(f"(no committed snapshot of {dataset} in {cfg.lake.url})")
+            print(f"(no committed snapshot of {dataset} in {lake})")
         return 0
     if not args.id:
         raise ConfigError("aif snapshot show: give a snapshot id (aif snapshot ls lists them)")
-    print(load_snapshot(cfg.lake.url, dataset, args.id, so).to_json())
+    print(load_snapshot(lake, dataset, args.id, so).to_json())
     return 0
 
 
@@ -317,12 +356,10 @@ def cmd_model(args: argparse.Namespace) -> int:
         }
     )
 
-    def approved(startup: str) -> bool:
-        st = cfg.startups.get(startup)
-        decl = st.declaration if st else None
-        return bool(decl and decl.approved_by and decl.approved_on)
-
-    d = promote(uri, name, version=args.version, spec=spec, approved=approved)
+    if cfg.prefect.api_url.startswith("http"):  # the promotion event goes to this Prefect
+        os.environ["PREFECT_API_URL"] = cfg.prefect.api_url
+        _quiet_prefect_console(args.verbose)
+    d = promote(uri, name, version=args.version, spec=spec, approved=cfg.declaration_approved)
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
     for what, ok, detail in d.checks:
@@ -419,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--profile", default=None, help="use this profile's catalog")
     ct.set_defaults(func=cmd_catalog)
 
+    dp = sub.add_parser("deploy", help="deploy the nightly pipelines (deployments/prefect.yaml), "
+                        "the crashed-run detector and notifications")  # fmt: skip
+    dp.add_argument("--profile", default=None, help="default: site")
+    dp.add_argument("--no-notifications", action="store_true",
+                    help="do not create the webhook notifications")  # fmt: skip
+    dp.set_defaults(func=cmd_deploy)
+
     sw = sub.add_parser("sweep", help="hyperparameter search as one Slurm job array")
     sw.add_argument("--profile", default=None, help="default: site")
     sw.add_argument("--startup", default=None)
@@ -444,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("action", choices=["ls", "show"])
     sn.add_argument("id", nargs="?", help="snapshot id (for show)")
     sn.add_argument("--profile", default=None)
+    sn.add_argument("--startup", default=None, help="whose lake prefix (default: the profile's)")
     sn.add_argument("--dataset", default=None, help="default: the profile's dataset")
     sn.set_defaults(func=cmd_snapshot)
 

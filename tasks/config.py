@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -259,6 +260,14 @@ class Startup(_Model):
     budget_since: str = "now-365days"  # sacct --starttime syntax
 
 
+class NotificationsSpec(_Model):
+    """Where `aif deploy` sends failure and promotion notifications: a webhook URL given as
+    ``env:VAR``, ``prefect-secret:BLOCK`` or ``file:PATH`` (it is a secret: it goes into a
+    Prefect webhook block's secrets, never into parameters, logs or job scripts)."""
+
+    webhook: str | None = None
+
+
 class Profile(_Model):
     name: str
     description: str = ""
@@ -275,9 +284,19 @@ class Profile(_Model):
     prefect: PrefectSpec = Field(default_factory=PrefectSpec)
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    notifications: NotificationsSpec = Field(default_factory=NotificationsSpec)
     # Feature engineering over its defaults (tasks/features.py): clean ranges, split,
     # categorical vocabularies, fill values. Checked by features.resolve_config.
     features: dict[str, Any] = Field(default_factory=dict)
+    # lake.url as the profile file gives it, before AIF_* and CLI overrides (load_profile
+    # sets it): the start-ups' prefixes are also guarded under it (tasks/tenancy.py).
+    _file_lake_url: str | None = PrivateAttr(default=None)
+
+    def declaration_approved(self, startup: str) -> bool:
+        """Whether the start-up's responsible-AI declaration is approved (by and on)."""
+        st = self.startups.get(startup)
+        decl = st.declaration if st else None
+        return bool(decl and decl.approved_by and decl.approved_on)
 
     @model_validator(mode="after")
     def _features_valid(self) -> Profile:
@@ -328,6 +347,23 @@ class Profile(_Model):
         _, st = self.startup(startup_id)
         chosen = explicit or self.dataspace.purpose or (st.purposes[0] if st.purposes else None)
         return chosen or "unspecified", list(st.purposes)
+
+    def tenant(self, startup_id: str | None) -> tuple[str, Startup]:
+        """The start-up of a run, after the isolation rules (tasks/tenancy.py: its own lake
+        prefix and Slurm account); raises TenancyError (exit 6)."""
+        from tasks.tenancy import check_isolation
+
+        sid, st = self.startup(startup_id)
+        check_isolation(self, sid)
+        return sid, st
+
+    def lake_url_for(self, startup_id: str | None) -> str:
+        """The lake of a start-up's runs: ``<lake.url>/<s3_prefix>`` (``lake.url`` when the
+        start-up has no prefix), after the isolation rules."""
+        from tasks.tenancy import tenant_lake_url
+
+        _, st = self.tenant(startup_id)
+        return tenant_lake_url(self.lake.url, st)
 
     def startup(self, startup_id: str | None) -> tuple[str, Startup]:
         sid = startup_id or self.default_startup
@@ -517,12 +553,19 @@ def load_profile(
     if not isinstance(raw, dict):
         raise ConfigError(f"profile {path}: top level must be a mapping, got {type(raw).__name__}")
     data = _interpolate(raw, env, path.name)
+    file_lake = {"lake": {"url": (data.get("lake") or {}).get("url")}}
     _merge(data, _env_overrides(env))
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(data, dotted.split("."), value)
+        if value is not None:  # a dict value merges into its section, never replaces it
+            one: dict[str, Any] = {}
+            _set_path(one, dotted.split("."), value)
+            _merge(data, one)
     _absolutise(data, base_dir or Path.cwd())
+    _absolutise(file_lake, base_dir or Path.cwd())
     try:
-        return Profile.model_validate(data)
+        prof = Profile.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_fmt_validation(err, str(path))) from None
+    url = file_lake["lake"]["url"]
+    prof._file_lake_url = url if isinstance(url, str) else None
+    return prof

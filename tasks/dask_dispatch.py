@@ -6,12 +6,13 @@ once lets the scheduler queue work on a worker that then leaves mid-partition: t
 partition starts again elsewhere (repeated work), and a walltime kill loses it outright.
 
 ``dispatch`` keeps the queue on the client instead. A worker thread holds at most one
-running and one queued partition, and gets one only while it has time left for it (the slowest partition seen so far, with head-room, plus
-``margin_s``); otherwise it is drained and retired, and the cluster brings a replacement job
-up. Results are small dicts gathered as soon as they finish, so a retiring worker holds no
-data. A worker that dies anyway (scancel, node failure) has its running partition re-run
-on another worker by Dask itself; a partition's output has fixed names, so that run
-overwrites, and the counts come only from the run that finished.
+running and one queued partition, and gets one only while it has time left for it (the
+slowest partition seen so far, with head-room, plus ``margin_s``); otherwise it is
+drained and retired, and the cluster brings a replacement job up. Results are small
+dicts gathered as soon as they finish, so a retiring worker holds no data. A worker that
+dies anyway (scancel, node failure) has its running partition re-run on another worker
+by Dask itself; a partition's output has fixed names, so that run overwrites, and the
+counts come only from the run that finished.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def dispatch(
                 # waits for the client between two; a queued one must fit too.
                 while pending and busy[addr] < QUEUED * clock.nthreads:
                     rounds = busy[addr] // clock.nthreads + 1
-                    if retire is not None and end is not None and (
-                        end - now < margin_s + HEADROOM * slowest * rounds
+                    if (
+                        retire is not None
+                        and end is not None
+                        and (end - now < margin_s + HEADROOM * slowest * rounds)
                     ):
                         break
                     i = pending.popleft()

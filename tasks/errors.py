@@ -52,3 +52,9 @@ class TrainingError(AifError):
 
 class SiteError(AifError):
     """A part of the local site failed to start or is not running."""
+
+
+class TenancyError(AifError):
+    """A run of one start-up would reach another start-up's lake prefix or Slurm account."""
+
+    exit_code = 6

@@ -161,7 +161,43 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: A
         client.set_model_version_tag(name, candidate, k, v)
     if decision.promoted:
         client.set_registered_model_alias(name, "champion", candidate)
+        announce(name, decision, tracking_uri)
     return decision
+
+
+PROMOTED_EVENT = "aif.model.promoted"  # the trigger of `aif deploy`'s promotion notification
+
+
+def announce(name: str, d: Decision, tracking_uri: str) -> bool:
+    """Emit the Prefect event ``aif.model.promoted`` (when a Prefect API is configured).
+
+    The registry is the record; the event only tells the operators, so a Prefect that
+    cannot be reached never undoes or fails a promotion."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        emit_event(
+            event=PROMOTED_EVENT,
+            resource={
+                "prefect.resource.id": f"aif.model.{name}.{d.candidate}",
+                "prefect.resource.name": f"{name} version {d.candidate}",
+                "aif.model.name": name,
+                "aif.model.version": str(d.candidate),
+            },
+            payload={
+                "reason": d.reason,
+                "previous_champion": d.champion_before or "",
+                "metric": d.metric,
+                "value": d.candidate_value,
+                "registry": tracking_uri,
+            },
+        )
+        EventsWorker.drain_all(timeout=10)
+        return True
+    return False
 
 
 def rollback(tracking_uri: str, name: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@
    with the same ETag or version and size, and every lake copy with its recorded sha256)
    and the config (the recorded config still hashes to the recorded config hash).
 3. Re-run preprocessing and training from the recorded snapshot and config into fresh
-   locations (``<lake>/replay/<token>``, ``<runs_dir>/replay/<token>``), bypassing every
+   locations (``<start-up lake>/replay/<token>``, ``<runs_dir>/replay/<token>``), bypassing every
    cache, on the same executor (Slurm jobs on the site).
 4. Compare: the feature set (id, rows per split, dropped rows, normalisation), then the
    sha256 of the trained state dict against the registered one. Print ``MATCH`` or the
@@ -211,8 +211,10 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     if rec.config_hash() != tags.get("aif.config_hash"):
         differences.append(f"config: the recorded config hashes to {rec.config_hash()}, not the "
                            f"recorded {tags.get('aif.config_hash')}")  # fmt: skip
-    lake_so = rec.storage_options(rec.lake.url)
-    snap = load_snapshot(rec.lake.url, tags.get("aif.dataset", rec.dataspace.dataset),
+    startup = tags.get("aif.startup") or rec.default_startup
+    lake = rec.lake_url_for(startup)  # the start-up's own prefix (isolation.*, exit 6)
+    lake_so = rec.storage_options(lake)
+    snap = load_snapshot(lake, tags.get("aif.dataset", rec.dataspace.dataset),
                          tags["aif.snapshot_id"], lake_so)  # fmt: skip
     differences += check_data(snap, tags.get("aif.snapshot_hash", ""),
                               rec.storage_options(snap.source_url), lake_so)  # fmt: skip
@@ -225,9 +227,8 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
         "the record; rebuilding")  # fmt: skip
 
     token = f"{name}-v{version}-{uuid.uuid4().hex[:8]}"
-    startup = tags.get("aif.startup") or rec.default_startup
-    _, st = rec.startup(startup)
-    replay_lake = f"{rec.lake.url.rstrip('/')}/replay/{token}"
+    _, st = rec.tenant(startup)
+    replay_lake = f"{lake}/replay/{token}"
     dask_spec = DaskSpec.model_validate(recorded_cfg["dask"])
     slurm = SlurmClient(env=rec.child_env()) if dask_spec.kind == "slurm" else None
     dask_dir = f"{rec.runs_dir}/dask/replay-{token}"

@@ -100,6 +100,13 @@ def artifact_table(key: str, rows: list[dict[str, Any]], description: str = "") 
         create_table_artifact(key=key, table=rows, description=description)
 
 
+def artifact_link(key: str, link: str, text: str, description: str = "") -> None:
+    with contextlib.suppress(Exception):
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(key=key, link=link, link_text=text, description=description)
+
+
 def md_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_none_"

@@ -1,4 +1,4 @@
-"""GPU-hours and CPU-hours per start-up from Slurm's accounting (sacct), priced.
+"""GPU-hours and CPU-hours per start-up and project from Slurm's accounting (sacct), priced.
 
 Prices are per hour: an HPC rate for GPU and CPU hours, beside a cloud GPU list price for
 comparison. The figures come from sacct's allocations (AllocTRES x elapsed time), so they
@@ -8,6 +8,7 @@ count what was reserved, which is what an allocation is charged for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tasks.slurm import SlurmClient
 
@@ -39,6 +40,31 @@ def parse_tres(tres: str) -> dict[str, float]:
     return out
 
 
+def elapsed_hours(text: str) -> float:
+    """sacct's Elapsed ('1-02:03:04', '02:03:04', '03:04') -> hours."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":") if p.isdigit()]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, sec = parts[-3:]
+    return (int(days) if days.isdigit() else 0) * 24 + h + m / 60 + sec / 3600
+
+
+def job_hours(client: SlurmClient, job_ids: list[str]) -> tuple[float, float, dict[str, str]]:
+    """CPU-hours, GPU-hours and final state of these jobs (their allocations, from sacct)."""
+    cpu = gpu = 0.0
+    states: dict[str, str] = {}
+    for jid in job_ids:
+        rec = client.sacct_record(jid)
+        if rec is None:
+            continue
+        t, h = parse_tres(rec.get("AllocTRES", "")), elapsed_hours(rec.get("Elapsed", ""))
+        cpu += t.get("cpu", 0.0) * h
+        gpu += t.get("gres/gpu", 0.0) * h
+        states[jid] = rec.get("State", "")
+    return cpu, gpu, states
+
+
 def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) -> list[Usage]:
     args = ["sacct", "-a", "-X", "-n", "-P", "--starttime", since,
             "--format", "JobID,Account,AllocTRES,ElapsedRaw"]  # fmt: skip
@@ -59,15 +85,35 @@ def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) 
     return sorted(per.values(), key=lambda u: u.account)
 
 
-def priced_rows(usages: list[Usage], gpu_rate: float, cpu_rate: float,
-                cloud_gpu_rate: float) -> list[dict[str, str]]:  # fmt: skip
+def owners(startups: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Slurm account -> (start-up, project), from a profile's ``startups`` section."""
+    out: dict[str, tuple[str, str]] = {}
+    for sid, st in sorted(startups.items()):
+        if st.account in out:  # refused by isolation.account; shown, not hidden
+            was = out[st.account]
+            out[st.account] = (f"{was[0]},{sid}", f"{was[1]},{st.project}")
+        else:
+            out[st.account] = (sid, st.project)
+    return out
+
+
+def priced_rows(usages: list[Usage], gpu_rate: float, cpu_rate: float, cloud_gpu_rate: float,
+                owner_of: dict[str, tuple[str, str]] | None = None,
+                ) -> list[dict[str, str]]:  # fmt: skip
+    """One row per project: its start-up, project and account (``owner_of``: the profile's
+    start-ups; each one's account appears, with zeros if it ran nothing; an account no
+    start-up owns shows "-"), jobs, CPU- and GPU-hours and their costs."""
+    per = {u.account: u for u in usages}
+    for acct in owner_of or {}:
+        per.setdefault(acct, Usage(acct))
     rows = []
-    for u in usages:
+    for u in per.values():
+        startup, project = (owner_of or {}).get(u.account, ("-", "-"))
         hpc = u.gpu_hours * gpu_rate + u.cpu_hours * cpu_rate
         cloud = u.gpu_hours * cloud_gpu_rate
         rows.append({
-            "account": u.account, "jobs": str(u.jobs),
+            "startup": startup, "project": project, "account": u.account, "jobs": str(u.jobs),
             "cpu_hours": f"{u.cpu_hours:.4f}", "gpu_hours": f"{u.gpu_hours:.4f}",
             "hpc_cost_eur": f"{hpc:.4f}", "cloud_gpu_cost_eur": f"{cloud:.4f}",
         })  # fmt: skip
-    return rows
+    return sorted(rows, key=lambda r: (r["startup"] == "-", r["startup"], r["account"]))

@@ -103,6 +103,8 @@ PARTS: list[Part] = [
     Part("mlflow", "mlflow", services.mlflow_argv, services.mlflow_ok,
          lambda s: s.mlflow_url, env=services.mlflow_env, timeout=180,
          port=lambda s: s.mlflow_port),
+    Part("worker", "prefect", services.worker_argv, services.worker_ok,
+         lambda s: f"work pool {services.WORK_POOL}", env=services.worker_env, timeout=120),
 ]  # fmt: skip
 
 

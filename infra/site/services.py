@@ -163,6 +163,46 @@ def prefect_ok(site: Site) -> bool:
     return procs.http_ok(f"{site.prefect_api}/health", b"true")
 
 
+WORK_POOL = "aif-site"  # deployments/prefect.yaml sends its deployments here
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_argv(site: Site) -> list[str]:
+    return [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+            "--name", "aif-site-worker"]  # fmt: skip
+
+
+def worker_env(site: Site) -> dict[str, str]:
+    return {
+        "PREFECT_HOME": str(site.root / "prefect-worker"),
+        "PREFECT_API_URL": site.prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Flow runs send a heartbeat every 30 s (Prefect's minimum); the crash automation
+        # (aif deploy) marks a run Crashed when they stop.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "AIF_REPO": str(REPO),  # the deployments' pull step works from the checkout
+    }
+
+
+def worker_ok(site: Site) -> bool:
+    """The site's worker is polling the work pool (Prefect shows it ONLINE)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{site.prefect_api}/work_pools/{WORK_POOL}/workers/filter", data=b"{}",
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=2.0) as r:
+            workers = json.loads(r.read())
+    except (OSError, ValueError):
+        return False
+    return any(w.get("name") == "aif-site-worker" and w.get("status") == "ONLINE"
+               for w in workers)  # fmt: skip
+
+
 def mlflow_argv(site: Site) -> list[str]:
     d = site.root / "mlflow"
     d.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,25 @@ def ensure_accounts(site: Site) -> None:
                  "Organization=aifactory")  # fmt: skip
     sacctmgr(site, "add", "user", "root", f"Account={','.join(ACCOUNTS)}",
              f"DefaultAccount={ACCOUNTS[0]}")  # fmt: skip
+    for acct, hours in site_budgets().items():  # Slurm's own cap, beside admission.budget
+        sacctmgr(site, *budget_limit_args(acct, hours))
+
+
+def budget_limit_args(account: str, gpu_hours: float | None) -> list[str]:
+    """sacctmgr arguments capping the account's GPU-minutes at its budget (-1: no cap)."""
+    minutes = -1 if gpu_hours is None else round(gpu_hours * 60)
+    return ["modify", "account", account, "set", f"GrpTRESMins=gres/gpu={minutes}"]
+
+
+def site_budgets() -> dict[str, float | None]:
+    """Slurm account -> gpu_hours_budget of the site profile's start-ups (the file as
+    written: AIF_*__* overrides of one run never change the site's limits)."""
+    from tasks.config import load_profile
+
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("AIF_") and "__" in k)}
+    cfg = load_profile("site", env=env)
+    return {st.account: st.gpu_hours_budget for st in cfg.startups.values()
+            if st.account in ACCOUNTS}  # fmt: skip
 
 
 def slurmctld_argv(site: Site) -> list[str]:

@@ -53,7 +53,8 @@ def test_killed_ingest_leaves_no_partial_file_and_resumes(
     seed = int(time.time() * 1000) % 1_000_000  # new content: the lake keeps old snapshots
     generate_mobility(f"s3://{prefix}", so, seed=seed, rows=2_400_000, objects=6)
     s3 = _s3(site_profile)
-    before = {s.snapshot_id for s in list_snapshots("s3://aif-lake", "mobility-trips", so)}
+    lake = site_profile.lake_url_for("startup-a")  # the default start-up's prefix
+    before = {s.snapshot_id for s in list_snapshots(lake, "mobility-trips", so)}
     proc = subprocess.Popen(
         [AIF, "ingest", "--profile", "site", "--dataspace", f"s3://{prefix}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -71,7 +72,7 @@ def test_killed_ingest_leaves_no_partial_file_and_resumes(
     time.sleep(0.5)
     # no incomplete multipart upload anywhere in the lake, no new snapshot visible
     assert not s3.list_multipart_uploads(Bucket="aif-lake").get("Uploads")
-    after = {s.snapshot_id for s in list_snapshots("s3://aif-lake", "mobility-trips", so)}
+    after = {s.snapshot_id for s in list_snapshots(lake, "mobility-trips", so)}
     assert after == before
     # the next run resumes: the committed object is not read again
     res = aif("ingest", "--profile", "site", "--dataspace", f"s3://{prefix}")
@@ -79,8 +80,9 @@ def test_killed_ingest_leaves_no_partial_file_and_resumes(
     listed = next(ln for ln in res.stdout.splitlines() if "objects listed" in ln)
     reused = int(listed.split("objects listed: ")[1].split(" unchanged")[0])
     assert 1 <= reused < 6, listed
-    snap = next(s for s in list_snapshots("s3://aif-lake", "mobility-trips", so)
+    snap = next(s for s in list_snapshots(lake, "mobility-trips", so)
                 if s.snapshot_id not in before)  # fmt: skip
+    assert snap.lake_url.startswith("s3://aif-lake/startup-a/snapshots/"), snap.lake_url
     assert snap.rows == 2_400_000 and len(snap.objects_read) == 6 - reused
     fs = _fs(site_profile)
     for o in snap.objects:  # every object whole: data and record
@@ -114,9 +116,10 @@ def test_quarantine_and_strict_on_site(site_profile: Profile, prefix: str) -> No
     res = aif(*args, "--quarantine")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "quarantined 1 object(s)" in res.stdout and "1 quarantined" in res.stdout
-    snaps = list_snapshots(
-        "s3://aif-lake", "agriculture-fields", site_profile.storage_options("s3://x")
-    )
+    snaps = list_snapshots(  # startup-b's snapshots live under its own prefix
+        site_profile.lake_url_for("startup-b"), "agriculture-fields",
+        site_profile.storage_options("s3://x"),
+    )  # fmt: skip
     snap = next(s for s in snaps if s.source_url.endswith(f"{prefix}/*.csv"))
     assert [q.key for q in snap.quarantined] == [victim] and len(snap.objects) == len(src) - 1
     assert fs.exists(f"{snap.lake_url.removeprefix('s3://')}/quarantine.json")

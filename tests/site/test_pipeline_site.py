@@ -46,7 +46,7 @@ def test_dask_workers_were_slurm_jobs_on_cpu(
     import json
 
     fset_id = site_run["record"]["featureset"]["id"]
-    url = f"{site_profile.lake.url}/features/{fset_id}/manifest.json"
+    url = f"{site_profile.lake_url_for('startup-a')}/features/{fset_id}/manifest.json"
     fs, path = fsspec.core.url_to_fs(url, **site_profile.storage_options(url))
     manifest = json.loads(fs.cat_file(path))
     jobs = manifest["slurm_job_ids"]
@@ -73,7 +73,7 @@ def test_model_loads_with_pyfunc_and_predicts(
     mlflow.set_tracking_uri(site_profile.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{site_profile.mlflow.model_name}@candidate")
     fset_id = site_run["record"]["featureset"]["id"]
-    url = f"{site_profile.lake.url}/features/{fset_id}/manifest.json"
+    url = f"{site_profile.lake_url_for('startup-a')}/features/{fset_id}/manifest.json"
     so = site_profile.storage_options(url)
     fs, path = fsspec.core.url_to_fs(url, **so)
     manifest = json.loads(fs.cat_file(path))
@@ -85,7 +85,9 @@ def test_model_loads_with_pyfunc_and_predicts(
     assert rmse < df["duration_min"].astype(float).std(), "model no better than the mean"
     # raw data-space rows work too: the preprocessing travels with the model
     snap = site_run["record"]["snapshot"]["id"]
-    raw_url = f"{site_profile.lake.url}/snapshots/mobility-trips/{snap}/manifest.json"
+    raw_url = (
+        f"{site_profile.lake_url_for('startup-a')}/snapshots/mobility-trips/{snap}/manifest.json"
+    )
     fs2, p2 = fsspec.core.url_to_fs(raw_url, **so)
     first = json.loads(fs2.cat_file(p2))["objects"][0]["lake_path"]
     raw = pd.read_parquet(first, storage_options=so).head(50).drop(columns=["duration_min"])
@@ -124,7 +126,8 @@ def test_prefect_shows_completed_run_with_four_subflows(
 
 
 def test_lake_holds_manifests_and_parquet(site_run: dict[str, Any], site_profile: Profile) -> None:
-    lake = site_profile.lake.url
+    lake = site_profile.lake_url_for("startup-a")  # the run's start-up keeps to its prefix
+    assert lake == f"{site_profile.lake.url}/startup-a"
     fs, root = fsspec.core.url_to_fs(lake, **site_profile.storage_options(lake))
     snap = site_run["record"]["snapshot"]["id"]
     fset = site_run["record"]["featureset"]["id"]
@@ -152,6 +155,11 @@ def test_usage_report_counts_the_gpu_job(site_run: dict[str, Any]) -> None:
 
     res = aif("report", "usage", "--profile", "site", "--startup", "startup-a")
     assert res.returncode == 0, res.stderr
-    row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("startup-a"))
-    assert int(row[1]) >= 3 and float(row[3]) > 0, res.stdout  # jobs, gpu_hours
+    lines = res.stdout.splitlines()
+    head = next(ln.split() for ln in lines if ln.startswith("startup "))
+    assert head[:6] == ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours"]
+    row = dict(zip(head, next(ln.split() for ln in lines if ln.startswith("startup-a")),
+                   strict=True))  # fmt: skip
+    assert (row["project"], row["account"]) == ("mobility-eta", "startup-a"), res.stdout
+    assert int(row["jobs"]) >= 3 and float(row["gpu_hours"]) > 0, res.stdout
     assert "Prefect artifact usage-report: " in res.stdout  # the same table, in the UI

@@ -27,9 +27,10 @@ from tasks.preprocess import load_cached
 from tasks.registry import register_model
 cfg = load_profile("site")
 rec, name, start = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-so = cfg.storage_options(cfg.lake.url)
-snap = load_snapshot(cfg.lake.url, "mobility-trips", rec["snapshot"]["id"], so)
-fset = load_cached(cfg.lake.url, rec["featureset"]["id"], so)
+lake = cfg.lake_url_for(rec["startup"])
+so = cfg.storage_options(lake)
+snap = load_snapshot(lake, "mobility-trips", rec["snapshot"]["id"], so)
+fset = load_cached(lake, rec["featureset"]["id"], so)
 trained = TrainedModel.model_validate_json(open(rec["trained"]["run_dir"] + "/trained.json").read())
 time.sleep(max(0.0, start - time.time()))  # both processes start registering together
 mv = register_model(trained, fset, snap, tracking_uri=cfg.mlflow.tracking_uri, model_name=name,

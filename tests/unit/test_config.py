@@ -90,3 +90,12 @@ def test_secrets_masked_and_hash_stable() -> None:
     assert "CANARY" not in text
     assert cfg.config_hash() == load_profile("site", env=env).config_hash()
     assert cfg.child_env()["AWS_SECRET_ACCESS_KEY"] == "CANARY-SECRET"
+
+
+def test_a_dict_override_merges_into_its_section() -> None:
+    from tasks.config import load_profile
+
+    cfg = load_profile("site", {"training": {"epochs": 400}, "dataspace.purpose": "x"})
+    assert cfg.training.epochs == 400
+    assert cfg.training.executor == "slurm"  # the rest of the section is kept
+    assert cfg.dataspace.purpose == "x" and cfg.dataspace.root == "s3://aif-dataspace"

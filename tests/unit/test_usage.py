@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
+from tasks.config import Startup
 from tasks.slurm import SlurmClient
-from tasks.usage import collect, parse_tres, priced_rows
+from tasks.usage import collect, owners, parse_tres, priced_rows
 
 
 def test_parse_tres() -> None:
@@ -29,3 +32,48 @@ def test_collect_and_price(tmp_path: Path) -> None:
     assert (b.account, b.gpu_hours, b.cpu_hours) == ("startup-b", 0.5, 1.0)
     rows = priced_rows(usages, gpu_rate=2.0, cpu_rate=0.1, cloud_gpu_rate=4.0)
     assert rows[0]["hpc_cost_eur"] == "2.2000" and rows[0]["cloud_gpu_cost_eur"] == "4.0000"
+    assert (rows[0]["startup"], rows[0]["project"]) == ("-", "-")  # no profile given
+
+
+def test_rows_per_startup_and_project() -> None:
+    """The project of each account comes from the profile's start-ups; a start-up that ran
+    nothing has its row of zeros; an account no start-up owns is shown as such."""
+    from tasks.usage import Usage
+
+    startups = {
+        "startup-a": Startup(account="acct-a", project="mobility-eta"),
+        "startup-b": Startup(account="acct-b", project="agri-yield"),
+    }
+    who = owners(startups)
+    assert who == {"acct-a": ("startup-a", "mobility-eta"), "acct-b": ("startup-b", "agri-yield")}
+    usages = [Usage("acct-a", jobs=3, cpu_hours=2.0, gpu_hours=1.0), Usage("stray", jobs=1)]
+    rows = priced_rows(usages, gpu_rate=2.0, cpu_rate=0.1, cloud_gpu_rate=4.0, owner_of=who)
+    assert [(r["startup"], r["project"], r["account"], r["jobs"]) for r in rows] == [
+        ("startup-a", "mobility-eta", "acct-a", "3"),
+        ("startup-b", "agri-yield", "acct-b", "0"),
+        ("-", "-", "stray", "1"),
+    ]
+    assert list(rows[0]) == ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours",
+                             "hpc_cost_eur", "cloud_gpu_cost_eur"]  # fmt: skip
+    assert rows[0]["hpc_cost_eur"] == "2.2000" and rows[1]["gpu_hours"] == "0.0000"
+    shared = owners({**startups, "startup-c": Startup(account="acct-a", project="x")})
+    assert shared["acct-a"] == ("startup-a,startup-c", "mobility-eta,x")
+
+
+def test_report_usage_table(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    from tasks.cli import main
+
+    sacct = tmp_path / "sacct"
+    sacct.write_text(
+        "#!/bin/sh\necho '10|startup-c|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|3600'\n"
+    )
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert main(["report", "usage", "--profile", "site", "--no-artifact"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours",
+                                "hpc_cost_eur", "cloud_gpu_cost_eur"]  # fmt: skip
+    table = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    assert table["startup-c"][:6] == ["startup-c", "readmission-risk", "startup-c", "1", "2.0000",
+                                      "1.0000"]  # fmt: skip
+    assert table["startup-a"][1:4] == ["mobility-eta", "startup-a", "0"]

@@ -1,0 +1,182 @@
+"""`aif deploy`: the pipeline's deployments, the crashed-run detector and notifications.
+
+1. ``prefect deploy --all`` with deployments/prefect.yaml (one nightly deployment per
+   start-up, on the work pool ``aif-site`` whose worker `aif site up` starts).
+2. Automations, created or replaced by name (so a redeploy never duplicates them):
+   - ``aif-crashed-run-detector``: a flow run that was sending heartbeats and has sent none
+     for ``CRASH_AFTER_S`` (and has not finished) is set to Crashed. Its deployment's
+     concurrency slot is then free, so the next scheduled run proceeds; the Slurm jobs the
+     dead run left are found by name by that run (reattached) or cancelled with it.
+   - ``aif-notify-failure`` and ``aif-notify-promotion``: a failed or crashed pipeline run,
+     and a model promoted to champion (event ``aif.model.promoted``), are sent to the
+     profile's webhook (``notifications.webhook``, a secret kept in the block's secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from tasks.errors import AifError, ConfigError
+from tasks.promotion import PROMOTED_EVENT
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+CRASH_AFTER_S = 75  # heartbeats come every 30 s (Prefect's minimum): 2.5 missed beats
+WEBHOOK_BLOCK = "aif-notify"
+FAILED_STATES = ["prefect.flow-run.Failed", "prefect.flow-run.Crashed"]
+FINAL_EVENTS = [
+    "prefect.flow-run.heartbeat",
+    "prefect.flow-run.Completed",
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled",
+    "prefect.flow-run.Cancelling",
+    "prefect.flow-run.Crashed",
+]
+
+
+def deploy_all(api_url: str, progress: Callable[[str], None] = print) -> str:
+    """Run ``prefect deploy --all`` against ``api_url``; return its output."""
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, "PREFECT_API_URL": api_url, "AIF_REPO": str(REPO)}
+    cmd = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
+    progress(f"prefect deploy --all ({PREFECT_FILE.relative_to(REPO)}) -> {api_url}")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise AifError("prefect deploy --all did not finish within 600 s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise AifError(f"prefect deploy --all failed with exit code {proc.returncode}: "
+                       f"{lines[-1] if lines else 'no output'}")  # fmt: skip
+    return proc.stdout
+
+
+def webhook_url(spec: str | None) -> str | None:
+    """The webhook URL from ``env:VAR``, ``prefect-secret:BLOCK`` or ``file:PATH``."""
+    if not spec:
+        return None
+    if spec.startswith("env:"):
+        return os.environ.get(spec[4:]) or None
+    if spec.startswith("file:"):
+        path = Path(spec[5:]).expanduser()
+        return path.read_text().strip() or None if path.exists() else None
+    if spec.startswith("prefect-secret:"):
+        from prefect.blocks.system import Secret
+
+        secret: Any = Secret.load(spec.split(":", 1)[1])
+        return str(secret.get())
+    raise ConfigError("notifications.webhook: give the URL as env:VAR, prefect-secret:BLOCK "
+                      "or file:PATH (it is a secret, not a profile value)")  # fmt: skip
+
+
+def _replace(client: Any, automation: Any) -> None:
+    for old in client.read_automations_by_name(automation.name):
+        client.delete_automation(old.id)
+    client.create_automation(automation)
+
+
+def ensure_automations(webhook: str | None, progress: Callable[[str], None] = print) -> list[str]:
+    """Create (or replace) the crash detector and, with a webhook, the notifications."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState, SendNotification
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.types import SecretDict
+
+    made: list[str] = []
+    with get_client(sync_client=True) as client:
+        crash = AutomationCore(
+            name="aif-crashed-run-detector",
+            description=f"A flow run with no heartbeat for {CRASH_AFTER_S} s is Crashed: its "
+            "process or its worker died",
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                after={"prefect.flow-run.heartbeat"},
+                expect=set(FINAL_EVENTS),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=CRASH_AFTER_S),
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    name=None,
+                    force=False,
+                    state=StateType.CRASHED,
+                    message=f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process or "
+                    "its worker died (aif-crashed-run-detector)",
+                )
+            ],
+        )
+        _replace(client, crash)
+        made.append(crash.name)
+        if not webhook:
+            progress("notifications: no webhook configured (notifications.webhook): skipped")
+            return made
+        block = CustomWebhookNotificationBlock(
+            name="aifactory",
+            url="{{webhook_url}}",
+            method="POST",
+            json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "{{name}}"},
+            headers=None,
+            cookies=None,
+            secrets=SecretDict({"webhook_url": webhook}),
+        )
+        block_id = UUID(str(block.save(WEBHOOK_BLOCK, overwrite=True)))
+
+        def notify(
+            name: str,
+            description: str,
+            match: dict[str, str | list[str]],
+            expect: set[str],
+            subject: str,
+            body: str,
+            related: dict[str, str | list[str]] | None = None,
+        ) -> Any:
+            """An automation that sends one notification per matching event."""
+            return AutomationCore(
+                name=name,
+                description=description,
+                trigger=EventTrigger(
+                    match=match,
+                    match_related=related or {},
+                    expect=expect,
+                    posture=Posture.Reactive,
+                    threshold=1,
+                    within=timedelta(0),
+                ),
+                actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)],
+            )
+
+        failure = notify(
+            "aif-notify-failure",
+            "A pipeline run failed or crashed: tell the operators",
+            {"prefect.resource.id": "prefect.flow-run.*"},
+            set(FAILED_STATES),
+            "aifactory: pipeline run {{ flow_run.name }} is {{ flow_run.state.name }}",
+            "Flow run {{ flow_run.name }} ({{ flow_run.id }}) of deployment "
+            "{{ deployment.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+            related={"prefect.resource.role": "flow", "prefect.resource.name": "aif-pipeline"},
+        )
+        promoted = notify(
+            "aif-notify-promotion",
+            "A model version became the champion: tell the operators",
+            {"prefect.resource.id": "aif.model.*"},
+            {PROMOTED_EVENT},
+            "aifactory: {{ event.resource.get('aif.model.name') }} version "
+            "{{ event.resource.get('aif.model.version') }} promoted to champion",
+            "{{ event.payload.get('reason') }}",
+        )
+        for a in (failure, promoted):
+            _replace(client, a)
+            made.append(a.name)
+    return made

@@ -1,0 +1,302 @@
+"""Deployments on the site: `aif deploy`, the worker `aif site up` starts, the overlap
+guard, notifications to a webhook, the crashed-run detector, and the UI in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import Profile
+from tests.site.conftest import aif
+
+pytestmark = pytest.mark.site
+NIGHTLY_A = "aif-pipeline/startup-a-nightly"
+
+
+class Receiver:
+    """A local webhook: records every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                with_body = self.rfile.read(n)
+                try:
+                    outer.bodies.append(json.loads(with_body or b"{}"))
+                except ValueError:
+                    outer.bodies.append({"raw": with_body.decode(errors="replace")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook/canary-token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for b in self.bodies:
+                if text in json.dumps(b):
+                    return b
+            time.sleep(0.5)
+        raise AssertionError(f"no notification containing {text!r} in {timeout:.0f} s: "
+                             f"{self.bodies}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deployed(site_profile: Profile) -> Receiver:
+    rec = Receiver()
+    env = {"AIF_NOTIFY_WEBHOOK": rec.url}
+    for _ in range(2):  # a redeploy must not duplicate deployments, runs or automations
+        res = aif("deploy", env=env, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+    want = "deployment startup-a-nightly: pool aif-site, schedule 0 2 * * * Europe/Brussels, "
+    assert want + "concurrency 1" in res.stdout, res.stdout
+    assert "aif-notify-failure" in res.stdout and "aif-notify-promotion" in res.stdout
+    yield rec
+    rec.server.shutdown()
+
+
+def _client(profile: Profile) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self) -> Any:
+            self.t = temporary_settings({PREFECT_API_URL: profile.prefect.api_url})
+            self.t.__enter__()
+            self.c = get_client(sync_client=True)
+            return self.c.__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.c.__exit__(*exc)
+            self.t.__exit__(*exc)
+
+    return _Ctx()
+
+
+def _start(profile: Profile, name: str, parameters: dict[str, Any] | None = None) -> Any:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: profile.prefect.api_url}):
+        return run_deployment(name, parameters=parameters or {}, timeout=0)
+
+
+def _wait_final(profile: Profile, run_id: Any, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    with _client(profile) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout:.0f} s")
+
+
+def test_deployments_schedules_and_no_duplicate_ticks(site_profile: Profile,
+                                                       deployed: Receiver) -> None:  # fmt: skip
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client(site_profile) as client:
+        deps = {d.name: d for d in client.read_deployments()}
+        assert {"startup-a-nightly", "startup-b-nightly"} <= set(deps)
+        for name, d in deps.items():
+            assert d.work_pool_name == "aif-site"
+            assert d.parameters["profile"] == "site" and d.parameters["promote"] is True
+            sched = d.schedules[0].schedule
+            assert getattr(sched, "timezone", None) == "Europe/Brussels", (name, sched)
+            assert d.global_concurrency_limit is not None
+            assert d.global_concurrency_limit.limit == 1
+            assert str(d.concurrency_options.collision_strategy).endswith("ENQUEUE")
+        # A redeploy replaces the future runs; Prefect's scheduler service makes them again
+        # on its next loop.
+        deadline = time.monotonic() + 120
+        ticks: Counter[Any] = Counter()
+        while not ticks and time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["startup-a-nightly"])))  # fmt: skip
+            ticks = Counter(r.expected_start_time for r in runs if r.state_name == "Scheduled")
+            time.sleep(2)
+        assert ticks, "no scheduled nightly run"
+        assert max(ticks.values()) == 1, f"duplicated scheduled runs after a redeploy: {ticks}"
+        assert client.read_automations_by_name("aif-crashed-run-detector")
+        assert len(client.read_automations_by_name("aif-notify-failure")) == 1
+
+
+def test_overlap_guard_runs_one_at_a_time(site_profile: Profile, deployed: Receiver) -> None:
+    first = _start(site_profile, NIGHTLY_A)
+    second = _start(site_profile, NIGHTLY_A)
+    runs = [_wait_final(site_profile, r.id, timeout=600) for r in (first, second)]
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+    a, b = sorted(runs, key=lambda r: r.start_time)
+    assert b.start_time >= a.end_time, (
+        f"two runs of one deployment overlapped: {a.start_time}..{a.end_time} and "
+        f"{b.start_time}..{b.end_time}"
+    )
+    with _client(site_profile) as client:
+        names = [s.name for s in client.read_flow_run_states(b.id)]
+    assert "AwaitingConcurrencySlot" in names, names
+    test_overlap_guard_runs_one_at_a_time.completed = a.id  # type: ignore[attr-defined]
+
+
+def test_failure_is_notified_to_the_webhook(site_profile: Profile, deployed: Receiver) -> None:
+    run = _start(site_profile, NIGHTLY_A, {"startup": "no-such-startup"})
+    final = _wait_final(site_profile, run.id, timeout=180)
+    assert final.state.is_failed(), final.state
+    body = deployed.wait_for(str(final.name), timeout=60)
+    assert "Failed" in body["subject"], body
+    assert "canary-token" not in json.dumps(body)  # the webhook's own address stays secret
+
+
+def test_promotion_is_notified_to_the_webhook(site_profile: Profile, deployed: Receiver) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.promotion import Decision, announce
+
+    d = Decision(True, "999", "998", 5.0, 6.0, "test_rmse", 0.0, "test announcement", [])
+    with temporary_settings({PREFECT_API_URL: site_profile.prefect.api_url}):
+        assert announce("aif-test-model", d, site_profile.mlflow.tracking_uri)
+    body = deployed.wait_for("aif-test-model version 999 promoted to champion", timeout=60)
+    assert body["body"] == "test announcement"
+
+
+def _descendants(root: int) -> list[int]:
+    """The process tree under ``root`` (the worker and the flow run it started; not the
+    Slurm job, which slurmd runs)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += [c for c, p in parent.items() if p == pid]
+    return tree
+
+
+def _train_jobs(profile: Profile) -> list[tuple[str, str]]:
+    from tasks.slurm import SlurmClient
+
+    out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j"])
+    return [tuple(ln.split()[:2]) for ln in out.splitlines() if " aif-train-" in ln]  # type: ignore[misc]
+
+
+def test_dead_worker_and_flow_process_are_marked_crashed(
+    site_profile: Profile, deployed: Receiver
+) -> None:
+    """Kill the worker and the flow run's process (SIGKILL): the crash detector marks the
+    run Crashed; `aif site up` restarts the worker; the next run reattaches to the Slurm
+    job the dead run left (never a second job), and cancelling it scancels that job."""
+    from prefect.states import Cancelling
+
+    from tasks.slurm import SlurmClient
+
+    slurm = SlurmClient(env=site_profile.child_env())
+    params = {"overrides": {"training.epochs": 2000, "training.seed": int(time.time()) % 100000}}
+    before = set(_train_jobs(site_profile))
+    run = _start(site_profile, NIGHTLY_A, params)
+    deadline = time.monotonic() + 240
+    jobs: list[tuple[str, str]] = []
+    with _client(site_profile) as client:
+        while time.monotonic() < deadline and not jobs:
+            state = client.read_flow_run(run.id).state
+            if state is not None and state.is_running():
+                jobs = [j for j in _train_jobs(site_profile) if j not in before]
+            time.sleep(1)
+    assert len(jobs) == 1, f"expected the run's training job: {jobs}"
+    try:
+        site = json.loads((Path(site_profile.runs_dir).parent / "site.json").read_text())
+        tree = _descendants(int(site["worker"]["pid"]))
+        assert len(tree) > 1, "the worker has no flow-run process"
+        for pid in tree:  # the worker first, then the flow run's processes
+            os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        final = _wait_final(site_profile, run.id, timeout=180)
+        took = time.monotonic() - t0
+        assert final.state.is_crashed(), final.state
+        assert "aif-crashed-run-detector" in (final.state.message or ""), final.state.message
+        print(f"marked Crashed {took:.0f} s after the kill")
+        assert deployed.wait_for(str(final.name), timeout=60)["subject"].endswith("Crashed")
+
+        up = aif("site", "up")
+        assert up.returncode == 0 and "starting worker" in up.stdout, up.stdout
+        from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+        from prefect.types._datetime import now
+
+        since = now("UTC")
+        again = _start(site_profile, NIGHTLY_A, params)
+        want = f"reattaching to live Slurm job {jobs[0][0]}"
+        deadline = time.monotonic() + 240
+        seen = False
+        with _client(site_profile) as client:
+            while time.monotonic() < deadline and not seen:
+                logs = client.read_logs(log_filter=LogFilter(
+                    timestamp=LogFilterTimestamp(after_=since)))  # fmt: skip
+                seen = any(want in lg.message for lg in logs)
+                time.sleep(2)
+            assert seen, f"the next run did not reattach to job {jobs[0][0]}"
+            now_jobs = [j for j in _train_jobs(site_profile) if j not in before]
+            assert now_jobs == jobs, "a second training job was submitted"
+            client.set_flow_run_state(again.id, Cancelling(), force=True)
+        assert not slurm.wait_gone([jobs[0][0]], timeout=60), "the cancelled run left its job"
+    finally:
+        left = [j for j, _ in _train_jobs(site_profile) if (j, _) not in before]
+        if left:
+            slurm.cancel(left)
+        aif("site", "up")
+
+
+def test_operators_console_in_a_real_browser(site_profile: Profile, deployed: Receiver) -> None:
+    """Headless Chromium opens the Prefect UI, finds the nightly deployment and a completed
+    run of it with the operators' artifacts; screenshots go to test-output/ui/."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    from tests.site.browser import check_prefect_ui
+    from tests.site.conftest import REPO
+
+    with _client(site_profile) as client:
+        done = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["startup-a-nightly"])),
+            flow_run_filter=FlowRunFilter(
+                state={"type": FlowRunFilterStateType(any_=[StateType.COMPLETED])}),
+        )  # fmt: skip
+    if not done:
+        run = _start(site_profile, NIGHTLY_A)
+        done = [_wait_final(site_profile, run.id, timeout=600)]
+    run = max(done, key=lambda r: r.end_time)
+    ui = site_profile.prefect.api_url.removesuffix("/api")
+    out = REPO / "test-output" / "ui"
+    out.mkdir(parents=True, exist_ok=True)
+    found = check_prefect_ui(ui, "startup-a-nightly", str(run.id),
+                             ["pipeline-summary", "pipeline-metrics", "mlflow-model-version"],
+                             out, timeout_s=90)  # fmt: skip
+    assert found["flow_run_state"] == "Completed", found
+    for shot in found["screenshots"].values():
+        assert Path(shot).stat().st_size > 10_000, shot
+    print(f"UI screenshots: {', '.join(str(p) for p in found['screenshots'].values())}")

@@ -1,0 +1,278 @@
+"""Start-ups as tenants: own lake prefix, own Slurm account, admission before anything runs,
+and the site's Slurm limits. No services: every refusal comes before one is touched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.cli import main
+from tasks.config import load_profile
+from tasks.errors import TenancyError
+from tasks.tenancy import check_dataspace_url, check_isolation, check_run, reaches
+
+PREFIX_B = "isolation.s3_prefix: start-up startup-a may not use s3://aif-lake/startup-b/...: " \
+           "that prefix belongs to startup-b"  # fmt: skip
+
+
+def _site(**env: str) -> Any:
+    return load_profile("site", env={**os.environ, **env})
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aif: error: ") and "\n" not in err, err
+    return err
+
+
+# -- the lake of a start-up's runs -----------------------------------------------------
+def test_lake_url_is_the_startups_prefix(tmp_path: Path) -> None:
+    cfg = _site()
+    assert cfg.lake.url == "s3://aif-lake"
+    assert cfg.lake_url_for("startup-a") == "s3://aif-lake/startup-a"
+    assert cfg.lake_url_for(None) == "s3://aif-lake/startup-a"  # the default start-up
+    assert cfg.lake_url_for("startup-c") == "s3://aif-lake/startup-c"
+    local = load_profile("local", env={"AIF_HOME": str(tmp_path / "h")}, base_dir=tmp_path)
+    assert local.lake_url_for("startup-b") == f"file://{tmp_path}/h/local/lake/startup-b"
+    # a lake moved by an override to a fresh place keeps the layout
+    moved = _site(AIF_LAKE__URL="s3://aif-lake/bench-1")
+    assert moved.lake_url_for("startup-a") == "s3://aif-lake/bench-1/startup-a"
+    ehpc = load_profile("eurohpc-example", env={**os.environ, "AIF_ACCOUNT": "ehpc-1"})
+    assert ehpc.lake_url_for(None).endswith("/ehpc-aif-042")
+
+
+def test_startup_without_prefix_uses_the_root_only_when_nobody_has_one() -> None:
+    from tasks.config import Startup
+    from tasks.tenancy import tenant_lake_url
+
+    assert tenant_lake_url("file:///l/", Startup(account="x")) == "file:///l"
+    assert tenant_lake_url("s3://b", Startup(account="x", s3_prefix="/t/a/")) == "s3://b/t/a"
+    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": ""})
+    with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a has no "):
+        cfg.lake_url_for("startup-a")
+
+
+# -- isolation.s3_prefix ----------------------------------------------------------------
+def test_lake_override_into_another_prefix_is_refused() -> None:
+    cfg = _site(AIF_LAKE__URL="s3://aif-lake/startup-b")
+    with pytest.raises(TenancyError) as e:
+        cfg.lake_url_for("startup-a")
+    assert str(e.value).startswith(PREFIX_B) and e.value.exit_code == 6
+    assert "its lake would be s3://aif-lake/startup-b/startup-a" in str(e.value)
+    # the same lake is startup-b's own: allowed for startup-b
+    assert cfg.lake_url_for("startup-b") == "s3://aif-lake/startup-b/startup-b"
+
+
+@pytest.mark.parametrize("prefix", ["startup-b", "startup-b/mine", "../startup-b", "./startup-b"])
+def test_prefix_override_onto_another_is_refused(prefix: str) -> None:
+    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": prefix})
+    with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a "):
+        check_isolation(cfg, "startup-a")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://aif-lake/startup-b/objects/mobility-trips",
+        "s3://aif-lake/startup-b/objects/mobility-trips/*.parquet",
+        "s3://aif-lake/startup-*/objects/*/x.parquet",
+        "s3://aif-lake/**/*.parquet",
+        "s3://aif-lake/startup-a/../startup-b/x",
+        "s3://aif-lake",  # a folder above theirs: its listing would reach into it
+    ],
+)
+def test_dataspace_into_another_prefix_is_refused(url: str) -> None:
+    cfg = _site(AIF_DATASPACE__URL=url)
+    with pytest.raises(TenancyError) as e:
+        check_run(cfg, "startup-a")
+    assert str(e.value).startswith(PREFIX_B) and f"dataspace.url {url}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://aif-dataspace/mobility/trips",
+        "s3://aif-lake/startup-a/objects/mobility-trips",  # its own lake
+        "s3://aif-lake/*.parquet",  # top level only: no prefix is listed
+        "file:///data/startup-b",  # another store
+    ],
+)
+def test_dataspace_elsewhere_is_allowed(url: str) -> None:
+    check_run(_site(AIF_DATASPACE__URL=url), "startup-a")
+
+
+def test_reaches() -> None:
+    assert reaches("s3://l/b/x", "s3://l/b") and reaches("s3://l/b", "s3://l/b")
+    assert not reaches("s3://l/bb", "s3://l/b") and not reaches("gs://l/b", "s3://l/b")
+    assert not reaches("s3://l", "s3://l/b") and reaches("s3://l", "s3://l/b", listing=True)
+    assert not reaches("s3://l/*", "s3://l/b/c", listing=True)
+    assert reaches("s3://l/?/c", "s3://l/b/c") and reaches("/abs/b/x", "file:///abs/b")
+
+
+def test_cli_dataspace_flag_into_another_prefix_exits_6(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    url = "s3://aif-lake/startup-b/objects/mobility-trips/*.parquet"
+    assert main(["run", "--profile", "site", "--dataspace", url, "--dry-run"]) == 6
+    assert _one_error(capsys) == (f"aif: error: {PREFIX_B} (dataspace.url {url})")
+    assert main(["ingest", "--profile", "site", "--dataspace", url]) == 6
+    assert PREFIX_B in _one_error(capsys)
+
+
+def test_cli_lake_override_into_another_prefix_exits_6(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    monkeypatch.setenv("AIF_LAKE__URL", "s3://aif-lake/startup-b")
+    for argv in (["run", "--profile", "site", "--dry-run"], ["snapshot", "ls", "--profile", "site"],
+                 ["sweep", "--profile", "site", "--grid", "lr=0.1,0.2"]):  # fmt: skip
+        assert main(argv) == 6, argv
+        assert PREFIX_B in _one_error(capsys)
+
+
+def test_train_lm_data_into_another_prefix_is_refused() -> None:
+    from tasks.lm_run import run_lm
+
+    cfg = _site()
+    with pytest.raises(TenancyError, match="that prefix belongs to startup-b"):
+        run_lm(cfg, startup="startup-a", data_url="s3://aif-lake/startup-b/objects/x/*.txt",
+               steps=1, log=lambda m: None)  # fmt: skip
+
+
+def test_check_dataspace_url_names_what() -> None:
+    with pytest.raises(TenancyError, match=r"\(train-lm --data s3://aif-lake/startup-c/x\)$"):
+        check_dataspace_url(_site(), "startup-a", "s3://aif-lake/startup-c/x", "train-lm --data")
+
+
+# -- isolation.account ------------------------------------------------------------------
+def test_account_of_another_startup_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__ACCOUNT": "startup-b"})
+    with pytest.raises(TenancyError) as e:
+        cfg.tenant("startup-a")
+    assert (
+        str(e.value).startswith(
+            "isolation.account: start-up startup-a may not run under Slurm account startup-b: "
+            "that account belongs to startup-b"
+        )
+        and e.value.exit_code == 6
+    )
+    with pytest.raises(TenancyError, match=r"^isolation\.account: start-up startup-b "):
+        cfg.lake_url_for("startup-b")  # both start-ups of a shared account are refused
+    cfg.tenant("startup-c")  # the others run on
+    monkeypatch.setenv("AIF_STARTUPS__STARTUP-A__ACCOUNT", "startup-b")
+    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    assert main(["run", "--profile", "site", "--dry-run"]) == 6
+    assert _one_error(capsys).startswith("aif: error: isolation.account: ")
+    assert main(["sweep", "--profile", "site", "--grid", "lr=0.1,0.2"]) == 6
+    assert "isolation.account" in _one_error(capsys)
+
+
+def test_a_profile_where_two_startups_share_an_account(tmp_path: Path) -> None:
+    src = Path("infra/profiles/site.yaml").read_text()
+    shared = src.replace("{account: startup-c,", "{account: startup-b,")
+    assert shared != src
+    path = tmp_path / "shared.yaml"
+    path.write_text(shared)
+    cfg = load_profile(str(path), env=dict(os.environ))
+    with pytest.raises(TenancyError, match="that account belongs to startup-c"):
+        check_run(cfg, "startup-b")
+    check_run(cfg, "startup-a")
+
+
+def test_flows_check_isolation_in_their_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train and register tasks, and replay, use Profile.tenant / lake_url_for: a
+    changed environment between stages is refused there too."""
+    import inspect
+
+    import flows.preprocess
+    import flows.register
+    import flows.sweep
+    import flows.train
+    import tasks.replay
+
+    for mod in (flows.train, flows.register, flows.sweep, tasks.replay):
+        assert ".tenant(" in inspect.getsource(mod), mod.__name__
+    for mod in (flows.preprocess, flows.register, tasks.replay):
+        src = inspect.getsource(mod)
+        assert "lake_url_for(" in src and "lake.url" not in src, mod.__name__
+
+
+# -- admission before anything runs -----------------------------------------------------
+def _no_service(*_a: Any, **_k: Any) -> Any:
+    raise AssertionError("a service was touched before the refusal")
+
+
+def test_pipeline_refuses_unapproved_declaration_before_ingest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flows.pipeline as fp
+    from tasks.admission import AdmissionError
+
+    monkeypatch.setattr(fp, "ingest_flow", _no_service)
+    with pytest.raises(AdmissionError) as e:
+        fp.pipeline.fn(profile="site", startup="startup-c")
+    assert "refused by admission.declaration: the project has a declaration not approved" in str(
+        e.value
+    ) and str(e.value).startswith("run for startup-c (project readmission-risk)")
+    with pytest.raises(TenancyError):  # isolation first, also before ingest
+        fp.pipeline.fn(profile="site", overrides={"lake.url": "s3://aif-lake/startup-c"})
+
+
+def test_sweep_refuses_unapproved_declaration_before_anything(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.sweep as fs
+    from tasks.admission import AdmissionError
+
+    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    assert main(["sweep", "--profile", "site", "--startup", "startup-c",
+                 "--grid", "lr=0.1,0.2"]) == 5  # fmt: skip
+    err = _one_error(capsys)
+    assert "sweep for startup-c (project readmission-risk): refused by admission.declaration" in err
+    monkeypatch.setattr(fs, "ingest_flow", _no_service)
+    with pytest.raises(AdmissionError, match=r"admission\.declaration"):
+        fs.sweep_flow.fn(profile="site", startup="startup-c", trials=[{"lr": 0.1}])
+
+
+def test_budget_override_by_environment_is_refused_with_hours() -> None:
+    from tasks.admission import AdmissionError, admit
+
+    class Sacct:
+        def run(self, args: list[str], **_k: Any) -> str:
+            return "7|startup-a|billing=1,cpu=1,gres/gpu=1,mem=2G,node=1|360"  # 0.1 GPU-h
+
+    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__GPU_HOURS_BUDGET": "0.25"})
+    sid, st = cfg.tenant("startup-a")
+    assert st.gpu_hours_budget == 0.25
+    with pytest.raises(AdmissionError) as e:
+        admit(sid, st, cfg.training, Sacct())
+    msg = str(e.value)
+    assert "refused by admission.budget: GPU-hours used 0.10 since now-365days" in msg
+    assert "remaining 0.15 of 0.25, requested 0.33" in msg and e.value.exit_code == 5
+
+
+# -- the site's own Slurm limits ---------------------------------------------------------
+def test_site_up_sets_grp_tres_mins_from_the_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.site import slurm_parts as sp
+
+    assert sp.budget_limit_args("startup-a", 500) == [
+        "modify", "account", "startup-a", "set", "GrpTRESMins=gres/gpu=30000"]  # fmt: skip
+    assert sp.budget_limit_args("x", 0.5)[-1] == "GrpTRESMins=gres/gpu=30"
+    assert sp.budget_limit_args("x", None)[-1] == "GrpTRESMins=gres/gpu=-1"  # no cap
+    # one run's override never changes the site's limits
+    monkeypatch.setenv("AIF_STARTUPS__STARTUP-A__GPU_HOURS_BUDGET", "1")
+    assert sp.site_budgets() == {"startup-a": 500, "startup-b": 500, "startup-c": 100}
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sp, "sacctmgr", lambda site, *args: calls.append(args) or "")
+    sp.ensure_accounts(None)  # type: ignore[arg-type]
+    limits = [c for c in calls if c[0] == "modify"]
+    assert [c[-1] for c in limits] == ["GrpTRESMins=gres/gpu=30000",
+                                       "GrpTRESMins=gres/gpu=30000",
+                                       "GrpTRESMins=gres/gpu=6000"]  # fmt: skip
+    assert calls.index(limits[0]) > max(i for i, c in enumerate(calls) if c[0] == "add")
