@@ -251,6 +251,9 @@ class Startup(_Model):
     project: str = "default"
     title: str = ""
     s3_prefix: str | None = None
+    # Slurm partitions and QoS its runs may use (None: any); tasks/tenancy.py checks them.
+    partitions: list[str] | None = None
+    qos: list[str] | None = None
     # Intended purposes the start-up declared for its project; data-space policies are
     # checked against the purpose a run gives (the first one by default).
     purposes: list[str] = Field(default_factory=list)

@@ -16,6 +16,10 @@ rule, TenancyError, exit 6):
 ``isolation.account``
     X's Slurm account is no other start-up's account (a profile, or an
     ``AIF_STARTUPS__<ID>__ACCOUNT`` override, that gives two start-ups one account).
+``isolation.partition`` / ``isolation.qos``
+    The Slurm partitions and QoS a run would use (``training.partition``/``qos``,
+    ``dask.partition``/``qos`` for Slurm workers) are among the start-up's allowed
+    ``partitions`` and ``qos`` (when the profile lists them).
 """
 
 from __future__ import annotations
@@ -133,6 +137,27 @@ def check_isolation(cfg: Any, sid: str) -> None:
     for area, owner in foreign_areas(cfg, sid):
         if reaches(lake, area):
             raise _refuse_prefix(sid, area, owner, f"its lake would be {lake}")
+    check_resources(cfg, sid)
+
+
+def check_resources(cfg: Any, sid: str) -> None:
+    """The run's Slurm partitions and QoS are among those the start-up is allowed."""
+    st = cfg.startups[sid]
+    uses: list[tuple[str, str, str | None]] = []
+    if cfg.training.executor == "slurm":
+        uses += [("partition", "training.partition", cfg.training.partition),
+                 ("qos", "training.qos", cfg.training.qos)]  # fmt: skip
+    if cfg.dask.kind == "slurm":
+        uses += [("partition", "dask.partition", cfg.dask.partition),
+                 ("qos", "dask.qos", cfg.dask.qos)]  # fmt: skip
+    for kind, key, value in uses:
+        allowed = st.partitions if kind == "partition" else st.qos
+        if value and allowed is not None and value not in allowed:
+            raise TenancyError(
+                f"isolation.{kind}: start-up {sid} may not use {kind} {value!r} ({key}): "
+                f"allowed are {', '.join(allowed) or 'none'} (startups.{sid}.{kind}"
+                f"{'s' if kind == 'partition' else ''})"
+            )
 
 
 def check_dataspace_url(cfg: Any, sid: str, url: str, what: str = "data-space URL") -> None:

@@ -4,6 +4,7 @@ and the site's Slurm limits. No services: every refusal comes before one is touc
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,33 @@ def test_site_up_sets_grp_tres_mins_from_the_budgets(monkeypatch: pytest.MonkeyP
                                        "GrpTRESMins=gres/gpu=30000",
                                        "GrpTRESMins=gres/gpu=6000"]  # fmt: skip
     assert calls.index(limits[0]) > max(i for i, c in enumerate(calls) if c[0] == "add")
+
+
+@pytest.mark.parametrize(
+    "override, rule",
+    [
+        ({"training.partition": "bigmem"}, "isolation.partition: start-up startup-a may not use "
+                                           "partition 'bigmem' (training.partition)"),
+        ({"dask.partition": "gpu-large"}, "isolation.partition"),
+        ({"training.qos": "high"}, "isolation.qos: start-up startup-a may not use qos 'high'"),
+        ({"dask.qos": "high"}, "(dask.qos): allowed are normal"),
+    ],
+)  # fmt: skip
+def test_partition_and_qos_outside_the_startups_allowed_are_refused(
+    override: dict[str, str], rule: str
+) -> None:
+    cfg = load_profile("site", override)
+    with pytest.raises(TenancyError, match=re.escape(rule)):
+        check_isolation(cfg, "startup-a")
+
+
+def test_allowed_partition_and_qos_pass() -> None:
+    check_isolation(load_profile("site", {"training.qos": "normal", "dask.partition": "gpu"}),
+                    "startup-a")  # fmt: skip
+
+
+def test_cli_partition_override_exits_6(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setenv("AIF_TRAINING__PARTITION", "bigmem")
+    assert main(["run", "--profile", "site", "--dry-run"]) == 6
+    assert "isolation.partition" in capsys.readouterr().err
