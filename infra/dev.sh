@@ -53,8 +53,9 @@ case "$cmd" in
     setup_site_packages
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" --ignore-missing-imports flows tasks infra deployments
-    "$VENV/bin/aif" site up
+    # Set before `site up`: a part that fails to start must not leave the others running.
     trap '"$VENV/bin/aif" site down || true' EXIT
+    "$VENV/bin/aif" site up
     "$VENV/bin/python" -m pytest --site -q "$@"
     ;;
   *)

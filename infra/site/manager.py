@@ -59,6 +59,10 @@ def _after_s3(site: Site, progress: Progress) -> None:
     services.seed_dataspace(site, progress)
 
 
+def _after_slurmctld(site: Site, _p: Progress) -> None:
+    sp.ensure_budget_limits(site)
+
+
 def _before_stop_slurmctld(site: Site, progress: Progress) -> None:
     jobs = sp.running_jobs(site)
     if jobs:
@@ -91,7 +95,8 @@ PARTS: list[Part] = [
          after=_after_slurmdbd, timeout=90, port=lambda s: s.dbd_port),
     Part("slurmctld", "slurmctld", sp.slurmctld_argv, sp.slurmctld_ok,
          lambda s: f"127.0.0.1:{s.ctld_port}", env=lambda s: s.slurm_env(),
-         port=lambda s: s.ctld_port, before_stop=_before_stop_slurmctld),
+         port=lambda s: s.ctld_port, before_stop=_before_stop_slurmctld,
+         after=_after_slurmctld),
     Part("slurmd", "slurmd", sp.slurmd_argv, sp.slurmd_ok,
          lambda s: f"127.0.0.1:{s.slurmd_port} (2 GPUs)", env=lambda s: s.slurm_env(),
          timeout=90, port=lambda s: s.slurmd_port),
@@ -197,6 +202,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
     # Links, accounts and seed data are idempotent: re-check them on every up.
     sp.link_default_munge_socket(site)
     sp.ensure_accounts(site)
+    sp.ensure_budget_limits(site)
     services.ensure_buckets(site)
     services.seed_dataspace(site, progress)
     progress(f"site up in {time.monotonic() - t0:.1f}s ({site.root})")

@@ -194,7 +194,12 @@ def ensure_accounts(site: Site) -> None:
                  "Organization=aifactory")  # fmt: skip
     sacctmgr(site, "add", "user", "root", f"Account={','.join(ACCOUNTS)}",
              f"DefaultAccount={ACCOUNTS[0]}")  # fmt: skip
-    for acct, hours in site_budgets().items():  # Slurm's own cap, beside admission.budget
+
+
+def ensure_budget_limits(site: Site) -> None:
+    """Slurm's own cap, beside admission.budget. Needs slurmctld up: the gres/gpu TRES
+    exists in the database only once slurmctld has registered AccountingStorageTRES."""
+    for acct, hours in site_budgets().items():
         sacctmgr(site, *budget_limit_args(acct, hours))
 
 

@@ -260,6 +260,7 @@ def test_budget_override_by_environment_is_refused_with_hours() -> None:
 
 # -- the site's own Slurm limits ---------------------------------------------------------
 def test_site_up_sets_grp_tres_mins_from_the_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.site import manager
     from infra.site import slurm_parts as sp
 
     assert sp.budget_limit_args("startup-a", 500) == [
@@ -271,12 +272,20 @@ def test_site_up_sets_grp_tres_mins_from_the_budgets(monkeypatch: pytest.MonkeyP
     assert sp.site_budgets() == {"startup-a": 500, "startup-b": 500, "startup-c": 100}
     calls: list[tuple[str, ...]] = []
     monkeypatch.setattr(sp, "sacctmgr", lambda site, *args: calls.append(args) or "")
-    sp.ensure_accounts(None)  # type: ignore[arg-type]
-    limits = [c for c in calls if c[0] == "modify"]
-    assert [c[-1] for c in limits] == ["GrpTRESMins=gres/gpu=30000",
-                                       "GrpTRESMins=gres/gpu=30000",
-                                       "GrpTRESMins=gres/gpu=6000"]  # fmt: skip
-    assert calls.index(limits[0]) > max(i for i, c in enumerate(calls) if c[0] == "add")
+    sp.ensure_budget_limits(None)  # type: ignore[arg-type]
+    assert [c[-1] for c in calls] == ["GrpTRESMins=gres/gpu=30000",
+                                      "GrpTRESMins=gres/gpu=30000",
+                                      "GrpTRESMins=gres/gpu=6000"]  # fmt: skip
+    # After slurmctld is up: a fresh slurmdbd knows gres/gpu only once slurmctld registered it.
+    ctld = next(p for p in manager.PARTS if p.name == "slurmctld")
+    dbd = next(p for p in manager.PARTS if p.name == "slurmdbd")
+    assert ctld.after is not None and dbd.after is not None
+    calls.clear()
+    monkeypatch.setattr(sp, "ensure_accounts", lambda site: calls.append(("accounts",)))
+    dbd.after(None, print)  # type: ignore[arg-type]
+    assert calls[-1] == ("accounts",) and not any(c[0] == "modify" for c in calls)
+    ctld.after(None, print)  # type: ignore[arg-type]
+    assert calls[-1][0] == "modify"
 
 
 @pytest.mark.parametrize(
