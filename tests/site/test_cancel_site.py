@@ -1,10 +1,13 @@
-"""Cancelling a pipeline run in Prefect stops its Slurm training job within 30 s."""
+"""Cancelling a pipeline run in Prefect stops its Slurm jobs within 30 s: the training job,
+and the Dask worker jobs of a run cancelled during preprocessing."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,14 +18,33 @@ from tests.site.conftest import AIF, REPO
 pytestmark = pytest.mark.site
 
 
-def _train_jobs(profile: Profile) -> list[str]:
+def _jobs(profile: Profile, prefix: str) -> list[str]:
+    """squeue lines (id, name, state) of the jobs whose name starts with ``prefix``."""
     from tasks.slurm import SlurmClient
 
     out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j %T"])
-    return [ln for ln in out.splitlines() if " aif-train-" in ln]
+    return [ln for ln in out.splitlines() if f" {prefix}" in ln]
 
 
-def test_cancelling_the_flow_run_scancels_the_training_job(site_profile: Profile) -> None:
+@dataclass
+class Cancelled:
+    text: str  # the run's whole output
+    returncode: int
+    gone_after: float  # seconds from the cancel until no such job was in squeue
+    run_id: Any
+
+
+def _cancel_mid_stage(
+    profile: Profile,
+    env: dict[str, str],
+    args: list[str],
+    started: Callable[[str], bool],
+    prefix: str,
+    what: str,
+) -> Cancelled:
+    """Start `aif run ARGS`; once an output line says ``started`` and jobs named
+    ``prefix``* are in squeue, cancel the newest running aif-pipeline run in Prefect and
+    wait for those jobs to leave squeue. Never leaves a job or the process behind."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -32,25 +54,24 @@ def test_cancelling_the_flow_run_scancels_the_training_job(site_profile: Profile
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
-    env = {**os.environ, "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000)}
-    cmd = [AIF, "run", "--profile", "site", "--epochs", "400"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [AIF, "run", *args], cwd=REPO, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
     assert proc.stdout is not None
     out: list[str] = []
     try:
-        for line in proc.stdout:  # wait for the training job to start
+        for line in proc.stdout:
             out.append(line)
-            if "[train] job " in line and ": RUNNING" in line:
+            if started(line):
                 break
         else:
-            pytest.fail("the run ended before its training job ran:\n" + "".join(out))
-        assert _train_jobs(site_profile), "".join(out)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        api = site_profile.prefect.api_url
+            pytest.fail(f"the run ended before its {what}:\n" + "".join(out))
+        assert _jobs(profile, prefix), "".join(out)
+        api = profile.prefect.api_url
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["aif-pipeline"])),
@@ -62,89 +83,57 @@ def test_cancelling_the_flow_run_scancels_the_training_job(site_profile: Profile
             run: Any = max(runs, key=lambda r: r.start_time or r.created)
             t0 = time.monotonic()
             client.set_flow_run_state(run.id, Cancelling(), force=True)
-        while _train_jobs(site_profile) and time.monotonic() - t0 < 60:
-            time.sleep(1)
+        while _jobs(profile, prefix) and time.monotonic() - t0 < 60:
+            time.sleep(0.5)
         gone_after = time.monotonic() - t0
-        assert not _train_jobs(site_profile), "the training job outlived its cancelled run"
-        assert gone_after <= 30, f"the job was gone only {gone_after:.1f} s after the cancel"
+        assert not _jobs(profile, prefix), f"{prefix}* jobs outlived the cancelled run"
         rest, _ = proc.communicate(timeout=120)
         out.append(rest)
-        assert proc.returncode != 0
-        text = "".join(out)
-        assert "is being cancelled: stopping this stage" in text
-        assert "cancelling Slurm job" in text
+        return Cancelled("".join(out), proc.returncode, gone_after, run.id)
     finally:
         if proc.poll() is None:
             proc.kill()
         from tasks.slurm import SlurmClient
 
-        left = [ln.split()[0] for ln in _train_jobs(site_profile)]
+        left = [ln.split()[0] for ln in _jobs(profile, prefix)]
         if left:  # never leave a job behind, even when the test fails
-            SlurmClient(env=site_profile.child_env()).cancel(left)
+            SlurmClient(env=profile.child_env()).cancel(left)
 
 
-def _dask_jobs(profile: Profile) -> list[str]:
-    from tasks.slurm import SlurmClient
-
-    out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j %T"])
-    return [ln for ln in out.splitlines() if " aif-dask-" in ln]
+def test_cancelling_the_flow_run_scancels_the_training_job(site_profile: Profile) -> None:
+    c = _cancel_mid_stage(
+        site_profile,
+        {"AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000)},
+        ["--profile", "site", "--epochs", "400"],
+        lambda line: "[train] job " in line and ": RUNNING" in line,
+        "aif-train-",
+        "training job ran",
+    )
+    assert c.gone_after <= 30, f"the job was gone only {c.gone_after:.1f} s after the cancel"
+    assert c.returncode != 0
+    assert "is being cancelled: stopping this stage" in c.text
+    assert "cancelling Slurm job" in c.text
 
 
 def test_cancelling_during_preprocessing_gives_back_every_worker_job(
     site_profile: Profile,
 ) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.states import Cancelling
-
     # A fresh, large data space prefix: preprocessing cannot come from the cache, and one
     # worker featurising 8 M rows takes long enough to be cancelled half-way.
-    env = {**os.environ, "AIF_DATASPACE__URL": "s3://aif-dataspace/test/cancel-preprocess",
-           "AIF_DASK__WORKERS": "1"}  # fmt: skip
-    cmd = [AIF, "run", "--profile", "site", "--rows", "8000000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    assert proc.stdout is not None
-    out: list[str] = []
-    try:
-        run_id = None
-        for line in proc.stdout:
-            out.append(line)
-            if "[preprocess] Dask workers up" in line:
-                break
-        else:
-            pytest.fail("the run ended before its Dask workers came up:\n" + "".join(out))
-        assert _dask_jobs(site_profile), "".join(out)
-        api = site_profile.prefect.api_url
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
-            runs = [r for r in client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["aif-pipeline"])))
-                if r.state is not None and r.state.is_running()]  # fmt: skip
-            assert runs, "no running aif-pipeline flow run"
-            run: Any = max(runs, key=lambda r: r.start_time or r.created)
-            run_id = run.id
-            t0 = time.monotonic()
-            client.set_flow_run_state(run.id, Cancelling(), force=True)
-        while _dask_jobs(site_profile) and time.monotonic() - t0 < 60:
-            time.sleep(0.5)
-        gone_after = time.monotonic() - t0
-        assert not _dask_jobs(site_profile), "Dask worker jobs outlived the cancelled run"
-        assert gone_after <= 30, f"worker jobs gone only {gone_after:.1f} s after the cancel"
-        rest, _ = proc.communicate(timeout=120)
-        out.append(rest)
-        text = "".join(out)
-        assert proc.returncode != 0, text
-        assert "is being cancelled: stopping this stage" in text
-        assert "featurised 8/8" not in text and "cancelling leftover Dask worker jobs" in text
-        assert "aif: error: the run was cancelled" in text, text
-        assert run_id is not None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        from tasks.slurm import SlurmClient
-
-        left = [ln.split()[0] for ln in _dask_jobs(site_profile)]
-        if left:
-            SlurmClient(env=site_profile.child_env()).cancel(left)
+    c = _cancel_mid_stage(
+        site_profile,
+        {
+            "AIF_DATASPACE__URL": "s3://aif-dataspace/test/cancel-preprocess",
+            "AIF_DASK__WORKERS": "1",
+        },
+        ["--profile", "site", "--rows", "8000000"],
+        lambda line: "[preprocess] Dask workers up" in line,
+        "aif-dask-",
+        "Dask workers came up",
+    )
+    assert c.gone_after <= 30, f"worker jobs gone only {c.gone_after:.1f} s after the cancel"
+    assert c.returncode != 0, c.text
+    assert "is being cancelled: stopping this stage" in c.text
+    assert "featurised 8/8" not in c.text and "cancelling leftover Dask worker jobs" in c.text
+    assert "aif: error: the run was cancelled" in c.text, c.text
+    assert c.run_id is not None
