@@ -25,6 +25,13 @@ class Usage:
     cpu_hours: float = 0.0
     gpu_hours: float = 0.0
 
+    def add(self, alloc_tres: str, hours: float) -> None:
+        """Count one allocation: its TRES (sacct's AllocTRES) held for ``hours``."""
+        t = parse_tres(alloc_tres)
+        self.jobs += 1
+        self.cpu_hours += t.get("cpu", 0.0) * hours
+        self.gpu_hours += t.get("gres/gpu", 0.0) * hours
+
 
 def parse_tres(tres: str) -> dict[str, float]:
     """'billing=1,cpu=2,gres/gpu=1,mem=2G,node=1' -> {'cpu': 2.0, 'gres/gpu': 1.0, ...}."""
@@ -52,17 +59,15 @@ def elapsed_hours(text: str) -> float:
 
 def job_hours(client: SlurmClient, job_ids: list[str]) -> tuple[float, float, dict[str, str]]:
     """CPU-hours, GPU-hours and final state of these jobs (their allocations, from sacct)."""
-    cpu = gpu = 0.0
+    total = Usage("")
     states: dict[str, str] = {}
     for jid in job_ids:
         rec = client.sacct_record(jid)
         if rec is None:
             continue
-        t, h = parse_tres(rec.get("AllocTRES", "")), elapsed_hours(rec.get("Elapsed", ""))
-        cpu += t.get("cpu", 0.0) * h
-        gpu += t.get("gres/gpu", 0.0) * h
+        total.add(rec.get("AllocTRES", ""), elapsed_hours(rec.get("Elapsed", "")))
         states[jid] = rec.get("State", "")
-    return cpu, gpu, states
+    return total.cpu_hours, total.gpu_hours, states
 
 
 def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) -> list[Usage]:
@@ -77,11 +82,7 @@ def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) 
             continue
         _job, account, tres, elapsed = parts
         hours = (int(elapsed) if elapsed.isdigit() else 0) / 3600.0
-        t = parse_tres(tres)
-        u = per.setdefault(account, Usage(account))
-        u.jobs += 1
-        u.cpu_hours += t.get("cpu", 0.0) * hours
-        u.gpu_hours += t.get("gres/gpu", 0.0) * hours
+        per.setdefault(account, Usage(account)).add(tres, hours)
     return sorted(per.values(), key=lambda u: u.account)
 
 
