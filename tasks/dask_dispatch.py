@@ -24,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from math import inf
 from typing import Any
 
 from tasks.errors import AifError
@@ -122,26 +123,22 @@ def dispatch(
             _learn(client, clocks, workers, end_times)
             now = time.time()
             busy = Counter(addr for _, addr, _ in running.values())
-            need = margin_s + HEADROOM * slowest
             job_end: dict[str, float] = {}
             for c in clocks.values():
                 if c.job_id and c.deadline is not None:
                     job_end[c.job_id] = min(job_end.get(c.job_id, c.deadline), c.deadline)
             for addr, clock in clocks.items():
                 end = job_end.get(clock.job_id or "", clock.deadline)
-                if retire is not None and end is not None and end - now < need:
+                # Time left for partitions (unbounded without a deadline or a way to retire).
+                left = end - now - margin_s if retire is not None and end is not None else inf
+                if left < HEADROOM * slowest:
                     clock.draining = True  # no new work; it leaves holding nothing
                 if clock.draining:
                     continue
                 # One partition running and one queued per thread, so that a worker never
                 # waits for the client between two; a queued one must fit too.
                 while pending and busy[addr] < QUEUED * clock.nthreads:
-                    rounds = busy[addr] // clock.nthreads + 1
-                    if (
-                        retire is not None
-                        and end is not None
-                        and (end - now < margin_s + HEADROOM * slowest * rounds)
-                    ):
+                    if left < HEADROOM * slowest * (busy[addr] // clock.nthreads + 1):
                         break
                     i = pending.popleft()
                     key, args = calls[i]
