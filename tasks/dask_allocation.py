@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DaskSpec
-from tasks.dask_cluster import WORKER_START_TIMEOUT_S, ClusterInfo
+from tasks.dask_cluster import WORKER_START_TIMEOUT_S, ClusterInfo, job_prologue
 from tasks.errors import SlurmError
 from tasks.slurm import SlurmClient
 
@@ -51,7 +51,7 @@ def render_allocation_script(
             "mem_per_cpu_mb": max(1, _mb(spec.memory) // spec.cores),
             "log_dir": log_dir,
             "directives": "\n".join(f"#SBATCH {d}" for d in directives),
-            "prologue": "\n".join(spec.job_script_prologue),
+            "prologue": "\n".join(job_prologue(spec)),
             "scheduler_file": scheduler_file,
             "python": sys.executable,
             "interface_arg": iface,

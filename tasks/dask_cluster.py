@@ -60,6 +60,19 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Dask's nannies write their workers' variables (OMP_NUM_THREADS=1, MALLOC_…) into this
+    process's environment before they spawn; put it back, so that what the flow starts
+    later (a local training run) does not inherit them."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def drain_margin_s(spec: DaskSpec) -> float:
     from dask.utils import parse_timedelta
 
@@ -72,6 +85,28 @@ def worker_args(spec: DaskSpec) -> list[str]:
         # The worker leaves (its job ends) before the walltime; adaptive scaling replaces it.
         args += ["--lifetime", spec.lifetime, "--lifetime-stagger", spec.lifetime_stagger]
     return args
+
+
+def worker_env(spec: DaskSpec) -> dict[str, str]:
+    """Environment of the worker processes that aifactory sets itself (see malloc_top_pad)."""
+    from dask.utils import parse_bytes
+
+    if spec.malloc_top_pad is None:
+        return {}
+    return {"MALLOC_TOP_PAD_": str(parse_bytes(spec.malloc_top_pad))}
+
+
+def job_prologue(spec: DaskSpec) -> list[str]:
+    """Worker job script lines before the worker starts: aifactory's environment, then the
+    profile's own lines (module loads, venv activation), which may override it."""
+    return [f"export {k}={v}" for k, v in worker_env(spec).items()] + list(spec.job_script_prologue)
+
+
+# Scheduler settings for the clusters whose scheduler runs in the flow's process. The
+# dispatcher (tasks.dask_dispatch) places every partition itself, one running and one queued
+# per worker thread, so Dask's work stealing only costs scheduler CPU (a balance pass every
+# 100 ms while tasks run) on a host the flow shares: a login node, or the workers' own cores.
+SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
 
 
 def slurm_cluster_kwargs(
@@ -90,7 +125,7 @@ def slurm_cluster_kwargs(
         "account": account,
         "job_name": job_name,
         "job_extra_directives": directives,
-        "job_script_prologue": list(spec.job_script_prologue),
+        "job_script_prologue": job_prologue(spec),
         "python": sys.executable,
         "scheduler_options": {"host": spec.scheduler_host, "dashboard_address": ":0"},
         "worker_extra_args": worker_args(spec),
@@ -122,17 +157,24 @@ def open_cluster(
     log_dir: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[Any, ClusterInfo]]:
+    import dask
     from distributed import Client, LocalCluster
 
     if spec.kind == "local":
-        local_cluster = LocalCluster(
-            n_workers=spec.workers,
-            threads_per_worker=spec.cores,
-            processes=True,
-            memory_limit=spec.memory,
-            dashboard_address="127.0.0.1:0",
-            host="127.0.0.1",
-        )
+        # The nannies read this when they are made, and use it for every worker they
+        # (re)start.
+        spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+                     **worker_env(spec)}  # fmt: skip
+        config = {**SCHEDULER_CONFIG, "distributed.nanny.pre-spawn-environ": spawn_env}
+        with _environ_kept(), dask.config.set(config):
+            local_cluster = LocalCluster(
+                n_workers=spec.workers,
+                threads_per_worker=spec.cores,
+                processes=True,
+                memory_limit=spec.memory,
+                dashboard_address="127.0.0.1:0",
+                host="127.0.0.1",
+            )
         local_client = Client(local_cluster)
         info = ClusterInfo(
             kind="local", dashboard=local_client.dashboard_link, workers=spec.workers
@@ -166,7 +208,8 @@ def open_cluster(
         cluster: Any = None
         client: Any = None
         try:
-            cluster = SLURMCluster(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
+            with dask.config.set(SCHEDULER_CONFIG):
+                cluster = SLURMCluster(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
             info.job_script = str(cluster.job_script())
             info.dashboard = cluster.dashboard_link
             if spec.adaptive_min is not None and spec.adaptive_max is not None:

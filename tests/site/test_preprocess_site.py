@@ -241,6 +241,13 @@ def test_scheduler_inside_an_allocation(site_profile: Profile, snapshot: Any) ->
         sched = client.run_on_scheduler(lambda: __import__("os").environ.get("SLURM_JOB_ID"))
         assert sched == info.job_ids[0]
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        # Settings the job script gives: no work stealing (the dispatcher places partitions)
+        # and the workers' malloc pad (Dask's own trim threshold kept).
+        exts = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.extensions))
+        assert "stealing" not in exts, exts
+        malloc = {"MALLOC_TOP_PAD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        envs = client.run(lambda: {k: __import__("os").environ.get(k) for k in malloc})
+        assert all(e == malloc for e in envs.values()), envs
         fset = run_preprocess(snap, lake_url=f"file://{root}/lake-alloc", storage_options={},
                               client=client, config=cfg, fs_id=fs_id,
                               cluster_info=info.as_dict(), progress=lambda m: None,

@@ -1,0 +1,64 @@
+"""Worker environment and scheduler settings of the Dask clusters made from the profile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tasks.cli import main
+from tasks.config import DaskSpec
+from tasks.dask_allocation import render_allocation_script
+from tasks.dask_cluster import job_prologue, open_cluster, render_worker_script
+
+PAD = "export MALLOC_TOP_PAD_=67108864"
+
+
+def test_worker_job_sets_the_malloc_pad_before_the_profiles_own_lines() -> None:
+    spec = DaskSpec(kind="slurm", job_script_prologue=["module load python/3.11"])
+    for script in (
+        render_worker_script(spec, "startup-a", "aif-dask"),
+        render_allocation_script(spec, "startup-a", "aif-dask", "/shared/s.json", "/shared"),
+    ):
+        lines = script.splitlines()
+        starts = [i for i, line in enumerate(lines) if "distributed.cli.dask_worker" in line]
+        assert starts, script
+        # aifactory's line first, so that a profile line can override it
+        assert lines.index(PAD) < lines.index("module load python/3.11") < starts[0]
+
+
+def test_pad_is_a_size_or_off() -> None:
+    assert job_prologue(DaskSpec(malloc_top_pad="16MiB")) == ["export MALLOC_TOP_PAD_=16777216"]
+    off = DaskSpec(kind="slurm", malloc_top_pad=None, job_script_prologue=["true"])
+    assert job_prologue(off) == ["true"]
+    assert "MALLOC_TOP_PAD_" not in render_worker_script(off, "startup-a", "aif-dask")
+
+
+def test_bad_pad_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIF_DASK__MALLOC_TOP_PAD", "lots")
+    assert main(["run", "--profile", "site", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aif: error: profile ") and "malloc_top_pad" in err
+    assert "not a size such as 64MiB (got 'lots')" in err and "\n" not in err
+
+
+def _env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_local_workers_get_the_pad_and_the_flow_keeps_its_environment() -> None:
+    before = dict(os.environ)
+    spec = DaskSpec(kind="local", workers=1, cores=1, memory="1GiB", malloc_top_pad="32MiB")
+    with open_cluster(spec, account="a", job_name="j", slurm=None, log=lambda m: None) as (
+        client,
+        _,
+    ):
+        (seen,) = client.run(_env).values()
+        extensions = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.extensions))
+    assert seen == {"MALLOC_TOP_PAD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": "65536"}
+    assert "stealing" not in extensions  # the dispatcher places partitions itself
+    # Dask's nannies set OMP_NUM_THREADS=1 and MALLOC_* in this process before spawning;
+    # a local training run started later must not inherit them.
+    assert dict(os.environ) == before
