@@ -7,8 +7,8 @@ partition starts again elsewhere (repeated work), and a walltime kill loses it o
 
 ``dispatch`` keeps the queue on the client instead. A worker thread holds at most one
 running and one queued partition, and gets one only while it has time left for it (the
-slowest partition seen so far, with head-room, plus ``margin_s``); otherwise it is
-drained and retired, and the cluster brings a replacement job up. Results are small
+slowest partition seen so far, timed on its worker, with head-room, plus ``margin_s``);
+otherwise it is drained and retired, and the cluster brings a replacement job up. Results are small
 dicts gathered as soon as they finish, so a retiring worker holds no data. A worker that
 dies anyway (scancel, node failure) has its running partition re-run on another worker
 by Dask itself; a partition's output has fixed names, so that run overwrites, and the
@@ -18,6 +18,7 @@ counts come only from the run that finished.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections import Counter, deque
@@ -82,6 +83,13 @@ def slurm_end_times(run: Callable[[list[str]], str], job_ids: Sequence[str]) -> 
     return ends
 
 
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """Runs on the worker: ``fn(*args)`` and the seconds it took there (no queueing)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
 def dispatch(
     client: Any,
     fn: Callable[..., Any],
@@ -102,16 +110,21 @@ def dispatch(
     stops everything (``StageCancelled``); ``on_result(done, total)`` reports progress.
     A task's own exception is raised as is. The workers of one job (``processes`` > 1)
     drain together and the job is retired once all of them are idle.
-    """
-    from distributed import wait
 
+    The scheduler runs in this process, often on the workers' own cores: each finished
+    partition costs one queue hand-off here, and the cluster's workers are looked up at
+    most every ``poll_s`` (not once per partition).
+    """
     total = len(calls)
     pending: deque[int] = deque(range(total))
-    running: dict[Any, tuple[int, str, float]] = {}
+    running: dict[Any, tuple[int, str]] = {}
+    finished_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
     results: list[Any] = [None] * total
     finished = 0
-    slowest = 0.0
+    slowest = 0.0  # the longest a partition has run on a worker (measured there)
     clocks: dict[str, Clock] = {}
+    workers: dict[str, Any] = {}
+    looked = -inf
     retiring: list[threading.Thread] = []
     idle_since = time.monotonic()
     try:
@@ -119,10 +132,12 @@ def dispatch(
             if cancel is not None and cancel.is_set():
                 raise StageCancelled(f"stage cancelled with {total - finished} of {total} "
                                      "partitions not done")  # fmt: skip
-            workers = client.scheduler_info(n_workers=-1).get("workers", {})
-            _learn(client, clocks, workers, end_times)
+            if time.monotonic() - looked >= poll_s:
+                workers = client.scheduler_info(n_workers=-1).get("workers", {})
+                _learn(client, clocks, workers, end_times)
+                looked = time.monotonic()
             now = time.time()
-            busy = Counter(addr for _, addr, _ in running.values())
+            busy = Counter(addr for _, addr in running.values())
             job_end: dict[str, float] = {}
             for c in clocks.values():
                 if c.job_id and c.deadline is not None:
@@ -142,9 +157,10 @@ def dispatch(
                         break
                     i = pending.popleft()
                     key, args = calls[i]
-                    fut = client.submit(fn, *args, key=key, workers=[addr],
+                    fut = client.submit(timed, fn, *args, key=key, workers=[addr],
                                         allow_other_workers=True, pure=False)  # fmt: skip
-                    running[fut] = (i, addr, time.monotonic())
+                    running[fut] = (i, addr)
+                    fut.add_done_callback(finished_q.put)
                     busy[addr] += 1
             if retire is not None:
                 for job, members in _jobs(clocks).items():
@@ -152,7 +168,7 @@ def dispatch(
                         for c in members:
                             c.draining = True
                             c.job_id = None  # retired once
-                        name = str(workers[members[0].address].get("name", ""))
+                        name = str(workers.get(members[0].address, {}).get("name", ""))
                         t = threading.Thread(target=retire, args=(members[0].address, name, job),
                                              daemon=True, name=f"aif-retire-{job}")  # fmt: skip
                         t.start()
@@ -164,21 +180,22 @@ def dispatch(
                     f"no Dask worker available for {no_worker_timeout_s:.0f}s with "
                     f"{total - finished} of {total} partitions to do: check squeue"
                 )
-            if not running:
-                time.sleep(poll_s)  # waiting for a (replacement) worker
-                continue
-            try:
-                done, _ = wait(list(running), timeout=poll_s, return_when="FIRST_COMPLETED")
-            except TimeoutError:
+            try:  # also the wait for a (replacement) worker when nothing runs
+                done = [finished_q.get(timeout=poll_s)]
+            except queue.Empty:
                 continue  # nothing finished yet: look at the workers again
+            while not finished_q.empty():
+                done.append(finished_q.get_nowait())
             for fut in done:
-                i, _addr, t0 = running.pop(fut)
+                if fut not in running:
+                    continue  # already handled
+                i, _addr = running.pop(fut)
                 if fut.status == "cancelled":  # e.g. a lost worker's task was released
                     pending.appendleft(i)
                     continue
-                results[i] = fut.result()  # raises the task's own exception
+                results[i], took = fut.result()  # raises the task's own exception
                 fut.release()
-                slowest = max(slowest, time.monotonic() - t0)
+                slowest = max(slowest, took)
                 finished += 1
                 if on_result is not None:
                     on_result(finished, total)

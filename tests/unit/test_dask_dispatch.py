@@ -67,6 +67,33 @@ def test_worker_near_its_deadline_is_drained_and_retired(
     assert late and len(late) < 6, "the short-lived worker should have done a few, then stopped"
 
 
+def test_workers_are_looked_up_per_poll_not_per_partition(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler shares the flow's process (and often the workers' cores): finishing a
+    partition must not cost a scheduler round trip."""
+    looks: Counter[str] = Counter()
+    real = client.scheduler_info
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        looks["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "scheduler_info", counted)
+    t0 = time.monotonic()
+    out = D.dispatch(client, _work, [(f"p-{i}", (i, 0.005)) for i in range(60)], poll_s=0.25)
+    took = time.monotonic() - t0
+    assert len(out) == 60 and all(RUNS[i] == 1 for i in range(60))
+    assert looks["n"] <= took / 0.25 + 2, (looks["n"], took)
+
+
+def test_partition_time_is_measured_where_it_runs() -> None:
+    """Not from submission: a queued partition's wait behind the running one is not part
+    of its time, so workers are not drained earlier than they must be."""
+    out, took = D.timed(lambda s: time.sleep(s) or "done", 0.05)
+    assert out == "done" and 0.05 <= took < 1.0
+
+
 def test_without_retire_deadlines_are_ignored(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     facts = {"job_id": None, "lifetime_deadline": 0.0}
     monkeypatch.setattr(D, "worker_facts", lambda dask_worker: facts)
