@@ -11,8 +11,8 @@ first in turn, and their medians are compared, since this machine is shared and 
 Two partition sizes by default, 100 k and 200 k rows (about 9 and 17 MiB in memory): compute
 dominates at both (a partition takes 0.13 to 0.21 s in one process; the flow process
 spends about 6 ms of CPU on each), but they scale differently on 2 cores: per row, the
-single process is faster on the larger one, and 2 processes share the memory bandwidth. Also prints the time to the first
-worker and rows per second per worker.
+single process is faster on the larger one, and 2 processes share the memory bandwidth.
+Also prints the time to the first worker and rows per second per worker.
 
     .venv/bin/python tests/benchmarks/bench_preprocess.py [--partition-rows 100000,200000]
 """
