@@ -47,7 +47,13 @@ def _featurise_many(items: list[tuple[int, str]], out: str, cfg: dict) -> None:
 
 
 def _compare(client: Any, info: Any, pool: Any, rows: int, objects: int, repeat: int) -> float:
-    root = tempfile.mkdtemp(prefix="aif-bench-pp-")
+    with tempfile.TemporaryDirectory(prefix="aif-bench-pp-") as root:  # up to 1 GB: removed
+        return _compare_in(root, client, info, pool, rows, objects, repeat)
+
+
+def _compare_in(
+    root: str, client: Any, info: Any, pool: Any, rows: int, objects: int, repeat: int
+) -> float:
     generate_mobility(f"file://{root}/ds", rows=rows, objects=objects, seed=5)
     snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, MOBILITY)
     fs_id, cfg = plan(snap, F.resolve_config({}))
@@ -111,9 +117,9 @@ def main() -> int:
     spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="3GiB", walltime="01:00:00")
     slurm = SlurmClient(env=profile.child_env())
     t_req = time.perf_counter()
-    with open_cluster(spec, account="startup-a", job_name="aif-dask-bench", slurm=slurm,
-                      log_dir=tempfile.mkdtemp(prefix="aif-bench-pp-logs-"),
-                      log=lambda m: None) as (client, info):  # fmt: skip
+    logs = tempfile.TemporaryDirectory(prefix="aif-bench-pp-logs-")
+    with logs, open_cluster(spec, account="startup-a", job_name="aif-dask-bench", slurm=slurm,
+                            log_dir=logs.name, log=lambda m: None) as (client, info):  # fmt: skip
         first_worker_s = time.perf_counter() - t_req  # both workers up (upper bound)
         print(f"worker jobs up (sbatch to both workers connected): {first_worker_s:.1f} s; "
               "then one import warm-up per worker, not timed")  # fmt: skip
