@@ -35,6 +35,7 @@ def featurise(
 ) -> FeatureSet:
     cfg = load_profile(profile, overrides)
     _, st = cfg.startup(startup)
+    lake = cfg.lake_url_for(startup)
     say = stage_logger("preprocess")
     slurm = SlurmClient(env=cfg.child_env()) if cfg.dask.kind == "slurm" else None
     job_name = f"aif-dask-{key_of(fs_id, st.account)[:10]}"
@@ -49,8 +50,8 @@ def featurise(
         say(f"Dask {info.kind} cluster: dashboard {info.dashboard}")
         fset = run_preprocess(
             snapshot,
-            lake_url=cfg.lake_url_for(startup),
-            storage_options=cfg.storage_options(cfg.lake_url_for(startup)),
+            lake_url=lake,
+            storage_options=cfg.storage_options(lake),
             client=client,
             config=config,
             fs_id=fs_id,
@@ -81,9 +82,8 @@ def preprocess_flow(
     cfg = load_profile(profile, overrides)
     say = stage_logger("preprocess")
     fs_id, fconfig = plan(snapshot, resolve_config(cfg.features))
-    cached = load_cached(
-        cfg.lake_url_for(startup), fs_id, cfg.storage_options(cfg.lake_url_for(startup))
-    )
+    lake = cfg.lake_url_for(startup)
+    cached = load_cached(lake, fs_id, cfg.storage_options(lake))
     if cached is not None:
         say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
         return cached.model_copy(update={"reused": True})
