@@ -47,26 +47,26 @@ def parse_tres(tres: str) -> dict[str, float]:
     return out
 
 
-def elapsed_hours(text: str) -> float:
-    """sacct's Elapsed ('1-02:03:04', '02:03:04', '03:04') -> hours."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":") if p.isdigit()]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, sec = parts[-3:]
-    return (int(days) if days.isdigit() else 0) * 24 + h + m / 60 + sec / 3600
+def _hours(elapsed_raw: str) -> float:
+    """sacct's ElapsedRaw (seconds; empty for a job never allocated) -> hours."""
+    return (int(elapsed_raw) if elapsed_raw.isdigit() else 0) / 3600.0
 
 
 def job_hours(client: SlurmClient, job_ids: list[str]) -> tuple[float, float, dict[str, str]]:
-    """CPU-hours, GPU-hours and final state of these jobs (their allocations, from sacct)."""
+    """CPU-hours, GPU-hours and final state of these jobs (their allocations, one sacct call)."""
     total = Usage("")
     states: dict[str, str] = {}
-    for jid in job_ids:
-        rec = client.sacct_record(jid)
-        if rec is None:
+    if not job_ids:
+        return 0.0, 0.0, states
+    out = client.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids),
+                      "--format", "JobID,AllocTRES,ElapsedRaw,State"])  # fmt: skip
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) != 4 or parts[0] not in job_ids or parts[0] in states:
             continue
-        total.add(rec.get("AllocTRES", ""), elapsed_hours(rec.get("Elapsed", "")))
-        states[jid] = rec.get("State", "")
+        jid, tres, elapsed, state = parts
+        total.add(tres, _hours(elapsed))
+        states[jid] = state.split()[0] if state else ""  # "CANCELLED by 0" -> "CANCELLED"
     return total.cpu_hours, total.gpu_hours, states
 
 
@@ -81,8 +81,7 @@ def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) 
         if len(parts) != 4 or not parts[1]:
             continue
         _job, account, tres, elapsed = parts
-        hours = (int(elapsed) if elapsed.isdigit() else 0) / 3600.0
-        per.setdefault(account, Usage(account)).add(tres, hours)
+        per.setdefault(account, Usage(account)).add(tres, _hours(elapsed))
     return sorted(per.values(), key=lambda u: u.account)
 
 

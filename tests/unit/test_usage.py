@@ -8,7 +8,7 @@ from typing import Any
 
 from tasks.config import Startup
 from tasks.slurm import SlurmClient
-from tasks.usage import collect, owners, parse_tres, priced_rows
+from tasks.usage import collect, job_hours, owners, parse_tres, priced_rows
 
 
 def test_parse_tres() -> None:
@@ -33,6 +33,25 @@ def test_collect_and_price(tmp_path: Path) -> None:
     rows = priced_rows(usages, gpu_rate=2.0, cpu_rate=0.1, cloud_gpu_rate=4.0)
     assert rows[0]["hpc_cost_eur"] == "2.2000" and rows[0]["cloud_gpu_cost_eur"] == "4.0000"
     assert (rows[0]["startup"], rows[0]["project"]) == ("-", "-")  # no profile given
+
+
+def test_job_hours_of_a_run_in_one_sacct_call(tmp_path: Path) -> None:
+    """A run's summary: its jobs' CPU- and GPU-hours and final states."""
+    sacct = tmp_path / "sacct"
+    sacct.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        "echo '21|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|5400|COMPLETED'\n"
+        "echo '22|billing=1,cpu=1,mem=1G,node=1|1800|CANCELLED by 0'\n"
+        "echo '99|billing=1,cpu=8,mem=1G,node=1|3600|COMPLETED'\n"  # not asked for
+    )
+    sacct.chmod(0o755)
+    cpu_h, gpu_h, states = job_hours(SlurmClient(bin_dir=str(tmp_path)), ["21", "22"])
+    assert (cpu_h, gpu_h) == (3.5, 1.5)
+    assert states == {"21": "COMPLETED", "22": "CANCELLED"}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and "-j 21,22" in calls[0], calls
+    assert job_hours(SlurmClient(bin_dir=str(tmp_path)), []) == (0.0, 0.0, {})
 
 
 def test_rows_per_startup_and_project() -> None:
