@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ def aif(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> 
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@contextlib.contextmanager
+def prefect_client(profile: Profile) -> Iterator[Any]:
+    """A synchronous Prefect client on the profile's API (the site's Prefect server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: profile.prefect.api_url}), \
+            get_client(sync_client=True) as client:  # fmt: skip
+        yield client
 
 
 @pytest.fixture(scope="session")

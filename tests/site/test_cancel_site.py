@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tasks.config import Profile
-from tests.site.conftest import AIF, REPO
+from tests.site.conftest import AIF, REPO, prefect_client
 
 pytestmark = pytest.mark.site
 
@@ -45,7 +45,6 @@ def _cancel_mid_stage(
     """Start `aif run ARGS`; once an output line says ``started`` and jobs named
     ``prefix``* are in squeue, cancel the newest running aif-pipeline run in Prefect and
     wait for those jobs to leave squeue. Never leaves a job or the process behind."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -54,7 +53,6 @@ def _cancel_mid_stage(
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
     proc = subprocess.Popen(
@@ -71,8 +69,7 @@ def _cancel_mid_stage(
         else:
             pytest.fail(f"the run ended before its {what}:\n" + "".join(out))
         assert _jobs(profile, prefix), "".join(out)
-        api = profile.prefect.api_url
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with prefect_client(profile) as client:
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["aif-pipeline"])),
                 flow_run_filter=FlowRunFilter(

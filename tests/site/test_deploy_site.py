@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tasks.config import Profile
-from tests.site.conftest import aif
+from tests.site.conftest import aif, prefect_client
 
 pytestmark = pytest.mark.site
 NIGHTLY_A = "aif-pipeline/startup-a-nightly"
@@ -72,24 +72,6 @@ def deployed(site_profile: Profile) -> Receiver:
     rec.server.shutdown()
 
 
-def _client(profile: Profile) -> Any:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    class _Ctx:
-        def __enter__(self) -> Any:
-            self.t = temporary_settings({PREFECT_API_URL: profile.prefect.api_url})
-            self.t.__enter__()
-            self.c = get_client(sync_client=True)
-            return self.c.__enter__()
-
-        def __exit__(self, *exc: Any) -> None:
-            self.c.__exit__(*exc)
-            self.t.__exit__(*exc)
-
-    return _Ctx()
-
-
 def _start(profile: Profile, name: str, parameters: dict[str, Any] | None = None) -> Any:
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -100,7 +82,7 @@ def _start(profile: Profile, name: str, parameters: dict[str, Any] | None = None
 
 def _wait_final(profile: Profile, run_id: Any, timeout: float = 300) -> Any:
     deadline = time.monotonic() + timeout
-    with _client(profile) as client:
+    with prefect_client(profile) as client:
         while time.monotonic() < deadline:
             run = client.read_flow_run(run_id)
             if run.state is not None and run.state.is_final():
@@ -113,7 +95,7 @@ def test_deployments_schedules_and_no_duplicate_ticks(site_profile: Profile,
                                                        deployed: Receiver) -> None:  # fmt: skip
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    with _client(site_profile) as client:
+    with prefect_client(site_profile) as client:
         deps = {d.name: d for d in client.read_deployments()}
         assert {"startup-a-nightly", "startup-b-nightly"} <= set(deps)
         for name, d in deps.items():
@@ -149,7 +131,7 @@ def test_overlap_guard_runs_one_at_a_time(site_profile: Profile, deployed: Recei
         f"two runs of one deployment overlapped: {a.start_time}..{a.end_time} and "
         f"{b.start_time}..{b.end_time}"
     )
-    with _client(site_profile) as client:
+    with prefect_client(site_profile) as client:
         names = [s.name for s in client.read_flow_run_states(b.id)]
     assert "AwaitingConcurrencySlot" in names, names
     test_overlap_guard_runs_one_at_a_time.completed = a.id  # type: ignore[attr-defined]
@@ -179,19 +161,9 @@ def test_promotion_is_notified_to_the_webhook(site_profile: Profile, deployed: R
 def _descendants(root: int) -> list[int]:
     """The process tree under ``root`` (the worker and the flow run it started; not the
     Slurm job, which slurmd runs)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parent[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += [c for c, p in parent.items() if p == pid]
-    return tree
+    import psutil
+
+    return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
 
 
 def _train_jobs(profile: Profile) -> list[tuple[str, str]]:
@@ -217,7 +189,7 @@ def test_dead_worker_and_flow_process_are_marked_crashed(
     run = _start(site_profile, NIGHTLY_A, params)
     deadline = time.monotonic() + 240
     jobs: list[tuple[str, str]] = []
-    with _client(site_profile) as client:
+    with prefect_client(site_profile) as client:
         while time.monotonic() < deadline and not jobs:
             state = client.read_flow_run(run.id).state
             if state is not None and state.is_running():
@@ -248,7 +220,7 @@ def test_dead_worker_and_flow_process_are_marked_crashed(
         want = f"reattaching to live Slurm job {jobs[0][0]}"
         deadline = time.monotonic() + 240
         seen = False
-        with _client(site_profile) as client:
+        with prefect_client(site_profile) as client:
             while time.monotonic() < deadline and not seen:
                 logs = client.read_logs(log_filter=LogFilter(
                     timestamp=LogFilterTimestamp(after_=since)))  # fmt: skip
@@ -280,7 +252,7 @@ def test_operators_console_in_a_real_browser(site_profile: Profile, deployed: Re
     from tests.site.browser import check_prefect_ui
     from tests.site.conftest import REPO
 
-    with _client(site_profile) as client:
+    with prefect_client(site_profile) as client:
         done = client.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["startup-a-nightly"])),
             flow_run_filter=FlowRunFilter(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tasks.config import Profile
-from tests.site.conftest import aif
+from tests.site.conftest import aif, prefect_client
 
 pytestmark = pytest.mark.site
 
@@ -36,7 +36,6 @@ def _hits(where: str, blob: str | bytes, found: list[str]) -> None:
 
 
 def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) -> None:
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
@@ -45,7 +44,6 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
         LogFilter,
         LogFilterTimestamp,
     )
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.types._datetime import now
 
     since = now("UTC")
@@ -73,8 +71,7 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
     _hits("`aif run --dry-run` output", dry.stdout + dry.stderr, found)
 
     # Prefect: parameters, logs and artifacts of every run since the test began.
-    with temporary_settings({PREFECT_API_URL: site_profile.prefect.api_url}), \
-            get_client(sync_client=True) as client:  # fmt: skip
+    with prefect_client(site_profile) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             start_time=FlowRunFilterStartTime(after_=since)))  # fmt: skip
         assert len(runs) >= 5, "the pipeline's flow runs were not found"
