@@ -390,6 +390,32 @@ def cmd_site(args: argparse.Namespace) -> int:
     raise AifError(f"unknown site action {args.action!r}")
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """The local Prefect server this home manages (profile ``prefect.api_url: managed``)."""
+    from tasks import prefect_server as ps
+    from tasks.config import load_profile
+
+    cfg = load_profile(args.profile)
+    if cfg.prefect.api_url != "managed":
+        raise ConfigError(f"profile {cfg.name}: prefect.api_url is {cfg.prefect.api_url}, "
+                          "not a server aif manages (nothing to start or stop)")  # fmt: skip
+    where = ps.state_dir(cfg.home_dir)
+    if args.action == "start":
+        print(ps.ensure_managed_server(cfg.home_dir, cfg.prefect.managed_port))
+        return 0
+    if args.action == "stop":
+        done = ps.stop_managed_server(cfg.home_dir)
+        print(f"stopped the local Prefect server of {where}" if done
+              else f"no local Prefect server of {where} was running")  # fmt: skip
+        return 0
+    rec = ps.running(cfg.home_dir)
+    if rec:
+        print(f"running: {rec['api_url']} (pid {rec['pid']}, state in {where})")
+        return 0
+    print(f"not running (state in {where}; `aif run` starts it)")
+    return 1
+
+
 def _print_parts(parts: list[Any]) -> None:
     for p in parts:
         mark = "ok  " if p.healthy else "DOWN"
@@ -526,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "status", "env", "down"])
     s.add_argument("--dir", default=None, help=f"state folder (default {DEFAULT_SITE_DIR})")
     s.set_defaults(func=cmd_site)
+
+    sv = sub.add_parser("server", help="the local Prefect server this home manages "
+                        "(profile local): status, start, stop")  # fmt: skip
+    sv.add_argument("action", choices=["status", "start", "stop"])
+    sv.add_argument("--profile", default=None, help="local (default) or a YAML file")
+    sv.set_defaults(func=cmd_server)
 
     pr = sub.add_parser("profile", help="check or show a profile")
     pr.add_argument("action", choices=["validate", "show"])

@@ -23,6 +23,7 @@ import fsspec
 import pyarrow as pa
 
 from tasks.errors import ConfigError, DataError, StorageError
+from tasks.lake import is_staging
 
 MOBILITY_SCHEMA = pa.schema(
     [
@@ -245,7 +246,7 @@ def list_objects(
     for path, info in sorted(found.items()):
         if info.get("type") == "directory" or not path.endswith(extension):
             continue
-        if "/." in path or path.startswith("."):  # hidden staging files of a writer
+        if is_staging(path):  # a writer's hidden staging file (its own name, not a folder's)
             continue
         if protocol in ("http", "https") and not info.get("size"):
             try:  # an HTML index gives names only: ask the server for size and validators

@@ -66,6 +66,7 @@ from tasks.formats import READERS, ObjectBad, Problem, short
 from tasks.lake import (
     atomic_write_bytes,
     exists,
+    is_staging,
     read_json,
     remove_quietly,
     sha256_file,
@@ -583,7 +584,8 @@ def _listed_names(fs: Any, folder: str) -> set[str]:
     with contextlib.suppress(Exception):
         fs.invalidate_cache(folder)
     try:
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+        return {n for n in names if not is_staging(n)}
     except FileNotFoundError:
         return set()
 
@@ -691,6 +693,8 @@ def list_snapshots(
     out = []
     for entry in sorted(entries):
         sid = entry.rstrip("/").rsplit("/", 1)[-1]
+        if is_staging(sid):
+            continue
         if exists(fs, f"{root}/{sid}/manifest.json"):
             with contextlib.suppress(DataError):
                 out.append(load_snapshot(lake_url, dataset, sid, storage_options))

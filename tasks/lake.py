@@ -28,9 +28,19 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+STAGING_PREFIX = "."
+
+
 def _tmp_sibling(path: str) -> str:
     parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    return os.path.join(parent, f"{STAGING_PREFIX}{name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def is_staging(path: str) -> bool:
+    """Whether ``path`` names a writer's hidden staging file. Decided by the file's own
+    name only, never by a folder above it: a data space or lake under ``~/.local/`` or a
+    clone's ``.aif/`` home is as visible as any other."""
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(STAGING_PREFIX)
 
 
 def _fsync_dir(path: str) -> None:

@@ -1,22 +1,32 @@
 """The Prefect API a run talks to: a configured URL, or a local server aif manages.
 
-Profile ``prefect.api_url: managed`` means: use the server this checkout started before
-(recorded in ``<home_dir>/prefect-local/server.json``) if it answers, else start one detached on
-127.0.0.1:<managed_port> with SQLite, wait until healthy, and reuse it next time.
-Prefect's ephemeral mode is avoided on purpose (slow first start, SQLite lock errors).
-Processes are started, awaited and stopped by the same helpers as the site's daemons.
+Profile ``prefect.api_url: managed`` means: the server that *this home* started, recorded
+in ``<home_dir>/prefect-local/server.json`` (pid, command line, start time, address). It is
+reused only while that very process runs and answers. A server of another home (another
+clone, another user) on the preferred port is never reused: its database is not ours. Then
+aif starts its own, on ``managed_port`` if free, else on a free loopback port, and says so.
+``aif server status|stop`` shows and stops it. Prefect's ephemeral mode is avoided on
+purpose (slow first start, SQLite lock errors). Processes are started, awaited and
+stopped by the same helpers as the site's daemons (infra/site/procs.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from infra.site import procs
 from tasks.errors import SiteError
 
 STARTUP_TIMEOUT_S = 240.0
+STATE = "prefect-local"
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -28,13 +38,69 @@ def _prefect_exe() -> str:
     return str(exe) if exe.exists() else "prefect"
 
 
-def ensure_managed_server(home_dir: str, port: int, progress=print) -> str:  # type: ignore[no-untyped-def]
-    """Start (or reuse) the local Prefect server; return its API URL."""
-    api_url = f"http://127.0.0.1:{port}/api"
-    if healthy(api_url):
-        return api_url
-    state = Path(home_dir) / "prefect-local"
+def state_dir(home_dir: str) -> Path:
+    return Path(home_dir).resolve() / STATE
+
+
+def record(home_dir: str) -> dict[str, Any] | None:
+    """This home's server record, or None if it never started one (or the file is bad)."""
+    try:
+        rec = json.loads((state_dir(home_dir) / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def running(home_dir: str) -> dict[str, Any] | None:
+    """This home's server record if that process still runs and answers, else None."""
+    rec = record(home_dir)
+    if rec and isinstance(rec.get("api_url"), str) and procs.owns(rec) and healthy(rec["api_url"]):
+        return rec
+    return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind it
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_managed_server(
+    home_dir: str, port: int, progress: Callable[[str], object] = print
+) -> str:
+    """Reuse this home's running server, or start one; return its API URL. Two commands
+    of one home starting at once share one server (a lock file serialises the start)."""
+    state = state_dir(home_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(home_dir, state, port, progress)
+
+
+def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[str], object]) -> str:
+    rec = running(home_dir)
+    if rec:
+        return str(rec["api_url"])
+    old = record(home_dir)
+    if old:  # recorded but not answering: stop whatever of it is left, then start afresh
+        procs.stop(old, "prefect")
+    if not _port_free(port):
+        chosen = _free_port()
+        progress(f"port {port} is in use by another program (not this home's Prefect server);"
+                 f" using 127.0.0.1:{chosen}")  # fmt: skip
+        port = chosen
     log_path = state / "server.log"
+    api_url = f"http://127.0.0.1:{port}/api"
     env = {
         "PREFECT_HOME": str(state),
         "PREFECT_API_URL": api_url,
@@ -43,9 +109,13 @@ def ensure_managed_server(home_dir: str, port: int, progress=print) -> str:  # t
         "PREFECT_SERVER_API_PORT": str(port),
     }
     argv = [_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    progress(f"starting a local Prefect server on 127.0.0.1:{port} (state in {state})")
+    progress(f"starting a local Prefect server on 127.0.0.1:{port} (state in {state}; "
+             "stop it with `aif server stop`)")  # fmt: skip
     rec = procs.start("local Prefect server", argv, log_path, env=env)
-    (state / "server.json").write_text(json.dumps(rec))
+    rec.update(api_url=api_url, port=port, home=str(Path(home_dir).resolve()))
+    tmp = state / f".server.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(rec))
+    tmp.replace(state / "server.json")
     try:
         procs.wait_until("local Prefect server", lambda: healthy(api_url), int(rec["pid"]),
                          log_path, STARTUP_TIMEOUT_S)  # fmt: skip
@@ -55,7 +125,20 @@ def ensure_managed_server(home_dir: str, port: int, progress=print) -> str:  # t
     return api_url
 
 
-def resolve_api_url(api_url: str, home_dir: str, port: int, progress=print) -> str:  # type: ignore[no-untyped-def]
+def stop_managed_server(home_dir: str) -> bool:
+    """Stop this home's server (only the process it recorded); True if one was running."""
+    rec = record(home_dir)
+    if not rec:
+        return False
+    stopped = procs.stop(rec, "prefect")
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir(home_dir) / "server.json").unlink()
+    return stopped
+
+
+def resolve_api_url(
+    api_url: str, home_dir: str, port: int, progress: Callable[[str], object] = print
+) -> str:
     if api_url == "managed":
         return ensure_managed_server(home_dir, port, progress)
     if not healthy(api_url, timeout=5.0):

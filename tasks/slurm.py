@@ -66,7 +66,12 @@ class SlurmClient:
 
     # -- submission ---------------------------------------------------------------------
     def submit(self, script: str, extra_args: Sequence[str] = ()) -> str:
-        out = self.run(["sbatch", "--parsable", *extra_args, script])
+        """sbatch the script with the job's working directory set to the script's folder
+        (given here, as an argument, not in the script: ``#SBATCH`` lines split at spaces,
+        so a run folder such as ``/home/me/my runs/`` could not be written there). The
+        scripts' ``--output`` names are relative to it, so they land beside the script."""
+        chdir = f"--chdir={os.path.dirname(os.path.abspath(script))}"
+        out = self.run(["sbatch", "--parsable", chdir, *extra_args, script])
         line = out.strip().splitlines()[-1] if out.strip() else ""
         m = _JOB_ID.match(line)
         if not m:

@@ -88,9 +88,6 @@ def render_sbatch(
     if payload_args is None:
         payload_args = ["--featureset", featureset_path, "--run-dir", run_dir,
                         "--config", config_path]  # fmt: skip
-    if any(c.isspace() for c in run_dir):
-        raise ConfigError(f"run directory {run_dir!r} contains whitespace: Slurm's --output "
-                          "cannot hold it; choose a runs_dir without spaces")  # fmt: skip
     _check_env(spec.env)
     if distributed(spec) and spec.payload != "tabular":
         raise ConfigError(

@@ -10,9 +10,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.processes import prefect_servers_under
 
 REPO = Path(__file__).resolve().parents[1]
 AIF = str(Path(sys.executable).with_name("aif"))
@@ -26,8 +29,15 @@ def _run(home: Path, *args: str, env: dict[str, str] | None = None) -> subproces
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("aif-home")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh AIF_HOME; its managed Prefect server is stopped when the module ends (issue
+    13: it outlived the suite, and the next `aif run` wrote into its deleted database)."""
+    home = tmp_path_factory.mktemp("aif-home")
+    yield home
+    stop = subprocess.run([AIF, "server", "stop"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AIF_HOME": str(home)})  # fmt: skip
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not prefect_servers_under(home), "the managed Prefect server outlived `aif server stop`"
 
 
 def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:

@@ -113,3 +113,28 @@ def test_contract_fingerprint_ignores_descriptions() -> None:
     assert other.fingerprint() == DC.fingerprint()
     changed = dataclasses.replace(DC, schema=DC.schema.remove(0))
     assert changed.fingerprint() != DC.fingerprint()
+
+
+@pytest.mark.parametrize("above", [".aif/local", ".work/my data", ".local/src/aif ü'q"])
+def test_a_dotted_folder_above_the_data_space_hides_nothing(tmp_path: Path, above: str) -> None:
+    """Issue 13: a data space under ``.aif/`` (the default home) listed nothing. Staging files
+    are told by their own name; the folders above them never hide an object."""
+    root = tmp_path / above / "dataspace" / "trips"
+    url = f"file://{root}"
+    names = generate_mobility(url, {}, seed=7, rows=300, objects=2)
+    (root / ".part-00009.parquet.tmp-1a2b").write_bytes(b"half-written")
+    objs = list_objects(url, {})
+    assert sorted(o.name for o in objs) == sorted(Path(n).name for n in names)
+    assert has_objects(url, {})
+    glob = list_objects(f"{url}/*.parquet", {})
+    assert [o.name for o in glob] == [o.name for o in objs]
+
+
+def test_is_staging_reads_the_own_name_only() -> None:
+    from tasks.lake import _tmp_sibling, is_staging
+
+    assert is_staging(_tmp_sibling("/home/me/.work/aif/lake/objects/x.parquet"))
+    assert is_staging("s3://lake/objects/ds/.abc.parquet.tmp-1")
+    assert not is_staging("/home/me/.work/aif/.aif/lake/objects/ds/abc.parquet")
+    assert not is_staging("s3://.hidden-bucket/a/.b/c.parquet")
+    assert not is_staging("/x/.snapshots/sid/")

@@ -23,8 +23,22 @@ def test_failure_carries_command_code_and_stderr(tmp_path: Path) -> None:
         client.submit("job.sh", ["--account=nosuch"])
     e = err.value
     assert e.returncode == 1 and "Invalid account" in e.stderr
-    assert "sbatch --parsable --account=nosuch job.sh" in str(e)
+    assert "sbatch --parsable --chdir=" in str(e) and "--account=nosuch job.sh" in str(e)
     assert "exit code 1" in str(e) and "\n" not in str(e)
+
+
+def test_submit_runs_the_job_in_the_scripts_folder_even_with_spaces(tmp_path: Path) -> None:
+    """Issue 13: a run folder under a clone whose name has a space was refused (``#SBATCH
+    --output`` cannot hold a space); the working directory is now an sbatch argument and the
+    scripts' output names are relative to it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "sbatch", 'for a in "$@"; do echo "$a"; done > "$(dirname "$0")/argv"; echo 7')
+    run_dir = tmp_path / ".work dir" / "aif 'q ü" / "runs" / "train" / "k"
+    run_dir.mkdir(parents=True)
+    assert SlurmClient(bin_dir=str(bin_dir)).submit(str(run_dir / "train.sbatch")) == "7"
+    argv = (bin_dir / "argv").read_text().splitlines()
+    assert argv == ["--parsable", f"--chdir={run_dir}", str(run_dir / "train.sbatch")]
 
 
 def test_unparsable_job_id_shows_raw_output(tmp_path: Path) -> None:
