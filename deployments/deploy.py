@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from tasks.errors import AifError, ConfigError
-from tasks.promotion import PROMOTED_EVENT
+from aifactory.tasks.errors import AifError, ConfigError
+from aifactory.tasks.promotion import PROMOTED_EVENT
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"

@@ -15,15 +15,15 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import Profile, load_profile
-from tasks.manifests import DataSnapshot
-from tasks.policy import Decision
-from tasks.runtime import artifact_markdown, artifact_table, md_table, stage_logger
+from aifactory.tasks.config import Profile, load_profile
+from aifactory.tasks.manifests import DataSnapshot
+from aifactory.tasks.policy import Decision
+from aifactory.tasks.runtime import artifact_markdown, artifact_table, md_table, stage_logger
 
 
 @task(name="seed-dataspace", cache_policy=NO_CACHE)
 def seed_dataspace(profile: str, dataset: str, overrides: dict[str, Any] | None) -> int:
-    from tasks.generators import seed_entry
+    from aifactory.tasks.generators import seed_entry
 
     cfg = load_profile(profile, overrides)
     entry = cfg.dataset_entry(dataset)
@@ -47,9 +47,9 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
                purpose: str | None = None, quarantine: bool | None = None,
                say: Any = None) -> DataSnapshot:  # fmt: skip
     """Ingest one catalog dataset as the profile configures it (also used by train-lm)."""
-    from tasks.ingest import IngestOptions, audit, ingest
-    from tasks.policy import resolve_secret
-    from tasks.tenancy import check_dataspace_url
+    from aifactory.tasks.ingest import IngestOptions, audit, ingest
+    from aifactory.tasks.policy import resolve_secret
+    from aifactory.tasks.tenancy import check_dataspace_url
 
     say = say or stage_logger("ingest")
     sid, _ = cfg.tenant(startup)

@@ -15,15 +15,21 @@ from typing import Any
 
 from prefect import flow
 
-from flows.ingest import ingest_flow
-from flows.preprocess import preprocess_flow
-from flows.register import register_flow
-from flows.train import train_flow
-from tasks.admission import admit_declaration
-from tasks.config import load_profile
-from tasks.provenance import git_info, now_iso
-from tasks.runtime import artifact_link, artifact_markdown, artifact_table, flow_run_id, md_table
-from tasks.tenancy import check_run
+from aifactory.flows.ingest import ingest_flow
+from aifactory.flows.preprocess import preprocess_flow
+from aifactory.flows.register import register_flow
+from aifactory.flows.train import train_flow
+from aifactory.tasks.admission import admit_declaration
+from aifactory.tasks.config import load_profile
+from aifactory.tasks.provenance import git_info, now_iso
+from aifactory.tasks.runtime import (
+    artifact_link,
+    artifact_markdown,
+    artifact_table,
+    flow_run_id,
+    md_table,
+)
+from aifactory.tasks.tenancy import check_run
 
 
 def _banner(n: int, name: str) -> None:
@@ -71,7 +77,7 @@ def pipeline(
 
     decision = None
     if promote:
-        from tasks.promotion import promote as decide
+        from aifactory.tasks.promotion import promote as decide
 
         decision = decide(cfg.mlflow.tracking_uri, cfg.mlflow.model_name, version=mv.version,
                           spec=cfg.promotion, approved=cfg.declaration_approved)  # fmt: skip
@@ -147,7 +153,7 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
                      decision: Any, rows: list[dict[str, Any]], verdict: str) -> None:  # fmt: skip
     """The operators' view of the run: stages, data, jobs, GPU-hours and cost, the version
     and its promotion, metrics, and links to MLflow and the Dask dashboard."""
-    from tasks.usage import HPC_CPU_RATE, HPC_GPU_RATE, job_hours
+    from aifactory.tasks.usage import HPC_CPU_RATE, HPC_GPU_RATE, job_hours
 
     jobs = list(trained.slurm_job_ids) + list(fset.slurm_job_ids)
     cpu_h = gpu_h = 0.0
@@ -157,7 +163,7 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         and (trained.executor == "slurm" or cfg.dask.kind == "slurm")
         and not (trained.reused and fset.reused)
     ):
-        from tasks.slurm import SlurmClient
+        from aifactory.tasks.slurm import SlurmClient
 
         try:
             cpu_h, gpu_h, states = job_hours(SlurmClient(env=cfg.child_env()), jobs)

@@ -14,14 +14,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import load_profile
-from tasks.dask_cluster import drain_margin_s, open_cluster
-from tasks.features import resolve_config
-from tasks.manifests import DataSnapshot, FeatureSet
-from tasks.preprocess import load_cached, plan, run_preprocess
-from tasks.provenance import key_of
-from tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
-from tasks.slurm import SlurmClient
+from aifactory.tasks.config import load_profile
+from aifactory.tasks.dask_cluster import drain_margin_s, open_cluster
+from aifactory.tasks.features import resolve_config
+from aifactory.tasks.manifests import DataSnapshot, FeatureSet
+from aifactory.tasks.preprocess import load_cached, plan, run_preprocess
+from aifactory.tasks.provenance import key_of
+from aifactory.tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
+from aifactory.tasks.slurm import SlurmClient
 
 
 @task(name="featurise-on-dask", cache_policy=NO_CACHE)

@@ -9,20 +9,25 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import ingest_flow
-from flows.preprocess import preprocess_flow
-from tasks.config import load_profile
-from tasks.errors import ConfigError
-from tasks.manifests import FeatureSet
-from tasks.runtime import artifact_markdown, artifact_table, cancellation_watch, stage_logger
-from tasks.slurm import SlurmClient
+from aifactory.flows.ingest import ingest_flow
+from aifactory.flows.preprocess import preprocess_flow
+from aifactory.tasks.config import load_profile
+from aifactory.tasks.errors import ConfigError
+from aifactory.tasks.manifests import FeatureSet
+from aifactory.tasks.runtime import (
+    artifact_markdown,
+    artifact_table,
+    cancellation_watch,
+    stage_logger,
+)
+from aifactory.tasks.slurm import SlurmClient
 
 
 @task(name="sweep-job-array", cache_policy=NO_CACHE)
 def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
                overrides: dict[str, Any] | None, trials: list[dict[str, Any]],
                max_parallel: int, metric: str) -> dict[str, Any]:  # fmt: skip
-    from tasks.sweep import run_sweep
+    from aifactory.tasks.sweep import run_sweep
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
@@ -30,7 +35,7 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
         raise ConfigError(
             f"profile {cfg.name!r}: sweeps run as Slurm job arrays (training.executor slurm)"
         )
-    from tasks.admission import admit
+    from aifactory.tasks.admission import admit
 
     slurm = SlurmClient(env=cfg.child_env())
     say = stage_logger("sweep")
@@ -46,8 +51,8 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
                overrides: dict[str, Any] | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
                metric: str = "val_rmse") -> dict[str, Any]:  # fmt: skip
-    from tasks.admission import admit_declaration
-    from tasks.tenancy import check_run
+    from aifactory.tasks.admission import admit_declaration
+    from aifactory.tasks.tenancy import check_run
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.startup(startup)

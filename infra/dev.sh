@@ -3,6 +3,7 @@
 #   infra/dev.sh run    install everything, run the whole pipeline on profile "local"
 #   infra/dev.sh test   install everything, bring up the local site, run the whole test suite
 #   infra/dev.sh setup  only install (Python venv in .venv; Debian packages for the site)
+#   infra/dev.sh lint   ruff and mypy, as `test` runs them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -37,12 +38,28 @@ setup_site_packages() {
   fi
 }
 
+typecheck() {
+  # The folders are installed as one package, aifactory.{tasks,flows,infra,deployments}
+  # (pyproject.toml's package-dir). mypy cannot follow that mapping, so it reads the same
+  # files through a tree of links that has the installed shape.
+  local tree=.aif/typecheck
+  rm -rf "$tree" && mkdir -p "$tree/aifactory"
+  for d in tasks flows infra deployments; do ln -s "$PWD/$d" "$tree/aifactory/$d"; done
+  MYPYPATH="$tree" "$VENV/bin/mypy" --ignore-missing-imports \
+    -p aifactory.tasks -p aifactory.flows -p aifactory.infra -p aifactory.deployments
+}
+
 cmd="${1:-run}"
 shift || true
 case "$cmd" in
   setup)
     setup_python
     setup_site_packages
+    ;;
+  lint)
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    typecheck
     ;;
   run)
     setup_python
@@ -52,14 +69,14 @@ case "$cmd" in
     setup_python
     setup_site_packages
     "$VENV/bin/ruff" check .
-    "$VENV/bin/mypy" --ignore-missing-imports flows tasks infra deployments
+    typecheck
     # Set before `site up`: a part that fails to start must not leave the others running.
     trap '"$VENV/bin/aif" site down || true' EXIT
     "$VENV/bin/aif" site up
     "$VENV/bin/python" -m pytest --site -q "$@"
     ;;
   *)
-    echo "usage: infra/dev.sh run|test|setup [args]" >&2
+    echo "usage: infra/dev.sh run|test|setup|lint [args]" >&2
     exit 2
     ;;
 esac

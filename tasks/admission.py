@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import AifError
+from aifactory.tasks.errors import AifError
 
 
 class AdmissionError(AifError):
@@ -50,7 +50,7 @@ def admit(startup_id: str, st: Any, spec: Any, slurm: Any | None, jobs: int = 1)
     budget = st.gpu_hours_budget
     if budget is None or slurm is None or spec.gpus_per_node == 0:
         return admitted
-    from tasks.usage import collect
+    from aifactory.tasks.usage import collect
 
     used = sum(u.gpu_hours for u in collect(slurm, st.budget_since, [st.account]))
     requested = requested_gpu_hours(spec, jobs)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from aifactory.tasks.errors import ConfigError
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "infra" / "catalog" / "catalog.yaml"
 
@@ -162,7 +162,7 @@ class DatasetEntry(_Model):
         return self
 
     def contract(self) -> Any:
-        from tasks.dataspace import DatasetContract
+        from aifactory.tasks.dataspace import DatasetContract
 
         return DatasetContract(
             name=self.id,

@@ -15,8 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import AifError, ConfigError
-from tasks.tenancy import check_run
+from aifactory.tasks.errors import AifError, ConfigError
+from aifactory.tasks.tenancy import check_run
 
 DEFAULT_SITE_DIR = ".aif/site"
 
@@ -54,7 +54,7 @@ def _quiet_prefect_console(verbose: bool) -> None:
 def _use_prefect(cfg: Any, verbose: bool) -> str:
     """Point this process at the profile's Prefect API (starting the managed local server
     if the profile says so) and keep Prefect's console logs quiet; return the API URL."""
-    from tasks.prefect_server import resolve_api_url
+    from aifactory.tasks.prefect_server import resolve_api_url
 
     api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
     os.environ["PREFECT_API_URL"] = api_url
@@ -63,7 +63,7 @@ def _use_prefect(cfg: Any, verbose: bool) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import load_profile
+    from aifactory.tasks.config import load_profile
 
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"aif run: profile {cfg.name}, start-up {sid} (account {st.account}), Prefect {ui}",
           flush=True)  # fmt: skip
 
-    from flows.pipeline import pipeline
+    from aifactory.flows.pipeline import pipeline
 
     state = pipeline(
         profile=args.profile or cfg.name,
@@ -96,14 +96,14 @@ def dry_run(cfg: Any, sid: str) -> int:
     """Print what a run would submit (resolved config, job scripts); submit nothing."""
     import json
 
-    from tasks.dask_cluster import render_worker_script
-    from tasks.training import render_sbatch
+    from aifactory.tasks.dask_cluster import render_worker_script
+    from aifactory.tasks.training import render_sbatch
 
     _, st = cfg.startup(sid)
     print("# resolved profile (secrets masked)")
     print(json.dumps(cfg.public_dict(), indent=2))
     if cfg.dask.kind == "slurm" and cfg.dask.scheduler == "allocation":
-        from tasks.dask_allocation import render_allocation_script
+        from aifactory.tasks.dask_allocation import render_allocation_script
 
         print("\n# Dask allocation job script (scheduler and workers in one Slurm job)")
         print(render_allocation_script(cfg.dask, st.account, "aif-dask-<featureset>",
@@ -125,8 +125,8 @@ def dry_run(cfg: Any, sid: str) -> int:
 
 
 def cmd_train_lm(args: argparse.Namespace) -> int:
-    from tasks.config import load_profile
-    from tasks.lm_run import run_lm
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.lm_run import run_lm
 
     cfg = load_profile(args.profile)
     cfg.tenant(args.startup)  # isolation.*; run_ingest checks the --data URL
@@ -142,8 +142,8 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from deployments.deploy import deploy_all, ensure_automations, webhook_url
-    from tasks.config import load_profile
+    from aifactory.deployments.deploy import deploy_all, ensure_automations, webhook_url
+    from aifactory.tasks.config import load_profile
 
     cfg = load_profile(args.profile or "site")
     api_url = _use_prefect(cfg, args.verbose)
@@ -166,9 +166,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.config import load_profile
-    from tasks.slurm import SlurmClient
-    from tasks.usage import collect, owners, priced_rows
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.usage import collect, owners, priced_rows
 
     cfg = load_profile(args.profile)
     # The project of each account comes from the profile's start-ups.
@@ -205,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Ingest one catalog dataset into a lake snapshot (the pipeline's first stage alone)."""
-    from tasks.config import load_profile
+    from aifactory.tasks.config import load_profile
 
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
@@ -213,7 +213,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
     check_run(cfg, sid)  # isolation.* (exit 6)
     api_url = _use_prefect(cfg, args.verbose)
-    from flows.ingest import ingest_flow
+    from aifactory.flows.ingest import ingest_flow
 
     state = ingest_flow(profile=args.profile or cfg.name, startup=sid,
                         overrides=overrides or None, return_state=True)  # fmt: skip
@@ -227,7 +227,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from tasks.catalog import catalog_at, load_catalog
+    from aifactory.tasks.catalog import catalog_at, load_catalog
 
     if args.action == "validate":
         if not args.arg:
@@ -238,7 +238,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         return 0
     path = args.catalog
     if path is None and args.profile:
-        from tasks.config import load_profile
+        from aifactory.tasks.config import load_profile
 
         path = load_profile(args.profile).dataspace.catalog
     cat = catalog_at(path)
@@ -260,11 +260,11 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A hyperparameter search as one Slurm job array; prints the best trial."""
-    from tasks.config import load_profile
-    from tasks.sweep import grid_trials, parse_value, random_trials
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
-    from tasks.admission import admit_declaration
+    from aifactory.tasks.admission import admit_declaration
 
     cfg = load_profile(args.profile or "site", overrides)
     sid, st = cfg.startup(args.startup)
@@ -290,7 +290,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not trials:
         raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
     _use_prefect(cfg, args.verbose)
-    from flows.sweep import sweep_flow
+    from aifactory.flows.sweep import sweep_flow
 
     record = sweep_flow(
         profile=args.profile or "site", startup=sid, overrides=overrides or None,
@@ -305,8 +305,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild a registered model from its record; MATCH when the weights are identical."""
-    from tasks.config import load_profile
-    from tasks.replay import replay
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.replay import replay
 
     cfg = load_profile(args.profile)
     result = replay(args.uri, cfg, allow_dirty=args.allow_dirty,
@@ -316,8 +316,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from tasks.config import load_profile
-    from tasks.ingest import list_snapshots, load_snapshot
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.ingest import list_snapshots, load_snapshot
 
     cfg = load_profile(args.profile)
     dataset = args.dataset or cfg.dataspace.dataset
@@ -341,8 +341,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from tasks.config import load_profile
-    from tasks.promotion import promote, rollback
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.promotion import promote, rollback
 
     cfg = load_profile(args.profile)
     name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
@@ -368,7 +368,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from infra.site import manager
+    from aifactory.infra.site import manager
 
     site_dir = _site_dir(args.dir)
     if args.action == "up":
@@ -392,8 +392,8 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """The local Prefect server this home manages (profile ``prefect.api_url: managed``)."""
-    from tasks import prefect_server as ps
-    from tasks.config import load_profile
+    from aifactory.tasks import prefect_server as ps
+    from aifactory.tasks.config import load_profile
 
     cfg = load_profile(args.profile)
     if cfg.prefect.api_url != "managed":
@@ -426,7 +426,7 @@ def _print_parts(parts: list[Any]) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from tasks.config import load_profile
+    from aifactory.tasks.config import load_profile
 
     cfg = load_profile(args.profile)
     if args.action == "show":
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the profile's promotion.margin)")  # fmt: skip
     md.set_defaults(func=cmd_model)
 
-    from tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
+    from aifactory.tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
 
     rp = sub.add_parser("report", help="reports from Slurm accounting")
     rp.add_argument("what", choices=["usage"])

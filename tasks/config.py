@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import ConfigError
+from aifactory.tasks.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "profiles"
 # ${VAR} or ${VAR:-default}; defaults may nest (innermost first).
@@ -321,7 +321,7 @@ class Profile(_Model):
 
     @model_validator(mode="after")
     def _features_valid(self) -> Profile:
-        from tasks.features import resolve_config
+        from aifactory.tasks.features import resolve_config
 
         resolve_config(self.features)  # raises ConfigError naming the key
         return self
@@ -349,7 +349,7 @@ class Profile(_Model):
 
     def dataset_entry(self, dataset: str | None = None) -> Any:
         """The catalog entry of ``dataset`` (default: dataspace.dataset)."""
-        from tasks.catalog import catalog_at
+        from aifactory.tasks.catalog import catalog_at
 
         where = f"profile {self.name!r}: catalog {self.dataspace.catalog or 'default'}"
         return catalog_at(self.dataspace.catalog).get(dataset or self.dataspace.dataset, where)
@@ -357,7 +357,7 @@ class Profile(_Model):
     def dataset_url(self, entry: Any) -> str:
         """Where ``entry``'s objects are: dataspace.url for the profile's own dataset, else
         the catalog distribution under dataspace.root."""
-        from tasks.catalog import resolve_distribution
+        from aifactory.tasks.catalog import resolve_distribution
 
         if self.dataspace.url and entry.id == self.dataspace.dataset:
             return self.dataspace.url
@@ -372,7 +372,7 @@ class Profile(_Model):
     def tenant(self, startup_id: str | None) -> tuple[str, Startup]:
         """The start-up of a run, after the isolation rules (tasks/tenancy.py: its own lake
         prefix and Slurm account); raises TenancyError (exit 6)."""
-        from tasks.tenancy import check_isolation
+        from aifactory.tasks.tenancy import check_isolation
 
         sid, st = self.startup(startup_id)
         check_isolation(self, sid)
@@ -381,7 +381,7 @@ class Profile(_Model):
     def lake_url_for(self, startup_id: str | None) -> str:
         """The lake of a start-up's runs: ``<lake.url>/<s3_prefix>`` (``lake.url`` when the
         start-up has no prefix), after the isolation rules."""
-        from tasks.tenancy import tenant_lake_url
+        from aifactory.tasks.tenancy import tenant_lake_url
 
         _, st = self.tenant(startup_id)
         return tenant_lake_url(self.lake.url, st)

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DaskSpec
-from tasks.dask_cluster import WORKER_START_TIMEOUT_S, ClusterInfo, job_prologue
-from tasks.errors import SlurmError
-from tasks.slurm import SlurmClient
+from aifactory.tasks.config import DaskSpec
+from aifactory.tasks.dask_cluster import WORKER_START_TIMEOUT_S, ClusterInfo, job_prologue
+from aifactory.tasks.errors import SlurmError
+from aifactory.tasks.slurm import SlurmClient
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "dask-allocation.sbatch"
 
@@ -34,7 +34,7 @@ def _mb(memory: str) -> int:
 def render_allocation_script(
     spec: DaskSpec, account: str, job_name: str, scheduler_file: str, log_dir: str
 ) -> str:
-    from tasks.training import fill_template
+    from aifactory.tasks.training import fill_template
 
     per_proc_cores = max(1, spec.cores // spec.processes)
     directives = list(spec.job_extra_directives) + ([f"--qos={spec.qos}"] if spec.qos else [])

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DaskSpec
-from tasks.dask_dispatch import slurm_end_times
-from tasks.errors import AifError, SlurmError
-from tasks.slurm import SlurmClient
+from aifactory.tasks.config import DaskSpec
+from aifactory.tasks.dask_dispatch import slurm_end_times
+from aifactory.tasks.errors import AifError, SlurmError
+from aifactory.tasks.slurm import SlurmClient
 
 WORKER_START_TIMEOUT_S = 180.0
 
@@ -189,7 +189,7 @@ def open_cluster(
     if slurm is None:
         raise AifError("a Slurm Dask cluster needs a Slurm client")
     if spec.scheduler == "allocation":
-        from tasks.dask_allocation import allocation_cluster
+        from aifactory.tasks.dask_allocation import allocation_cluster
 
         if not log_dir:
             raise AifError("dask.scheduler allocation needs a directory on the shared filesystem")

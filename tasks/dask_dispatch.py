@@ -28,7 +28,7 @@ from datetime import datetime
 from math import inf
 from typing import Any
 
-from tasks.errors import AifError
+from aifactory.tasks.errors import AifError
 
 HEADROOM = 1.5  # a partition may take this much longer than the slowest seen so far
 QUEUED = 2  # partitions handed to a worker thread at once: the running one and the next

@@ -14,7 +14,7 @@ multiplicative noise and occasional unobservable delays (incidents), so a small 
 an R² of about 0.85. A few rows carry data-quality problems (negative durations, zero
 distances) for the cleaning step to drop and count.
 
-    python -m tasks.datagen file:///tmp/trips --rows 100000 --objects 4 --seed 7
+    python -m aifactory.tasks.datagen file:///tmp/trips --rows 100000 --objects 4 --seed 7
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.dataspace import MOBILITY_SCHEMA, check_store, storage_error
-from tasks.errors import AifError, ConfigError
-from tasks.lake import staged_file
+from aifactory.tasks.dataspace import MOBILITY_SCHEMA, check_store, storage_error
+from aifactory.tasks.errors import AifError, ConfigError
+from aifactory.tasks.lake import staged_file
 
 __all__ = ["MOBILITY_SCHEMA", "generate_mobility", "main", "trips_chunk"]
 
@@ -195,7 +195,7 @@ def generate_mobility(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tasks.datagen",
+        prog="python -m aifactory.tasks.datagen",
         description="Write the deterministic mobility-trips dataset under an fsspec URL.",
     )
     p.add_argument("url", help="file:///path or s3://bucket/prefix")

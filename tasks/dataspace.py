@@ -22,8 +22,8 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from tasks.errors import ConfigError, DataError, StorageError
-from tasks.lake import is_staging
+from aifactory.tasks.errors import ConfigError, DataError, StorageError
+from aifactory.tasks.lake import is_staging
 
 MOBILITY_SCHEMA = pa.schema(
     [
@@ -85,7 +85,7 @@ class DatasetContract:
 
 def contract(name: str, catalog_path: str | None = None) -> DatasetContract:
     """The contract of catalog dataset ``name`` (default: the shipped catalog)."""
-    from tasks.catalog import catalog_at
+    from aifactory.tasks.catalog import catalog_at
 
     try:
         return catalog_at(catalog_path).get(name).contract()  # type: ignore[no-any-return]

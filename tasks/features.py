@@ -54,7 +54,7 @@ def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
     Only cleaning ranges, split percentages, categorical vocabularies, fill values and the
     zone count are configurable; anything else is refused naming the key.
     """
-    from tasks.errors import ConfigError
+    from aifactory.tasks.errors import ConfigError
 
     cfg = json.loads(json.dumps(DEFAULT_FEATURE_CONFIG))
     for key, value in (overrides or {}).items():
@@ -192,7 +192,7 @@ def transform(
 
 def _write_parquet(fs: Any, path: str, table: pa.Table) -> str:
     """Serialise in memory, then commit the whole file atomically; return its sha256."""
-    from tasks.lake import atomic_write_bytes
+    from aifactory.tasks.lake import atomic_write_bytes
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=True)

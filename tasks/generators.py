@@ -9,7 +9,7 @@ The same (seed, rows, objects) give byte-identical objects: every chunk of rows 
 from its own random stream derived from (seed, object, first row) and nothing depends on
 the clock. Objects are staged and committed in one step (rename, or one PUT).
 
-    python -m tasks.generators health file:///tmp/health --rows 10000 --objects 2
+    python -m aifactory.tasks.generators health file:///tmp/health --rows 10000 --objects 2
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from tasks.catalog import DatasetEntry, resolve_distribution
-from tasks.dataspace import check_store, glob_base, has_objects, storage_error
-from tasks.errors import AifError, ConfigError
-from tasks.lake import staged_file
+from aifactory.tasks.catalog import DatasetEntry, resolve_distribution
+from aifactory.tasks.dataspace import check_store, glob_base, has_objects, storage_error
+from aifactory.tasks.errors import AifError, ConfigError
+from aifactory.tasks.lake import staged_file
 
 CHUNK = 20_000
 US = 1_000_000
@@ -226,8 +226,8 @@ def generate_agriculture(url: str, storage_options: dict[str, Any] | None = None
 
 
 def _generators() -> dict[str, Callable[..., list[str]]]:
-    from tasks.datagen import generate_mobility
-    from tasks.textgen import generate_reviews
+    from aifactory.tasks.datagen import generate_mobility
+    from aifactory.tasks.textgen import generate_reviews
 
     return {
         "mobility": generate_mobility,
@@ -255,10 +255,10 @@ def seed_entry(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.catalog import catalog_at
+    from aifactory.tasks.catalog import catalog_at
 
     p = argparse.ArgumentParser(
-        prog="python -m tasks.generators", description=__doc__.splitlines()[0]
+        prog="python -m aifactory.tasks.generators", description=__doc__.splitlines()[0]
     )
     p.add_argument("dataset", help="catalog dataset id, or generator name")
     p.add_argument("url", nargs="?", help="fsspec URL (default: the catalog's, under --root)")

@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.catalog import EXTENSIONS, DatasetEntry, catalog_at
-from tasks.dataspace import (
+from aifactory.tasks.catalog import EXTENSIONS, DatasetEntry, catalog_at
+from aifactory.tasks.dataspace import (
     DatasetContract,
     SourceObject,
     check_store,
@@ -61,9 +61,9 @@ from tasks.dataspace import (
     stat_object,
     storage_error,
 )
-from tasks.errors import AifError, DataError, StorageError
-from tasks.formats import READERS, ObjectBad, Problem, short
-from tasks.lake import (
+from aifactory.tasks.errors import AifError, DataError, StorageError
+from aifactory.tasks.formats import READERS, ObjectBad, Problem, short
+from aifactory.tasks.lake import (
     atomic_write_bytes,
     exists,
     is_staging,
@@ -73,8 +73,8 @@ from tasks.lake import (
     staged_file,
     write_json_atomic,
 )
-from tasks.manifests import DataSnapshot, ObjectRecord, QuarantineRecord
-from tasks.policy import (
+from aifactory.tasks.manifests import DataSnapshot, ObjectRecord, QuarantineRecord
+from aifactory.tasks.policy import (
     Decision,
     PolicyError,
     enforce,
@@ -82,7 +82,7 @@ from tasks.policy import (
     key_fingerprint,
     pseudonymise_batch,
 )
-from tasks.provenance import now_iso
+from aifactory.tasks.provenance import now_iso
 
 LAKE_FORMAT = "aif-lake-v2"  # bump when the lake bytes for the same input would change
 # Lake row groups: batches are gathered up to this many rows (bounded memory per worker).

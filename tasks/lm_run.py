@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Profile
-from tasks.errors import TrainingError
-from tasks.lake import write_text_local
-from tasks.provenance import key_of
-from tasks.slurm import SlurmClient
-from tasks.training import render_sbatch, run_local, submit_and_watch
+from aifactory.tasks.config import Profile
+from aifactory.tasks.errors import TrainingError
+from aifactory.tasks.lake import write_text_local
+from aifactory.tasks.provenance import key_of
+from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.training import render_sbatch, run_local, submit_and_watch
 
 DATASET = "tourism-reviews"
 PURPOSE = "language-modelling"
@@ -30,8 +30,8 @@ def run_lm(
     cfg: Profile, *, startup: str | None, data_url: str | None, steps: int,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    from flows.ingest import run_ingest
-    from tasks.generators import seed_entry
+    from aifactory.flows.ingest import run_ingest
+    from aifactory.tasks.generators import seed_entry
 
     sid, st = cfg.startup(startup)
     ds = cfg.dataspace.model_copy(update={"dataset": DATASET, "url": data_url})
@@ -68,7 +68,7 @@ def run_lm(
                                         spec.poll_seconds)  # fmt: skip
         job_ids.append(job_id)
     else:
-        cmd = [sys.executable, "-m", "tasks.payloads.train_lm", *args]
+        cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", *args]
         run_local(cmd, str(run_dir), cfg.child_env(), log)
     if not metrics_path.exists():
         raise TrainingError(f"language-model run in {run_dir} ended without metrics.json")

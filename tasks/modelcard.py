@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.manifests import DataSnapshot, FeatureSet, TrainedModel
+from aifactory.tasks.manifests import DataSnapshot, FeatureSet, TrainedModel
 
 WFRUN = "https://w3id.org/ro/wfrun"
 
@@ -285,7 +285,7 @@ def write_documents(folder: Any, docs: dict[str, str | dict[str, Any]]) -> list[
     """Write the documents into ``folder`` (atomic each); return their paths."""
     from pathlib import Path
 
-    from tasks.lake import write_text_local
+    from aifactory.tasks.lake import write_text_local
 
     out = []
     for name, body in docs.items():

@@ -30,8 +30,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.catalog import DatasetEntry
-from tasks.errors import AifError, ConfigError
+from aifactory.tasks.catalog import DatasetEntry
+from aifactory.tasks.errors import AifError, ConfigError
 
 
 class PolicyError(AifError):

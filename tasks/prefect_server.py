@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infra.site import procs
-from tasks.errors import SiteError
+from aifactory.infra.site import procs
+from aifactory.tasks.errors import SiteError
 
 STARTUP_TIMEOUT_S = 240.0
 STATE = "prefect-local"

@@ -10,12 +10,12 @@ from typing import Any
 
 import fsspec
 
-from tasks import features as F
-from tasks.dask_dispatch import dispatch
-from tasks.errors import AifError, DataError
-from tasks.lake import read_json, write_json_atomic
-from tasks.manifests import DataSnapshot, FeatureSet, SplitFiles
-from tasks.provenance import now_iso
+from aifactory.tasks import features as F
+from aifactory.tasks.dask_dispatch import dispatch
+from aifactory.tasks.errors import AifError, DataError
+from aifactory.tasks.lake import read_json, write_json_atomic
+from aifactory.tasks.manifests import DataSnapshot, FeatureSet, SplitFiles
+from aifactory.tasks.provenance import now_iso
 
 
 def featureset_url(lake_url: str, fs_id: str) -> str:
@@ -31,7 +31,7 @@ def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> F
 
 
 def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[str, dict]:
-    from tasks.provenance import code_hash
+    from aifactory.tasks.provenance import code_hash
 
     cfg = json.loads(json.dumps(config or F.DEFAULT_FEATURE_CONFIG))
     return F.featureset_id(snapshot.content_hash(), cfg, code_hash("preprocess")), cfg

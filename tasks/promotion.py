@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.errors import AifError
-from tasks.provenance import now_iso
+from aifactory.tasks.errors import AifError
+from aifactory.tasks.provenance import now_iso
 
 
 class PromotionError(AifError):
@@ -108,7 +108,7 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: A
             approved: Callable[[str], bool] | None = None) -> Decision:  # fmt: skip
     """Decide and record; ``approved(startup)`` says whether a start-up's responsible-AI
     declaration is approved (from the profile)."""
-    from tasks.config import PromotionSpec
+    from aifactory.tasks.config import PromotionSpec
 
     spec = spec or PromotionSpec()
     metric, margin = spec.metric, spec.margin

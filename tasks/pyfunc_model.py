@@ -15,7 +15,7 @@ from mlflow.pyfunc import PythonModel
 
 class TabularPyfunc(PythonModel):
     def load_context(self, context):  # type: ignore[no-untyped-def]
-        from tasks.payloads.tabular_model import load_model
+        from aifactory.tasks.payloads.tabular_model import load_model
 
         self.module, self.meta = load_model(context.artifacts["model"])
         with open(context.artifacts["feature_config"]) as fh:
@@ -23,8 +23,8 @@ class TabularPyfunc(PythonModel):
 
     # No type hints on predict: MLflow would try to derive a schema from them.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        from tasks.features import transform
-        from tasks.payloads.tabular_model import predict
+        from aifactory.tasks.features import transform
+        from aifactory.tasks.payloads.tabular_model import predict
 
         df = pd.DataFrame(model_input)
         cols = list(self.meta["feature_columns"])

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import AifError
-from tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
-from tasks.provenance import key_of, now_iso
+from aifactory.tasks.errors import AifError
+from aifactory.tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
+from aifactory.tasks.provenance import key_of, now_iso
 
 FINGERPRINT_TAG = "aif.fingerprint"
 PIP_REQUIREMENTS = ["torch==2.13.0", "pandas", "numpy", "pyarrow", "aifactory"]
@@ -83,7 +83,7 @@ def register_model(
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
-    from tasks.pyfunc_model import TabularPyfunc
+    from aifactory.tasks.pyfunc_model import TabularPyfunc
 
     _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Profile
-from tasks.errors import AifError, ConfigError
+from aifactory.tasks.config import Profile
+from aifactory.tasks.errors import AifError, ConfigError
 
 
 class ReplayRefused(AifError):
@@ -68,7 +68,7 @@ def _download_json(client: Any, run_id: str, path: str) -> Any:
 def _software() -> dict[str, Any]:
     """This interpreter's Python and packages, as the training payload records them (the
     same function: the record and the check cannot drift apart)."""
-    from tasks.payloads.train_tabular import environment
+    from aifactory.tasks.payloads.train_tabular import environment
 
     env = environment("cpu")
     return {"python": env["python"], "packages": env["packages"]}
@@ -94,15 +94,15 @@ def check_data(snap: Any, recorded_hash: str, storage_options_src: dict[str, Any
     """The snapshot manifest, the data-space objects and the lake copies, as recorded."""
     import fsspec
 
-    from tasks.dataspace import filesystem, stat_object
-    from tasks.lake import sha256_of
+    from aifactory.tasks.dataspace import filesystem, stat_object
+    from aifactory.tasks.lake import sha256_of
 
     out = []
     if snap.content_hash() != recorded_hash:
         out.append(f"data: snapshot {snap.snapshot_id} manifest hash {snap.content_hash()[:16]} "
                    f"is not the recorded {recorded_hash[:16]}")  # fmt: skip
     src_fs, _ = filesystem(snap.source_url.split("*")[0], storage_options_src)
-    from tasks.dataspace import SourceObject
+    from aifactory.tasks.dataspace import SourceObject
 
     for o in snap.objects:
         url = o.key if "://" in o.key else f"{snap.source_url.split('://')[0]}://{o.key}"
@@ -155,14 +155,14 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import DaskSpec, TrainingSpec
-    from tasks.dask_cluster import drain_margin_s, open_cluster
-    from tasks.ingest import load_snapshot
-    from tasks.preprocess import run_preprocess
-    from tasks.provenance import git_info, key_of
-    from tasks.registry import _check_reachable
-    from tasks.slurm import SlurmClient
-    from tasks.training import train
+    from aifactory.tasks.config import DaskSpec, TrainingSpec
+    from aifactory.tasks.dask_cluster import drain_margin_s, open_cluster
+    from aifactory.tasks.ingest import load_snapshot
+    from aifactory.tasks.preprocess import run_preprocess
+    from aifactory.tasks.provenance import git_info, key_of
+    from aifactory.tasks.registry import _check_reachable
+    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.training import train
 
     name, version = parse_uri(uri)
     _check_reachable(cfg.mlflow.tracking_uri)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tasks.errors import SlurmCommandError, SlurmError
+from aifactory.tasks.errors import SlurmCommandError, SlurmError
 
 # States in which a job is still alive (squeue's long names).
 ACTIVE_STATES = {

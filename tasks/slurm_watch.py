@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from tasks.errors import SlurmCommandError, TrainingError
-from tasks.slurm import TERMINAL_STATES, SlurmClient
+from aifactory.tasks.errors import SlurmCommandError, TrainingError
+from aifactory.tasks.slurm import TERMINAL_STATES, SlurmClient
 
 TAIL_LINES = 8
 UNKNOWN_GRACE_S = 120.0

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.config import TrainingSpec
-from tasks.errors import ConfigError, TrainingError
-from tasks.lake import write_text_local
-from tasks.manifests import FeatureSet
-from tasks.provenance import key_of
-from tasks.slurm import TERMINAL_STATES, SlurmClient
-from tasks.training import HYPERPARAMS, _launcher, fill_template, job_values
+from aifactory.tasks.config import TrainingSpec
+from aifactory.tasks.errors import ConfigError, TrainingError
+from aifactory.tasks.lake import write_text_local
+from aifactory.tasks.manifests import FeatureSet
+from aifactory.tasks.provenance import key_of
+from aifactory.tasks.slurm import TERMINAL_STATES, SlurmClient
+from aifactory.tasks.training import HYPERPARAMS, _launcher, fill_template, job_values
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "sweep.sbatch"
 TUNABLE = ("lr", "batch_size", "hidden", "epochs", "seed")

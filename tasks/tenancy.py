@@ -30,7 +30,7 @@ import posixpath
 import re
 from typing import Any
 
-from tasks.errors import TenancyError
+from aifactory.tasks.errors import TenancyError
 
 _GLOB = re.compile(r"[*?\[]")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")

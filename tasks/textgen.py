@@ -3,7 +3,7 @@
 The corpus of the reference language-model payload. Same (seed, rows, objects) give
 byte-identical objects.
 
-    python -m tasks.textgen file:///tmp/reviews --rows 20000 --objects 2
+    python -m aifactory.tasks.textgen file:///tmp/reviews --rows 20000 --objects 2
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.dataspace import REVIEW_SCHEMA
-from tasks.lake import atomic_write_bytes
+from aifactory.tasks.dataspace import REVIEW_SCHEMA
+from aifactory.tasks.lake import atomic_write_bytes
 
 PLACES = ["the old harbour", "the cathedral", "the alpine hut", "the vineyard",
           "the museum", "the lakeside campsite", "the castle", "the night market",

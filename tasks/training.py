@@ -21,13 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import TrainingSpec
-from tasks.errors import ConfigError, TrainingError
-from tasks.lake import write_text_local
-from tasks.manifests import FeatureSet, TrainedModel
-from tasks.provenance import environment_hash, now_iso
-from tasks.slurm import SlurmClient
-from tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch
+from aifactory.tasks.config import TrainingSpec
+from aifactory.tasks.errors import ConfigError, TrainingError
+from aifactory.tasks.lake import write_text_local
+from aifactory.tasks.manifests import FeatureSet, TrainedModel
+from aifactory.tasks.provenance import environment_hash, now_iso
+from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "train.sbatch"
 PAYLOADS = {"tabular": "train_tabular", "lm": "train_lm"}
@@ -146,7 +146,7 @@ def _signal_spec(spec: TrainingSpec) -> str:
 
 
 def _exec_lines(spec: TrainingSpec, run_dir: str, python: str, payload_args: list[str]) -> str:
-    module = f"tasks.payloads.{PAYLOADS[spec.payload]}"
+    module = f"aifactory.tasks.payloads.{PAYLOADS[spec.payload]}"
     args = " ".join(shlex.quote(a) for a in payload_args)
     py = shlex.quote(python)
     if not distributed(spec):
@@ -178,7 +178,7 @@ def _launcher(spec: TrainingSpec, run_dir: str) -> str:
 def payload_command(
     spec: TrainingSpec, python: str, featureset_path: str, run_dir: str, config_path: str
 ) -> list[str]:
-    module = f"tasks.payloads.{PAYLOADS[spec.payload]}"
+    module = f"aifactory.tasks.payloads.{PAYLOADS[spec.payload]}"
     return [python, "-m", module, "--featureset", featureset_path, "--run-dir", run_dir,
             "--config", config_path]  # fmt: skip
 

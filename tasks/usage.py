@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.slurm import SlurmClient
+from aifactory.tasks.slurm import SlurmClient
 
 # Illustrative defaults (EUR per hour); pass your contract's rates on the command line.
 HPC_GPU_RATE = 1.20

@@ -1,4 +1,4 @@
-"""``python -m infra.site up|status|env|down [--dir D]``: the site manager without the CLI."""
+"""``python -m aifactory.infra.site up|status|env|down [--dir D]``: the site without the CLI."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from infra.site import manager
-from tasks.errors import AifError
+from aifactory.infra.site import manager
+from aifactory.tasks.errors import AifError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m infra.site", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m aifactory.infra.site", description=__doc__)
     ap.add_argument("action", choices=("up", "status", "env", "down"))
     ap.add_argument("--dir", default=".aif/site", help="site directory (default .aif/site)")
     args = ap.parse_args(argv)

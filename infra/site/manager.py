@@ -18,10 +18,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from infra.site import procs, services
-from infra.site import slurm_parts as sp
-from infra.site.layout import REGION, S3_KEY, S3_SECRET, Site
-from tasks.errors import SiteError
+from aifactory.infra.site import procs, services
+from aifactory.infra.site import slurm_parts as sp
+from aifactory.infra.site.layout import REGION, S3_KEY, S3_SECRET, Site
+from aifactory.tasks.errors import SiteError
 
 Progress = Callable[[str], None]
 

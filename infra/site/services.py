@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.site import procs
-from infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
-from tasks.errors import SiteError
+from aifactory.infra.site import procs
+from aifactory.infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
+from aifactory.tasks.errors import SiteError
 
 DATASPACE_ROOT = "s3://aif-dataspace"
 
@@ -57,9 +57,9 @@ def ensure_buckets(site: Site) -> None:
 def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
     """Fill the data-space bucket with every catalog dataset that has a generator and is
     missing (mobility trips, tourism reviews, health admissions, agriculture readings)."""
-    from tasks.catalog import catalog_at, resolve_distribution
-    from tasks.dataspace import glob_base
-    from tasks.generators import seed_entry
+    from aifactory.tasks.catalog import catalog_at, resolve_distribution
+    from aifactory.tasks.dataspace import glob_base
+    from aifactory.tasks.generators import seed_entry
 
     client = _s3_client(site)
     for entry in catalog_at().datasets:

@@ -1,6 +1,6 @@
 """Reference payload 2: a small causal language model (generative AI) on data-space text.
 
-    python -m tasks.payloads.train_lm --data URL[,URL...] --run-dir DIR --config CFG.json
+    python -m aifactory.tasks.payloads.train_lm --data URL[,URL...] --run-dir DIR --config CFG.json
 
 A byte-level decoder-only transformer (a few layers), trained with next-token prediction.
 On a GPU it runs under bf16 autocast; on a CPU the same code runs in float32 with the small
@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from tasks.payloads.stall import stall_fraction, synthetic_seconds
-from tasks.payloads.tabular_model import state_dict_sha256
-from tasks.payloads.train_tabular import (
+from aifactory.tasks.payloads.stall import stall_fraction, synthetic_seconds
+from aifactory.tasks.payloads.tabular_model import state_dict_sha256
+from aifactory.tasks.payloads.train_tabular import (
     EXIT_REQUEUE,
     _on_signal,
     _stop,

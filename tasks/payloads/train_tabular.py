@@ -1,6 +1,7 @@
 """Reference payload: train the tabular MLP on a FeatureSet. Runs inside a Slurm job.
 
-    python -m tasks.payloads.train_tabular --featureset FS.json --run-dir DIR --config CFG.json
+    python -m aifactory.tasks.payloads.train_tabular \
+        --featureset FS.json --run-dir DIR --config CFG.json
 
 The payload contract (follow it in your own trainers):
 - Read inputs from the lake, write outputs only into the run directory; never call the
@@ -42,8 +43,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from tasks.payloads.stall import stall_fraction, synthetic_seconds
-from tasks.payloads.tabular_model import MLP, norm_arrays, state_dict_sha256
+from aifactory.tasks.payloads.stall import stall_fraction, synthetic_seconds
+from aifactory.tasks.payloads.tabular_model import MLP, norm_arrays, state_dict_sha256
 
 EXIT_REQUEUE = 99
 EXIT_BAD_INPUT = 2

@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks import features as F
-from tasks.datagen import generate_mobility
-from tasks.ingest import IngestOptions, ingest
-from tasks.manifests import FeatureSet, SplitFiles
-from tasks.textgen import generate_reviews
+from aifactory.tasks import features as F
+from aifactory.tasks.datagen import generate_mobility
+from aifactory.tasks.ingest import IngestOptions, ingest
+from aifactory.tasks.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.textgen import generate_reviews
 
 MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
@@ -74,10 +74,10 @@ def main() -> int:
     lm_cfg.write_text(json.dumps({"steps": 200}))
     tabs, lms = [], []
     for i in range(a.repeat):  # a shared, noisy machine: the median of a few runs
-        run(["tasks.payloads.train_tabular", "--featureset", str(fs_path), "--run-dir",
+        run(["aifactory.tasks.payloads.train_tabular", "--featureset", str(fs_path), "--run-dir",
              str(tmp / f"tab{i}"), "--config", str(cfg)])  # fmt: skip
         tabs.append(json.loads((tmp / f"tab{i}" / "metrics.json").read_text()))
-        run(["tasks.payloads.train_lm", "--data", ",".join(reviews), "--run-dir",
+        run(["aifactory.tasks.payloads.train_lm", "--data", ",".join(reviews), "--run-dir",
              str(tmp / f"lm{i}"), "--config", str(lm_cfg)])  # fmt: skip
         lms.append(json.loads((tmp / f"lm{i}" / "metrics.json").read_text()))
     tab, lm = _median(tabs), _median(lms)

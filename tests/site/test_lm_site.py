@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Profile
-from tasks.slurm import SlurmClient
+from aifactory.tasks.config import Profile
+from aifactory.tasks.slurm import SlurmClient
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site
@@ -32,10 +32,10 @@ def test_train_lm_on_slurm_matches_a_local_run(site_profile: Profile, tmp_path: 
 
     # The same data, seed and config on this host, outside Slurm: identical weights.
     script = (run_dir / "train.sbatch").read_text().splitlines()[-1]
-    args = script.split("-m tasks.payloads.train_lm ", 1)[1].split()
+    args = script.split("-m aifactory.tasks.payloads.train_lm ", 1)[1].split()
     args[args.index("--run-dir") + 1] = str(tmp_path / "local")
     env = {**site_profile.child_env(), "PATH": "/usr/bin"}
-    cmd = [sys.executable, "-m", "tasks.payloads.train_lm", *args]
+    cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", *args]
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     assert (tmp_path / "local" / "weights.sha256").read_text() == (
         run_dir / "weights.sha256"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks.config import Profile
+from aifactory.tasks.config import Profile
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site

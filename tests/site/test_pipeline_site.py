@@ -10,9 +10,9 @@ import fsspec
 import pandas as pd
 import pytest
 
-from tasks.config import Profile
-from tasks.errors import SlurmCommandError
-from tasks.slurm import SlurmClient
+from aifactory.tasks.config import Profile
+from aifactory.tasks.errors import SlurmCommandError
+from aifactory.tasks.slurm import SlurmClient
 
 pytestmark = pytest.mark.site
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tasks.admission import AdmissionError, admit, requested_gpu_hours
-from tasks.config import Declaration, Startup, TrainingSpec
+from aifactory.tasks.admission import AdmissionError, admit, requested_gpu_hours
+from aifactory.tasks.config import Declaration, Startup, TrainingSpec
 
 
 class FakeSacct:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.cli import main
+from aifactory.tasks.cli import main
 
 
 def test_dry_run_shows_job_scripts_without_secrets(

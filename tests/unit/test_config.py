@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.catalog import catalog_at
-from tasks.config import PROFILES_DIR, load_profile
-from tasks.errors import ConfigError
+from aifactory.tasks.catalog import catalog_at
+from aifactory.tasks.config import PROFILES_DIR, load_profile
+from aifactory.tasks.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -93,7 +93,7 @@ def test_secrets_masked_and_hash_stable() -> None:
 
 
 def test_a_dict_override_merges_into_its_section() -> None:
-    from tasks.config import load_profile
+    from aifactory.tasks.config import load_profile
 
     cfg = load_profile("site", {"training": {"epochs": 400}, "dataspace.purpose": "x"})
     assert cfg.training.epochs == 400

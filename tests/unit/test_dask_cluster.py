@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from tasks.cli import main
-from tasks.config import DaskSpec
-from tasks.dask_allocation import render_allocation_script
-from tasks.dask_cluster import job_prologue, open_cluster, render_worker_script
+from aifactory.tasks.cli import main
+from aifactory.tasks.config import DaskSpec
+from aifactory.tasks.dask_allocation import render_allocation_script
+from aifactory.tasks.dask_cluster import job_prologue, open_cluster, render_worker_script
 
 PAD = "export MALLOC_TOP_PAD_=67108864"
 

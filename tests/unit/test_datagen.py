@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import datagen
-from tasks.datagen import MOBILITY_SCHEMA, generate_mobility
-from tasks.dataspace import contract
-from tasks.errors import ConfigError, StorageError
+from aifactory.tasks import datagen
+from aifactory.tasks.datagen import MOBILITY_SCHEMA, generate_mobility
+from aifactory.tasks.dataspace import contract
+from aifactory.tasks.errors import ConfigError, StorageError
 from tests.unit.conftest import MotoS3, Store
 
 ROWS, OBJECTS = 3_000, 3

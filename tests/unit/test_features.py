@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks import features as F
+from aifactory.tasks import features as F
 
 
 def _raw(n: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -86,7 +86,7 @@ def test_featureset_id_changes_with_config() -> None:
 def test_feature_config_from_profile_is_checked() -> None:
     import pytest
 
-    from tasks.errors import ConfigError
+    from aifactory.tasks.errors import ConfigError
 
     cfg = F.resolve_config({"split": {"train": 70, "val": 15, "test": 15},
                             "clean": {"distance_km": [0.1, 100.0]}})  # fmt: skip
@@ -107,8 +107,8 @@ def test_feature_config_from_profile_is_checked() -> None:
 def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from tasks.config import PROFILES_DIR, load_profile
-    from tasks.errors import ConfigError
+    from aifactory.tasks.config import PROFILES_DIR, load_profile
+    from aifactory.tasks.errors import ConfigError
 
     p = tmp_path / "p.yaml"
     p.write_text((PROFILES_DIR / "local.yaml").read_text()

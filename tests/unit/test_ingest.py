@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import ingest as ingest_mod
-from tasks.datagen import generate_mobility
-from tasks.dataspace import contract, list_objects
-from tasks.errors import DataError, StorageError
-from tasks.ingest import (
+from aifactory.tasks import ingest as ingest_mod
+from aifactory.tasks.datagen import generate_mobility
+from aifactory.tasks.dataspace import contract, list_objects
+from aifactory.tasks.errors import DataError, StorageError
+from aifactory.tasks.ingest import (
     IngestOptions,
     duplicates_across,
     ingest,
@@ -24,7 +24,7 @@ from tasks.ingest import (
     load_snapshot,
     snapshot_url,
 )
-from tasks.manifests import DataSnapshot
+from aifactory.tasks.manifests import DataSnapshot
 from tests.unit.conftest import MotoS3, Store, listing
 
 DATASET = "mobility-trips"

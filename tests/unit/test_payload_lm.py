@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.textgen import generate_reviews
+from aifactory.tasks.textgen import generate_reviews
 
 
 def _train(data: list[str], run_dir: Path, cfg: Path) -> str:
     subprocess.run(
-        [sys.executable, "-m", "tasks.payloads.train_lm", "--data", ",".join(data),
+        [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", "--data", ",".join(data),
          "--run-dir", str(run_dir), "--config", str(cfg)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.config import TrainingSpec
-from tasks.manifests import FeatureSet, SplitFiles
-from tasks.payloads import train_tabular
-from tasks.payloads.tabular_model import load_model, predict
+from aifactory.tasks.config import TrainingSpec
+from aifactory.tasks.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.payloads import train_tabular
+from aifactory.tasks.payloads.tabular_model import load_model, predict
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURES = ["distance_km", "hour", "passengers"]
@@ -65,8 +65,9 @@ def _payload(fs_path: Path, run_dir: Path, **env: str) -> subprocess.Popen[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     clean.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env})
-    cmd = [sys.executable, "-m", "tasks.payloads.train_tabular", "--featureset", str(fs_path),
-           "--run-dir", str(run_dir), "--config", str(fs_path.parent / "config.json")]  # fmt: skip
+    cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_tabular",
+           "--featureset", str(fs_path), "--run-dir", str(run_dir),
+           "--config", str(fs_path.parent / "config.json")]  # fmt: skip
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean
     )
@@ -169,7 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_local_stage_trains_once_then_reuses_the_run(featureset: Path, tmp_path: Path) -> None:
-    from tasks.training import train
+    from aifactory.tasks.training import train
 
     fset = FeatureSet.model_validate_json(featureset.read_text())
     spec = TrainingSpec(executor="local", **CONFIG)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.site import procs
-from tasks import prefect_server as ps
+from aifactory.infra.site import procs
+from aifactory.tasks import prefect_server as ps
 
 FAKE = """#!{python}
 import http.server, sys

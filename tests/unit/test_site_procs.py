@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.site import manager, procs
-from infra.site.layout import Site
-from tasks.errors import SiteError
+from aifactory.infra.site import manager, procs
+from aifactory.infra.site.layout import Site
+from aifactory.tasks.errors import SiteError
 
 
 def _fake_proc(root: Path, pid: int, argv: list[str], state: str = "S", sid: int = 1,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.site import slurm_parts
-from infra.site.layout import TEMPLATES, Site, host, memory_mb
+from aifactory.infra.site import slurm_parts
+from aifactory.infra.site.layout import TEMPLATES, Site, host, memory_mb
 
 
 def _conf(text: str) -> dict[str, str]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import SlurmCommandError, SlurmError
-from tasks.slurm import SlurmClient
+from aifactory.tasks.errors import SlurmCommandError, SlurmError
+from aifactory.tasks.slurm import SlurmClient
 
 
 def _fake(bin_dir: Path, name: str, body: str) -> None:

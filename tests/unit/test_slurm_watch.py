@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tasks.errors import TrainingError
-from tasks.slurm_watch import submit_and_watch
+from aifactory.tasks.errors import TrainingError
+from aifactory.tasks.slurm_watch import submit_and_watch
 
 
 class ScriptedSlurm:

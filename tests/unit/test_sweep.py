@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import TrainingSpec
-from tasks.errors import ConfigError
-from tasks.sweep import grid_trials, parse_value, random_trials, render_array
+from aifactory.tasks.config import TrainingSpec
+from aifactory.tasks.errors import ConfigError
+from aifactory.tasks.sweep import grid_trials, parse_value, random_trials, render_array
 
 
 def test_grid_is_every_combination() -> None:

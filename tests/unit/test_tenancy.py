@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from tasks.cli import main
-from tasks.config import load_profile
-from tasks.errors import TenancyError
-from tasks.tenancy import check_dataspace_url, check_isolation, check_run, reaches
+from aifactory.tasks.cli import main
+from aifactory.tasks.config import load_profile
+from aifactory.tasks.errors import TenancyError
+from aifactory.tasks.tenancy import check_dataspace_url, check_isolation, check_run, reaches
 
 PREFIX_B = "isolation.s3_prefix: start-up startup-a may not use s3://aif-lake/startup-b/...: " \
            "that prefix belongs to startup-b"  # fmt: skip
@@ -46,8 +46,8 @@ def test_lake_url_is_the_startups_prefix(tmp_path: Path) -> None:
 
 
 def test_startup_without_prefix_uses_the_root_only_when_nobody_has_one() -> None:
-    from tasks.config import Startup
-    from tasks.tenancy import tenant_lake_url
+    from aifactory.tasks.config import Startup
+    from aifactory.tasks.tenancy import tenant_lake_url
 
     assert tenant_lake_url("file:///l/", Startup(account="x")) == "file:///l"
     assert tenant_lake_url("s3://b", Startup(account="x", s3_prefix="/t/a/")) == "s3://b/t/a"
@@ -116,7 +116,7 @@ def test_reaches() -> None:
 def test_cli_dataspace_flag_into_another_prefix_exits_6(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     url = "s3://aif-lake/startup-b/objects/mobility-trips/*.parquet"
     assert main(["run", "--profile", "site", "--dataspace", url, "--dry-run"]) == 6
     assert _one_error(capsys) == (f"aif: error: {PREFIX_B} (dataspace.url {url})")
@@ -127,7 +127,7 @@ def test_cli_dataspace_flag_into_another_prefix_exits_6(
 def test_cli_lake_override_into_another_prefix_exits_6(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     monkeypatch.setenv("AIF_LAKE__URL", "s3://aif-lake/startup-b")
     for argv in (["run", "--profile", "site", "--dry-run"], ["snapshot", "ls", "--profile", "site"],
                  ["sweep", "--profile", "site", "--grid", "lr=0.1,0.2"]):  # fmt: skip
@@ -136,7 +136,7 @@ def test_cli_lake_override_into_another_prefix_exits_6(
 
 
 def test_train_lm_data_into_another_prefix_is_refused() -> None:
-    from tasks.lm_run import run_lm
+    from aifactory.tasks.lm_run import run_lm
 
     cfg = _site()
     with pytest.raises(TenancyError, match="that prefix belongs to startup-b"):
@@ -167,7 +167,7 @@ def test_account_of_another_startup_is_refused(
         cfg.lake_url_for("startup-b")  # both start-ups of a shared account are refused
     cfg.tenant("startup-c")  # the others run on
     monkeypatch.setenv("AIF_STARTUPS__STARTUP-A__ACCOUNT", "startup-b")
-    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     assert main(["run", "--profile", "site", "--dry-run"]) == 6
     assert _one_error(capsys).startswith("aif: error: isolation.account: ")
     assert main(["sweep", "--profile", "site", "--grid", "lr=0.1,0.2"]) == 6
@@ -191,15 +191,16 @@ def test_flows_check_isolation_in_their_tasks(monkeypatch: pytest.MonkeyPatch) -
     changed environment between stages is refused there too."""
     import inspect
 
-    import flows.preprocess
-    import flows.register
-    import flows.sweep
-    import flows.train
-    import tasks.replay
+    import aifactory.flows.preprocess
+    import aifactory.flows.register
+    import aifactory.flows.sweep
+    import aifactory.flows.train
+    import aifactory.tasks.replay
 
-    for mod in (flows.train, flows.register, flows.sweep, tasks.replay):
+    af = aifactory.flows
+    for mod in (af.train, af.register, af.sweep, aifactory.tasks.replay):
         assert ".tenant(" in inspect.getsource(mod), mod.__name__
-    for mod in (flows.preprocess, flows.register, tasks.replay):
+    for mod in (af.preprocess, af.register, aifactory.tasks.replay):
         src = inspect.getsource(mod)
         assert "lake_url_for(" in src and "lake.url" not in src, mod.__name__
 
@@ -212,8 +213,8 @@ def _no_service(*_a: Any, **_k: Any) -> Any:
 def test_pipeline_refuses_unapproved_declaration_before_ingest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import flows.pipeline as fp
-    from tasks.admission import AdmissionError
+    import aifactory.flows.pipeline as fp
+    from aifactory.tasks.admission import AdmissionError
 
     monkeypatch.setattr(fp, "ingest_flow", _no_service)
     with pytest.raises(AdmissionError) as e:
@@ -228,10 +229,10 @@ def test_pipeline_refuses_unapproved_declaration_before_ingest(
 def test_sweep_refuses_unapproved_declaration_before_anything(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flows.sweep as fs
-    from tasks.admission import AdmissionError
+    import aifactory.flows.sweep as fs
+    from aifactory.tasks.admission import AdmissionError
 
-    monkeypatch.setattr("tasks.cli._use_prefect", _no_service)
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     assert main(["sweep", "--profile", "site", "--startup", "startup-c",
                  "--grid", "lr=0.1,0.2"]) == 5  # fmt: skip
     err = _one_error(capsys)
@@ -242,7 +243,7 @@ def test_sweep_refuses_unapproved_declaration_before_anything(
 
 
 def test_budget_override_by_environment_is_refused_with_hours() -> None:
-    from tasks.admission import AdmissionError, admit
+    from aifactory.tasks.admission import AdmissionError, admit
 
     class Sacct:
         def run(self, args: list[str], **_k: Any) -> str:
@@ -260,8 +261,8 @@ def test_budget_override_by_environment_is_refused_with_hours() -> None:
 
 # -- the site's own Slurm limits ---------------------------------------------------------
 def test_site_up_sets_grp_tres_mins_from_the_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from infra.site import manager
-    from infra.site import slurm_parts as sp
+    from aifactory.infra.site import manager
+    from aifactory.infra.site import slurm_parts as sp
 
     assert sp.budget_limit_args("startup-a", 500) == [
         "modify", "account", "startup-a", "set", "GrpTRESMins=gres/gpu=30000"]  # fmt: skip

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import slurm_watch
-from tasks.config import TrainingSpec
-from tasks.errors import ConfigError, SlurmError, TrainingError
-from tasks.slurm import SlurmClient
-from tasks.training import render_sbatch, sbatch_options, submit_and_watch
+from aifactory.tasks import slurm_watch
+from aifactory.tasks.config import TrainingSpec
+from aifactory.tasks.errors import ConfigError, SlurmError, TrainingError
+from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.training import render_sbatch, sbatch_options, submit_and_watch
 
 REF = Path(__file__).parent / "data" / "train.sbatch.ref"
 
@@ -86,7 +86,7 @@ def test_container_and_signal_offset(tmp_path: Path) -> None:
     assert "#SBATCH --signal=B:USR1@120" in text
     launch = (
         "exec apptainer exec --nv --bind /runs/train/abc123 --bind /scratch "
-        "/images/aif-train.sif /opt/venv/bin/python -m tasks.payloads.train_tabular"
+        "/images/aif-train.sif /opt/venv/bin/python -m aifactory.tasks.payloads.train_tabular"
     )
     assert launch in text
     cpu = _render(TrainingSpec(gpus_per_node=0, container="docker://ghcr.io/x/aif:1"))

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Startup
-from tasks.slurm import SlurmClient
-from tasks.usage import collect, job_hours, owners, parse_tres, priced_rows
+from aifactory.tasks.config import Startup
+from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.usage import collect, job_hours, owners, parse_tres, priced_rows
 
 
 def test_parse_tres() -> None:
@@ -57,7 +57,7 @@ def test_job_hours_of_a_run_in_one_sacct_call(tmp_path: Path) -> None:
 def test_rows_per_startup_and_project() -> None:
     """The project of each account comes from the profile's start-ups; a start-up that ran
     nothing has its row of zeros; an account no start-up owns is shown as such."""
-    from tasks.usage import Usage
+    from aifactory.tasks.usage import Usage
 
     startups = {
         "startup-a": Startup(account="acct-a", project="mobility-eta"),
@@ -80,7 +80,7 @@ def test_rows_per_startup_and_project() -> None:
 
 
 def test_report_usage_table(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
-    from tasks.cli import main
+    from aifactory.tasks.cli import main
 
     sacct = tmp_path / "sacct"
     sacct.write_text(
