@@ -68,7 +68,7 @@ def _download_json(client: Any, run_id: str, path: str) -> Any:
 def _software() -> dict[str, Any]:
     """This interpreter's Python and packages, as the training payload records them (the
     same function: the record and the check cannot drift apart)."""
-    from aifactory.tasks.payloads.train_tabular import environment
+    from aifactory.tasks.payloads.job import environment
 
     env = environment("cpu")
     return {"python": env["python"], "packages": env["packages"]}

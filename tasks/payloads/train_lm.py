@@ -6,8 +6,10 @@ A byte-level decoder-only transformer (a few layers), trained with next-token pr
 On a GPU it runs under bf16 autocast; on a CPU the same code runs in float32 with the small
 configuration used by tests. Same seed, data and config give identical weights on a CPU.
 
-It follows the payload contract of ``train_tabular``: checkpoint atomically on SIGUSR1 or
-SIGTERM and exit 99 for requeue, resume at the exact step, outputs written last.
+Written on the job runtime (tasks/payloads/job.py), like ``train_tabular``: checkpoint
+atomically on SIGUSR1 or SIGTERM, ask Slurm to requeue after SIGUSR1 and exit 99, resume at
+the exact step (a checkpoint of other data or config is refused), a ledger of attempts,
+outputs written last.
 Metrics include tokens per second and the data-loader stall fraction: the time of a pass
 with the real loader against a pass over synthetic in-memory batches of the same shape.
 """
@@ -15,10 +17,9 @@ with the real loader against a pass over synthetic in-memory batches of the same
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,18 +31,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from aifactory.tasks.payloads.job import Job, PayloadError, run_job, storage_options
 from aifactory.tasks.payloads.stall import stall_fraction, synthetic_seconds
 from aifactory.tasks.payloads.tabular_model import state_dict_sha256
-from aifactory.tasks.payloads.train_tabular import (
-    EXIT_REQUEUE,
-    _on_signal,
-    _stop,
-    atomic_bytes,
-    atomic_json,
-    atomic_torch,
-    environment,
-    storage_options,
-)
 
 VOCAB = 256  # bytes
 DEFAULTS: dict[str, Any] = {
@@ -99,7 +91,7 @@ def load_corpus(urls: list[str], column: str) -> np.ndarray:
         parts.append("\n".join(s for s in col if s).encode("utf-8"))
     data = np.frombuffer(b"\n".join(parts), dtype=np.uint8)
     if len(data) < 2:
-        raise SystemExit(f"train_lm: no text in column {column!r} of {', '.join(urls)}")
+        raise PayloadError(f"no text in column {column!r} of {', '.join(urls)}")
     return data
 
 
@@ -119,29 +111,37 @@ class Loader:
         return win[:, :-1], win[:, 1:]
 
 
-def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = {**DEFAULTS, **cfg}
+def train(job: Job) -> dict[str, Any]:
+    """Train on the Parquet files named by ``--data`` with ``job.config`` over DEFAULTS."""
+    assert job.namespace is not None
+    urls = [u for u in job.namespace.data.split(",") if u]
+    unknown = sorted(set(job.config) - set(DEFAULTS))
+    if unknown:
+        raise PayloadError(f"config has unknown keys {unknown} (valid: {sorted(DEFAULTS)})")
+    cfg = {**DEFAULTS, **job.config}
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", cfg["threads"])))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(job.cpus(int(cfg["threads"])))
+    device = job.device
     use_bf16 = bool(cfg["bf16"]) and device.type == "cuda"
     torch.manual_seed(cfg["seed"])
     data = load_corpus(urls, cfg["text_column"])
     loader = Loader(data, cfg["context"], cfg["batch_size"], cfg["seed"])
     model = TinyLM(cfg["layers"], cfg["d_model"], cfg["heads"], cfg["context"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
-    print(f"device {device} bf16={use_bf16}; corpus {len(data)} bytes; "
-          f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)  # fmt: skip
+    job.log(f"device {device} bf16={use_bf16}; corpus {len(data)} bytes; "
+            f"{sum(p.numel() for p in model.parameters())} parameters")  # fmt: skip
+    fingerprint = hashlib.sha256(json.dumps([urls, cfg], sort_keys=True).encode()).hexdigest()[:16]
 
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
     step = 0
-    if os.path.exists(ckpt):
-        ck = torch.load(ckpt, map_location=device, weights_only=False)
+    ck = job.resume(fingerprint)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
-        print(f"resumed from checkpoint at step {step}", flush=True)
     start_step = step
+
+    def state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
 
     def one_step(x: torch.Tensor, y: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
@@ -166,12 +166,10 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         step += 1
         tokens += x.numel()
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"]:
-            print(f"step {step}/{cfg['steps']} loss={loss:.4f}", flush=True)
-        if _stop["signal"]:
-            atomic_torch(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "step": step})  # fmt: skip
-            print(f"checkpointed at step {step}; exiting for requeue", flush=True)
-            sys.exit(EXIT_REQUEUE)
+            job.log(f"step {step}/{cfg['steps']} loss={loss:.4f}")
+        if job.should_stop():
+            prefetch.shutdown(wait=False, cancel_futures=True)
+            job.stop_here(state(), [step], fingerprint)
     prefetch.shutdown(wait=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -191,8 +189,7 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synth_s = synthetic_seconds(model, opt, synthetic_step, n_syn, sync)
 
-    atomic_torch(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step})  # fmt: skip
+    job.checkpoint(state(), [step], fingerprint)
     tps = tokens / max(real_s, 1e-9)
     metrics = {
         "final_loss": loss, "bits_per_byte": loss / math.log(2), "steps": float(step),
@@ -202,31 +199,18 @@ def train(urls: list[str], run_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         "device": 1.0 if device.type == "cuda" else 0.0,
     }  # fmt: skip
     digest = state_dict_sha256(model.to("cpu"))
-    atomic_torch(os.path.join(run_dir, "model.pt"), {"state_dict": model.state_dict(),
-                 "config": cfg, "kind": "tiny-lm"})  # fmt: skip
-    atomic_json(os.path.join(run_dir, "environment.json"), environment(device.type))
-    atomic_bytes(os.path.join(run_dir, "weights.sha256"), (digest + "\n").encode())
-    atomic_json(os.path.join(run_dir, "metrics.json"), metrics)
-    print(f"done: loss={loss:.4f} tokens/s={tps:.0f} stall={metrics['data_stall_fraction']:.3f} "
-          f"weights {digest[:12]}", flush=True)  # fmt: skip
+    job.save("model.pt", {"state_dict": model.state_dict(), "config": cfg, "kind": "tiny-lm"})
+    job.save("weights.sha256", digest + "\n")
+    job.commit(metrics, device.type, finite=["final_loss"])
+    job.log(f"done: loss={loss:.4f} tokens/s={tps:.0f} stall={metrics['data_stall_fraction']:.3f} "
+            f"weights {digest[:12]}")  # fmt: skip
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the reference tiny causal LM")
+    p = argparse.ArgumentParser(prog="train_lm", description="Train the reference tiny causal LM")
     p.add_argument("--data", required=True, help="comma-separated Parquet URLs with a text column")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--config", default=None, help="JSON file overriding the defaults")
-    a = p.parse_args(argv)
-    signal.signal(signal.SIGUSR1, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    cfg: dict[str, Any] = {}
-    if a.config:
-        with open(a.config) as fh:
-            cfg = json.load(fh)
-    os.makedirs(a.run_dir, exist_ok=True)
-    train(a.data.split(","), a.run_dir, cfg)
-    return 0
+    return run_job(train, "train_lm", argv, parser=p)
 
 
 if __name__ == "__main__":

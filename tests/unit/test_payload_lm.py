@@ -36,3 +36,22 @@ def test_text_generator_is_deterministic(tmp_path: Path) -> None:
     b = generate_reviews(f"file://{tmp_path}/b", rows=300, objects=2, seed=3)
     for x, y in zip(a, b, strict=True):
         assert Path(x[7:]).read_bytes() == Path(y[7:]).read_bytes()
+
+
+def test_stop_signal_then_resume_gives_the_same_weights(tmp_path: Path) -> None:
+    """The LM payload on the job runtime: checkpoint, exit 99, resume at the exact step."""
+    import os
+
+    data = generate_reviews(f"file://{tmp_path}/reviews", rows=600, objects=2)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"steps": 12, "layers": 1, "d_model": 32, "context": 32}))
+    whole = _train(data, tmp_path / "whole", cfg)
+    cut = tmp_path / "cut"
+    args = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", "--data", ",".join(data),
+            "--run-dir", str(cut), "--config", str(cfg)]  # fmt: skip
+    env = {**os.environ, "AIF_TRAIN_SIGNAL_AT_STEP": "5"}
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 99, first.stdout + first.stderr
+    assert _train(data, cut, cfg) == whole
+    ledger = [json.loads(ln) for ln in (cut / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[0]["to"] == [5] and ledger[-1]["from"] == [5]

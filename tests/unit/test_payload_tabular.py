@@ -18,7 +18,7 @@ import torch
 
 from aifactory.tasks.config import TrainingSpec
 from aifactory.tasks.manifests import FeatureSet, SplitFiles
-from aifactory.tasks.payloads import train_tabular
+from aifactory.tasks.payloads import job, train_tabular
 from aifactory.tasks.payloads.tabular_model import load_model, predict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(train_tabular.signal, "signal", lambda *_a: None)  # keep pytest's
+    monkeypatch.setattr(job.signal, "signal", lambda *_a: None)  # keep pytest's
     fset: dict[str, Any] = json.loads(featureset.read_text())
     del fset["normalisation"]["hour"]
     bad = tmp_path / "fs.json"
