@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.config import Profile, TrainingSpec
 from aifactory.tasks.errors import TrainingError
+from aifactory.tasks.jobs import JobRequest, executor_for, owner
 from aifactory.tasks.lake import write_text_local
 from aifactory.tasks.provenance import key_of
 from aifactory.tasks.slurm import SlurmClient
-from aifactory.tasks.training import render_sbatch, run_local, submit_and_watch
+from aifactory.tasks.training import render_sbatch
 
 DATASET = "tourism-reviews"
 PURPOSE = "language-modelling"
@@ -47,33 +48,39 @@ def run_lm(
     run_key = key_of("lm", snap.content_hash(), steps, spec.model_dump(mode="json"))
     run_dir = Path(cfg.runs_dir) / "lm" / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
+    with owner(run_dir, log):  # one process trains a run key; others wait, then collect
+        return _run_owned(cfg, st.account, spec, run_dir, run_key, snap.snapshot_id, files,
+                          steps, log)  # fmt: skip
+
+
+def _run_owned(
+    cfg: Profile, account: str, spec: TrainingSpec, run_dir: Path, run_key: str, snapshot_id: str,
+    files: list[str], steps: int, log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists() and (run_dir / "weights.sha256").exists():
         log(f"run {run_key} already finished: collecting it, nothing submitted")
-        return _result(run_dir, snap.snapshot_id, _job_ids(run_dir), reused=True)
+        return _result(run_dir, snapshot_id, _job_ids(run_dir), reused=True)
     cfg_path = run_dir / "config.json"
     write_text_local(cfg_path, json.dumps({"steps": steps, "seed": spec.seed}))
     args = ["--data", ",".join(files), "--run-dir", str(run_dir), "--config", str(cfg_path)]
     job_name = f"aif-lm-{run_key}"
     script = render_sbatch(
-        spec, account=st.account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
+        spec, account=account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
         python=sys.executable, featureset_path="", config_path=str(cfg_path), payload_args=args,
     )  # fmt: skip
     script_path = run_dir / "train.sbatch"
     write_text_local(script_path, script)
-    job_ids: list[str] = []
-    if spec.executor == "slurm":
-        client = SlurmClient(env=cfg.child_env())
-        job_id, _rec = submit_and_watch(client, str(script_path), str(run_dir), job_name, log,
-                                        spec.poll_seconds)  # fmt: skip
-        job_ids.append(job_id)
-    else:
-        cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", *args]
-        run_local(cmd, str(run_dir), cfg.child_env(), log)
+    client = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
+    executor = executor_for(spec.executor, client, poll_seconds=spec.poll_seconds,
+                            max_resubmits=spec.max_resubmits)  # fmt: skip
+    cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", *args]
+    res = executor.run(JobRequest(job_name, run_dir, script_path, cmd, cfg.child_env(), log))
+    job_ids = res.job_ids
     if not metrics_path.exists():
         raise TrainingError(f"language-model run in {run_dir} ended without metrics.json")
     write_text_local(run_dir / "jobs.json", json.dumps(job_ids))
-    return _result(run_dir, snap.snapshot_id, job_ids, reused=False)
+    return _result(run_dir, snapshot_id, job_ids, reused=False)
 
 
 def _job_ids(run_dir: Path) -> list[str]:

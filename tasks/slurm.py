@@ -28,6 +28,11 @@ TERMINAL_STATES = {
 }  # fmt: skip
 
 _JOB_ID = re.compile(r"^(\d+)(?:;\S+)?$")
+# What a job's record holds (sacct_record): its state, ending and what it was given.
+SACCT_FIELDS = (
+    "JobID", "JobName", "Account", "Partition", "State", "ExitCode", "Elapsed", "ElapsedRaw",
+    "AllocTRES", "MaxRSS", "NodeList", "Start", "End", "Submit",
+)  # fmt: skip
 
 
 @dataclass
@@ -87,25 +92,64 @@ class SlurmClient:
         self.run([*args, *job_ids])
 
     # -- state --------------------------------------------------------------------------
+    def squeue_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Live jobs among ``job_ids`` and their states, in one squeue call (an array job's
+        tasks show under the array's id). Jobs squeue no longer knows are absent."""
+        if not job_ids:
+            return {}
+        out = self.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%A|%T"], check=False)
+        states: dict[str, str] = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) != 3:
+                continue
+            shown, own_id, state = parts
+            for jid in (shown.split("_", 1)[0], own_id):
+                if jid in job_ids:
+                    states.setdefault(jid, state)
+        return states
+
     def squeue_state(self, job_id: str) -> str | None:
         """The job's state from squeue, or None when squeue no longer knows it."""
-        out = self.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False)
-        states = [s.strip() for s in out.splitlines() if s.strip()]
-        return states[0] if states else None
+        return self.squeue_states([job_id]).get(job_id)
+
+    def sacct(
+        self, fields: Sequence[str], *, jobs: Sequence[str] = (), args: Sequence[str] = (),
+        allocations: bool = True,
+    ) -> list[dict[str, str]]:  # fmt: skip
+        """sacct's records, each a dict keyed by sacct's own header row (never by position:
+        a field sacct renames or adds cannot shift the others). ``jobs``: these job ids;
+        ``args``: other filters (``-a``, ``--starttime``, ``--accounts``); ``allocations``:
+        one record per allocation (``-X``), not per step. ``State`` keeps sacct's full text
+        ("CANCELLED by 0") in ``StateDetail``; ``State`` itself is its first word."""
+        argv = ["sacct", "-P", "--format", ",".join(fields)]
+        if allocations:
+            argv.append("-X")
+        if jobs:
+            argv += ["-j", ",".join(jobs)]
+        out = self.run([*argv, *args])
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        if not lines:
+            return []
+        header = lines[0].split("|")
+        if [h.strip() for h in header] != [f.split("%")[0] for f in fields]:
+            raise SlurmError(f"sacct: unexpected header {lines[0]!r} for fields {list(fields)}")
+        records = []
+        for line in lines[1:]:
+            parts = line.split("|")
+            if len(parts) != len(header):
+                continue
+            rec = dict(zip(header, parts, strict=True))
+            if "State" in rec:
+                rec["StateDetail"] = rec["State"]
+                rec["State"] = rec["State"].split()[0] if rec["State"] else ""
+            records.append(rec)
+        return records
 
     def sacct_record(self, job_id: str) -> dict[str, str] | None:
         """The allocation's sacct record (state, exit code, elapsed, TRES...), or None."""
-        fields = [
-            "JobID", "JobName", "Account", "Partition", "State", "ExitCode", "Elapsed",
-            "AllocTRES", "MaxRSS", "NodeList", "Start", "End", "Submit",
-        ]  # fmt: skip
-        out = self.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format", ",".join(fields)])
-        for line in out.splitlines():
-            parts = line.split("|")
-            if len(parts) == len(fields) and parts[0] == job_id:
-                rec = dict(zip(fields, parts, strict=True))
-                rec["State"] = rec["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-                rec["StateDetail"] = line.split("|")[4]
+        for rec in self.sacct(SACCT_FIELDS, jobs=[job_id]):
+            if rec["JobID"] == job_id:
                 return rec
         return None
 
@@ -127,7 +171,8 @@ class SlurmClient:
         deadline = time.monotonic() + timeout
         left = list(job_ids)
         while left and time.monotonic() < deadline:
-            left = [j for j in left if self.squeue_state(j)]
+            live = self.squeue_states(left)
+            left = [j for j in left if j in live]
             if left:
                 time.sleep(0.5)
         return left

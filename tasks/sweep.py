@@ -88,14 +88,14 @@ def render_array(spec: TrainingSpec, *, account: str, job_name: str, sweep_key: 
 
 def _array_states(slurm: SlurmClient, job: str) -> dict[int, dict[str, str]]:
     """Per array task: State, ExitCode, Elapsed (from sacct; pending tasks may be absent)."""
-    out = slurm.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed"])
     found: dict[int, dict[str, str]] = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4 or "_" not in parts[0] or "[" in parts[0]:
+    for rec in slurm.sacct(("JobID", "State", "ExitCode", "Elapsed"), jobs=[job]):
+        jid = rec["JobID"]
+        if "_" not in jid or "[" in jid:
             continue
-        idx = int(parts[0].split("_", 1)[1])
-        found[idx] = {"State": parts[1].split()[0], "ExitCode": parts[2], "Elapsed": parts[3]}
+        found[int(jid.split("_", 1)[1])] = {
+            "State": rec["State"], "ExitCode": rec["ExitCode"], "Elapsed": rec["Elapsed"]
+        }  # fmt: skip
     return found
 
 
@@ -129,7 +129,7 @@ def run_sweep(
     states: dict[int, dict[str, str]] = {}
     last_summary = ""
     while True:
-        queued = slurm.run(["squeue", "-h", "-j", job, "-o", "%i"], check=False).strip()
+        queued = slurm.squeue_states([job])
         states = _array_states(slurm, job)
         done = sum(1 for s in states.values() if s["State"] in TERMINAL_STATES)
         summary = f"{done}/{len(trials)} trials ended"

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import signal
 import string
-import subprocess
 import sys
 import threading
 import time
@@ -23,11 +21,11 @@ from typing import Any
 
 from aifactory.tasks.config import TrainingSpec
 from aifactory.tasks.errors import ConfigError, TrainingError
+from aifactory.tasks.jobs import Executor, JobRequest, executor_for, owner
 from aifactory.tasks.lake import write_text_local
 from aifactory.tasks.manifests import FeatureSet, TrainedModel
 from aifactory.tasks.provenance import environment_hash, now_iso
 from aifactory.tasks.slurm import SlurmClient
-from aifactory.tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "templates" / "train.sbatch"
 PAYLOADS = {"tabular": "train_tabular", "lm": "train_lm"}
@@ -183,46 +181,6 @@ def payload_command(
             "--config", config_path]  # fmt: skip
 
 
-def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
-              log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run the payload as a local process, streaming its output to ``log`` and local.out.
-
-    Raises TrainingError with the exit code and the log tail on failure. Interrupted, it
-    sends the payload SIGTERM (it checkpoints and exits 99), then re-raises.
-    """
-    import os
-
-    lines: list[str] = []
-    with open(Path(run_dir) / "local.out", "a") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **env}, cwd=run_dir,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                out.write(line + "\n")
-                out.flush()
-                lines.append(line)
-                del lines[:-200]
-                log(line)
-            rc = proc.wait()
-        except BaseException:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-    if rc != 0:
-        tail = " | ".join([ln.strip() for ln in lines if ln.strip()][-TAIL_LINES:])
-        why = " (interrupted; checkpointed: re-run to resume)" if rc == EXIT_REQUEUE else ""
-        raise TrainingError(f"local training process exited with code {rc}{why}; "
-                            f"log tail: {tail or '(no output)'}")  # fmt: skip
-
-
 # -- the stage --------------------------------------------------------------------------------
 def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, executor: str,
              job_ids: list[str], sacct: dict[str, str], t0: float) -> TrainedModel:  # fmt: skip
@@ -275,7 +233,21 @@ def train(
         )
     t0 = time.monotonic()
     run_dir = Path(runs_dir) / "train" / run_key
-    run_dir.mkdir(parents=True, exist_ok=True)
+    executor = executor_for(
+        spec.executor, slurm, poll_seconds=spec.poll_seconds, max_resubmits=spec.max_resubmits,
+        describe=f"account {account}, partition {spec.partition}, gres gpu:{spec.gpus_per_node}",
+    )  # fmt: skip
+    with owner(run_dir, log):  # one process trains a run key; others wait, then collect
+        return _train_owned(spec, account, featureset, run_dir, run_key, executor, env, log,
+                            cancel_event, python, admit, t0)  # fmt: skip
+
+
+def _train_owned(
+    spec: TrainingSpec, account: str, featureset: FeatureSet, run_dir: Path, run_key: str,
+    executor: Executor, env: Mapping[str, str], log: Callable[[str], None],
+    cancel_event: threading.Event | None, python: str, admit: Callable[[], str] | None,
+    t0: float,
+) -> TrainedModel:  # fmt: skip
     state_path = run_dir / "aif-train.json"
     done = run_dir / "metrics.json"
     if done.exists() and (run_dir / "model.pt").exists():
@@ -296,26 +268,11 @@ def train(
     )  # fmt: skip
     script_path = run_dir / "train.sbatch"
     write_text_local(script_path, script)
-
-    job_ids: list[str] = []
-    sacct: dict[str, str] = {}
-    if spec.executor == "local":
-        log(f"training locally in {run_dir}")
-        cmd = payload_command(spec, python, str(fs_path), str(run_dir), str(cfg_path))
-        run_local(cmd, str(run_dir), env, log)
-    else:
-        if slurm is None:
-            raise TrainingError("training.executor is slurm but no Slurm client was given")
-        if admit is not None and not slurm.jobs_named(job_name):
-            log(admit())  # refuses (AdmissionError) before anything is submitted
-        log(f"Slurm job {job_name}: account {account}, partition {spec.partition}, "
-            f"gres gpu:{spec.gpus_per_node}, script {script_path}")  # fmt: skip
-        _, sacct = submit_and_watch(slurm, str(script_path), str(run_dir), job_name, log,
-                                         spec.poll_seconds, cancel_event,
-                                         max_resubmits=spec.max_resubmits,
-                                         on_job=job_ids.append)  # fmt: skip
-    write_text_local(state_path, json.dumps({"executor": spec.executor, "job_ids": job_ids,
-                                   "sacct": sacct}, indent=2))  # fmt: skip
+    cmd = payload_command(spec, python, str(fs_path), str(run_dir), str(cfg_path))
+    res = executor.run(JobRequest(job_name, run_dir, script_path, cmd, env, log, cancel_event,
+                                  admit))  # fmt: skip
+    write_text_local(state_path, json.dumps({"executor": res.executor, "job_ids": res.job_ids,
+                                             "sacct": res.sacct}, indent=2))  # fmt: skip
     if not done.exists():
         raise TrainingError(f"training in {run_dir} ended without writing metrics.json")
-    return _collect(run_dir, run_key, featureset, spec, spec.executor, job_ids, sacct, t0)
+    return _collect(run_dir, run_key, featureset, spec, res.executor, res.job_ids, res.sacct, t0)

@@ -58,30 +58,25 @@ def job_hours(client: SlurmClient, job_ids: list[str]) -> tuple[float, float, di
     states: dict[str, str] = {}
     if not job_ids:
         return 0.0, 0.0, states
-    out = client.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids),
-                      "--format", "JobID,AllocTRES,ElapsedRaw,State"])  # fmt: skip
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) != 4 or parts[0] not in job_ids or parts[0] in states:
+    for rec in client.sacct(("JobID", "AllocTRES", "ElapsedRaw", "State"), jobs=job_ids):
+        jid = rec["JobID"]
+        if jid not in job_ids or jid in states:
             continue
-        jid, tres, elapsed, state = parts
-        total.add(tres, _hours(elapsed))
-        states[jid] = state.split()[0] if state else ""  # "CANCELLED by 0" -> "CANCELLED"
+        total.add(rec["AllocTRES"], _hours(rec["ElapsedRaw"]))
+        states[jid] = rec["State"]
     return total.cpu_hours, total.gpu_hours, states
 
 
 def collect(client: SlurmClient, since: str, accounts: list[str] | None = None) -> list[Usage]:
-    args = ["sacct", "-a", "-X", "-n", "-P", "--starttime", since,
-            "--format", "JobID,Account,AllocTRES,ElapsedRaw"]  # fmt: skip
+    args = ["-a", "--starttime", since]
     if accounts:
         args += ["--accounts", ",".join(accounts)]
     per: dict[str, Usage] = {}
-    for line in client.run(args).splitlines():
-        parts = line.split("|")
-        if len(parts) != 4 or not parts[1]:
-            continue
-        _job, account, tres, elapsed = parts
-        per.setdefault(account, Usage(account)).add(tres, _hours(elapsed))
+    for rec in client.sacct(("JobID", "Account", "AllocTRES", "ElapsedRaw"), args=args):
+        if rec["Account"]:
+            per.setdefault(rec["Account"], Usage(rec["Account"])).add(
+                rec["AllocTRES"], _hours(rec["ElapsedRaw"])
+            )
     return sorted(per.values(), key=lambda u: u.account)
 
 

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from aifactory.tasks.admission import AdmissionError, admit, requested_gpu_hours
 from aifactory.tasks.config import Declaration, Startup, TrainingSpec
+from aifactory.tasks.slurm import SlurmClient
 
 
-class FakeSacct:
+class FakeSacct(SlurmClient):
+    """sacct's output (after its header row) from a list; other calls recorded too."""
+
     def __init__(self, lines: list[str]) -> None:
+        super().__init__()
         self.lines, self.calls = lines, []  # type: list[str], list[list[str]]
 
-    def run(self, args: list[str], **_k: Any) -> str:
-        self.calls.append(args)
-        return "\n".join(self.lines)
+    def run(self, cmd: Sequence[str], **_k: Any) -> str:
+        self.calls.append(list(cmd))
+        fields = cmd[cmd.index("--format") + 1].replace(",", "|") if "--format" in cmd else ""
+        return "\n".join([fields, *self.lines])
 
 
 APPROVED = Declaration(intended_purpose="eta", prohibited_practices="none apply",

@@ -189,3 +189,37 @@ def test_local_stage_trains_once_then_reuses_the_run(featureset: Path, tmp_path:
     assert any("already finished" in line for line in again)
     assert not any(line.startswith("epoch") for line in again)
     assert cached.weights_sha256 == trained.weights_sha256 and cached.executor == "local"
+
+
+def test_two_local_runs_of_one_key_at_once_train_once(featureset: Path, tmp_path: Path) -> None:
+    """Issue 16 (and 15's one-owner rule): the second run waits for the run directory's owner
+    and collects its result, with the same record; before, it resumed from the first one's
+    checkpoint while that one was still training (epochs twice in the ledger)."""
+    import threading
+
+    from aifactory.tasks.training import train
+
+    fset = FeatureSet.model_validate_json(featureset.read_text())
+    spec = TrainingSpec(executor="local", **{**CONFIG, "epochs": 3})
+    logs: list[list[str]] = [[], []]
+    out: list[Any] = [None, None]
+
+    def one(i: int) -> None:
+        out[i] = train(spec=spec, account="startup-a", featureset=fset, runs_dir=str(tmp_path),
+                       run_key="same", slurm=None, log=logs[i].append,
+                       env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})  # fmt: skip
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert out[0] is not None and out[1] is not None
+    trained_in = [i for i in (0, 1) if any(ln.startswith("epoch 3/3") for ln in logs[i])]
+    assert len(trained_in) == 1, logs
+    waiter = 1 - trained_in[0]
+    assert any("waiting for it to finish" in ln for ln in logs[waiter]), logs[waiter]
+    assert out[waiter].reused and out[waiter].weights_sha256 == out[trained_in[0]].weights_sha256
+    assert out[waiter].executor == out[trained_in[0]].executor == "local"
+    ledger = [json.loads(ln) for ln in (tmp_path / "train" / "same" / "ledger.jsonl").open()]
+    assert [e["to"][0] for e in ledger] == [1, 2, 3]

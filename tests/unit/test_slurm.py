@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from aifactory.tasks.errors import SlurmCommandError, SlurmError
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.slurm import SACCT_FIELDS, SlurmClient
 
 
 def _fake(bin_dir: Path, name: str, body: str) -> None:
@@ -56,15 +56,28 @@ def test_state_from_squeue_then_sacct(tmp_path: Path) -> None:
     _fake(tmp_path, "squeue", "exit 0")  # no longer known to squeue
     _fake(
         tmp_path, "sacct",
-        'echo "17|train|startup-a|gpu|CANCELLED by 0|0:15|00:00:03|cpu=1,gres/gpu=1|'
+        f'echo "{"|".join(SACCT_FIELDS)}"; '
+        'echo "17|train|startup-a|gpu|CANCELLED by 0|0:15|00:00:03|3|cpu=1,gres/gpu=1|'
         '|node1|2026-01-01T00:00:00|2026-01-01T00:00:03|2026-01-01T00:00:00"',
     )  # fmt: skip
     client = SlurmClient(bin_dir=str(tmp_path))
     assert client.state("17") == "CANCELLED"
     rec = client.sacct_record("17")
     assert rec is not None and rec["StateDetail"] == "CANCELLED by 0"
-    _fake(tmp_path, "squeue", 'echo "RUNNING"')
+    _fake(tmp_path, "squeue", 'echo "17|17|RUNNING"')
     assert client.state("17") == "RUNNING"
+
+
+def test_sacct_records_are_keyed_by_the_header_row(tmp_path: Path) -> None:
+    """One sacct reader: fields by sacct's header, whatever their order; a header that does
+    not match the fields asked for is one clear error, never a silent shift."""
+    _fake(tmp_path, "sacct", 'echo "State|JobID"; echo "COMPLETED|5"; echo "RUNNING|6|extra"')
+    client = SlurmClient(bin_dir=str(tmp_path))
+    assert client.sacct(["State", "JobID"], jobs=["5", "6"]) == [
+        {"JobID": "5", "State": "COMPLETED", "StateDetail": "COMPLETED"}
+    ]
+    with pytest.raises(SlurmError, match="unexpected header 'State\\|JobID'"):
+        client.sacct(["JobID", "State"])
 
 
 def test_missing_command_is_one_clear_line(tmp_path: Path) -> None:

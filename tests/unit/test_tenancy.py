@@ -244,10 +244,14 @@ def test_sweep_refuses_unapproved_declaration_before_anything(
 
 def test_budget_override_by_environment_is_refused_with_hours() -> None:
     from aifactory.tasks.admission import AdmissionError, admit
+    from aifactory.tasks.slurm import SlurmClient
 
-    class Sacct:
-        def run(self, args: list[str], **_k: Any) -> str:
-            return "7|startup-a|billing=1,cpu=1,gres/gpu=1,mem=2G,node=1|360"  # 0.1 GPU-h
+    class Sacct(SlurmClient):
+        def run(self, args: Any, **_k: Any) -> str:
+            return (
+                "JobID|Account|AllocTRES|ElapsedRaw\n"
+                "7|startup-a|billing=1,cpu=1,gres/gpu=1,mem=2G,node=1|360"
+            )  # 0.1 GPU-h
 
     cfg = _site(**{"AIF_STARTUPS__STARTUP-A__GPU_HOURS_BUDGET": "0.25"})
     sid, st = cfg.tenant("startup-a")

@@ -13,8 +13,9 @@ import pytest
 from aifactory.tasks import slurm_watch
 from aifactory.tasks.config import TrainingSpec
 from aifactory.tasks.errors import ConfigError, SlurmError, TrainingError
-from aifactory.tasks.slurm import SlurmClient
-from aifactory.tasks.training import render_sbatch, sbatch_options, submit_and_watch
+from aifactory.tasks.slurm import SACCT_FIELDS, SlurmClient
+from aifactory.tasks.slurm_watch import submit_and_watch
+from aifactory.tasks.training import render_sbatch, sbatch_options
 
 REF = Path(__file__).parent / "data" / "train.sbatch.ref"
 
@@ -128,7 +129,7 @@ def test_secrets_never_go_into_the_script(name: str) -> None:
 # -- the watcher against fake Slurm commands ------------------------------------------------
 SACCT = "|".join(
     [
-        "123", "aif-train-k", "startup-a", "gpu", "{state}", "{code}", "00:00:07",
+        "123", "aif-train-k", "startup-a", "gpu", "{state}", "{code}", "00:00:07", "7",
         "billing=1,cpu=1,gres/gpu=1,mem=2G,node=1", "", "vm",
         "2026-01-01T00:00:00", "2026-01-01T00:00:07", "2026-01-01T00:00:00",
     ]
@@ -154,10 +155,11 @@ class FakeSlurm:
             f"""case "$*" in *--name*) cat {s}/live 2>/dev/null; exit 0;; esac
 n=$(cat {s}/polls 2>/dev/null || echo 0); echo $((n+1)) > {s}/polls
 if [ "$n" -lt "$(cat {s}/running_polls)" ]; then
-  echo "epoch $n line" >> "$FAKE_RUN/slurm-123.out"; echo RUNNING
+  j=$(echo "$*" | sed -n 's/.*-j \\([0-9]*\\).*/\\1/p')
+  echo "epoch $n line" >> "$FAKE_RUN/slurm-123.out"; echo "$j|$j|RUNNING"
 fi""",
         )
-        self._cmd("sacct", f"cat {s}/sacct.out")
+        self._cmd("sacct", f"echo '{'|'.join(SACCT_FIELDS)}'; cat {s}/sacct.out")
         self._cmd("scancel", f'echo "$@" >> {s}/scancel.calls')
         self.client = SlurmClient(
             env={"FAKE_DIR": str(self.state), "FAKE_RUN": str(self.run_dir)}, bin_dir=str(self.bin)

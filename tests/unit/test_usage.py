@@ -20,6 +20,7 @@ def test_collect_and_price(tmp_path: Path) -> None:
     sacct = tmp_path / "sacct"
     sacct.write_text(
         "#!/bin/sh\n"
+        "echo 'JobID|Account|AllocTRES|ElapsedRaw'\n"
         "echo '10|startup-a|billing=1,cpu=1,gres/gpu=1,mem=2G,node=1|3600'\n"
         "echo '11|startup-a|billing=2,cpu=2,mem=2G,node=1|1800'\n"
         "echo '12|startup-b|billing=1,cpu=4,gres/gpu=2,mem=8G,node=1|900'\n"
@@ -41,6 +42,7 @@ def test_job_hours_of_a_run_in_one_sacct_call(tmp_path: Path) -> None:
     sacct.write_text(
         "#!/bin/sh\n"
         f'echo "$*" >> {tmp_path}/calls\n'
+        "echo 'JobID|AllocTRES|ElapsedRaw|State'\n"
         "echo '21|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|5400|COMPLETED'\n"
         "echo '22|billing=1,cpu=1,mem=1G,node=1|1800|CANCELLED by 0'\n"
         "echo '99|billing=1,cpu=8,mem=1G,node=1|3600|COMPLETED'\n"  # not asked for
@@ -84,7 +86,8 @@ def test_report_usage_table(tmp_path: Path, capsys: Any, monkeypatch: Any) -> No
 
     sacct = tmp_path / "sacct"
     sacct.write_text(
-        "#!/bin/sh\necho '10|startup-c|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|3600'\n"
+        "#!/bin/sh\necho 'JobID|Account|AllocTRES|ElapsedRaw'\n"
+        "echo '10|startup-c|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|3600'\n"
     )
     sacct.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
