@@ -16,7 +16,7 @@ from typing import Any
 
 from aifactory.tasks.config import DaskSpec
 from aifactory.tasks.dask_dispatch import slurm_end_times
-from aifactory.tasks.errors import AifError, SlurmError
+from aifactory.tasks.errors import AifError, SlurmCommandError, SlurmError
 from aifactory.tasks.slurm import SlurmClient
 
 WORKER_START_TIMEOUT_S = 180.0
@@ -46,18 +46,33 @@ class ClusterInfo:
         }
 
 
-@contextlib.contextmanager
-def _env(extra: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def door_cluster_class(slurm: SlurmClient) -> Any:
+    """dask-jobqueue's SLURMCluster whose sbatch and scancel calls go through our Slurm door
+    (its command, timeout, environment and one-line errors) instead of its own subprocess
+    call: its Job class routes every command through ``Job._call`` (dask_jobqueue/core.py),
+    which this subclass overrides. No process-wide environment is rewritten.
+    tests/unit/test_dask_cluster.py fails if dask-jobqueue stops calling it."""
+    import asyncio
+
+    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import SLURMJob
+
+    class DoorJob(SLURMJob):  # type: ignore[misc]
+        door = slurm
+
+        @classmethod
+        async def _call(cls, cmd: list[str], *, shell: bool = False, **_kw: Any) -> str:
+            if shell:
+                raise RuntimeError(f"aifactory runs no shell command for Dask: {cmd}")
+            try:
+                return await asyncio.to_thread(cls.door.run, list(cmd))
+            except SlurmCommandError as exc:  # dask-jobqueue expects RuntimeError
+                raise RuntimeError(str(exc)) from None
+
+    class DoorSLURMCluster(SLURMCluster):  # type: ignore[misc]
+        job_cls = DoorJob
+
+    return DoorSLURMCluster
 
 
 @contextlib.contextmanager
@@ -199,49 +214,47 @@ def open_cluster(
         return
     # Fail fast and clearly when Slurm is down, before dask-jobqueue's own sbatch call.
     slurm.run(["sinfo", "-h", "-o", "%P"])
-    from dask_jobqueue import SLURMCluster
-
+    cluster_cls = door_cluster_class(slurm)
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     info = ClusterInfo(kind="slurm", job_name=job_name)
-    with _env(dict(slurm.env)):
-        cluster: Any = None
-        client: Any = None
+    cluster: Any = None
+    client: Any = None
+    try:
+        with dask.config.set(SCHEDULER_CONFIG):
+            cluster = cluster_cls(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
+        info.job_script = str(cluster.job_script())
+        info.dashboard = cluster.dashboard_link
+        if spec.adaptive_min is not None and spec.adaptive_max is not None:
+            cluster.adapt(minimum_jobs=spec.adaptive_min, maximum_jobs=spec.adaptive_max)
+        else:
+            cluster.scale(jobs=spec.workers)
+        client = Client(cluster)
+        info.end_times = lambda ids: slurm_end_times(slurm.run, ids)
+        info.retire = _retirer(client, cluster, info, log)
+        want = spec.workers if spec.adaptive_min is None else max(1, spec.adaptive_min)
+        log(f"waiting for {want} Dask worker job(s) on partition {spec.partition}")
         try:
-            with dask.config.set(SCHEDULER_CONFIG):
-                cluster = SLURMCluster(**slurm_cluster_kwargs(spec, account, job_name, log_dir))
-            info.job_script = str(cluster.job_script())
-            info.dashboard = cluster.dashboard_link
-            if spec.adaptive_min is not None and spec.adaptive_max is not None:
-                cluster.adapt(minimum_jobs=spec.adaptive_min, maximum_jobs=spec.adaptive_max)
-            else:
-                cluster.scale(jobs=spec.workers)
-            client = Client(cluster)
-            info.end_times = lambda ids: slurm_end_times(slurm.run, ids)
-            info.retire = _retirer(client, cluster, info, log)
-            want = spec.workers if spec.adaptive_min is None else max(1, spec.adaptive_min)
-            log(f"waiting for {want} Dask worker job(s) on partition {spec.partition}")
-            try:
-                client.wait_for_workers(want, timeout=WORKER_START_TIMEOUT_S)
-            except TimeoutError:
-                pending = slurm.jobs_named(job_name)
-                raise SlurmError(
-                    f"Dask workers did not start within {WORKER_START_TIMEOUT_S:.0f}s on "
-                    f"partition {spec.partition} (account {account}); jobs {pending} still "
-                    "queued: check sinfo / squeue"
-                ) from None
-            info.job_ids = sorted(set(slurm.jobs_named(job_name)))
-            info.workers = len(client.scheduler_info().get("workers", {}))
-            log(f"Dask workers up: jobs {', '.join(info.job_ids)}; dashboard {info.dashboard}")
-            yield client, info
-        finally:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
-            if cluster is not None:
-                with contextlib.suppress(Exception):
-                    cluster.close(timeout=30)
-            _reap(slurm, job_name, info, log)
+            client.wait_for_workers(want, timeout=WORKER_START_TIMEOUT_S)
+        except TimeoutError:
+            pending = slurm.jobs_named(job_name)
+            raise SlurmError(
+                f"Dask workers did not start within {WORKER_START_TIMEOUT_S:.0f}s on "
+                f"partition {spec.partition} (account {account}); jobs {pending} still "
+                "queued: check sinfo / squeue"
+            ) from None
+        info.job_ids = sorted(set(slurm.jobs_named(job_name)))
+        info.workers = len(client.scheduler_info().get("workers", {}))
+        log(f"Dask workers up: jobs {', '.join(info.job_ids)}; dashboard {info.dashboard}")
+        yield client, info
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=30)
+        _reap(slurm, job_name, info, log)
 
 
 def _spec_name(specs: dict[str, Any], worker_name: str) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import pytest
 
@@ -62,3 +64,41 @@ def test_local_workers_get_the_pad_and_the_flow_keeps_its_environment() -> None:
     # Dask's nannies set OMP_NUM_THREADS=1 and MALLOC_* in this process before spawning;
     # a local training run started later must not inherit them.
     assert dict(os.environ) == before
+
+
+def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> None:
+    """dask-jobqueue's sbatch and scancel calls go through the Slurm door (its environment,
+    its errors), and the flow's own environment is never rewritten. Fails if dask-jobqueue
+    stops routing its commands through ``Job._call`` (the override would no longer apply)."""
+    from aifactory.tasks.dask_cluster import door_cluster_class, slurm_cluster_kwargs
+    from aifactory.tasks.slurm import SlurmClient
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", 'echo "Submitted batch job 4242"'), ("scancel", "true")):
+        exe = bin_dir / name
+        exe.write_text(
+            f'#!/bin/sh\necho "{name} $* conf=$SLURM_CONF" >> "{tmp_path}/calls"\n{body}\n'
+        )
+        exe.chmod(0o755)
+    door = SlurmClient(env={"SLURM_CONF": "/site/slurm.conf"}, bin_dir=str(bin_dir))
+    before = dict(os.environ)
+    spec = DaskSpec(kind="slurm", workers=1)
+    cluster = door_cluster_class(door)(
+        **slurm_cluster_kwargs(spec, "startup-a", "aif-dask-t", None)
+    )
+    try:
+        cluster.scale(jobs=1)
+        deadline = time.monotonic() + 20
+        while "sbatch" not in _read(tmp_path / "calls") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dict(os.environ) == before
+    finally:
+        cluster.close(timeout=20)
+    calls = _read(tmp_path / "calls")
+    assert "sbatch " in calls and "conf=/site/slurm.conf" in calls, calls
+    assert "scancel 4242 conf=/site/slurm.conf" in calls, calls
+
+
+def _read(path: Any) -> str:
+    return path.read_text() if path.exists() else ""
