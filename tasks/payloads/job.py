@@ -24,7 +24,8 @@ What it gives:
 - ``job.run_dir``, ``job.config`` (the run's config JSON), ``job.inputs`` (the JSON named by
   ``--featureset``/``--inputs``: where the feature splits are), ``job.args`` (the rest).
 - ``job.rank``, ``job.world_size``, ``job.local_rank``, ``job.device`` (torchrun's
-  environment; the process group is started on first use of ``job.distributed()``).
+  environment; the process group is started on first use of ``job.distributed()``);
+  ``job.deterministic()`` (deterministic kernels, cuBLAS workspace), ``job.cpus()``.
 - ``job.should_stop()``: True once SIGUSR1 (Slurm's warning before the time limit) or
   SIGTERM (preemption, scancel) arrived on any rank.
 - ``job.checkpoint(state, position)`` and ``job.resume(fingerprint)``: an atomic
@@ -194,6 +195,15 @@ class Job:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank if self.world_size > 1 else 0)
         return torch.device("cpu")
+
+    def deterministic(self) -> None:
+        """Same seed, data and config, same weights: deterministic kernels only, and cuBLAS
+        with a fixed workspace (CUDA refuses deterministic matrix products without it; it
+        must be set before CUDA starts)."""
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
     def cpus(self, default: int = 1) -> int:
         """CPUs for this process: the job's cpus-per-task shared by the node's ranks."""

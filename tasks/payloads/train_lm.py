@@ -119,7 +119,7 @@ def train(job: Job) -> dict[str, Any]:
     if unknown:
         raise PayloadError(f"config has unknown keys {unknown} (valid: {sorted(DEFAULTS)})")
     cfg = {**DEFAULTS, **job.config}
-    torch.use_deterministic_algorithms(True)
+    job.deterministic()  # on a GPU too: before, cuBLAS refused without its workspace setting
     torch.set_num_threads(job.cpus(int(cfg["threads"])))
     device = job.device
     use_bf16 = bool(cfg["bf16"]) and device.type == "cuda"

@@ -156,9 +156,7 @@ def train(job: Job) -> dict[str, Any]:
     """Train on ``job.inputs`` (the FeatureSet manifest) with ``job.config``."""
     fset, cfg = job.inputs, job.config
     check_inputs(fset, cfg)
-    # cuBLAS is only deterministic with a fixed workspace; must be set before CUDA starts.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    job.deterministic()
     torch.set_num_threads(job.cpus(int(cfg.get("threads", 1))))
     job.distributed()
     rank, world, device = job.rank, job.world_size, job.device
