@@ -103,3 +103,21 @@ def test_unreadable_config_and_inputs_and_extra_arguments(tmp_path: Path) -> Non
     bad = _run(tmp_path, tmp_path / "r2", {}, "--featureset", str(tmp_path / "bad.json"))
     assert bad.returncode == 2
     assert bad.stderr.startswith("my_trainer: error: feature set manifest ")
+
+
+def test_the_readme_trainer_example_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("**The job runtime**", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    script = tmp_path / "readme_trainer.py"
+    script.write_text(block)
+    (tmp_path / "cfg.json").write_text(json.dumps({"steps": 4}))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "AIF_"))}
+    args = [sys.executable, str(script), "--run-dir", str(tmp_path / "r"), "--config",
+            str(tmp_path / "cfg.json")]  # fmt: skip
+    cut = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                         env={**clean, "AIF_TRAIN_SIGNAL_AT_STEP": "2"})  # fmt: skip
+    assert cut.returncode == 99, cut.stdout + cut.stderr
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120, env=clean)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resumed from checkpoint at step 2" in res.stdout
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"val_loss": 0.1}
