@@ -306,8 +306,9 @@ class Profile(_Model):
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     notifications: NotificationsSpec = Field(default_factory=NotificationsSpec)
-    # Feature engineering over its defaults (tasks/features.py): clean ranges, split,
-    # categorical vocabularies, fill values. Checked by features.resolve_config.
+    # Feature engineering (tasks/features.py): the mobility defaults' clean ranges, split,
+    # categorical vocabularies and fill values, or a project's own feature function
+    # (function, key, target, split, params). Checked by features.resolve_config.
     features: dict[str, Any] = Field(default_factory=dict)
     # lake.url as the profile file gives it, before AIF_* and CLI overrides (load_profile
     # sets it): the start-ups' prefixes are also guarded under it (tasks/tenancy.py).
@@ -440,7 +441,8 @@ def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
 
 
 def _absolutise(data: dict[str, Any], base: Path) -> None:
-    """Make relative ``*_dir`` paths and ``file://`` URLs absolute (in place)."""
+    """Make relative ``*_dir`` paths, ``file://`` URLs and a feature function's file
+    (``features.function: features.py:NAME``) absolute (in place)."""
 
     def fix_path(p: str) -> str:
         return str((base / p).resolve()) if not os.path.isabs(p) else p
@@ -455,6 +457,9 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
                         node[k] = "file:" + fix_path(v[len("file:") :])
                     elif (k == "catalog" and v) or ((k.endswith("_dir") or k == "conf") and v):
                         node[k] = fix_path(v)
+                    elif k == "function" and ".py:" in v:  # features.function FILE.py:NAME
+                        file, name = v.rsplit(":", 1)
+                        node[k] = f"{fix_path(file)}:{name}"
                     elif (
                         k == "tracking_uri"
                         and v.startswith("sqlite:///")

@@ -1,18 +1,35 @@
-"""Feature engineering for the mobility-trips dataset: pure, per-partition functions.
+"""Feature engineering: the platform's part, and the mobility model's feature function.
 
-Each lake file of a snapshot is one partition. ``featurize_partition`` cleans it, derives
-the features, assigns every row to train/val/test by a stable hash of its key (so the test
-set stays the test set across nightly runs), writes one Parquet file per split under fixed
-names (idempotent overwrite) and returns the counts and the train split's sums, from which
-the driver fits the normalisation on the train split only.
+Each lake file of a snapshot is one partition. ``featurize_partition`` reads it, calls the
+project's **feature function** (profile ``features.function``: ``module:function`` or
+``path/to/file.py:function``; the default is this module's ``mobility_features``), checks
+what it returned, assigns every row to train/val/test by a stable hash of its key (so the
+test set stays the test set across nightly runs), writes one Parquet file per split under
+fixed names (idempotent overwrite) and returns the counts and the train split's sums, from
+which the driver fits the normalisation on the train split only.
+
+A feature function is ``fn(frame: pandas.DataFrame, config: dict) -> DataFrame`` (or
+``(DataFrame, {reason: rows dropped})``); ``config`` is the resolved ``features`` section
+(its own settings are under ``config["params"]``). It returns the key column, the target
+column and its numeric features; every other column is a feature, in the order returned.
+What the platform keeps, whoever wrote the function: the split by key hash, statistics
+fitted on the train split only, deterministic output files, the row accounting, and a cache
+key that includes the function's source.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import io
 import json
-from typing import TYPE_CHECKING, Any
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import fsspec
 import numpy as np
@@ -23,11 +40,16 @@ if TYPE_CHECKING:  # pandas is imported where it is used: a cached run never nee
     import pandas as pd
 
 # Bump when the transform's code changes: part of the FeatureSet id (cache key).
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
 SPLITS = ("train", "val", "test")
+
+MOBILITY_FUNCTION = "aifactory.tasks.features:mobility_features"
+# Keys of a features section with a project's own function (the platform's keys).
+USER_KEYS = ("function", "key", "target", "split", "params")
 
 DEFAULT_FEATURE_CONFIG: dict[str, Any] = {
     "version": FEATURES_VERSION,
+    "function": MOBILITY_FUNCTION,
     "key": "trip_id",
     "target": "duration_min",
     "split": {"train": 80, "val": 10, "test": 10},  # percent, by hash of the key
@@ -56,12 +78,17 @@ def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
     """
     from aifactory.tasks.errors import ConfigError
 
+    if (overrides or {}).get("function", MOBILITY_FUNCTION) != MOBILITY_FUNCTION:
+        return _resolve_user_config(dict(overrides or {}))
     cfg = json.loads(json.dumps(DEFAULT_FEATURE_CONFIG))
     for key, value in (overrides or {}).items():
         where = f"features.{key}"
+        if key == "function":
+            continue
         if key not in ("clean", "split", "categorical", "fill", "zones"):
             raise ConfigError(
-                f"{where}: unknown key (valid keys: categorical, clean, fill, split, zones)"
+                f"{where}: unknown key (valid keys: categorical, clean, fill, function, split, "
+                "zones)"
             )
         if key == "zones":
             if not isinstance(value, int) or value < 1:
@@ -95,6 +122,117 @@ def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"features.split: percentages add up to {sum(cfg['split'].values())}, "
                           "not 100")  # fmt: skip
     return cfg
+
+
+def _check_split(split: Any, where: str) -> dict[str, int]:
+    from aifactory.tasks.errors import ConfigError
+
+    if not isinstance(split, dict):
+        raise ConfigError(f"{where}: must be a mapping of {', '.join(SPLITS)} to percentages")
+    out = {}
+    for name in SPLITS:
+        pct = split.get(name)
+        if not isinstance(pct, int) or isinstance(pct, bool) or pct < 0:
+            raise ConfigError(f"{where}.{name}: expected a non-negative integer percentage, "
+                              f"got {pct!r}")  # fmt: skip
+        out[name] = pct
+    extra = sorted(set(split) - set(SPLITS))
+    if extra:
+        raise ConfigError(f"{where}: unknown splits {extra} (valid: {', '.join(SPLITS)})")
+    if sum(out.values()) != 100:
+        raise ConfigError(f"{where}: percentages add up to {sum(out.values())}, not 100")
+    return out
+
+
+def _resolve_user_config(section: dict[str, Any]) -> dict[str, Any]:
+    """A features section naming the project's own function: function, key, target, split
+    (default 80/10/10), params (anything JSON, handed to the function)."""
+    from aifactory.tasks.errors import ConfigError
+
+    unknown = sorted(set(section) - set(USER_KEYS))
+    if unknown:
+        raise ConfigError(f"features.{unknown[0]}: unknown key for a project's own feature "
+                          f"function (valid keys: {', '.join(USER_KEYS)})")  # fmt: skip
+    for name in ("function", "key", "target"):
+        if not isinstance(section.get(name), str) or not section[name].strip():
+            raise ConfigError(f"features.{name}: required with a project's own feature "
+                              f"function (a column name or module:function), got "
+                              f"{section.get(name)!r}")  # fmt: skip
+    if section["key"] == section["target"]:
+        raise ConfigError(f"features.target: the same column as features.key ({section['key']!r})")
+    params = section.get("params", {})
+    try:
+        params = json.loads(json.dumps(params, sort_keys=True))
+    except (TypeError, ValueError):
+        raise ConfigError("features.params: must be plain data (JSON: mappings, lists, "
+                          "strings, numbers)") from None  # fmt: skip
+    load_function(section["function"])  # an import error is a config error, before any job
+    return {
+        "version": FEATURES_VERSION,
+        "function": section["function"],
+        "key": section["key"],
+        "target": section["target"],
+        "split": _check_split(section.get("split", {"train": 80, "val": 10, "test": 10}),
+                              "features.split"),
+        "params": params,
+    }  # fmt: skip
+
+
+def load_function(ref: str) -> Callable[..., Any]:
+    """The feature function named ``module:function`` or ``path/to/file.py:function`` (a
+    file is imported by its path, its folder first on sys.path, so a project's own
+    ``features.py`` never collides with another module of that name)."""
+    from aifactory.tasks.errors import ConfigError
+
+    where = f"features.function {ref!r}"
+    mod_name, sep, attr = ref.rpartition(":")
+    if not sep or not mod_name or not attr.isidentifier():
+        raise ConfigError(f"{where}: expected module:function or path/to/file.py:function")
+    try:
+        if mod_name.endswith(".py"):
+            path = os.path.abspath(mod_name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"{where}: no such file {path}")
+            name = "aif_features_" + hashlib.sha256(path.encode()).hexdigest()[:12]
+            module = sys.modules.get(name)
+            if module is None:
+                folder = os.path.dirname(path)
+                if folder not in sys.path:
+                    sys.path.insert(0, folder)
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            module = importlib.import_module(mod_name)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{where}: the module does not import: {type(exc).__name__}: "
+                          f"{msg}") from None  # fmt: skip
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{where}: {mod_name} has no function {attr!r}")
+    return cast(Callable[..., Any], fn)
+
+
+def function_source_hash(ref: str) -> str:
+    """sha256 (16 hex) of the feature function's source file: part of the cache key."""
+    fn = load_function(ref)
+    path = inspect.getsourcefile(fn) or ""
+    data = Path(path).read_bytes() if path and os.path.isfile(path) else ref.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def mobility_features(df: pd.DataFrame, config: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
+    """The mobility model's feature function (the default): :func:`transform`."""
+    return transform(df, config)
 
 
 def feature_columns(config: dict[str, Any]) -> list[str]:
@@ -208,18 +346,36 @@ def featurize_partition(
     storage_options: dict[str, Any],
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    """Featurise one lake file. Runs on a Dask worker (possibly a Slurm job)."""
+    """Featurise one lake file with the project's feature function. Runs on a Dask worker
+    (possibly a Slurm job). A failing function or an output that breaks the contract is a
+    DataError naming the function, the partition and what is wrong."""
+    from aifactory.tasks.errors import DataError
+
+    ref = config.get("function", MOBILITY_FUNCTION)
     fs, src_path = fsspec.core.url_to_fs(src_url, **storage_options)
     with fs.open(src_path, "rb") as fh:
         table = pq.read_table(fh)
     df = table.to_pandas()
     rows_in = len(df)
-    feats, dropped = transform(df, config)
+    where = f"features function {ref} on partition {index} ({src_url})"
+    fn = load_function(ref)
+    try:
+        out = fn(df, config)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise DataError(f"{where}: raised {type(exc).__name__}: {msg}") from None
+    feats, dropped = out if isinstance(out, tuple) else (out, {})
+    cols = _check_output(feats, dropped, config, rows_in, where)
     splits = split_of(feats[config["key"]], config["split"])
-    cols = feature_columns(config)
     target = config["target"]
     ofs, out_path = fsspec.core.url_to_fs(out_url, **storage_options)
-    result: dict[str, Any] = {"index": index, "rows_in": rows_in, "dropped": dropped, "splits": {}}
+    result: dict[str, Any] = {"index": index, "rows_in": rows_in, "dropped": dict(dropped),
+                              "splits": {}, "columns": cols}  # fmt: skip
+    if ref != MOBILITY_FUNCTION and len(feats) < rows_in:
+        result["dropped"]["dropped_by_feature_function"] = (
+            rows_in - len(feats) - sum(dropped.values())
+        )
+        result["dropped"] = {k: v for k, v in result["dropped"].items() if v}
     for name in SPLITS:
         part = feats.loc[splits == name].reset_index(drop=True)
         path = f"{out_path.rstrip('/')}/{name}/part-{index:05d}.parquet"
@@ -228,9 +384,9 @@ def featurize_partition(
             + [pa.field(c, pa.float32(), nullable=False) for c in cols]
             + [pa.field(target, pa.float32(), nullable=False)]
         )
-        tbl = pa.Table.from_pandas(
-            part[[config["key"], *cols, target]], schema=schema, preserve_index=False
-        )
+        frame = part[[config["key"], *cols, target]].copy()
+        frame[config["key"]] = frame[config["key"]].astype("string")
+        tbl = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         digest = _write_parquet(ofs, path, tbl)
         entry: dict[str, Any] = {
             "file": f"{out_url.rstrip('/')}/{name}/part-{index:05d}.parquet",
@@ -243,6 +399,47 @@ def featurize_partition(
             entry["sumsq"] = (vals * vals).sum(axis=0).tolist()
         result["splits"][name] = entry
     return result
+
+
+def _check_output(feats: Any, dropped: Any, config: dict[str, Any], rows_in: int,
+                  where: str) -> list[str]:  # fmt: skip
+    """The feature columns of a feature function's output, after checking its contract:
+    a DataFrame with the key and target, numeric finite features, no more rows than read."""
+    import pandas as pd
+
+    from aifactory.tasks.errors import DataError
+
+    if not isinstance(feats, pd.DataFrame):
+        raise DataError(f"{where}: returned {type(feats).__name__}, expected a pandas DataFrame")
+    if not isinstance(dropped, dict):
+        raise DataError(f"{where}: its drop counts are {type(dropped).__name__}, not a dict")
+    key, target = config["key"], config["target"]
+    for role, col in (("key", key), ("target", target)):
+        if col not in feats.columns:
+            raise DataError(f"{where}: the output has no {role} column {col!r} "
+                            f"(columns: {', '.join(map(str, feats.columns))[:200]})")  # fmt: skip
+    if feats[key].isna().any():
+        raise DataError(f"{where}: key column {key!r} has nulls")
+    if len(feats) > rows_in:
+        raise DataError(f"{where}: returned {len(feats)} rows from {rows_in} (rows may only be "
+                        "dropped, never added)")  # fmt: skip
+    if config.get("function", MOBILITY_FUNCTION) == MOBILITY_FUNCTION:
+        cols = feature_columns(config)
+    else:
+        cols = [str(c) for c in feats.columns if c not in (key, target)]
+        if not cols:
+            raise DataError(f"{where}: the output has no feature column besides {key!r} and "
+                            f"{target!r}")  # fmt: skip
+    for col in [*cols, target]:
+        series = feats[col]
+        if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+            raise DataError(f"{where}: column {col!r} is {series.dtype}, expected a number "
+                            "(int, float or bool)")  # fmt: skip
+        vals = series.to_numpy(dtype="float64", na_value=np.nan)
+        if not np.isfinite(vals).all():
+            raise DataError(f"{where}: column {col!r} has {int((~np.isfinite(vals)).sum())} "
+                            "missing or infinite values")  # fmt: skip
+    return cols
 
 
 def fit_normalisation(

@@ -34,7 +34,10 @@ def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[
     from aifactory.tasks.provenance import code_hash
 
     cfg = json.loads(json.dumps(config or F.DEFAULT_FEATURE_CONFIG))
-    return F.featureset_id(snapshot.content_hash(), cfg, code_hash("preprocess")), cfg
+    code = code_hash("preprocess")
+    if cfg.get("function", F.MOBILITY_FUNCTION) != F.MOBILITY_FUNCTION:
+        code += ":" + F.function_source_hash(cfg["function"])  # the project's code too
+    return F.featureset_id(snapshot.content_hash(), cfg, code), cfg
 
 
 def run_preprocess(
@@ -90,8 +93,18 @@ def run_preprocess(
         ) from None
     results.sort(key=lambda r: r["index"])
 
-    cols = F.feature_columns(config)
-    norm = F.fit_normalisation(results, [*cols, config["target"]])
+    cols = results[0]["columns"] if results else F.feature_columns(config)
+    for r in results:
+        if r["columns"] != cols:
+            raise DataError(
+                f"preprocess {snapshot.dataset}: features function {config.get('function')} "
+                f"returned other columns for partition {r['index']} than for partition "
+                f"{results[0]['index']}: {r['columns'][:20]} vs {cols[:20]}"
+            )
+    try:
+        norm = F.fit_normalisation(results, [*cols, config["target"]])
+    except ValueError as exc:
+        raise DataError(f"preprocess {snapshot.dataset}: {exc}") from None
     rows_in = sum(r["rows_in"] for r in results)
     dropped: dict[str, int] = {}
     for r in results:

@@ -23,11 +23,16 @@ class TabularPyfunc(PythonModel):
 
     # No type hints on predict: MLflow would try to derive a schema from them.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        from aifactory.tasks.features import transform
+        from aifactory.tasks.features import MOBILITY_FUNCTION, load_function, transform
         from aifactory.tasks.payloads.tabular_model import predict
 
         df = pd.DataFrame(model_input)
         cols = list(self.meta["feature_columns"])
         if not set(cols) <= set(df.columns):
-            df, _ = transform(df, self.feature_config, inference=True)
+            ref = self.feature_config.get("function", MOBILITY_FUNCTION)
+            if ref == MOBILITY_FUNCTION:
+                df, _ = transform(df, self.feature_config, inference=True)
+            else:  # the project's own feature function (importable where the model loads)
+                out = load_function(ref)(df, self.feature_config)
+                df = out[0] if isinstance(out, tuple) else out
         return predict(self.module, self.meta, df[cols])

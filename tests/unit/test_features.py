@@ -115,3 +115,128 @@ def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-unty
                  + "features:\n  split: {train: 50, val: 10, test: 10}\n")  # fmt: skip
     with pytest.raises(ConfigError, match="add up to 70"):
         load_profile(str(p), env={})
+
+
+# -- a project's own feature function (issue 14) ------------------------------------------
+FIELDS_FN = """
+import numpy as np
+
+def yield_features(df, config):
+    p = config["params"]
+    out = df[["field_id", "yield_t_ha"]].copy()
+    out["rain"] = df["rain_mm"] / p["rain_scale"]
+    out["n"] = df["nitrogen"].astype("float64")
+    out["sandy"] = df["soil"] == "sand"
+    return out[df["yield_t_ha"] > 0]
+
+def broken(df, config):
+    raise ValueError("no column soil_ph")
+
+def drops_key(df, config):
+    return df[["yield_t_ha", "rain_mm"]]
+
+def text_feature(df, config):
+    return df[["field_id", "yield_t_ha", "soil"]]
+
+def nan_feature(df, config):
+    out = df[["field_id", "yield_t_ha"]].copy()
+    out["bad"] = np.where(df["rain_mm"] > 500, np.nan, 1.0)
+    return out
+"""
+
+
+def _fields(n: int = 1200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "field_id": [f"F{i:06d}" for i in range(n)],
+        "rain_mm": rng.uniform(100, 900, n),
+        "nitrogen": rng.integers(0, 200, n).astype("int32"),
+        "soil": rng.choice(["sand", "clay", "loam"], n),
+        "yield_t_ha": np.where(rng.random(n) < 0.05, 0.0, rng.uniform(2, 9, n)),
+    })  # fmt: skip
+
+
+def _user(tmp_path, fn: str = "yield_features") -> dict:  # type: ignore[no-untyped-def]
+    src = tmp_path / "proj" / "features.py"
+    src.parent.mkdir(exist_ok=True)
+    src.write_text(FIELDS_FN)
+    return F.resolve_config({"function": f"{src}:{fn}", "key": "field_id",
+                             "target": "yield_t_ha", "params": {"rain_scale": 100.0}})  # fmt: skip
+
+
+def test_a_projects_own_feature_function_gets_the_platforms_split_and_accounting(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = _user(tmp_path)
+    assert cfg["split"] == {"train": 80, "val": 10, "test": 10}
+    src = tmp_path / "in.parquet"
+    df = _fields()
+    df.to_parquet(src)
+    r = F.featurize_partition(3, f"file://{src}", f"file://{tmp_path}/out", {}, cfg)
+    assert r["columns"] == ["rain", "n", "sandy"]
+    kept = int((df["yield_t_ha"] > 0).sum())
+    assert sum(s["rows"] for s in r["splits"].values()) == kept
+    assert r["dropped"] == {"dropped_by_feature_function": len(df) - kept}
+    test = pd.read_parquet(tmp_path / "out" / "test" / "part-00003.parquet")
+    assert list(test.columns) == ["field_id", "rain", "n", "sandy", "yield_t_ha"]
+    expect = F.split_of(df.loc[df["yield_t_ha"] > 0, "field_id"].reset_index(drop=True),
+                        cfg["split"])  # fmt: skip
+    assert len(test) == int((expect == "test").sum())
+    norm = F.fit_normalisation([r], [*r["columns"], "yield_t_ha"])
+    train = pd.read_parquet(tmp_path / "out" / "train" / "part-00003.parquet")
+    assert abs(norm["rain"]["mean"] - train["rain"].astype("float64").mean()) < 1e-4
+    # the cache key follows the function's source
+    before = F.function_source_hash(cfg["function"])
+    (tmp_path / "proj" / "features.py").write_text(FIELDS_FN + "\n# changed\n")
+    assert F.function_source_hash(cfg["function"]) != before
+
+
+def test_feature_function_faults_are_one_line_naming_function_partition_and_cause(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    import pytest
+
+    from aifactory.tasks.errors import DataError
+
+    src = tmp_path / "in.parquet"
+    _fields(200).to_parquet(src)
+    cases = [
+        ("broken", r"features function .*features\.py:broken on partition 7 \(file://.*in\.parquet"
+                   r"\): raised ValueError: no column soil_ph"),
+        ("drops_key", r"drops_key on partition 7 .*: the output has no key column 'field_id'"),
+        ("text_feature", r"column 'soil' is (object|str), expected a number"),
+        ("nan_feature", r"column 'bad' has \d+ missing or infinite values"),
+    ]  # fmt: skip
+    for fn, match in cases:
+        with pytest.raises(DataError, match=match) as e:
+            F.featurize_partition(
+                7, f"file://{src}", f"file://{tmp_path}/o", {}, _user(tmp_path, fn)
+            )
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # nothing written for a refused partition
+
+
+def test_feature_function_config_is_checked_before_any_job(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from aifactory.tasks.errors import ConfigError
+
+    src = tmp_path / "features.py"
+    src.write_text("import nonexistent_package_xyz\n")
+    bad = [
+        ({"function": "x.py:f", "key": "k", "target": "t", "clean": {}},
+         r"features.clean: unknown key for a project's own feature function \(valid keys: "
+         r"function, key, target, split, params\)"),
+        ({"function": "mymod:f", "target": "t"}, r"features.key: required"),
+        ({"function": f"{src}:f", "key": "k", "target": "t"},
+         r"the module does not import: ModuleNotFoundError: No module named "
+         r"'nonexistent_package_xyz'"),
+        ({"function": "no-colon", "key": "k", "target": "t"}, r"expected module:function"),
+        ({"function": "json:nothing_here", "key": "k", "target": "t"},
+         r"json has no function 'nothing_here'"),
+        ({"function": "json:dumps", "key": "k", "target": "t",
+          "split": {"train": 50, "val": 10, "test": 10}}, r"add up to 70"),
+    ]  # fmt: skip
+    for section, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            F.resolve_config(section)
