@@ -73,7 +73,7 @@ case "$cmd" in
     # Set before `site up`: a part that fails to start must not leave the others running.
     trap '"$VENV/bin/aif" site down || true' EXIT
     "$VENV/bin/aif" site up
-    "$VENV/bin/python" -m pytest --site -q "$@"
+    "$VENV/bin/python" -m pytest --site -q --durations=15 "$@"
     ;;
   *)
     echo "usage: infra/dev.sh run|test|setup|lint [args]" >&2
