@@ -46,11 +46,12 @@ class ClusterInfo:
         }
 
 
-def door_cluster_class(slurm: SlurmClient) -> Any:
+def door_cluster_class(slurm: SlurmClient, chdir: str | None = None) -> Any:
     """dask-jobqueue's SLURMCluster whose sbatch and scancel calls go through our Slurm door
     (its command, timeout, environment and one-line errors) instead of its own subprocess
     call: its Job class routes every command through ``Job._call`` (dask_jobqueue/core.py),
-    which this subclass overrides. No process-wide environment is rewritten.
+    which this subclass overrides. No process-wide environment is rewritten. ``chdir``: the
+    worker jobs' working directory (their log files' folder), given to sbatch.
     tests/unit/test_dask_cluster.py fails if dask-jobqueue stops calling it."""
     import asyncio
 
@@ -64,6 +65,8 @@ def door_cluster_class(slurm: SlurmClient) -> Any:
         async def _call(cls, cmd: list[str], *, shell: bool = False, **_kw: Any) -> str:
             if shell:
                 raise RuntimeError(f"aifactory runs no shell command for Dask: {cmd}")
+            if chdir and cmd and cmd[0] == "sbatch":
+                cmd = [cmd[0], f"--chdir={chdir}", *cmd[1:]]
             try:
                 return await asyncio.to_thread(cls.door.run, list(cmd))
             except SlurmCommandError as exc:  # dask-jobqueue expects RuntimeError
@@ -148,7 +151,9 @@ def slurm_cluster_kwargs(
     if spec.interface:
         kwargs["interface"] = spec.interface
     if log_dir:
-        kwargs["log_directory"] = log_dir
+        # Relative names: the door submits with --chdir=<log_dir> (door_cluster_class), so a
+        # log folder whose path has a space works (#SBATCH lines split at spaces).
+        directives += [f"-e {job_name}-%J.err", f"-o {job_name}-%J.out"]
     return kwargs
 
 
@@ -214,7 +219,7 @@ def open_cluster(
         return
     # Fail fast and clearly when Slurm is down, before dask-jobqueue's own sbatch call.
     slurm.run(["sinfo", "-h", "-o", "%P"])
-    cluster_cls = door_cluster_class(slurm)
+    cluster_cls = door_cluster_class(slurm, str(Path(log_dir).resolve()) if log_dir else None)
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     info = ClusterInfo(kind="slurm", job_name=job_name)

@@ -84,9 +84,11 @@ def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> No
     door = SlurmClient(env={"SLURM_CONF": "/site/slurm.conf"}, bin_dir=str(bin_dir))
     before = dict(os.environ)
     spec = DaskSpec(kind="slurm", workers=1)
-    cluster = door_cluster_class(door)(
-        **slurm_cluster_kwargs(spec, "startup-a", "aif-dask-t", None)
-    )
+    logs = tmp_path / "logs with space"
+    kwargs = slurm_cluster_kwargs(spec, "startup-a", "aif-dask-t", str(logs))
+    cluster = door_cluster_class(door, str(logs))(**kwargs)
+    script = cluster.job_script()
+    assert "#SBATCH -e aif-dask-t-%J.err" in script and str(logs) not in script
     try:
         cluster.scale(jobs=1)
         deadline = time.monotonic() + 20
@@ -96,7 +98,7 @@ def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> No
     finally:
         cluster.close(timeout=20)
     calls = _read(tmp_path / "calls")
-    assert "sbatch " in calls and "conf=/site/slurm.conf" in calls, calls
+    assert f"sbatch --chdir={logs} " in calls and "conf=/site/slurm.conf" in calls, calls
     assert "scancel 4242 conf=/site/slurm.conf" in calls, calls
 
 
