@@ -9,8 +9,11 @@ never hit) in reverse order and nothing else. State stays for the next ``up``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,9 +176,30 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
         part.after(site, progress)
 
 
+def site_root(site_dir: Path) -> Path:
+    """The path the site's daemons are given for ``site_dir``. A folder whose path holds
+    whitespace (a clone in ``~/my work/aif``) is reached through a link without any:
+    ``<tmp>/aif-site-<hash>``. Slurm's and MariaDB's own configuration and scripts split
+    paths at spaces (mariadb-install-db's chown, slurm.conf), so they never see one."""
+    real = site_dir.resolve()
+    if not any(c.isspace() for c in str(real)):
+        return real
+    real.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(real).encode()).hexdigest()[:12]
+    link = Path(tempfile.gettempdir()) / f"aif-site-{digest}"
+    if link.is_symlink() and Path(os.readlink(link)) != real:
+        link.unlink()
+    if not link.is_symlink():
+        if link.exists():
+            raise SiteError(f"site folder {real} has a space; its alias {link} is taken by "
+                            "another file: remove it, or use --dir without spaces")  # fmt: skip
+        link.symlink_to(real, target_is_directory=True)
+    return link
+
+
 def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
     """Start every part that is not already running and healthy; return their status."""
-    site = Site(Path(site_dir).resolve())
+    site = Site(site_root(Path(site_dir)))
     t0 = time.monotonic()
     sp.ensure_packages(progress)
     for d in (site.root, site.logs, site.root / "pids"):
@@ -211,7 +235,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
 
 def status(site_dir: Path) -> list[PartStatus]:
     """Health and address of every part; starts nothing."""
-    site = Site(Path(site_dir).resolve())
+    site = Site(site_root(Path(site_dir)))
     state = _load(site)
     out = []
     for part in PARTS:
@@ -231,7 +255,7 @@ def status(site_dir: Path) -> list[PartStatus]:
 
 def env_lines(site_dir: Path) -> list[str]:
     """``export X=...`` lines that point Slurm, Prefect, MLflow and S3 clients at the site."""
-    site = Site(Path(site_dir).resolve())
+    site = Site(site_root(Path(site_dir)))
     values = {
         "AIF_SITE_DIR": str(site.root),
         "SLURM_CONF": str(site.slurm_conf),
@@ -251,7 +275,7 @@ def down(site_dir: Path, progress: Progress = print) -> list[str]:
 
     Nothing else is signalled, and no state (data, logs, configs) is removed.
     """
-    site = Site(Path(site_dir).resolve())
+    site = Site(site_root(Path(site_dir)))
     state = _load(site)
     stopped = []
     for part in reversed(PARTS):

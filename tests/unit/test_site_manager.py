@@ -93,3 +93,15 @@ def test_site_dir_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyP
     lines = manager.env_lines(Path("rel/site"))
     assert f"export AIF_SITE_DIR={tmp_path / 'rel' / 'site'}" in lines
     assert Site(Path("x").resolve()).root.is_absolute()
+
+
+def test_a_site_folder_with_a_space_is_reached_through_a_link_without_one(tmp_path: Path) -> None:
+    """mariadb-install-db's chown and slurm.conf split paths at spaces: `aif site up` in a
+    clone under `my work/` failed. The daemons get a space-free alias of the folder."""
+    real = tmp_path / "my work" / "aif 'q" / ".aif" / "site"
+    root = manager.site_root(real)
+    assert not any(c.isspace() for c in str(root)) and root.resolve() == real.resolve()
+    assert manager.site_root(real) == root  # stable: the same alias every time
+    plain = tmp_path / "plain" / "site"
+    assert manager.site_root(plain) == plain.resolve()
+    root.unlink()
