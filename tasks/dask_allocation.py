@@ -11,6 +11,7 @@ on the shared filesystem. The stage must then fit in that one job's walltime.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ def render_allocation_script(
             "directives": "\n".join(f"#SBATCH {d}" for d in directives),
             "prologue": "\n".join(job_prologue(spec)),
             "scheduler_file": scheduler_file,
-            "python": sys.executable,
+            "python": shlex.quote(sys.executable),  # a venv under "my work/" stays one word
             "interface_arg": iface,
             "threads": per_proc_cores,
             "worker_memory": f"{_mb(spec.memory) // spec.processes}MiB",

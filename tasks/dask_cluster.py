@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def slurm_cluster_kwargs(
         "job_name": job_name,
         "job_extra_directives": directives,
         "job_script_prologue": job_prologue(spec),
-        "python": sys.executable,
+        "python": shlex.quote(sys.executable),  # a venv under "my work/" stays one word
         "scheduler_options": {"host": spec.scheduler_host, "dashboard_address": ":0"},
         "worker_extra_args": worker_args(spec),
     }

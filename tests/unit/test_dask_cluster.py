@@ -104,3 +104,16 @@ def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> No
 
 def _read(path: Any) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def test_worker_scripts_quote_a_python_path_with_a_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone under a folder with a space: its venv's python must stay one word in the
+    worker job scripts (dask-jobqueue and the allocation template do not quote it)."""
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/tmp/ci final/aif/.venv/bin/python")
+    spec = DaskSpec(kind="slurm", workers=1)
+    script = render_worker_script(spec, "startup-a", "aif-dask-x")
+    assert "'/tmp/ci final/aif/.venv/bin/python' -m distributed.cli.dask_worker" in script
+    alloc = render_allocation_script(spec, "startup-a", "aif-dask-x", "/s/sched.json", "/s")
+    assert "'/tmp/ci final/aif/.venv/bin/python' -m distributed.cli.dask_scheduler" in alloc
