@@ -131,11 +131,14 @@ def test_a_stale_pidfile_is_reported_and_never_killed(tmp_path: Path) -> None:
 
 
 def test_env_lines_point_clients_at_the_site(tmp_path: Path) -> None:
-    site = Site((tmp_path / "my site").resolve())
     lines = manager.env_lines(tmp_path / "my site")
     env = dict(ln.removeprefix("export ").split("=", 1) for ln in lines)
-    assert env["SLURM_CONF"] == f"'{site.slurm_conf}'"  # quoted: the path has a space
-    assert env["AIF_SITE_DIR"] == f"'{site.root}'"
+    # A folder with a space is reached through the site's space-free alias (site_root).
+    site = Site(manager.site_root(tmp_path / "my site"))
+    assert " " not in str(site.root) and site.root.resolve() == (tmp_path / "my site").resolve()
+    assert env["SLURM_CONF"] == str(site.slurm_conf)
+    assert env["AIF_SITE_DIR"] == str(site.root)
+    site.root.unlink()
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5050"
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9010"
