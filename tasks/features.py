@@ -118,9 +118,7 @@ def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
             elif key == "fill" and name not in DEFAULT_FEATURE_CONFIG["fill"]:
                 raise ConfigError(f"{sub}: no fill rule for this column")
             cfg[key][name] = item
-    if sum(cfg["split"].values()) != 100:
-        raise ConfigError(f"features.split: percentages add up to {sum(cfg['split'].values())}, "
-                          "not 100")  # fmt: skip
+    _check_split(cfg["split"], "features.split")  # the same sum rule as a project's own
     return cfg
 
 
@@ -371,11 +369,9 @@ def featurize_partition(
     ofs, out_path = fsspec.core.url_to_fs(out_url, **storage_options)
     result: dict[str, Any] = {"index": index, "rows_in": rows_in, "dropped": dict(dropped),
                               "splits": {}, "columns": cols}  # fmt: skip
-    if ref != MOBILITY_FUNCTION and len(feats) < rows_in:
-        result["dropped"]["dropped_by_feature_function"] = (
-            rows_in - len(feats) - sum(dropped.values())
-        )
-        result["dropped"] = {k: v for k, v in result["dropped"].items() if v}
+    unaccounted = rows_in - len(feats) - sum(dropped.values())
+    if unaccounted > 0:  # rows a function dropped without saying why (never the mobility one)
+        result["dropped"]["dropped_by_feature_function"] = unaccounted
     for name in SPLITS:
         part = feats.loc[splits == name].reset_index(drop=True)
         path = f"{out_path.rstrip('/')}/{name}/part-{index:05d}.parquet"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 from aifactory.infra.site import procs
 from aifactory.tasks.errors import SiteError
+from aifactory.tasks.lake import write_text_local
 
 STARTUP_TIMEOUT_S = 240.0
 STATE = "prefect-local"
@@ -51,12 +51,16 @@ def record(home_dir: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
+def _live(rec: dict[str, Any] | None) -> bool:
+    """Whether the recorded server process still runs and answers."""
+    return bool(rec and isinstance(rec.get("api_url"), str) and procs.owns(rec)
+                and healthy(rec["api_url"]))  # fmt: skip
+
+
 def running(home_dir: str) -> dict[str, Any] | None:
     """This home's server record if that process still runs and answers, else None."""
     rec = record(home_dir)
-    if rec and isinstance(rec.get("api_url"), str) and procs.owns(rec) and healthy(rec["api_url"]):
-        return rec
-    return None
+    return rec if _live(rec) else None
 
 
 def _port_free(port: int) -> bool:
@@ -88,10 +92,9 @@ def ensure_managed_server(
 
 
 def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[str], object]) -> str:
-    rec = running(home_dir)
-    if rec:
-        return str(rec["api_url"])
     old = record(home_dir)
+    if old and _live(old):
+        return str(old["api_url"])
     if old:  # recorded but not answering: stop whatever of it is left, then start afresh
         procs.stop(old, "prefect")
     if not _port_free(port):
@@ -113,9 +116,7 @@ def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[st
              "stop it with `aif server stop`)")  # fmt: skip
     rec = procs.start("local Prefect server", argv, log_path, env=env)
     rec.update(api_url=api_url, port=port, home=str(Path(home_dir).resolve()))
-    tmp = state / f".server.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(rec))
-    tmp.replace(state / "server.json")
+    write_text_local(state / "server.json", json.dumps(rec))
     try:
         procs.wait_until("local Prefect server", lambda: healthy(api_url), int(rec["pid"]),
                          log_path, STARTUP_TIMEOUT_S)  # fmt: skip
