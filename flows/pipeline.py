@@ -42,11 +42,21 @@ def pipeline(
     startup: str | None = None,
     overrides: dict[str, Any] | None = None,
     promote: bool = False,
+    project: str | None = None,
 ) -> str:
     """Run ingest, preprocess, train and register; return the model URI models:/NAME/VER.
 
+    ``project``: a start-up's project (its ``aifactory.yaml`` or folder; relative to the
+    working folder, as in a deployment that pulled the project): its data set, features,
+    trainer and model replace the profile's, and its start-up is the default.
     With ``promote`` (the nightly deployments), the registered version then goes through
     the promotion gates (profile section ``promotion``) and may become the champion."""
+    if project:
+        from aifactory.tasks.project import find_project, project_overrides
+
+        own, settings = project_overrides(find_project(project) or project)
+        startup = startup or own
+        overrides = {**settings, **(overrides or {})}  # explicit flags still win
     cfg = load_profile(profile, overrides)
     sid, st = cfg.startup(startup)
     # Before any byte is ingested or any job submitted: the tenant's own prefix, account
@@ -135,7 +145,8 @@ def pipeline(
             "seconds": round(times["train"], 1),
             "output": f"run {trained.run_key}; Slurm jobs "
             f"{', '.join(trained.slurm_job_ids) or 'local'}; "
-            f"test RMSE {trained.metrics.get('test_rmse', float('nan')):.3f} min",
+            f"{cfg.promotion.metric} "
+            f"{trained.metrics.get(cfg.promotion.metric, float('nan')):.4g}",
         },
         {
             "stage": "register",

@@ -89,6 +89,9 @@ def register_task(
         log=say,
         documents=documents,
         extra_artifacts={"lineage/config.json": cfg.public_dict()},
+        flavour=cfg.mlflow.flavour,
+        model_ref=cfg.mlflow.model_class or cfg.mlflow.python_model,
+        source_dir=str(Path(cfg.training.script).parent) if cfg.training.script else None,
     )
 
 

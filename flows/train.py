@@ -25,7 +25,7 @@ def train_task(
     fset: FeatureSet, profile: str, startup: str | None, overrides: dict[str, Any] | None
 ) -> TrainedModel:
     from aifactory.tasks.admission import admit
-    from aifactory.tasks.training import train
+    from aifactory.tasks.training import project_code_hash, train
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
@@ -33,6 +33,7 @@ def train_task(
     run_key = key_of(
         "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
         st.account, code_hash("train"),
+        *([project_code_hash(spec.script), cfg.mlflow.flavour] if spec.script else []),
     )  # fmt: skip
     slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
     say = stage_logger("train")
@@ -49,6 +50,7 @@ def train_task(
             log=say,
             cancel_event=cancel,
             admit=lambda: admit(sid, st, spec, slurm),
+            flavour=cfg.mlflow.flavour,
         )
 
 
@@ -62,10 +64,8 @@ def train_flow(
     trained = train_task(featureset, profile, startup, overrides)
     say = stage_logger("train")
     m = trained.metrics
-    say(
-        f"run {trained.run_key}: test RMSE {m.get('test_rmse', float('nan')):.3f} min, "
-        f"R² {m.get('test_r2', float('nan')):.3f}, {m.get('samples_per_second', 0):.0f} samples/s"
-    )
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())[:6])
+    say(f"run {trained.run_key}: {shown or 'no metrics'}")
     sacct_rows = [{"field": k, "value": v} for k, v in trained.sacct.items()]
     artifact_markdown(
         "training-run",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -62,19 +63,34 @@ def _use_prefect(cfg: Any, verbose: bool) -> str:
     return api_url
 
 
+def _project(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str, Any]]:
+    """(project file, its start-up, its overrides) for --project or ./aifactory.yaml."""
+    from aifactory.tasks.project import find_project, project_overrides
+
+    path = find_project(getattr(args, "project", None))
+    if path is None:
+        return None, None, {}
+    startup, over = project_overrides(path)
+    return str(path), startup, over
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from aifactory.tasks.config import load_profile
 
     overrides = _overrides(args)
-    cfg = load_profile(args.profile, overrides)
-    sid, st = cfg.startup(args.startup)
+    project, own_startup, project_over = _project(args)
+    if project and "training.epochs" in overrides:  # a project's trainer reads job.config
+        overrides["training.config.epochs"] = overrides.pop("training.epochs")
+    cfg = load_profile(args.profile, {**project_over, **overrides})
+    sid, st = cfg.startup(args.startup or own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
     if args.dry_run:
         return dry_run(cfg, sid)
     api_url = _use_prefect(cfg, args.verbose)
     ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-    print(f"aif run: profile {cfg.name}, start-up {sid} (account {st.account}), Prefect {ui}",
-          flush=True)  # fmt: skip
+    what = f"project {project}, " if project else ""
+    print(f"aif run: {what}profile {cfg.name}, start-up {sid} (account {st.account}), "
+          f"Prefect {ui}", flush=True)  # fmt: skip
 
     from aifactory.flows.pipeline import pipeline
 
@@ -82,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         profile=args.profile or cfg.name,
         startup=sid,
         overrides=overrides or None,
+        project=project,
         return_state=True,
     )
     run_id = state.state_details.flow_run_id
@@ -121,6 +138,18 @@ def dry_run(cfg: Any, sid: str) -> int:
                         run_dir=run_dir, python=sys.executable,
                         featureset_path=f"{run_dir}/featureset.json",
                         config_path=f"{run_dir}/config.json", run_key="<run-key>"))  # fmt: skip
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from aifactory.tasks.project import init_project
+
+    dest = Path(args.dir or args.name).resolve()
+    files = init_project(args.name, dest, args.startup)
+    print(f"created project {args.name} in {dest}:")
+    for f in files:
+        print(f"  {f.relative_to(dest)}")
+    print(f"next: cd {shlex.quote(str(dest))} && aif run")
     return 0
 
 
@@ -443,8 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the whole pipeline: ingest, preprocess, train, register")
     r.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
-    r.add_argument("--startup", default=None, help="start-up id (default: the profile's)")
-    r.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    r.add_argument("--startup", default=None,
+                   help="start-up id (default: the project's, else the profile's)")  # fmt: skip
+    r.add_argument("--project", default=None,
+                   help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
+    r.add_argument("--epochs", type=int, default=None,
+                   help="override training.epochs (a project's: train.config.epochs)")  # fmt: skip
     r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
     r.add_argument("--dataspace", default=None, help="override the dataset's URL")
     r.add_argument("--purpose", default=None, help="declared purpose (default: the start-up's)")
@@ -456,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config and the job scripts; submit nothing",
     )
     r.set_defaults(func=cmd_run)
+
+    ini = sub.add_parser("init", help="start a project of your own: data set, features, "
+                         "trainer, model and nightly deployment, in a new folder")  # fmt: skip
+    ini.add_argument("name", help="project and model name (lower-case letters, digits, -)")
+    ini.add_argument("--dir", default=None, help="folder to create (default: ./NAME)")
+    ini.add_argument("--startup", default=None, help="whose project (default: startup-b)")
+    ini.set_defaults(func=cmd_init)
 
     lm = sub.add_parser("train-lm", help="train the reference causal LM on data-space text")
     lm.add_argument("--profile", default=None, help="local (default), site, or a YAML file")

@@ -33,6 +33,9 @@ from pydantic import (
 from aifactory.tasks.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "infra" / "profiles"
+# Sections an override replaces whole instead of merging into (a project's feature section
+# is its own: the profile's mobility settings must not leak into it).
+REPLACED_SECTIONS = ("features", "training.config")
 # ${VAR} or ${VAR:-default}; defaults may nest (innermost first).
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
 
@@ -170,6 +173,11 @@ class TrainingSpec(_Model):
 
     executor: Literal["local", "slurm"] = "local"
     payload: Literal["tabular", "lm"] = "tabular"
+    # A project's own training script (path to a .py file; its folder is the project's code,
+    # copied into the run directory and hashed into the run key). Replaces the reference
+    # payload; ``config`` is what the script gets as ``job.config``.
+    script: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
     partition: str = "gpu"
     gpus_per_node: int = Field(default=1, ge=0)
     nodes: int = Field(default=1, ge=1)
@@ -215,6 +223,22 @@ class MlflowSpec(_Model):
     artifact_location: str | None = None  # for a local file/sqlite store
     experiment: str = "aifactory"
     model_name: str = "mobility-trip-duration"
+    # How the trained model is saved and loaded (tasks/flavours.py): "tabular" (the reference
+    # MLP), "pytorch" (a state dict in model.pt and ``model_class``, FILE.py:CLASS, built with
+    # the keyword arguments in model_init.json), "sklearn" (a pickled estimator in model.pkl)
+    # or "pyfunc" (``python_model``, FILE.py:CLASS, an mlflow.pyfunc.PythonModel loading the
+    # run's outputs). Each registers as one pyfunc that featurises raw rows.
+    flavour: Literal["tabular", "pytorch", "sklearn", "pyfunc"] = "tabular"
+    model_class: str | None = None
+    python_model: str | None = None
+
+    @model_validator(mode="after")
+    def _flavour_needs(self) -> MlflowSpec:
+        if self.flavour == "pytorch" and not self.model_class:
+            raise ValueError("flavour pytorch needs model_class (FILE.py:CLASS or module:CLASS)")
+        if self.flavour == "pyfunc" and not self.python_model:
+            raise ValueError("flavour pyfunc needs python_model (FILE.py:CLASS or module:CLASS)")
+        return self
 
 
 class MetricCheck(_Model):
@@ -325,6 +349,23 @@ class Profile(_Model):
         from aifactory.tasks.features import resolve_config
 
         resolve_config(self.features)  # raises ConfigError naming the key
+        return self
+
+    @model_validator(mode="after")
+    def _script_and_flavour(self) -> Profile:
+        script, flavour = self.training.script, self.mlflow.flavour
+        if script and flavour == "tabular":
+            raise ValueError(
+                "training.script: a project's own trainer needs mlflow.flavour "
+                "pytorch, sklearn or pyfunc (tabular is the reference payload's)"
+            )
+        if not script and flavour != "tabular":
+            raise ValueError(
+                f"mlflow.flavour {flavour}: needs training.script (the reference "
+                "payload saves the tabular flavour)"
+            )
+        if script and not os.path.isfile(script):
+            raise ValueError(f"training.script: no such file {script}")
         return self
 
     @field_validator("startups")
@@ -455,9 +496,13 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
                         node[k] = "file://" + fix_path(v[len("file://") :])
                     elif k == "pseudonymisation_key" and v.startswith("file:"):
                         node[k] = "file:" + fix_path(v[len("file:") :])
-                    elif (k == "catalog" and v) or ((k.endswith("_dir") or k == "conf") and v):
+                    elif (
+                        (k == "catalog" and v)
+                        or ((k.endswith("_dir") or k == "conf") and v)
+                        or (k == "script" and v)
+                    ):
                         node[k] = fix_path(v)
-                    elif k == "function" and ".py:" in v:  # features.function FILE.py:NAME
+                    elif k in ("function", "model_class", "python_model") and ".py:" in v:
                         file, name = v.rsplit(":", 1)
                         node[k] = f"{fix_path(file)}:{name}"
                     elif (
@@ -582,7 +627,9 @@ def load_profile(
     file_lake = {"lake": {"url": (data.get("lake") or {}).get("url")}}
     _merge(data, _env_overrides(env))
     for dotted, value in (overrides or {}).items():
-        if value is not None:  # a dict value merges into its section, never replaces it
+        if dotted in REPLACED_SECTIONS and value is not None:  # a project's own, whole
+            _set_path(data, dotted.split("."), value)
+        elif value is not None:  # a dict value merges into its section, never replaces it
             one: dict[str, Any] = {}
             _set_path(one, dotted.split("."), value)
             _merge(data, one)

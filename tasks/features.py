@@ -177,12 +177,18 @@ def _resolve_user_config(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_function(ref: str) -> Callable[..., Any]:
-    """The feature function named ``module:function`` or ``path/to/file.py:function`` (a
-    file is imported by its path, its folder first on sys.path, so a project's own
-    ``features.py`` never collides with another module of that name)."""
+    """The feature function named ``module:function`` or ``path/to/file.py:function``."""
+    return load_ref(ref, "features.function")
+
+
+def load_ref(ref: str, what: str) -> Callable[..., Any]:
+    """The function or class named ``module:NAME`` or ``path/to/file.py:NAME`` (a file is
+    imported by its path, its folder first on sys.path, so a project's own ``features.py``
+    or ``model.py`` never collides with another module of that name); ``what`` names the
+    setting in the one-line ConfigError."""
     from aifactory.tasks.errors import ConfigError
 
-    where = f"features.function {ref!r}"
+    where = f"{what} {ref!r}"
     mod_name, sep, attr = ref.rpartition(":")
     if not sep or not mod_name or not attr.isidentifier():
         raise ConfigError(f"{where}: expected module:function or path/to/file.py:function")
@@ -216,7 +222,7 @@ def load_function(ref: str) -> Callable[..., Any]:
                           f"{msg}") from None  # fmt: skip
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"{where}: {mod_name} has no function {attr!r}")
+        raise ConfigError(f"{where}: {mod_name} has no function or class {attr!r}")
     return cast(Callable[..., Any], fn)
 
 

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc wrapper: the trained network plus its fitted preprocessing.
+"""The MLflow pyfunc wrappers: the trained network plus its fitted preprocessing.
 
 Loads with the standard client (``mlflow.pyfunc.load_model``) and predicts on raw
 data-space rows (the feature transform and the train-split normalisation travel with the
@@ -36,3 +36,48 @@ class TabularPyfunc(PythonModel):
                 out = load_function(ref)(df, self.feature_config)
                 df = out[0] if isinstance(out, tuple) else out
         return predict(self.module, self.meta, df[cols])
+
+
+class ProjectPyfunc(PythonModel):
+    """A project's model as one MLflow pyfunc: raw rows -> the project's features ->
+    standardised as in training -> the model's predictions."""
+
+    def load_context(self, context):  # type: ignore[no-untyped-def]
+        from aifactory.tasks.flavours import absolute_ref, load_model
+
+        with open(context.artifacts["spec"]) as fh:
+            self.spec = json.load(fh)
+        self.code = context.artifacts["code"]
+        ref = absolute_ref(self.spec["ref"], self.code)
+        self.model = load_model(self.spec["flavour"], context.artifacts["model"], ref,
+                                context.artifacts.get("init"))  # fmt: skip
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        import numpy as np
+        import pandas as pd
+
+        from aifactory.tasks.features import load_ref
+        from aifactory.tasks.flavours import absolute_ref
+
+        df = pd.DataFrame(model_input)
+        cols = list(self.spec["feature_columns"])
+        if not set(cols) <= set(df.columns):
+            fc = dict(self.spec["feature_config"])
+            fn = load_ref(str(absolute_ref(fc.get("function"), self.code)), "features.function")
+            out = fn(df, fc)
+            df = out[0] if isinstance(out, tuple) else pd.DataFrame(out)
+        norm = self.spec["normalisation"]
+        mean = np.array([norm[c]["mean"] for c in cols], np.float32)
+        std = np.array([norm[c]["std"] for c in cols], np.float32)
+        x = (df[cols].to_numpy(dtype=np.float32) - mean) / np.where(std > 0, std, 1.0)
+        x = x.astype(np.float32)
+        flavour = self.spec["flavour"]
+        if flavour == "pytorch":
+            import torch
+
+            with torch.no_grad():
+                y = self.model(torch.from_numpy(np.ascontiguousarray(x))).cpu().numpy()
+            return y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if flavour == "sklearn":
+            return self.model.predict(x)
+        return self.model.predict(context, pd.DataFrame(x, columns=cols))

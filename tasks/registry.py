@@ -42,8 +42,13 @@ def _check_reachable(tracking_uri: str) -> None:
     )
 
 
-def fingerprint(trained: TrainedModel, model_name: str) -> str:
-    return key_of("register", model_name, trained.content_hash())
+def fingerprint(trained: TrainedModel, model_name: str, flavour: str = "tabular") -> str:
+    """What was trained, never who collected it or where: the feature set's id (its data
+    snapshot, feature code and config), the weights, the software, the flavour. Neither the
+    executor, the Slurm job ids nor the lake URL the run used changes it."""
+    weights = trained.weights_sha256 or trained.content_hash()
+    return key_of("register/2", model_name, trained.featureset_id, weights,
+                  trained.environment_hash, flavour)  # fmt: skip
 
 
 def register_model(
@@ -60,6 +65,9 @@ def register_model(
     log: Callable[[str], None] = print,
     documents: Callable[[str], dict[str, str | dict[str, Any]]] | None = None,
     extra_artifacts: dict[str, dict[str, Any]] | None = None,
+    flavour: str = "tabular",
+    model_ref: str | None = None,
+    source_dir: str | None = None,
 ) -> ModelVersion:
     """Log the run and register one model version (or return the existing one).
 
@@ -68,8 +76,10 @@ def register_model(
     version with the fingerprint right after registering, the lowest version wins and the
     other one is deleted (with its run), so exactly one version remains. ``documents``
     (given the version) returns the files to attach under ``docs/`` (model card,
-    training-data summary, RO-Crate)."""
-    fp = fingerprint(trained, model_name)
+    training-data summary, RO-Crate). A project's model (``flavour`` pytorch, sklearn or
+    pyfunc; ``model_ref`` its class in the project's folder ``source_dir``) is loaded
+    first: one that its flavour cannot load is refused before anything is logged."""
+    fp = fingerprint(trained, model_name, flavour)
     found = _registered_over_rest(tracking_uri, model_name, fp)
     if found is not None:  # the nightly no-change path: no MLflow import at all
         log(f"model already registered as {model_name} version {found.version} (fingerprint {fp})")
@@ -83,8 +93,14 @@ def register_model(
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
+    # MLflow asks for type hints on predict(); ours take any frame on purpose.
+    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
     from aifactory.tasks.pyfunc_model import TabularPyfunc
 
+    if flavour != "tabular":
+        from aifactory.tasks.flavours import load_trained
+
+        load_trained(flavour, trained.run_dir, model_ref, source_dir or ".")  # nothing logged yet
     _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -127,14 +143,18 @@ def register_model(
         if sbatch.exists():
             mlflow.log_artifact(str(sbatch), "lineage")
         with tempfile.TemporaryDirectory() as tmp, _quiet():
-            fc = Path(tmp) / "feature_config.json"
-            fc.write_text(json.dumps(feature_config, sort_keys=True, indent=2))
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=TabularPyfunc(),
-                artifacts={"model": trained.model_path, "feature_config": str(fc)},
-                pip_requirements=PIP_REQUIREMENTS,
-            )
+            if flavour == "tabular":
+                fc = Path(tmp) / "feature_config.json"
+                fc.write_text(json.dumps(feature_config, sort_keys=True, indent=2))
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=TabularPyfunc(),
+                    artifacts={"model": trained.model_path, "feature_config": str(fc)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+            else:
+                info = _log_project_model(mlflow, trained, featureset, flavour, model_ref,
+                                          source_dir or ".", tmp)  # fmt: skip
         run_id = run.info.run_id
     with _quiet():
         mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
@@ -160,6 +180,26 @@ def register_model(
     client.set_registered_model_alias(model_name, "candidate", mv.version)
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
     return _manifest(client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri)
+
+
+def _log_project_model(mlflow: Any, trained: TrainedModel, featureset: FeatureSet, flavour: str,
+                       model_ref: str | None, source_dir: str, tmp: str) -> Any:  # fmt: skip
+    """A project's model as one pyfunc (tasks/flavours.py): the model file, the run's copy
+    of the project's code, and the spec that ties them to the feature function."""
+    from aifactory.tasks.flavours import INIT_FILE, pyfunc_spec
+    from aifactory.tasks.pyfunc_model import ProjectPyfunc
+    from aifactory.tasks.training import CODE_DIR
+
+    run_dir = Path(trained.run_dir)
+    spec = Path(tmp) / "project_model.json"
+    spec.write_text(json.dumps(pyfunc_spec(flavour, model_ref, featureset, source_dir),
+                               sort_keys=True, indent=2))  # fmt: skip
+    artifacts = {"model": trained.model_path, "code": str(run_dir / CODE_DIR), "spec": str(spec)}
+    if (run_dir / INIT_FILE).exists():
+        artifacts["init"] = str(run_dir / INIT_FILE)
+    extra = ["scikit-learn"] if flavour == "sklearn" else []
+    return mlflow.pyfunc.log_model(name="model", python_model=ProjectPyfunc(), artifacts=artifacts,
+                                   pip_requirements=[*PIP_REQUIREMENTS, *extra])  # fmt: skip
 
 
 def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -8,9 +8,12 @@ same key reattaches to a live job, and a finished run is collected instead of ru
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shlex
+import shutil
 import string
 import sys
 import threading
@@ -21,6 +24,7 @@ from typing import Any
 
 from aifactory.tasks.config import TrainingSpec
 from aifactory.tasks.errors import ConfigError, TrainingError
+from aifactory.tasks.flavours import artifact_sha256, model_path
 from aifactory.tasks.jobs import Executor, JobRequest, executor_for, owner
 from aifactory.tasks.lake import write_text_local
 from aifactory.tasks.manifests import FeatureSet, TrainedModel
@@ -87,7 +91,7 @@ def render_sbatch(
         payload_args = ["--featureset", featureset_path, "--run-dir", run_dir,
                         "--config", config_path]  # fmt: skip
     _check_env(spec.env)
-    if distributed(spec) and spec.payload != "tabular":
+    if distributed(spec) and spec.payload != "tabular" and not spec.script:
         raise ConfigError(
             f"training.payload {spec.payload!r} trains on one GPU of one node: set "
             f"gpus_per_node to 1 and nodes to 1 (got {spec.gpus_per_node} and {spec.nodes})"
@@ -143,12 +147,20 @@ def _signal_spec(spec: TrainingSpec) -> str:
     return f"{sig}@{spec.signal_before_end_s}"
 
 
+def _target(spec: TrainingSpec, run_dir: str) -> list[str]:
+    """What python runs: the project's script (its copy in the run directory) or the
+    reference payload's module."""
+    if spec.script:
+        return [str(Path(run_dir) / CODE_DIR / Path(spec.script).name)]
+    return ["-m", f"aifactory.tasks.payloads.{PAYLOADS[spec.payload]}"]
+
+
 def _exec_lines(spec: TrainingSpec, run_dir: str, python: str, payload_args: list[str]) -> str:
-    module = f"aifactory.tasks.payloads.{PAYLOADS[spec.payload]}"
+    target = " ".join(shlex.quote(a) for a in _target(spec, run_dir))
     args = " ".join(shlex.quote(a) for a in payload_args)
     py = shlex.quote(python)
     if not distributed(spec):
-        return f"exec {_launcher(spec, run_dir)}{py} -m {module} {args}"
+        return f"exec {_launcher(spec, run_dir)}{py} {target} {args}"
     # One torchrun per node (srun), one worker per GPU; rendezvous on the first node.
     procs = max(1, spec.gpus_per_node)
     return (
@@ -157,7 +169,7 @@ def _exec_lines(spec: TrainingSpec, run_dir: str, python: str, payload_args: lis
         f"exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 {_launcher(spec, run_dir)}{py} "
         f"-m torch.distributed.run --nnodes={spec.nodes} --nproc_per_node={procs} "
         '--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" '
-        f'--rdzv_id="$SLURM_JOB_ID" -m {module} {args}'
+        f'--rdzv_id="$SLURM_JOB_ID" {target} {args}'
     )
 
 
@@ -176,15 +188,90 @@ def _launcher(spec: TrainingSpec, run_dir: str) -> str:
 def payload_command(
     spec: TrainingSpec, python: str, featureset_path: str, run_dir: str, config_path: str
 ) -> list[str]:
-    module = f"aifactory.tasks.payloads.{PAYLOADS[spec.payload]}"
-    return [python, "-m", module, "--featureset", featureset_path, "--run-dir", run_dir,
-            "--config", config_path]  # fmt: skip
+    return [python, *_target(spec, run_dir), "--featureset", featureset_path, "--run-dir",
+            run_dir, "--config", config_path]  # fmt: skip
+
+
+# -- a project's own code -------------------------------------------------------------------
+CODE_DIR = "code"
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".toml", ".txt", ".cfg")
+CODE_MAX_BYTES = 20 * 1024 * 1024
+
+
+def project_files(script: str) -> list[Path]:
+    """The project's code beside its training script: source and small config files in its
+    folder and subfolders, skipping hidden folders (.aif, .git), __pycache__ and data."""
+    root = Path(script).resolve().parent
+    out: list[Path] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith(".") or not name.endswith(CODE_SUFFIXES) or not p.is_file():
+                continue
+            total += p.stat().st_size
+            if total > CODE_MAX_BYTES:
+                raise ConfigError(f"training.script: the code in {root} is over "
+                                  f"{CODE_MAX_BYTES >> 20} MiB of {', '.join(CODE_SUFFIXES)} "
+                                  "files: keep data out of the project's folder")  # fmt: skip
+            out.append(p)
+    return out
+
+
+def project_code_hash(script: str) -> str:
+    """sha256 (16 hex) of the project's code (names and bytes): part of the run key."""
+    root = Path(script).resolve().parent
+    h = hashlib.sha256(Path(script).name.encode())
+    for p in project_files(script):
+        h.update(f"\n{p.relative_to(root).as_posix()}\n".encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def copy_project_code(script: str, run_dir: Path) -> Path:
+    """The code the job runs: a copy in ``<run_dir>/code`` made once per run key (its hash
+    is in the key), so edits to the project while the job queues do not reach it."""
+    dest = run_dir / CODE_DIR
+    if dest.is_dir():
+        return dest
+    root = Path(script).resolve().parent
+    tmp = run_dir / f".{CODE_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in project_files(script):
+        target = tmp / p.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, target)
+    os.replace(tmp, dest)
+    return dest
+
+
+def run_config(spec: TrainingSpec) -> dict[str, Any]:
+    """``job.config``: the project's ``training.config``, or the reference payload's
+    hyperparameters."""
+    if spec.script:
+        return dict(spec.config)
+    return {k: getattr(spec, k) for k in HYPERPARAMS}
 
 
 # -- the stage --------------------------------------------------------------------------------
 def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, executor: str,
-             job_ids: list[str], sacct: dict[str, str], t0: float) -> TrainedModel:  # fmt: skip
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+             job_ids: list[str], sacct: dict[str, str], t0: float,
+             flavour: str = "tabular") -> TrainedModel:  # fmt: skip
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(
+            f"training in {run_dir} wrote no readable metrics.json: {exc}"
+        ) from None
+    if not isinstance(metrics, dict):
+        raise TrainingError(f"training in {run_dir}: metrics.json is not a JSON object")
+    if spec.script:
+        params: dict[str, Any] = {**spec.config, "script": Path(spec.script).name}
+        weights = artifact_sha256(flavour, run_dir)
+    else:
+        params = {k: getattr(spec, k) for k in HYPERPARAMS}
+        weights = (run_dir / "weights.sha256").read_text().strip()
     env_path = run_dir / "environment.json"
     env: dict[str, Any] = json.loads(env_path.read_text()) if env_path.exists() else {}
     # The software, not the host or the job: the same packages give the same hash anywhere.
@@ -194,10 +281,14 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
         featureset_id=fset.featureset_id,
         featureset_hash=fset.content_hash(),
         run_dir=str(run_dir),
-        model_path=str(run_dir / "model.pt"),
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        model_path=str(model_path(flavour, run_dir)),
+        metrics={
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
         params={
-            **{k: getattr(spec, k) for k in HYPERPARAMS},
+            **params,
             "partition": spec.partition,
             "gpus_per_node": spec.gpus_per_node,
             "payload": spec.payload,
@@ -207,7 +298,7 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
         slurm_job_ids=job_ids,
         sacct=sacct,
         environment_hash=environment_hash(software) if software else "",
-        weights_sha256=(run_dir / "weights.sha256").read_text().strip(),
+        weights_sha256=weights,
         created_at=now_iso(),
         duration_s=round(time.monotonic() - t0, 3),
     )
@@ -219,14 +310,15 @@ def train(
     *, spec: TrainingSpec, account: str, featureset: FeatureSet, runs_dir: str, run_key: str,
     slurm: SlurmClient | None, env: Mapping[str, str], log: Callable[[str], None] = print,
     cancel_event: threading.Event | None = None, python: str = sys.executable,
-    admit: Callable[[], str] | None = None,
+    admit: Callable[[], str] | None = None, flavour: str = "tabular",
 ) -> TrainedModel:  # fmt: skip
     """Train once per run key: reuse a finished run, reattach to a live job, or start one.
 
     ``env`` (object-store credentials, SLURM_CONF) goes to the local process or to the
     Slurm client's environment, from which sbatch exports it: never into the script.
+    ``flavour`` (mlflow.flavour) says which file is the model.
     """
-    if spec.payload != "tabular":
+    if spec.payload != "tabular" and not spec.script:
         raise ConfigError(
             f"training.payload {spec.payload!r}: the pipeline trains the tabular payload; "
             "run the language model with `aif train-lm`"
@@ -239,28 +331,31 @@ def train(
     )  # fmt: skip
     with owner(run_dir, log):  # one process trains a run key; others wait, then collect
         return _train_owned(spec, account, featureset, run_dir, run_key, executor, env, log,
-                            cancel_event, python, admit, t0)  # fmt: skip
+                            cancel_event, python, admit, t0, flavour)  # fmt: skip
 
 
 def _train_owned(
     spec: TrainingSpec, account: str, featureset: FeatureSet, run_dir: Path, run_key: str,
     executor: Executor, env: Mapping[str, str], log: Callable[[str], None],
     cancel_event: threading.Event | None, python: str, admit: Callable[[], str] | None,
-    t0: float,
+    t0: float, flavour: str,
 ) -> TrainedModel:  # fmt: skip
     state_path = run_dir / "aif-train.json"
     done = run_dir / "metrics.json"
-    if done.exists() and (run_dir / "model.pt").exists():
+    if done.exists() and model_path(flavour, run_dir).exists():
         prior = json.loads(state_path.read_text()) if state_path.exists() else {}
         log(f"run {run_key} already finished: collecting it, nothing submitted")
         done_before = _collect(run_dir, run_key, featureset, spec, prior.get("executor", "?"),
-                               prior.get("job_ids", []), prior.get("sacct", {}), t0)  # fmt: skip
+                               prior.get("job_ids", []), prior.get("sacct", {}), t0,
+                               flavour)  # fmt: skip
         return done_before.model_copy(update={"reused": True})
 
     fs_path = run_dir / "featureset.json"
     write_text_local(fs_path, featureset.to_json())
     cfg_path = run_dir / "config.json"
-    write_text_local(cfg_path, json.dumps({k: getattr(spec, k) for k in HYPERPARAMS}, indent=2))
+    write_text_local(cfg_path, json.dumps(run_config(spec), indent=2, sort_keys=True))
+    if spec.script:
+        copy_project_code(spec.script, run_dir)
     job_name = f"aif-train-{run_key}"
     script = render_sbatch(
         spec, account=account, job_name=job_name, run_key=run_key, run_dir=str(run_dir),
@@ -274,5 +369,7 @@ def _train_owned(
     write_text_local(state_path, json.dumps({"executor": res.executor, "job_ids": res.job_ids,
                                              "sacct": res.sacct}, indent=2))  # fmt: skip
     if not done.exists():
-        raise TrainingError(f"training in {run_dir} ended without writing metrics.json")
-    return _collect(run_dir, run_key, featureset, spec, res.executor, res.job_ids, res.sacct, t0)
+        raise TrainingError(f"training in {run_dir} ended without writing metrics.json "
+                            "(job.commit(metrics) is the run's last step)")  # fmt: skip
+    return _collect(run_dir, run_key, featureset, spec, res.executor, res.job_ids, res.sacct, t0,
+                    flavour)  # fmt: skip

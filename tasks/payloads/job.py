@@ -23,6 +23,8 @@ A trainer, the reference payloads included, is written like this::
 What it gives:
 - ``job.run_dir``, ``job.config`` (the run's config JSON), ``job.inputs`` (the JSON named by
   ``--featureset``/``--inputs``: where the feature splits are), ``job.args`` (the rest).
+- ``job.split("train")``: (X, y) as numpy, X standardised with the train split's fit (the
+  registered model gets the same input), ``job.feature_columns``, ``job.target``.
 - ``job.rank``, ``job.world_size``, ``job.local_rank``, ``job.device`` (torchrun's
   environment; the process group is started on first use of ``job.distributed()``);
   ``job.deterministic()`` (deterministic kernels, cuBLAS workspace), ``job.cpus()``.
@@ -115,6 +117,33 @@ def storage_options(url: str) -> dict[str, Any]:
     if os.environ.get("AWS_DEFAULT_REGION"):
         client_kwargs["region_name"] = os.environ["AWS_DEFAULT_REGION"]
     return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+def load_split(fset: dict[str, Any], split: str) -> tuple[Any, Any]:
+    """(features float32 [rows, columns], target float32 [rows]) of one split of a feature
+    set manifest, as stored (not normalised); PayloadError names a missing file or column."""
+    import fsspec
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    cols, target = fset["feature_columns"], fset["target"]
+    xs, ys = [], []
+    for url in fset["splits"][split]["files"]:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+        try:
+            with fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                missing = [c for c in [*cols, target] if c not in pf.schema_arrow.names]
+                if missing:
+                    raise PayloadError(f"{split} split file {url} lacks columns {missing}")
+                t = pf.read(columns=[*cols, target])
+        except FileNotFoundError:
+            raise PayloadError(f"{split} split file {url} not found") from None
+        xs.append(np.column_stack([t.column(c).to_numpy() for c in cols]).astype(np.float32))
+        ys.append(t.column(target).to_numpy().astype(np.float32))
+    if not xs:
+        return np.zeros((0, len(cols)), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -325,6 +354,45 @@ class Job:
         if len(pos) == 2:
             return f"epoch {pos[0]} step {pos[1]}"
         return "step " + "/".join(str(p) for p in pos)
+
+    # -- inputs ---------------------------------------------------------------------------
+    @property
+    def feature_columns(self) -> list[str]:
+        """The feature set's feature columns, in the order :meth:`split` gives them."""
+        self._need_featureset()
+        return list(self.inputs["feature_columns"])
+
+    @property
+    def target(self) -> str:
+        self._need_featureset()
+        return str(self.inputs["target"])
+
+    def _need_featureset(self) -> None:
+        for key in ("feature_columns", "target", "normalisation", "splits"):
+            if key not in self.inputs:
+                raise PayloadError(f"the job's inputs (--inputs) are not a feature set: no {key!r}")
+
+    def split(self, name: str, normalised: bool = True) -> tuple[Any, Any]:
+        """(X, y) of the feature set's ``name`` split (train, val or test) as numpy float32:
+        X's columns are :attr:`feature_columns`, standardised with the mean and std fitted on
+        the train split (what the registered model is given at prediction time too); y is
+        the target in its own units."""
+        import numpy as np
+
+        self._need_featureset()
+        if name not in self.inputs["splits"]:
+            raise PayloadError(f"the feature set has no {name!r} split "
+                               f"(has {sorted(self.inputs['splits'])})")  # fmt: skip
+        x, y = load_split(self.inputs, name)
+        if normalised:
+            norm = self.inputs["normalisation"]
+            missing = [c for c in self.feature_columns if c not in norm]
+            if missing:
+                raise PayloadError(f"the feature set's normalisation has no mean/std for {missing}")
+            mean = np.array([norm[c]["mean"] for c in self.feature_columns], np.float32)
+            std = np.array([norm[c]["std"] for c in self.feature_columns], np.float32)
+            x = (x - mean) / np.where(std > 0, std, np.float32(1.0))
+        return x.astype(np.float32), y
 
     # -- outputs --------------------------------------------------------------------------
     def save(self, name: str, obj: Any) -> Path:

@@ -32,9 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -44,8 +42,8 @@ from aifactory.tasks.payloads.job import (
     Job,
     PayloadError,
     environment,
+    load_split,
     run_job,
-    storage_options,
 )
 from aifactory.tasks.payloads.stall import stall_fraction, synthetic_seconds
 from aifactory.tasks.payloads.tabular_model import MLP, norm_arrays, state_dict_sha256
@@ -69,27 +67,6 @@ def check_inputs(fset: dict[str, Any], cfg: dict[str, Any]) -> None:
     absent = [k for k in CONFIG_KEYS if k not in cfg]
     if absent:
         raise PayloadError(f"training config lacks {absent} (needs {list(CONFIG_KEYS)})")
-
-
-def load_split(fset: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
-    cols, target = fset["feature_columns"], fset["target"]
-    xs, ys = [], []
-    for url in fset["splits"][split]["files"]:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
-        try:
-            with fs.open(path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                missing = [c for c in [*cols, target] if c not in pf.schema_arrow.names]
-                if missing:
-                    raise PayloadError(f"{split} split file {url} lacks columns {missing}")
-                t = pf.read(columns=[*cols, target])
-        except FileNotFoundError:
-            raise PayloadError(f"{split} split file {url} not found") from None
-        xs.append(np.column_stack([t.column(c).to_numpy() for c in cols]).astype(np.float32))
-        ys.append(t.column(target).to_numpy().astype(np.float32))
-    if not xs:
-        return np.zeros((0, len(cols)), np.float32), np.zeros(0, np.float32)
-    return np.concatenate(xs), np.concatenate(ys)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, t_mean: float,

@@ -233,7 +233,7 @@ def test_feature_function_config_is_checked_before_any_job(tmp_path) -> None:  #
          r"'nonexistent_package_xyz'"),
         ({"function": "no-colon", "key": "k", "target": "t"}, r"expected module:function"),
         ({"function": "json:nothing_here", "key": "k", "target": "t"},
-         r"json has no function 'nothing_here'"),
+         r"json has no function or class 'nothing_here'"),
         ({"function": "json:dumps", "key": "k", "target": "t",
           "split": {"train": 50, "val": 10, "test": 10}}, r"add up to 70"),
     ]  # fmt: skip
