@@ -90,7 +90,8 @@ def pipeline(
         from aifactory.tasks.promotion import promote as decide
 
         decision = decide(cfg.mlflow.tracking_uri, cfg.mlflow.model_name, version=mv.version,
-                          spec=cfg.promotion, approved=cfg.declaration_approved)  # fmt: skip
+                          spec=cfg.promotion, approved=cfg.declaration_approved,
+                          risk_class=cfg.risk_class)  # fmt: skip
         print(f"promotion: version {decision.candidate} "
               f"{'promoted to champion' if decision.promoted else 'not promoted'} "
               f"({decision.reason})", flush=True)  # fmt: skip

@@ -373,7 +373,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     from aifactory.tasks.config import load_profile
     from aifactory.tasks.promotion import promote, rollback
 
-    cfg = load_profile(args.profile)
+    _, _, project_over = _project(args)
+    cfg = load_profile(args.profile, project_over)
     name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
     if args.action == "rollback":
         old, new = rollback(uri, name)
@@ -385,10 +386,9 @@ def cmd_model(args: argparse.Namespace) -> int:
         }
     )
 
-    if cfg.prefect.api_url.startswith("http"):  # the promotion event goes to this Prefect
-        os.environ["PREFECT_API_URL"] = cfg.prefect.api_url
-        _quiet_prefect_console(args.verbose)
-    d = promote(uri, name, version=args.version, spec=spec, approved=cfg.declaration_approved)
+    _use_prefect(cfg, args.verbose)  # the promotion event goes to the profile's Prefect
+    d = promote(uri, name, version=args.version, spec=spec, approved=cfg.declaration_approved,
+                risk_class=cfg.risk_class, approved_by=args.approved_by)  # fmt: skip
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
     for what, ok, detail in d.checks:
@@ -562,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("action", choices=["promote", "rollback"])
     md.add_argument("--profile", default=None)
     md.add_argument("--version", default=None, help="default: the 'candidate' alias")
+    md.add_argument("--project", default=None,
+                    help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
+    md.add_argument("--approved-by", default=None, metavar="NAME",
+                    help="who approves (required for a high-risk start-up's model)")  # fmt: skip
     md.add_argument("--metric", default=None,
                     help="held-out metric (default: the profile's promotion.metric)")  # fmt: skip
     md.add_argument("--margin", type=float, default=None,

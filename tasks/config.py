@@ -338,6 +338,11 @@ class Profile(_Model):
     # sets it): the start-ups' prefixes are also guarded under it (tasks/tenancy.py).
     _file_lake_url: str | None = PrivateAttr(default=None)
 
+    def risk_class(self, startup: str) -> str:
+        """The start-up's declared risk class ('' without a declaration)."""
+        st = self.startups.get(startup)
+        return st.declaration.risk_class if st and st.declaration else ""
+
     def declaration_approved(self, startup: str) -> bool:
         """Whether the start-up's responsible-AI declaration is approved (by and on)."""
         st = self.startups.get(startup)

@@ -125,6 +125,17 @@ def model_card(
             f"- EU AI Act prohibited practices (Art. 5), self-assessment: "
             f"{decl.prohibited_practices}\n- Status: {approval}\n"
         )
+        if decl.risk_class == "high":
+            declaration += (
+                "\n**High-risk (EU AI Act, Annex III).** What this means for this model:\n"
+                "- it becomes `champion` only with a named person's approval "
+                "(`aif model promote --approved-by NAME`), recorded on the version; a nightly "
+                "run never promotes it on metrics alone;\n"
+                "- its training data, lineage and this card are kept with every version "
+                "(record-keeping, Art. 12; technical documentation, Art. 11);\n"
+                "- it supports decisions by qualified people and must not make them alone "
+                "(human oversight, Art. 14).\n"
+            )
     else:
         declaration = "_No responsible-AI declaration is recorded for this start-up._\n"
     metrics = "\n".join(f"| {k} | {v:.5g} |" for k, v in sorted(trained.metrics.items()))

@@ -37,8 +37,10 @@ class Decision:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (check, passed, detail)
 
 
-def _checks(client: Any, name: str, version: str, spec: Any,
-            approved: bool | None) -> list[tuple[str, bool, str]]:  # fmt: skip
+def _checks(
+    client: Any, name: str, version: str, spec: Any, approved: bool | None, risk: str = "",
+    approved_by: str | None = None,
+) -> list[tuple[str, bool, str]]:  # fmt: skip
     """Every configured check on one version: (what, passed, detail)."""
     mv = client.get_model_version(name, version)
     run_id = mv.tags.get("aif.run_id") or mv.run_id
@@ -70,6 +72,10 @@ def _checks(client: Any, name: str, version: str, spec: Any,
         out.append(("responsible-AI declaration approved", bool(approved),
                     "approved" if approved else "no approved declaration for start-up "
                     + mv.tags.get("aif.startup", "?")))  # fmt: skip
+    if risk == "high":
+        why = (f"approved by {approved_by}" if approved_by else "the start-up's declaration is "
+               "high-risk: promote with --approved-by NAME (a person's sign-off)")  # fmt: skip
+        out.append(("named approval of a high-risk model", bool(approved_by), why))
     return out
 
 
@@ -105,9 +111,14 @@ def _metric(client: Any, name: str, version: str, metric: str) -> float:
 
 
 def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: Any = None,
-            approved: Callable[[str], bool] | None = None) -> Decision:  # fmt: skip
+            approved: Callable[[str], bool] | None = None,
+            risk_class: Callable[[str], str] | None = None,
+            approved_by: str | None = None) -> Decision:  # fmt: skip
     """Decide and record; ``approved(startup)`` says whether a start-up's responsible-AI
-    declaration is approved (from the profile)."""
+    declaration is approved and ``risk_class(startup)`` its risk class (from the profile).
+    A high-risk start-up's model is promoted only with ``approved_by``, a person's name."""
+    if approved_by is not None and not approved_by.strip():
+        raise PromotionError("--approved-by: give the name of the person who approves")
     from aifactory.tasks.config import PromotionSpec
 
     spec = spec or PromotionSpec()
@@ -120,7 +131,9 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: A
     cand_value = _metric(client, name, candidate, metric)
     champ_value = _metric(client, name, champion, metric) if champion else None
     startup = client.get_model_version(name, candidate).tags.get("aif.startup", "")
-    checks = _checks(client, name, candidate, spec, approved(startup) if approved else None)
+    risk = risk_class(startup) if risk_class else ""
+    checks = _checks(client, name, candidate, spec, approved(startup) if approved else None,
+                     risk, approved_by.strip() if approved_by else None)  # fmt: skip
     failed = [c for c in checks if not c[1]]
     if champion == candidate:
         promoted, why = False, f"version {candidate} is already the champion"
@@ -157,6 +170,8 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: A
     }
     if decision.promoted:
         tags["aif.previous_champion"] = champion or ""
+        if approved_by:
+            tags["aif.promotion.approved_by"] = approved_by.strip()[:200]
     for k, v in tags.items():
         client.set_model_version_tag(name, candidate, k, v)
     if decision.promoted:

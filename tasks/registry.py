@@ -88,6 +88,7 @@ def register_model(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     import mlflow
+    import mlflow.pyfunc  # before the filters below: importing it resets the warning filters
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
