@@ -56,7 +56,7 @@ def test_a_project_from_aif_init_outside_the_repository(tmp_path: Path) -> None:
         assert third.returncode == 0, third.stderr[-2000:]
         assert "featurised 3/3 partitions" in third.stdout
 
-        api = [ln for ln in third.stdout.splitlines() if ln.startswith("aif run:")][0]
+        api = next(ln for ln in third.stdout.splitlines() if ln.startswith("aif run:"))
         url = api.rsplit("Prefect ", 1)[1].strip() + "/api"
         flow = subprocess.run([sys.executable, "flow.py"], cwd=work, timeout=900, text=True,
                               env={**env, "PREFECT_API_URL": url}, capture_output=True)  # fmt: skip

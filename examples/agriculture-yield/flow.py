@@ -23,8 +23,9 @@ def two_rates(profile: str = "local", rates: tuple[float, ...] = (0.001, 0.003))
     startup, settings = project_overrides(PROJECT)
     snap = ingest_flow(profile, startup, settings)
     fset = preprocess_flow(snap, profile, startup, settings)
-    runs = [train_flow(fset, profile, startup, {**settings, "training.config.lr": lr})
-            for lr in rates]
+    runs = [
+        train_flow(fset, profile, startup, {**settings, "training.config.lr": lr}) for lr in rates
+    ]
     best = min(runs, key=lambda t: t.metrics["val_rmse"])
     mv = register_flow(best, fset, snap, profile, startup, settings)
     return mv.uri

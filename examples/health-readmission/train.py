@@ -21,10 +21,15 @@ def train(job: Job) -> None:
     model.fit(x_tr, y_tr)
     p_te = model.predict_proba(x_te)[:, 1]
     job.save("model.pkl", pickle.dumps(model))
-    job.commit({"test_auc": float(roc_auc_score(y_te, p_te)),
-                "val_auc": float(roc_auc_score(y_va, model.predict_proba(x_va)[:, 1])),
-                "test_brier": float(brier_score_loss(y_te, p_te)),
-                "readmission_rate": float(y_tr.mean())}, finite=["test_auc"])
+    job.commit(
+        {
+            "test_auc": float(roc_auc_score(y_te, p_te)),
+            "val_auc": float(roc_auc_score(y_va, model.predict_proba(x_va)[:, 1])),
+            "test_brier": float(brier_score_loss(y_te, p_te)),
+            "readmission_rate": float(y_tr.mean()),
+        },
+        finite=["test_auc"],
+    )
 
 
 if __name__ == "__main__":

@@ -121,10 +121,17 @@ def test_the_run_key_follows_the_project_code(tmp_path: Path) -> None:
     [
         ("0.5", "sys.exit(3)", r"exited with code 3"),
         ("0.5", "raise RuntimeError('boom in the trainer')", r"RuntimeError: boom in the trainer"),
-        ("0.5", "import nonexistent_module_xyz",
-         r"ModuleNotFoundError: No module named 'nonexistent_module_xyz'"),
-        ("float('nan')", "pass", r"code 2.*t: error: metrics must be finite numbers, got "
-                                 r"test_rmse=nan: the run is not committed"),
+        (
+            "0.5",
+            "import nonexistent_module_xyz",
+            r"ModuleNotFoundError: No module named 'nonexistent_module_xyz'",
+        ),
+        (
+            "float('nan')",
+            "pass",
+            r"code 2.*t: error: metrics must be finite numbers, got "
+            r"test_rmse=nan: the run is not committed",
+        ),
         ("0.5", "run_job = lambda *a: 0", r"ended without writing metrics.json"),
     ],
 )
@@ -160,7 +167,7 @@ def test_aif_init_writes_a_project_that_resolves(tmp_path: Path) -> None:
             "prefect.yaml", ".gitignore"} <= names  # fmt: skip
     proj = load_project(dest / "aifactory.yaml")
     assert proj.name == proj.model.name == "crop-model" and proj.startup == "startup-b"
-    startup, over = project_overrides(dest / "aifactory.yaml")
+    _, over = project_overrides(dest / "aifactory.yaml")
     assert over["training.script"] == str(dest / "train.py")
     assert over["features"]["function"] == f"{dest}/features.py:yield_features"
     assert over["mlflow.model_class"] == f"{dest}/model.py:YieldNet"
@@ -178,15 +185,23 @@ def test_aif_init_writes_a_project_that_resolves(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace("name: x\n", "name: x\nflavor: pytorch\n", 1),
-         r"flavor: unknown key \(valid keys: data, deploy, description, features, model, name, "
-         r"startup, train\)"),
-        (lambda t: t.replace("  script: train.py", "  script: train.py\n  epochs: 3"),
-         r"train.epochs: unknown key \(valid keys: config, resources, script\)"),
-        (lambda t: t.replace("flavour: pytorch", "flavour: keras"),
-         r"model.flavour: Input should be 'pytorch', 'sklearn' or 'pyfunc'"),
-        (lambda t: t.replace("script: train.py", "script: nothere.py"),
-         r"train.script nothere.py: no such file"),
+        (
+            lambda t: t.replace("name: x\n", "name: x\nflavor: pytorch\n", 1),
+            r"flavor: unknown key \(valid keys: data, deploy, description, features, model, name, "
+            r"startup, train\)",
+        ),
+        (
+            lambda t: t.replace("  script: train.py", "  script: train.py\n  epochs: 3"),
+            r"train.epochs: unknown key \(valid keys: config, resources, script\)",
+        ),
+        (
+            lambda t: t.replace("flavour: pytorch", "flavour: keras"),
+            r"model.flavour: Input should be 'pytorch', 'sklearn' or 'pyfunc'",
+        ),
+        (
+            lambda t: t.replace("script: train.py", "script: nothere.py"),
+            r"train.script nothere.py: no such file",
+        ),
         (lambda t: t + "  - bad", r"invalid YAML at line"),
     ],
 )
