@@ -180,3 +180,83 @@ def ensure_automations(webhook: str | None, progress: Callable[[str], None] = pr
             _replace(client, a)
             made.append(a.name)
     return made
+
+
+# -- a start-up's own project -----------------------------------------------------------------
+ENTRYPOINT = "aifactory.flows.pipeline:pipeline"  # the platform's pipeline, by module
+
+
+def _git(folder: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"git in {folder}: {exc}") from None
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"git {' '.join(args)} in {folder}: {why}")
+    return out.stdout.strip()
+
+
+def project_source(project_file: Path) -> dict[str, str]:
+    """Where a deployment pulls the project from: its git repository (the ``origin`` remote,
+    else the repository's own folder) at the commit checked out now, and the project file's
+    path inside it. Refused while the project's folder has uncommitted changes: a nightly
+    run must train exactly a commit."""
+    folder = project_file.parent
+    top = Path(_git(folder, "rev-parse", "--show-toplevel"))
+    dirty = _git(folder, "status", "--porcelain", "--", ".")
+    if dirty:
+        first = dirty.splitlines()[0][3:]
+        raise ConfigError(f"project {folder}: uncommitted changes ({first}): commit them, so "
+                          "that the deployment pins the code it runs")  # fmt: skip
+    try:
+        repo = _git(folder, "remote", "get-url", "origin")
+    except ConfigError:
+        repo = str(top)
+    return {"repository": repo, "commit": _git(folder, "rev-parse", "HEAD"),
+            "project": project_file.resolve().relative_to(top.resolve()).as_posix()}  # fmt: skip
+
+
+def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-site") -> str:
+    """Create or replace the project's nightly deployment: the platform's pipeline on the
+    project, pulled from its git repository at the pinned commit (Prefect pull steps), run by
+    the site's worker as the project's start-up; one run at a time. Returns its name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.callables import parameter_schema
+
+    from aifactory.flows.pipeline import pipeline
+    from aifactory.tasks.project import load_project
+
+    proj = load_project(project_file)
+    src = project_source(project_file)
+    name = f"{proj.name}-nightly"
+    pull = [
+        {"prefect.deployments.steps.git_clone": {
+            "id": "clone", "repository": src["repository"], "commit_sha": src["commit"]}},
+        {"prefect.deployments.steps.set_working_directory": {
+            "directory": "{{ clone.directory }}"}},
+    ]  # fmt: skip
+    params = {"profile": proj.deploy.profile, "startup": proj.startup,
+              "project": src["project"], "promote": proj.deploy.promote}  # fmt: skip
+    schedules = []
+    if proj.deploy.schedule:
+        schedules = [DeploymentScheduleCreate(schedule=CronSchedule(
+            cron=proj.deploy.schedule, timezone=proj.deploy.timezone))]  # fmt: skip
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(pipeline.name)
+        client.create_deployment(
+            flow_id=flow_id, name=name, entrypoint=ENTRYPOINT, work_pool_name=work_pool,
+            parameters=params, parameter_openapi_schema=parameter_schema(pipeline).model_dump(),
+            pull_steps=pull, schedules=schedules, concurrency_limit=1,
+            concurrency_options=ConcurrencyOptions(
+                collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            description=f"{proj.description or proj.name}: {src['repository']} at "
+            f"{src['commit'][:12]}",
+            tags=[f"startup:{proj.startup}", f"project:{proj.name}"],
+        )  # fmt: skip
+    return f"{pipeline.name}/{name}"

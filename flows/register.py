@@ -50,6 +50,10 @@ def register_task(
         "aif.config_hash": cfg.config_hash(),
         "aif.dataset": snap.dataset,
     }
+    if cfg.training.script:  # a project's own code: its repository's commit too
+        own = git_info(Path(cfg.training.script).parent)
+        lineage["aif.project_commit"] = own["commit"]
+        lineage["aif.project_dirty"] = str(own["dirty"]).lower()
     entry = cfg.dataset_entry(snap.dataset)
     env_path = Path(trained.run_dir) / "environment.json"
     software = json.loads(env_path.read_text()) if env_path.exists() else {}

@@ -174,6 +174,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from aifactory.deployments.deploy import deploy_all, ensure_automations, webhook_url
     from aifactory.tasks.config import load_profile
 
+    project, _, _ = _project(args)
+    if project:  # the project's own nightly deployment, pinned to its current commit
+        from aifactory.deployments.deploy import deploy_project, project_source
+        from aifactory.tasks.project import load_project
+
+        proj = load_project(project)
+        src = project_source(Path(project))  # before any server: refuse a dirty tree first
+        cfg = load_profile(args.profile or proj.deploy.profile)
+        name = deploy_project(Path(project), _use_prefect(cfg, args.verbose))
+        when = f"{proj.deploy.schedule or 'none'} {proj.deploy.timezone}"
+        print(f"deployment {name}: {src['repository']} at {src['commit']}, project "
+              f"{src['project']}, start-up {proj.startup}, schedule {when}, "
+              "concurrency 1")  # fmt: skip
+        return 0
     cfg = load_profile(args.profile or "site")
     api_url = _use_prefect(cfg, args.verbose)
     deploy_all(api_url)
@@ -524,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("deploy", help="deploy the nightly pipelines (deployments/prefect.yaml), "
                         "the crashed-run detector and notifications")  # fmt: skip
-    dp.add_argument("--profile", default=None, help="default: site")
+    dp.add_argument("--profile", default=None, help="default: site (a project's deploy.profile)")
+    dp.add_argument("--project", default=None,
+                    help="deploy this project (default: ./aifactory.yaml if any) at its "
+                    "current git commit instead of the platform's deployments")  # fmt: skip
     dp.add_argument("--no-notifications", action="store_true",
                     help="do not create the webhook notifications")  # fmt: skip
     dp.set_defaults(func=cmd_deploy)

@@ -194,8 +194,9 @@ def project_overrides(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]
 # -- aif init ------------------------------------------------------------------------------
 def init_project(name: str, dest: Path, startup: str | None = None) -> list[Path]:
     """Write a small working project named ``name`` into ``dest`` (which must not exist or
-    be empty): the project file, its feature function, model, training script, own Prefect
-    flow and deployment file, from the agriculture-yield example."""
+    be empty): the project file (with its nightly deployment's settings), its feature
+    function, model, training script and own Prefect flow, from the agriculture-yield
+    example."""
     if not _NAME.match(name):
         raise ConfigError(f"aif init {name!r}: a project name is 2-63 lower-case letters, "
                           "digits and hyphens, starting with a letter")  # fmt: skip

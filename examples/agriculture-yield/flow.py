@@ -2,7 +2,7 @@
 by side on one feature set, the better one (validation RMSE) registered. Each stage is a
 Prefect flow that takes and returns typed manifests (DataSnapshot, FeatureSet,
 TrainedModel, ModelVersion), with all of the platform's guarantees.
-    python flow.py                     # or deploy it: prefect.yaml in this folder
+    python flow.py
 """
 
 from pathlib import Path

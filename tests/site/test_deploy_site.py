@@ -121,6 +121,76 @@ def test_deployments_schedules_and_no_duplicate_ticks(site_profile: Profile,
         assert len(client.read_automations_by_name("aif-notify-failure")) == 1
 
 
+def test_startup_b_nightly_trains_its_own_project(site_profile: Profile,
+                                                   deployed: Receiver) -> None:  # fmt: skip
+    """B's nightly deployment runs B's project (examples/agriculture-yield) through the worker:
+    its feature function on Dask-on-Slurm, its train.py as a Slurm job on the GPU partition,
+    its model registered with the pytorch flavour and its lineage."""
+    from mlflow.tracking import MlflowClient
+
+    run = _start(site_profile, "aif-pipeline/startup-b-nightly",
+                 {"overrides": {"training.config.epochs": 2}})  # fmt: skip
+    done = _wait_final(site_profile, run.id, timeout=900)
+    assert done.state.is_completed(), done.state
+    client = MlflowClient(site_profile.mlflow.tracking_uri)
+    mv = client.get_model_version_by_alias("agriculture-yield", "candidate")
+    assert mv.tags["aif.startup"] == "startup-b" and mv.tags["aif.executor"] == "slurm"
+    assert mv.tags["aif.slurm_job_ids"] not in ("", "none")
+    assert mv.tags["aif.dataset"] == "agriculture-fields"
+    params = client.get_run(mv.run_id).data.params
+    assert params["script"] == "train.py" and params["epochs"] == "2", params
+
+
+def test_a_projects_deployment_pulls_its_pinned_commit(tmp_path: Path, site_profile: Profile,
+                                                       deployed: Receiver) -> None:  # fmt: skip
+    """`aif deploy --project` on a project in its own git repository (a local bare repository
+    stands in for the start-up's git server): a dirty tree is refused; the deployment pins
+    the commit checked out, so a later push does not change what the nightly trains."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    proj, bare = tmp_path / "crop site", tmp_path / "server" / "crop.git"
+    assert aif("init", "crop-site", "--dir", str(proj)).returncode == 0
+
+    def git(*args: str, cwd: Path = proj) -> str:
+        who = ["-c", "user.name=B", "-c", "user.email=b@example.org"]
+        out = subprocess.run(["git", *who, *args], cwd=cwd, capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        return out.stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    bare.parent.mkdir()
+    git("clone", "-q", "--bare", str(proj), str(bare), cwd=tmp_path)
+    git("remote", "add", "origin", str(bare))
+    pinned = git("rev-parse", "HEAD")
+
+    (proj / "train.py").write_text((proj / "train.py").read_text() + "\n# wip\n")
+    dirty = aif("deploy", "--project", str(proj))
+    assert dirty.returncode == 2 and "uncommitted changes (train.py)" in dirty.stderr, dirty
+    git("checkout", "train.py")
+    res = aif("deploy", "--project", str(proj))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"deployment aif-pipeline/crop-site-nightly: {bare} at {pinned}" in res.stdout
+
+    spec = proj / "aifactory.yaml"  # a later push renames the model: not what the nightly runs
+    spec.write_text(spec.read_text().replace("name: crop-site\n", "name: crop-site-later\n"))
+    git("commit", "-q", "-am", "later")
+    git("push", "-q", "origin", "main")
+
+    run = _start(site_profile, "aif-pipeline/crop-site-nightly",
+                 {"overrides": {"training.config.epochs": 2}})  # fmt: skip
+    done = _wait_final(site_profile, run.id, timeout=900)
+    assert done.state.is_completed(), done.state
+    client = MlflowClient(site_profile.mlflow.tracking_uri)
+    mv = client.get_model_version_by_alias("crop-site", "candidate")
+    assert mv.tags["aif.project_commit"] == pinned and mv.tags["aif.startup"] == "startup-b"
+    assert mv.tags["aif.project_dirty"] == "false"
+    assert not client.search_registered_models("name = 'crop-site-later'")
+
+
 def test_overlap_guard_runs_one_at_a_time(site_profile: Profile, deployed: Receiver) -> None:
     first = _start(site_profile, NIGHTLY_A)
     second = _start(site_profile, NIGHTLY_A)

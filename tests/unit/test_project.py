@@ -164,7 +164,7 @@ def test_aif_init_writes_a_project_that_resolves(tmp_path: Path) -> None:
     files = init_project("crop-model", dest, "startup-b")
     names = {f.relative_to(dest).as_posix() for f in files}
     assert {"aifactory.yaml", "features.py", "model.py", "train.py", "flow.py",
-            "prefect.yaml", ".gitignore"} <= names  # fmt: skip
+            ".gitignore"} <= names  # fmt: skip
     proj = load_project(dest / "aifactory.yaml")
     assert proj.name == proj.model.name == "crop-model" and proj.startup == "startup-b"
     _, over = project_overrides(dest / "aifactory.yaml")
