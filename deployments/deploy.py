@@ -207,7 +207,7 @@ def project_source(project_file: Path) -> dict[str, str]:
     top = Path(_git(folder, "rev-parse", "--show-toplevel"))
     dirty = _git(folder, "status", "--porcelain", "--", ".")
     if dirty:
-        first = dirty.splitlines()[0][3:]
+        first = dirty.splitlines()[0].split(maxsplit=1)[-1]  # " M path" or "?? path"
         raise ConfigError(f"project {folder}: uncommitted changes ({first}): commit them, so "
                           "that the deployment pins the code it runs")  # fmt: skip
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -182,6 +183,10 @@ def worker_env(site: Site) -> dict[str, str]:
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "AIF_REPO": str(REPO),  # the deployments' pull step works from the checkout
+        # A project's deployment works from its own clone: the site profile's relative
+        # paths (home, site folder) must not resolve against it.
+        "AIF_SITE_DIR": str(site.root),
+        "AIF_HOME": os.path.abspath(os.environ.get("AIF_HOME") or str(REPO / ".aif")),
     }
 
 
