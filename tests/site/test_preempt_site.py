@@ -39,7 +39,7 @@ def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> N
     try:
         for line in proc.stdout:
             out.append(line)
-            m = re.search(r"script (\S+)/train\.sbatch", line)
+            m = re.search(r"script (.+)/train\.sbatch", line)
             if m:
                 run_dir = m.group(1)
             m = re.search(r"\[train\] job (\d+): RUNNING", line)
@@ -103,7 +103,7 @@ def test_time_limit_shorter_than_the_training(site_profile: Profile) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             out.append(line)
-            m = re.search(r"script (\S+)/train\.sbatch", line)
+            m = re.search(r"script (.+)/train\.sbatch", line)
             run_dir = m.group(1) if m else run_dir
             m = re.search(r"submitted Slurm job (\d+)", line)
             if m and run_dir:
