@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -22,8 +23,9 @@ def test_train_lm_on_slurm_matches_a_local_run(site_profile: Profile, tmp_path: 
     res = aif("train-lm", "--profile", "site", "--steps", "30", env=fresh)
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("run dir:"))
-    run_dir = Path(line.split()[2])
-    job = line.rsplit(" ", 1)[-1]
+    m = re.fullmatch(r"run dir: (.+?)  Slurm jobs: (\S+)", line)  # the folder may hold spaces
+    assert m, line
+    run_dir, job = Path(m.group(1)), m.group(2)
     rec = SlurmClient(env=site_profile.child_env()).sacct_record(job)
     assert rec is not None and rec["State"] == "COMPLETED", rec
     assert rec["Account"] == "startup-a" and "gres/gpu=1" in rec["AllocTRES"], rec
