@@ -546,6 +546,20 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _hyphenated_ids(over: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``AIF_STARTUPS__STARTUP_A__…`` names start-up ``startup-a``: a variable name with a
+    hyphen is not portable (POSIX shells cannot set it, and /bin/sh drops it, as in the
+    launcher pip writes when the virtual environment's path has a space)."""
+    env_ids = over.get("startups")
+    known = data.get("startups")
+    if isinstance(env_ids, dict) and isinstance(known, dict):
+        over["startups"] = {
+            (k.replace("_", "-") if k not in known and k.replace("_", "-") in known else k): v
+            for k, v in env_ids.items()
+        }
+    return over
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -630,7 +644,7 @@ def load_profile(
         raise ConfigError(f"profile {path}: top level must be a mapping, got {type(raw).__name__}")
     data = _interpolate(raw, env, path.name)
     file_lake = {"lake": {"url": (data.get("lake") or {}).get("url")}}
-    _merge(data, _env_overrides(env))
+    _merge(data, _hyphenated_ids(_env_overrides(env), data))
     for dotted, value in (overrides or {}).items():
         if dotted in REPLACED_SECTIONS and value is not None:  # a project's own, whole
             _set_path(data, dotted.split("."), value)

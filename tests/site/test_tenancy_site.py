@@ -34,7 +34,7 @@ def test_unapproved_declaration_is_refused_before_anything(site_profile: Profile
 
 def test_gpu_hour_budget_smaller_than_one_job_is_refused(site_profile: Profile) -> None:
     budget = {
-        "AIF_STARTUPS__STARTUP-A__GPU_HOURS_BUDGET": "0.1",  # one job asks 1 GPU x 20 min
+        "AIF_STARTUPS__STARTUP_A__GPU_HOURS_BUDGET": "0.1",  # one job asks 1 GPU x 20 min
         "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000),  # a new run key: not reused
     }
     res = aif("run", "--profile", "site", "--epochs", "2", env=budget, timeout=600)
@@ -71,7 +71,7 @@ def test_another_startups_prefix_is_refused(site_profile: Profile) -> None:
 
 def test_another_startups_account_is_refused(site_profile: Profile) -> None:
     t0 = time.time()
-    res = aif("run", "--profile", "site", env={"AIF_STARTUPS__STARTUP-A__ACCOUNT": "startup-b"})
+    res = aif("run", "--profile", "site", env={"AIF_STARTUPS__STARTUP_A__ACCOUNT": "startup-b"})
     assert res.returncode == 6 and len(res.error_lines) == 1, res.stdout + res.stderr
     assert res.error_lines[0].startswith(
         "aif: error: isolation.account: start-up startup-a may not run under Slurm account "

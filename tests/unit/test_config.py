@@ -99,3 +99,15 @@ def test_a_dict_override_merges_into_its_section() -> None:
     assert cfg.training.epochs == 400
     assert cfg.training.executor == "slurm"  # the rest of the section is kept
     assert cfg.dataspace.purpose == "x" and cfg.dataspace.root == "s3://aif-dataspace"
+
+
+def test_a_startup_id_with_a_hyphen_is_named_with_an_underscore_in_the_environment() -> None:
+    """AIF_STARTUPS__STARTUP_A__… reaches start-up ``startup-a``: a variable whose name has a
+    hyphen cannot be exported by a POSIX shell and is dropped by /bin/sh (pip's launcher of
+    `aif` when the virtual environment's path has a space)."""
+    from aifactory.tasks.config import load_profile
+
+    env = {"AIF_STARTUPS__STARTUP_A__GPU_HOURS_BUDGET": "0.1", "AIF_HOME": "/tmp/x"}
+    cfg = load_profile("site", env=env)
+    assert cfg.startups["startup-a"].gpu_hours_budget == 0.1
+    assert "startup_a" not in cfg.startups
