@@ -8,9 +8,14 @@ model) or on already-featurised rows.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+
+# MLflow asks for type hints on predict() when a PythonModel is defined; ours take any frame
+# on purpose. (Set after the import above: importing mlflow.pyfunc resets the filters.)
+warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
 
 
 class TabularPyfunc(PythonModel):

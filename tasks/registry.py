@@ -88,14 +88,11 @@ def register_model(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     import mlflow
-    import mlflow.pyfunc  # before the filters below: importing it resets the warning filters
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
-    # MLflow asks for type hints on predict(); ours take any frame on purpose.
-    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
     from aifactory.tasks.pyfunc_model import TabularPyfunc
 
     if flavour != "tabular":
