@@ -13,7 +13,10 @@ import pytest
 from aifactory.infra.site import procs
 from aifactory.tasks import prefect_server as ps
 
-FAKE = """#!{python}
+# /bin/sh runs the second line (a no-op string expression to Python): a shebang line cannot
+# hold an interpreter path with a space, as a clone under "ci final/" has.
+FAKE = """#!/bin/sh
+"exec" "{python}" "$0" "$@"
 import http.server, sys
 port = int(sys.argv[sys.argv.index("--port") + 1])
 class H(http.server.BaseHTTPRequestHandler):
