@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ def test_train_lm_on_slurm_matches_a_local_run(site_profile: Profile, tmp_path: 
 
     # The same data, seed and config on this host, outside Slurm: identical weights.
     script = (run_dir / "train.sbatch").read_text().splitlines()[-1]
-    args = script.split("-m aifactory.tasks.payloads.train_lm ", 1)[1].split()
+    args = shlex.split(script.split("-m aifactory.tasks.payloads.train_lm ", 1)[1])
     args[args.index("--run-dir") + 1] = str(tmp_path / "local")
     env = {**site_profile.child_env(), "PATH": "/usr/bin"}
     cmd = [sys.executable, "-m", "aifactory.tasks.payloads.train_lm", *args]
