@@ -569,17 +569,21 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _fmt_validation(err: ValidationError, source: str) -> str:
+def fmt_validation(err: ValidationError, label: str, root: type[BaseModel] | None = None,
+                    most: int | None = None) -> str:  # fmt: skip
+    """One line for a validation error of ``root`` (default: Profile), its first ``most``
+    problems: an unknown key names the valid ones (by their alias, as a file spells them)."""
     parts = []
-    for e in err.errors():
+    for e in err.errors()[:most]:
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
-            parent = _model_at(Profile, list(e["loc"][:-1]))
-            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            parent = _model_at(root or Profile, list(e["loc"][:-1]))
+            fields = parent.model_fields.items() if parent else []
+            valid = ", ".join(sorted(f.alias or n for n, f in fields)) if parent else "?"
             parts.append(f"{loc}: unknown key (valid keys: {valid})")
         else:
             parts.append(f"{loc}: {e['msg']}")
-    return f"profile {source}: " + "; ".join(parts)
+    return f"{label}: " + "; ".join(parts)
 
 
 def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
@@ -657,7 +661,7 @@ def load_profile(
     try:
         prof = Profile.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_fmt_validation(err, str(path))) from None
+        raise ConfigError(fmt_validation(err, f"profile {path}")) from None
     url = file_lake["lake"]["url"]
     prof._file_lake_url = url if isinstance(url, str) else None
     return prof

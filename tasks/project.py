@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aifactory.tasks.config import MetricCheck
+from aifactory.tasks.config import MetricCheck, fmt_validation
 from aifactory.tasks.errors import ConfigError
 
 PROJECT_FILE = "aifactory.yaml"
@@ -128,23 +128,7 @@ def load_project(path: str | os.PathLike[str]) -> Project:
     try:
         return Project.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"project {path}: {_fmt(err)}") from None
-
-
-def _fmt(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors()[:3]:
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            model: Any = Project
-            for part in e["loc"][:-1]:
-                field = getattr(model, "model_fields", {}).get(str(part))
-                model = field.annotation if field is not None else None
-            names = sorted((f.alias or n) for n, f in getattr(model, "model_fields", {}).items())
-            parts.append(f"{loc}: unknown key (valid keys: {', '.join(names)})")
-        else:
-            parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
+        raise ConfigError(fmt_validation(err, f"project {path}", Project, most=3)) from None
 
 
 def _abs_ref(ref: str | None, root: Path) -> str | None:
