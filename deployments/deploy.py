@@ -218,10 +218,12 @@ def project_source(project_file: Path) -> dict[str, str]:
             "project": project_file.resolve().relative_to(top.resolve()).as_posix()}  # fmt: skip
 
 
-def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-site") -> str:
+def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-site",
+                   src: dict[str, str] | None = None) -> str:  # fmt: skip
     """Create or replace the project's nightly deployment: the platform's pipeline on the
     project, pulled from its git repository at the pinned commit (Prefect pull steps), run by
-    the site's worker as the project's start-up; one run at a time. Returns its name."""
+    the site's worker as the project's start-up; one run at a time. ``src``: the project's
+    :func:`project_source`, if the caller already has it. Returns its name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
@@ -233,7 +235,7 @@ def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-si
     from aifactory.tasks.project import load_project
 
     proj = load_project(project_file)
-    src = project_source(project_file)
+    src = src or project_source(project_file)
     name = f"{proj.name}-nightly"
     pull = [
         {"prefect.deployments.steps.git_clone": {

@@ -182,7 +182,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         proj = load_project(project)
         src = project_source(Path(project))  # before any server: refuse a dirty tree first
         cfg = load_profile(args.profile or proj.deploy.profile)
-        name = deploy_project(Path(project), _use_prefect(cfg, args.verbose))
+        name = deploy_project(Path(project), _use_prefect(cfg, args.verbose), src=src)
         when = f"{proj.deploy.schedule or 'none'} {proj.deploy.timezone}"
         print(f"deployment {name}: {src['repository']} at {src['commit']}, project "
               f"{src['project']}, start-up {proj.startup}, schedule {when}, "
