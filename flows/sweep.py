@@ -1,5 +1,7 @@
-"""`aif sweep`: ingest and preprocess as the pipeline does, then one Slurm job array of
-training trials; the best trial by its validation metric, and every trial, as artifacts."""
+"""`aif sweep`: ingest and preprocess as the pipeline does, then one job array of training
+trials (a Slurm array on the site, child processes locally) through the job layer; the best
+trial by the chosen metric, and every trial, as artifacts. A project's sweep tunes its own
+script's ``job.config``."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
 from aifactory.tasks.config import load_profile
-from aifactory.tasks.errors import ConfigError
+from aifactory.tasks.jobs import executor_for
 from aifactory.tasks.manifests import FeatureSet
 from aifactory.tasks.runtime import (
     artifact_markdown,
@@ -26,31 +28,41 @@ from aifactory.tasks.slurm import SlurmClient
 @task(name="sweep-job-array", cache_policy=NO_CACHE)
 def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
                overrides: dict[str, Any] | None, trials: list[dict[str, Any]],
-               max_parallel: int, metric: str) -> dict[str, Any]:  # fmt: skip
+               max_parallel: int, metric: str | None) -> dict[str, Any]:  # fmt: skip
+    from aifactory.tasks.admission import admit
     from aifactory.tasks.sweep import run_sweep
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
-    if cfg.training.executor != "slurm":
-        raise ConfigError(
-            f"profile {cfg.name!r}: sweeps run as Slurm job arrays (training.executor slurm)"
-        )
-    from aifactory.tasks.admission import admit
-
-    slurm = SlurmClient(env=cfg.child_env())
+    spec = cfg.training
+    slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
+    executor = executor_for(spec.executor, slurm, poll_seconds=spec.poll_seconds,
+                            max_resubmits=spec.max_resubmits,
+                            describe=f"account {st.account}, partition {spec.partition}, "
+                                     f"gres gpu:{spec.gpus_per_node}")  # fmt: skip
     say = stage_logger("sweep")
-    say(admit(sid, st, cfg.training, slurm, jobs=len(trials)))
-    with cancellation_watch(threading.Event(), log=say):
-        return run_sweep(trials, spec=cfg.training, account=st.account, featureset=fset,
-                         runs_dir=cfg.runs_dir, slurm=slurm, max_parallel=max_parallel,
-                         metric=metric, log=say)  # fmt: skip
+    cancel = threading.Event()
+    with cancellation_watch(cancel, log=say):
+        return run_sweep(
+            trials, spec=spec, account=st.account, featureset=fset, runs_dir=cfg.runs_dir,
+            executor=executor, max_parallel=max_parallel, log=say, cancel_event=cancel,
+            metric=metric or sweep_metric(cfg), env=cfg.child_env(),
+            higher_is_better=bool(spec.script) and cfg.promotion.higher_is_better,
+            admit=lambda: admit(sid, st, spec, slurm, jobs=len(trials)),
+        )  # fmt: skip
+
+
+def sweep_metric(cfg: Any) -> str:
+    """What a sweep compares when not told: the reference payload's validation RMSE, or a
+    project's promotion metric."""
+    return cfg.promotion.metric if cfg.training.script else "val_rmse"
 
 
 @flow(name="aif-sweep", log_prints=False)
 def sweep_flow(profile: str = "site", startup: str | None = None,
                overrides: dict[str, Any] | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
-               metric: str = "val_rmse") -> dict[str, Any]:  # fmt: skip
+               metric: str | None = None) -> dict[str, Any]:  # fmt: skip
     from aifactory.tasks.admission import admit_declaration
     from aifactory.tasks.tenancy import check_run
 
@@ -64,15 +76,16 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
     fset = preprocess_flow(snap, profile, sid, overrides)
     print("[3/3] sweep", flush=True)
     record = sweep_task(fset, profile, sid, overrides, trials or [], max_parallel, metric)
+    metric = record["metric"]
     rows = [{"trial": r["trial"], **{k: str(v) for k, v in r["params"].items()},
-             "state": r["state"], metric: r[metric], "test_rmse": r["test_rmse"],
-             "job": r["job"]} for r in record["trials"]]  # fmt: skip
+             "state": r["state"], metric: r[metric], "job": r["job"]}
+            for r in record["trials"]]  # fmt: skip
     artifact_table("sweep-trials", rows, f"Trials of sweep {record['sweep_key']}")
     best = record["best"]
     artifact_markdown(
         "sweep-best",
         f"# Sweep `{record['sweep_key']}`\n\n- job array: {record['job_array']} "
-        f"({len(rows)} trials, one sbatch call)\n- best: trial {best['trial']} with "
+        f"({len(rows)} trials, {record['executor']})\n- best: trial {best['trial']} with "
         f"`{best['params']}`: {metric} = {best[metric]:.4f}\n- folder: `{record['sweep_dir']}`\n",
     )
     return record

@@ -30,6 +30,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "epochs", None) is not None:
         out["training.epochs"] = args.epochs
+    if getattr(args, "steps", None) is not None:  # train-lm: the LM project's job.config
+        out["training.config.steps"] = args.steps
     if getattr(args, "rows", None) is not None:
         out["dataspace.generate.rows"] = args.rows
     if getattr(args, "dataspace", None):
@@ -154,20 +156,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_train_lm(args: argparse.Namespace) -> int:
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.lm_run import run_lm
+    """A thin alias: `aif run` of the bundled tourism-lm project (examples/tourism-lm), the
+    reference language model trained, registered and documented like any project's."""
+    from aifactory.tasks.project import EXAMPLES
 
-    cfg = load_profile(args.profile)
-    cfg.tenant(args.startup)  # isolation.*; run_ingest checks the --data URL
-    out = run_lm(cfg, startup=args.startup, data_url=args.data, steps=args.steps,
-                 log=lambda m: print(f"  {m}", flush=True))  # fmt: skip
-    m = out["metrics"]
-    print(f"run dir: {out['run_dir']}  Slurm jobs: {', '.join(out['job_ids']) or 'none (local)'}")
-    print(
-        f"loss {m['final_loss']:.4f}, {m['tokens_per_second']:.0f} tokens/s, "
-        f"stall {m['data_stall_fraction']:.1%}, weights {out['weights_sha256'][:12]}"
-    )
-    return 0
+    args.project = str(EXAMPLES / "tourism-lm")
+    args.dataspace, args.dry_run = args.data, False
+    return cmd_run(args)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -302,24 +297,28 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """A hyperparameter search as one Slurm job array; prints the best trial."""
+    """A hyperparameter search as one job array; prints the best trial."""
+    from aifactory.tasks.admission import admit_declaration
     from aifactory.tasks.config import load_profile
     from aifactory.tasks.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
-    from aifactory.tasks.admission import admit_declaration
-
+    project, own_startup, project_over = _project(args)
+    if project and "training.epochs" in overrides:  # a project's trainer reads job.config
+        overrides["training.config.epochs"] = overrides.pop("training.epochs")
+    overrides = {**project_over, **overrides}
     cfg = load_profile(args.profile or "site", overrides)
-    sid, st = cfg.startup(args.startup)
+    sid, st = cfg.startup(args.startup or own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6)
     admit_declaration(sid, st, "sweep")  # admission.declaration (exit 5): nothing submitted
+    own = bool(cfg.training.script)
     grid: dict[str, list[Any]] = {}
     for item in args.grid or []:
         name, _, values = item.partition("=")
         if not values:
             raise ConfigError(f"aif sweep: --grid {item!r}: give NAME=V1,V2,...")
-        grid[name] = [parse_value(name, v) for v in values.split(",")]
-    trials = grid_trials(grid) if grid else []
+        grid[name] = [parse_value(name, v, own) for v in values.split(",")]
+    trials = grid_trials(grid, own) if grid else []
     if args.random:
         space: dict[str, tuple[float, float]] = {}
         for item in args.space or ["lr=0.0003:0.01"]:
@@ -332,6 +331,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         trials += random_trials(space, args.random, args.seed)
     if not trials:
         raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
+    if args.max_parallel < 1:
+        raise ConfigError(f"aif sweep: --max-parallel {args.max_parallel}: at least 1")
     _use_prefect(cfg, args.verbose)
     from aifactory.flows.sweep import sweep_flow
 
@@ -339,9 +340,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         profile=args.profile or "site", startup=sid, overrides=overrides or None,
         trials=trials, max_parallel=args.max_parallel, metric=args.metric,
     )  # fmt: skip
-    best = record["best"]
-    print(f"best trial {best['trial']} of {len(record['trials'])}: {args.metric}="
-          f"{best[args.metric]:.4f} {json.dumps(best['params'])} (job array "
+    best, metric = record["best"], record["metric"]
+    print(f"best trial {best['trial']} of {len(record['trials'])}: {metric}="
+          f"{best[metric]:.4f} {json.dumps(best['params'])} (job array "
           f"{record['job_array']}, {record['sweep_dir']})")  # fmt: skip
     return 0
 
@@ -511,11 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--startup", default=None, help="whose project (default: startup-b)")
     ini.set_defaults(func=cmd_init)
 
-    lm = sub.add_parser("train-lm", help="train the reference causal LM on data-space text")
+    lm = sub.add_parser("train-lm", help="train and register the reference causal LM on the "
+                        "tourism reviews (aif run of examples/tourism-lm)")  # fmt: skip
     lm.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
     lm.add_argument("--startup", default=None)
     lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
-    lm.add_argument("--steps", type=int, default=200)
+    lm.add_argument("--steps", type=int, default=None,
+                    help="training steps (default: the project's train.config.steps)")  # fmt: skip
     lm.set_defaults(func=cmd_train_lm)
 
     ig = sub.add_parser("ingest", help="snapshot one catalog dataset into the lake")
@@ -546,17 +549,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not create the webhook notifications")  # fmt: skip
     dp.set_defaults(func=cmd_deploy)
 
-    sw = sub.add_parser("sweep", help="hyperparameter search as one Slurm job array")
+    sw = sub.add_parser("sweep", help="hyperparameter search as one job array")
     sw.add_argument("--profile", default=None, help="default: site")
     sw.add_argument("--startup", default=None)
+    sw.add_argument("--project", default=None,
+                    help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
     sw.add_argument("--grid", action="append", metavar="NAME=V1,V2",
-                    help="grid values (lr, batch_size, hidden as 64x32, epochs, seed)")  # fmt: skip
+                    help="grid values (lr, batch_size, hidden as 64x32, epochs, seed; a "
+                         "project's: any train.config key)")  # fmt: skip
     sw.add_argument("--random", type=int, default=0, metavar="N", help="N random trials")
     sw.add_argument("--space", action="append", metavar="NAME=LOW:HIGH",
                     help="random-search range (lr log-uniform; batch_size, epochs)")  # fmt: skip
     sw.add_argument("--seed", type=int, default=0, help="random-search seed")
     sw.add_argument("--max-parallel", type=int, default=2, help="array tasks running at once")
-    sw.add_argument("--metric", default="val_rmse", help="validation metric, lower is better")
+    sw.add_argument("--metric", default=None,
+                    help="metric to compare (default: val_rmse, lower is better; a "
+                         "project's: its model.metric and direction)")  # fmt: skip
     sw.add_argument("--epochs", type=int, default=None, help="override training.epochs")
     sw.set_defaults(func=cmd_sweep)
 

@@ -45,7 +45,7 @@ SPLITS = ("train", "val", "test")
 
 MOBILITY_FUNCTION = "aifactory.tasks.features:mobility_features"
 # Keys of a features section with a project's own function (the platform's keys).
-USER_KEYS = ("function", "key", "target", "split", "params")
+USER_KEYS = ("function", "key", "target", "split", "params", "text")
 
 DEFAULT_FEATURE_CONFIG: dict[str, Any] = {
     "version": FEATURES_VERSION,
@@ -164,8 +164,17 @@ def _resolve_user_config(section: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError):
         raise ConfigError("features.params: must be plain data (JSON: mappings, lists, "
                           "strings, numbers)") from None  # fmt: skip
+    text = section.get("text", [])
+    if not (isinstance(text, list) and all(isinstance(c, str) and c.strip() for c in text)):
+        raise ConfigError(f"features.text: expected a list of column names, got {text!r}")
+    clash = sorted({section["key"], section["target"]} & set(text))
+    if clash or len(set(text)) != len(text):
+        raise ConfigError(f"features.text: {clash or text} repeats the key, the target or "
+                          "itself")  # fmt: skip
     load_function(section["function"])  # an import error is a config error, before any job
+    extra = {"text": list(text)} if text else {}  # absent when unused: ids stay as they were
     return {
+        **extra,
         "version": FEATURES_VERSION,
         "function": section["function"],
         "key": section["key"],
@@ -378,16 +387,19 @@ def featurize_partition(
     unaccounted = rows_in - len(feats) - sum(dropped.values())
     if unaccounted > 0:  # rows a function dropped without saying why (never the mobility one)
         result["dropped"]["dropped_by_feature_function"] = unaccounted
+    text = list(config.get("text", []))
     for name in SPLITS:
         part = feats.loc[splits == name].reset_index(drop=True)
         path = f"{out_path.rstrip('/')}/{name}/part-{index:05d}.parquet"
         schema = pa.schema(
             [pa.field(config["key"], pa.string(), nullable=False)]
+            + [pa.field(c, pa.string(), nullable=False) for c in text]
             + [pa.field(c, pa.float32(), nullable=False) for c in cols]
             + [pa.field(target, pa.float32(), nullable=False)]
         )
-        frame = part[[config["key"], *cols, target]].copy()
-        frame[config["key"]] = frame[config["key"]].astype("string")
+        frame = part[[config["key"], *text, *cols, target]].copy()
+        for c in [config["key"], *text]:
+            frame[c] = frame[c].astype("string")
         tbl = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         digest = _write_parquet(ofs, path, tbl)
         entry: dict[str, Any] = {
@@ -416,7 +428,8 @@ def _check_output(feats: Any, dropped: Any, config: dict[str, Any], rows_in: int
     if not isinstance(dropped, dict):
         raise DataError(f"{where}: its drop counts are {type(dropped).__name__}, not a dict")
     key, target = config["key"], config["target"]
-    for role, col in (("key", key), ("target", target)):
+    text = list(config.get("text", []))
+    for role, col in (("key", key), ("target", target), *(("text", c) for c in text)):
         if col not in feats.columns:
             raise DataError(f"{where}: the output has no {role} column {col!r} "
                             f"(columns: {', '.join(map(str, feats.columns))[:200]})")  # fmt: skip
@@ -425,11 +438,19 @@ def _check_output(feats: Any, dropped: Any, config: dict[str, Any], rows_in: int
     if len(feats) > rows_in:
         raise DataError(f"{where}: returned {len(feats)} rows from {rows_in} (rows may only be "
                         "dropped, never added)")  # fmt: skip
+    for col in text:  # free text for the trainer (a language model's), kept as it is
+        series = feats[col]
+        if not (pd.api.types.is_string_dtype(series) or series.dtype == object):
+            raise DataError(f"{where}: text column {col!r} is {series.dtype}, expected strings")
+        bad = int(series.map(lambda v: not isinstance(v, str)).sum())
+        if bad:
+            raise DataError(f"{where}: text column {col!r} has {bad} missing or non-string "
+                            "values")  # fmt: skip
     if config.get("function", MOBILITY_FUNCTION) == MOBILITY_FUNCTION:
         cols = feature_columns(config)
     else:
-        cols = [str(c) for c in feats.columns if c not in (key, target)]
-        if not cols:
+        cols = [str(c) for c in feats.columns if c not in (key, target, *text)]
+        if not cols and not text:
             raise DataError(f"{where}: the output has no feature column besides {key!r} and "
                             f"{target!r}")  # fmt: skip
     for col in [*cols, target]:

@@ -39,13 +39,34 @@ def model_path(flavour: str, run_dir: str | Path) -> Path:
 
 
 def tree_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and bytes, sorted)."""
+    """sha256 of a file, or of a folder's files (relative names and contents, sorted). A
+    PyTorch state dict (``.pt``/``.pth``) counts by its tensors: ``torch.save`` writes a new
+    serialization id into every file, so the same weights never give the same bytes."""
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         if f != path:
             h.update(f"\n{f.relative_to(path).as_posix()}\n".encode())
-        h.update(f.read_bytes())
+        tensors = _state_dict_digest(f) if f.suffix in (".pt", ".pth") else None
+        h.update(tensors.encode() if tensors else f.read_bytes())
+    return h.hexdigest()
+
+
+def _state_dict_digest(path: Path) -> str | None:
+    """sha256 over a saved state dict's tensors (sorted by name), or None for a file that
+    is not one (it then counts by its bytes)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    h = hashlib.sha256(b"state-dict")
+    for name, tensor in sorted(state.items()):
+        h.update(str(name).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -11,6 +11,13 @@ script execs. :func:`executor_for` gives the executor of a training spec; the st
   returns its sacct record.
 - :class:`LocalExecutor` runs the command as a child process, streaming its log.
 
+``executor.run_array(request, n, max_parallel)`` runs ``n`` tasks of one script (a sweep's
+trials): one ``sbatch --array`` on Slurm, followed by the same watcher (admission before
+the first submission, reattachment, resubmission of the tasks that ran out of time or were
+preempted, cancellation with the flow); locally, up to ``max_parallel`` child processes.
+A task's ending is its record (State, ExitCode, Elapsed, JobID), not an exception: the
+caller decides what a failed trial means.
+
 Either way one process owns a run directory at a time: ``owner()`` takes an exclusive lock
 on ``<run_dir>/.owner.lock`` (released when the owner ends, however it ends), so a second
 run of the same key waits and then collects the first one's result instead of training a
@@ -33,7 +40,7 @@ from typing import Protocol
 
 from aifactory.tasks.errors import TrainingError
 from aifactory.tasks.slurm import SlurmClient
-from aifactory.tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch
+from aifactory.tasks.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch, watch_array
 
 LOCK_NAME = ".owner.lock"
 
@@ -48,6 +55,9 @@ class JobRequest:
     log: Callable[[str], None] = print
     cancel_event: threading.Event | None = None
     admit: Callable[[], str] | None = None  # called before a first submission; may refuse
+    # An array's task i (run_array): its folder and the command run there (local executor;
+    # on Slurm the script itself finds its task by SLURM_ARRAY_TASK_ID).
+    task: Callable[[int], tuple[Path, Sequence[str]]] | None = None
 
 
 @dataclass
@@ -57,10 +67,19 @@ class JobResult:
     sacct: dict[str, str]
 
 
+@dataclass
+class ArrayResult:
+    executor: str
+    job_ids: list[str]
+    tasks: dict[int, dict[str, str]]  # task index -> State, ExitCode, Elapsed, JobID
+
+
 class Executor(Protocol):
     kind: str
 
     def run(self, req: JobRequest) -> JobResult: ...
+
+    def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult: ...
 
 
 @dataclass
@@ -71,8 +90,42 @@ class LocalExecutor:
 
     def run(self, req: JobRequest) -> JobResult:
         req.log(f"running {req.name} locally in {req.run_dir}")
-        run_local(list(req.command), str(req.run_dir), req.env, req.log)
+        run_local(list(req.command), str(req.run_dir), req.env, req.log, req.cancel_event)
         return JobResult(self.kind, [], {})
+
+    def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult:
+        """Each task as a child process in its own folder, at most ``max_parallel`` at once;
+        a cancelled flow stops the ones running (they checkpoint) and starts no other."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if req.task is None:
+            raise TrainingError(f"{req.name}: an array needs its tasks' folders and commands")
+        task = req.task
+        cancel = req.cancel_event or threading.Event()
+        req.log(f"running {n} tasks of {req.name} locally, at most {max(1, max_parallel)} at once")
+
+        def one(i: int) -> dict[str, str]:
+            if cancel.is_set():
+                return {"State": "CANCELLED", "ExitCode": "", "Elapsed": "", "JobID": f"local_{i}"}
+            folder, cmd = task(i)
+            t0 = time.monotonic()
+            env = {**req.env, "SLURM_ARRAY_TASK_ID": str(i)}
+            try:
+                run_local(list(cmd), str(folder), env, lambda line: req.log(f"[task {i}] {line}"),
+                          cancel)  # fmt: skip
+                state, code = "COMPLETED", "0:0"
+            except TrainingError as exc:
+                state, code = ("CANCELLED", "") if cancel.is_set() else ("FAILED", "1:0")
+                req.log(f"[task {i}] {exc}")
+            took = int(time.monotonic() - t0)
+            elapsed = f"{took // 3600:02d}:{took // 60 % 60:02d}:{took % 60:02d}"
+            return {"State": state, "ExitCode": code, "JobID": f"local_{i}", "Elapsed": elapsed}
+
+        with ThreadPoolExecutor(max_workers=max(1, max_parallel)) as pool:
+            tasks = dict(enumerate(pool.map(one, range(n))))
+        if cancel.is_set():
+            raise TrainingError(f"{req.name}: cancelled; the running tasks checkpointed")
+        return ArrayResult(self.kind, [], tasks)
 
 
 @dataclass
@@ -96,6 +149,18 @@ class SlurmExecutor:
                                     max_resubmits=self.max_resubmits,
                                     on_job=job_ids.append)  # fmt: skip
         return JobResult(self.kind, job_ids, sacct)
+
+    def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult:
+        """One ``sbatch --array`` for the ``n`` tasks (or a live array of the same name)."""
+        if req.admit is not None and not self.slurm.jobs_named(req.name):
+            req.log(req.admit())
+        if self.describe:
+            req.log(f"Slurm job array {req.name}: {self.describe}, script {req.script_path}")
+        job_ids: list[str] = []
+        tasks = watch_array(self.slurm, str(req.script_path), req.name, n, max_parallel, req.log,
+                            self.poll_seconds, req.cancel_event, self.max_resubmits,
+                            on_job=job_ids.append)  # fmt: skip
+        return ArrayResult(self.kind, job_ids, tasks)
 
 
 def executor_for(
@@ -139,11 +204,12 @@ def owner(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
 
 
 def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
-              log: Callable[[str], None]) -> None:  # fmt: skip
+              log: Callable[[str], None],
+              cancel_event: threading.Event | None = None) -> None:  # fmt: skip
     """Run the job's command as a local process, streaming its output to ``log`` and local.out.
 
-    Raises TrainingError with the exit code and the log tail on failure. Interrupted, it
-    sends the payload SIGTERM (it checkpoints and exits 99), then re-raises.
+    Raises TrainingError with the exit code and the log tail on failure. Interrupted (or
+    ``cancel_event`` set), it sends the payload SIGTERM (it checkpoints and exits 99).
     """
     lines: list[str] = []
     with open(Path(run_dir) / "local.out", "a") as out:
@@ -151,6 +217,18 @@ def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **env}, cwd=run_dir,
         )  # fmt: skip
+        stopper = None
+        if cancel_event is not None:
+
+            def _stop() -> None:  # ends with the process
+                while proc.poll() is None:
+                    if cancel_event.wait(0.5):
+                        if proc.poll() is None:
+                            proc.send_signal(signal.SIGTERM)
+                        return
+
+            stopper = threading.Thread(target=_stop, daemon=True)
+            stopper.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

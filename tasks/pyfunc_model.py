@@ -8,17 +8,20 @@ model) or on already-featurised rows.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-# MLflow asks for type hints on predict() when a PythonModel is defined; ours take any frame
-# on purpose. (Set after the import above: importing mlflow.pyfunc resets the filters.)
-warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
+# MLflow warns "Add type hints to the `predict` method" whenever a PythonModel subclass
+# without them is defined, under its own warnings.simplefilter("once") (so no filter of
+# ours can hide it). Ours take any frame on purpose; MLflow's own attribute for classes
+# that skip type-hint validation says so (tests/unit/test_project.py fails if it stops
+# working).
 
 
 class TabularPyfunc(PythonModel):
+    _skip_type_hint_validation = True
+
     def load_context(self, context):  # type: ignore[no-untyped-def]
         from aifactory.tasks.payloads.tabular_model import load_model
 
@@ -47,6 +50,8 @@ class ProjectPyfunc(PythonModel):
     """A project's model as one MLflow pyfunc: raw rows -> the project's features ->
     standardised as in training -> the model's predictions."""
 
+    _skip_type_hint_validation = True
+
     def load_context(self, context):  # type: ignore[no-untyped-def]
         from aifactory.tasks.flavours import absolute_ref, load_model
 
@@ -66,7 +71,8 @@ class ProjectPyfunc(PythonModel):
 
         df = pd.DataFrame(model_input)
         cols = list(self.spec["feature_columns"])
-        if not set(cols) <= set(df.columns):
+        text = list(self.spec["feature_config"].get("text", []))
+        if not set([*cols, *text]) <= set(df.columns):
             fc = dict(self.spec["feature_config"])
             fn = load_ref(str(absolute_ref(fc.get("function"), self.code)), "features.function")
             out = fn(df, fc)
@@ -85,4 +91,7 @@ class ProjectPyfunc(PythonModel):
             return y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
         if flavour == "sklearn":
             return self.model.predict(x)
-        return self.model.predict(context, pd.DataFrame(x, columns=cols))
+        frame = pd.DataFrame(x, columns=cols)
+        for c in text:  # free text goes to the model as it is
+            frame[c] = df[c].astype(str).to_numpy()
+        return self.model.predict(context, frame)

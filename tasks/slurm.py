@@ -153,6 +153,16 @@ class SlurmClient:
                 return rec
         return None
 
+    def array_records(self, job_id: str) -> dict[int, dict[str, str]]:
+        """An array job's tasks that sacct knows (pending ones may be absent): task index ->
+        JobID, State, ExitCode, Elapsed (one sacct call)."""
+        found: dict[int, dict[str, str]] = {}
+        for rec in self.sacct(("JobID", "State", "ExitCode", "Elapsed"), jobs=[job_id]):
+            base, sep, idx = rec["JobID"].partition("_")
+            if base == job_id and sep and idx.isdigit():
+                found[int(idx)] = rec
+        return found
+
     def state(self, job_id: str) -> str:
         """squeue while known, then sacct; 'UNKNOWN' if neither knows the job yet."""
         st = self.squeue_state(job_id)

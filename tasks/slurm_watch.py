@@ -3,6 +3,8 @@
 ``submit_and_watch`` submits a rendered script (or reattaches to a live job of the same
 name), follows its state and log, and returns the sacct record of a COMPLETED job; every
 other ending raises :class:`TrainingError` with its own wording and the log's tail.
+``watch_array`` does the same for a job array (a sweep's trials): one squeue and one sacct
+per poll for all tasks, the same resubmission policy per task, the same cancellation.
 """
 
 from __future__ import annotations
@@ -142,6 +144,20 @@ def _script_option(script_path: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
+def _submit_or_reattach(
+    client: SlurmClient, script_path: str, job_name: str, log: Callable[[str], None], what: str,
+    detail: str = "",
+) -> str:  # fmt: skip
+    """The live job of this name (a re-run reattaches to it) or a new submission."""
+    live = client.jobs_named(job_name)
+    if live:
+        log(f"reattaching to live {what} {live[0]} ({job_name}) instead of submitting")
+        return live[0]
+    job_id = client.submit(script_path)
+    log(f"submitted {what} {job_id} ({job_name}){detail}")
+    return job_id
+
+
 def submit_and_watch(
     client: SlurmClient,
     script_path: str,
@@ -166,13 +182,7 @@ def submit_and_watch(
     the job is cancelled with it; if a Slurm command keeps failing, the job is left running
     and a re-run reattaches to it.
     """
-    live = client.jobs_named(job_name)
-    if live:
-        job_id = live[0]
-        log(f"reattaching to live Slurm job {job_id} ({job_name}) instead of submitting")
-    else:
-        job_id = client.submit(script_path)
-        log(f"submitted Slurm job {job_id} ({job_name})")
+    job_id = _submit_or_reattach(client, script_path, job_name, log, "Slurm job")
     jobs, restarts = [job_id], 0
     if on_job:
         on_job(job_id)
@@ -269,3 +279,93 @@ def _watch_one(
         raise TrainingError(f"training job {job_id} was cancelled with its watcher")
     # The job script reports SLURM_RESTART_COUNT: requeues too quick for a poll to see count.
     return job_id, {**rec, "aif_tail": tail.tail()}, max(requeues, tail.restart)
+
+
+def watch_array(
+    client: SlurmClient, script_path: str, job_name: str, n: int, max_parallel: int,
+    log: Callable[[str], None], poll_s: float = 1.0, cancel_event: threading.Event | None = None,
+    max_resubmits: int = 0, on_job: Callable[[str], None] | None = None,
+) -> dict[int, dict[str, str]]:  # fmt: skip
+    """Submit the array script (or reattach to a live array of the same name) and follow its
+    ``n`` tasks to their end: task index -> sacct record (State, ExitCode, Elapsed, JobID).
+
+    Tasks that ran out of time, were preempted or lost their node are submitted again
+    together (``sbatch --array=<those>``, resuming from their checkpoints) up to
+    ``max_resubmits`` times; other endings are the caller's to judge. Interrupted or
+    cancelled, every array job is cancelled with the watcher.
+    """
+    first = _submit_or_reattach(client, script_path, job_name, log, "job array",
+                                f": {n} tasks, at most {max(1, max_parallel)} at once "
+                                "(one sbatch call)")  # fmt: skip
+    jobs = [first]
+    owner = dict.fromkeys(range(n), first)  # which array job runs each task now
+    if on_job:
+        on_job(first)
+    records: dict[int, dict[str, str]] = {}
+    unknown_since: float | None = None
+    gone_since: float | None = None  # out of the queue, with tasks sacct has no end for yet
+    last = ""
+    try:
+        while True:
+            try:
+                queued = client.squeue_states(jobs)
+                for job in jobs:
+                    for i, rec in client.array_records(job).items():
+                        if owner.get(i) == job:
+                            records[i] = rec
+                unknown_since = None
+            except SlurmCommandError as exc:
+                unknown_since = unknown_since or time.monotonic()
+                log(f"job array {first}: state query failed, will retry ({exc})")
+                if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
+                    raise TrainingError(
+                        f"job array {first}: squeue and sacct failed for {UNKNOWN_GRACE_S:.0f}s "
+                        f"(is slurmctld/slurmdbd up? sacct -j {first})"
+                    ) from None
+                queued = dict.fromkeys(jobs, "UNKNOWN")
+            ended = {i for i, r in records.items() if r["State"] in TERMINAL_STATES}
+            summary = f"job array {first}: {len(ended)}/{n} tasks ended"
+            if summary != last:
+                log(summary)
+                last = summary
+            if not queued and len(ended) == n:
+                again = sorted(i for i in ended if resubmit_reason(records[i]))
+                if not again or len(jobs) > max_resubmits:
+                    break
+                spec = ",".join(str(i) for i in again) + f"%{max(1, max_parallel)}"
+                job = client.submit(script_path, [f"--array={spec}"])
+                log(f"tasks {spec.split('%')[0]} ended {records[again[0]]['State']}: "
+                    f"resubmitted as job array {job} from their checkpoints "
+                    f"(resubmission {len(jobs)} of at most {max_resubmits})")  # fmt: skip
+                jobs.append(job)
+                for i in again:
+                    owner[i] = job
+                    records.pop(i)
+                if on_job:
+                    on_job(job)
+            elif not queued:  # sacct lags the queue by a few seconds
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > SACCT_WAIT_S:
+                    gone = sorted(set(range(n)) - ended)
+                    raise TrainingError(
+                        f"job array {first}: left the queue but sacct has "
+                        f"no end for tasks {gone[:10]} (sacct -j {first})"
+                    )
+            else:
+                gone_since = None
+            if cancel_event is None:
+                time.sleep(poll_s)
+            elif cancel_event.wait(poll_s):
+                log(f"watcher cancelled: cancelling job array(s) {', '.join(jobs)}")
+                client.cancel(jobs)
+                raise TrainingError(f"job array {first} was cancelled with its watcher")
+    except Exception:
+        raise  # the watcher failed, not the jobs: a re-run reattaches by name
+    except BaseException:
+        log(f"watcher interrupted: cancelling job array(s) {', '.join(jobs)}")
+        try:
+            client.cancel(jobs)
+        except Exception as exc:
+            log(f"scancel {' '.join(jobs)} failed: {exc}")
+        raise
+    return records

@@ -320,8 +320,9 @@ def train(
     """
     if spec.payload != "tabular" and not spec.script:
         raise ConfigError(
-            f"training.payload {spec.payload!r}: the pipeline trains the tabular payload; "
-            "run the language model with `aif train-lm`"
+            f"training.payload {spec.payload!r}: the pipeline trains the tabular payload or a "
+            "project's script; the language model is the project examples/tourism-lm "
+            "(`aif train-lm`)"
         )
     t0 = time.monotonic()
     run_dir = Path(runs_dir) / "train" / run_key

@@ -5,6 +5,7 @@ model (examples/health-readmission)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_a_project_from_aif_init_outside_the_repository(tmp_path: Path) -> None:
                               env={**env, "PREFECT_API_URL": url}, capture_output=True)  # fmt: skip
         assert flow.returncode == 0, (flow.stdout + flow.stderr)[-3000:]
         assert flow.stdout.strip().splitlines()[-1].startswith("models:/crop-model/")
+
+        # A sweep of the project's own config keys: the job layer's local array.
+        sweep = _aif(work, env, "sweep", "--profile", "local", "--grid", "lr=0.003,0.01",
+                     "--grid", "hidden=16,32", "--max-parallel", "2", "--epochs", "1")  # fmt: skip
+        assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+        last = sweep.stdout.strip().splitlines()[-1]
+        assert last.startswith("best trial ") and "of 4: test_rmse=" in last, last
+        record = json.loads((Path(last.rsplit(", ", 1)[1].rstrip(")")) / "sweep.json").read_text())
+        assert [t["state"] for t in record["trials"]] == ["COMPLETED"] * 4
+        configs = [json.loads((Path(record["sweep_dir"]) / f"trial-{i:04d}" / "config.json")
+                              .read_text()) for i in range(4)]  # fmt: skip
+        assert {(c["lr"], c["hidden"], c["epochs"], c["batch_size"]) for c in configs} == {
+            (lr, h, 1, 256) for lr in (0.003, 0.01) for h in (16, 32)}  # fmt: skip
     finally:
         _aif(work, env, "server", "stop")
     assert not prefect_servers_under(tmp_path)

@@ -394,10 +394,35 @@ class Job:
             x = (x - mean) / np.where(std > 0, std, np.float32(1.0))
         return x.astype(np.float32), y
 
+    def text(self, name: str, column: str | None = None) -> list[str]:
+        """The ``name`` split's text column (``features.text``; the first one by default),
+        in the feature set's order: free text for a language model, never standardised."""
+        import fsspec
+        import pyarrow.parquet as pq
+
+        self._need_featureset()
+        declared = list(self.inputs.get("feature_config", {}).get("text", []))
+        column = column or (declared[0] if declared else None)
+        if column is None or column not in declared:
+            raise PayloadError(f"the feature set has no text column {column!r} (features.text: "
+                               f"{declared})")  # fmt: skip
+        if name not in self.inputs["splits"]:
+            raise PayloadError(f"the feature set has no {name!r} split")
+        out: list[str] = []
+        for url in self.inputs["splits"][name]["files"]:
+            fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+            try:
+                with fs.open(path, "rb") as fh:
+                    out += pq.read_table(fh, columns=[column]).column(column).to_pylist()
+            except FileNotFoundError:
+                raise PayloadError(f"{name} split file {url} not found") from None
+        return out
+
     # -- outputs --------------------------------------------------------------------------
     def save(self, name: str, obj: Any) -> Path:
         """Save an output into the run directory atomically: bytes, str, or a torch object."""
         path = self.run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(obj, bytes):
             atomic_bytes(path, obj)
         elif isinstance(obj, str):

@@ -1,6 +1,13 @@
 """Reference payload 2: a small causal language model (generative AI) on data-space text.
 
     python -m aifactory.tasks.payloads.train_lm --data URL[,URL...] --run-dir DIR --config CFG.json
+    python -m aifactory.tasks.payloads.train_lm --featureset FS.json --run-dir DIR --config CFG.json
+
+With ``--featureset`` (the pipeline's way: a project whose feature function keeps the text,
+``features.text``) it trains on the train split's text and reports ``val_bits_per_byte`` on
+the validation split, the held-out metric promotion compares. The model is saved in
+``model/`` (``weights.pt``, a state dict, and ``config.json``), which the project's pyfunc
+class (examples/tourism-lm/model.py) loads.
 
 A byte-level decoder-only transformer (a few layers), trained with next-token prediction.
 On a GPU it runs under bf16 autocast; on a CPU the same code runs in float32 with the small
@@ -111,10 +118,35 @@ class Loader:
         return win[:, :-1], win[:, 1:]
 
 
+def corpus_of(texts: list[str], what: str) -> np.ndarray:
+    data = np.frombuffer("\n".join(t for t in texts if t).encode("utf-8"), dtype=np.uint8)
+    if len(data) < 2:
+        raise PayloadError(f"no text in {what}")
+    return data
+
+
+@torch.no_grad()
+def bits_per_byte(model: TinyLM, data: np.ndarray, context: int, device: Any,
+                  windows: int = 64) -> float:  # fmt: skip
+    """Mean next-byte loss in bits over ``windows`` evenly spaced windows of ``data``."""
+    model.eval()
+    n = max(1, len(data) - context - 1)
+    starts = np.linspace(0, n - 1, num=min(windows, n)).astype(np.int64)
+    d = torch.from_numpy(data.astype(np.int64))
+    win = d[torch.from_numpy(starts)[:, None] + torch.arange(context + 1)[None, :]].to(device)
+    logits = model(win[:, :-1])
+    loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), win[:, 1:].reshape(-1))
+    model.train()
+    return float(loss) / math.log(2)
+
+
 def train(job: Job) -> dict[str, Any]:
-    """Train on the Parquet files named by ``--data`` with ``job.config`` over DEFAULTS."""
+    """Train on the Parquet files named by ``--data`` (or the feature set's train split's
+    text) with ``job.config`` over DEFAULTS."""
     assert job.namespace is not None
-    urls = [u for u in job.namespace.data.split(",") if u]
+    urls = [u for u in (job.namespace.data or "").split(",") if u]
+    if not urls and not job.inputs:
+        raise PayloadError("give --data URL[,URL...] or --featureset FS.json")
     unknown = sorted(set(job.config) - set(DEFAULTS))
     if unknown:
         raise PayloadError(f"config has unknown keys {unknown} (valid: {sorted(DEFAULTS)})")
@@ -124,13 +156,22 @@ def train(job: Job) -> dict[str, Any]:
     device = job.device
     use_bf16 = bool(cfg["bf16"]) and device.type == "cuda"
     torch.manual_seed(cfg["seed"])
-    data = load_corpus(urls, cfg["text_column"])
+    held_out: np.ndarray | None = None
+    if urls:
+        data = load_corpus(urls, cfg["text_column"])
+        source: Any = urls
+    else:  # the feature set's splits: train on train, report on val
+        data = corpus_of(job.text("train"), "the feature set's train split")
+        held_out = corpus_of(job.text("val"), "the feature set's val split")
+        source = [job.inputs.get("featureset_id"), job.inputs.get("feature_config", {})]
     loader = Loader(data, cfg["context"], cfg["batch_size"], cfg["seed"])
     model = TinyLM(cfg["layers"], cfg["d_model"], cfg["heads"], cfg["context"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     job.log(f"device {device} bf16={use_bf16}; corpus {len(data)} bytes; "
             f"{sum(p.numel() for p in model.parameters())} parameters")  # fmt: skip
-    fingerprint = hashlib.sha256(json.dumps([urls, cfg], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([source, cfg], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
 
     step = 0
     ck = job.resume(fingerprint)
@@ -198,10 +239,19 @@ def train(job: Job) -> dict[str, Any]:
         "model_flops_per_second": tps * model.flops_per_token(),
         "device": 1.0 if device.type == "cuda" else 0.0,
     }  # fmt: skip
+    if held_out is not None:
+        metrics["val_bits_per_byte"] = bits_per_byte(model, held_out, cfg["context"], device)
     digest = state_dict_sha256(model.to("cpu"))
     job.save("model.pt", {"state_dict": model.state_dict(), "config": cfg, "kind": "tiny-lm"})
+    arch = {k: cfg[k] for k in ("layers", "d_model", "heads", "context")}
+    job.save("model/weights.pt", model.state_dict())
+    job.save("model/config.json", json.dumps(arch, sort_keys=True))
     job.save("weights.sha256", digest + "\n")
-    job.commit(metrics, device.type, finite=["final_loss"])
+    job.commit(
+        metrics,
+        device.type,
+        finite=["final_loss", *(["val_bits_per_byte"] if held_out is not None else [])],
+    )
     job.log(f"done: loss={loss:.4f} tokens/s={tps:.0f} stall={metrics['data_stall_fraction']:.3f} "
             f"weights {digest[:12]}")  # fmt: skip
     return metrics
@@ -209,7 +259,11 @@ def train(job: Job) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train_lm", description="Train the reference tiny causal LM")
-    p.add_argument("--data", required=True, help="comma-separated Parquet URLs with a text column")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="comma-separated Parquet URLs with a text column (or --featureset)",
+    )
     return run_job(train, "train_lm", argv, parser=p)
 
 

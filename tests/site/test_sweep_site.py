@@ -22,7 +22,8 @@ def test_sweep_is_one_job_array(site_profile: Profile) -> None:
     assert "(one sbatch call)" in res.stdout
     sweep_dir = Path(res.last_line.rsplit(", ", 1)[1].rstrip(")"))
     record = json.loads((sweep_dir / "sweep.json").read_text())
-    assert len(record["trials"]) == 6 and record["sbatch_calls"] in (0, 1)
+    assert len(record["trials"]) == 6 and len(record["job_ids"]) == 1  # one sbatch call
+    assert record["executor"] == "slurm" and "admission:" in res.stdout
     assert "#SBATCH --array=0-5%2" in (sweep_dir / "sweep.sbatch").read_text()
     done = [t for t in record["trials"] if t["state"] == "COMPLETED"]
     assert len(done) == 6

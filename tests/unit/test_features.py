@@ -226,7 +226,7 @@ def test_feature_function_config_is_checked_before_any_job(tmp_path) -> None:  #
     bad = [
         ({"function": "x.py:f", "key": "k", "target": "t", "clean": {}},
          r"features.clean: unknown key for a project's own feature function \(valid keys: "
-         r"function, key, target, split, params\)"),
+         r"function, key, target, split, params, text\)"),
         ({"function": "mymod:f", "target": "t"}, r"features.key: required"),
         ({"function": f"{src}:f", "key": "k", "target": "t"},
          r"the module does not import: ModuleNotFoundError: No module named "
@@ -240,3 +240,54 @@ def test_feature_function_config_is_checked_before_any_job(tmp_path) -> None:  #
     for section, match in bad:
         with pytest.raises(ConfigError, match=match):
             F.resolve_config(section)
+
+
+def test_text_columns_reach_the_trainer_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``features.text``: free text (a language model's) kept as strings, outside the
+    numeric contract and the normalisation; job.text() reads it back per split."""
+    import json
+
+    import pytest
+
+    from aifactory.tasks.errors import ConfigError, DataError
+    from aifactory.tasks.payloads.job import Job, PayloadError
+
+    src = tmp_path / "proj" / "features.py"
+    src.parent.mkdir()
+    src.write_text(FIELDS_FN + "\ndef with_text(df, config):\n"
+                   "    return df[['field_id', 'soil', 'yield_t_ha']]\n"
+                   "def text_with_gaps(df, config):\n"
+                   "    out = df[['field_id', 'soil', 'yield_t_ha']].copy()\n"
+                   "    out.loc[out.index[:3], 'soil'] = None\n    return out\n")  # fmt: skip
+    base = {"function": f"{src}:with_text", "key": "field_id", "target": "yield_t_ha"}
+    cfg = F.resolve_config({**base, "text": ["soil"]})
+    assert cfg["text"] == ["soil"] and "text" not in F.resolve_config(base)  # ids kept
+    data = tmp_path / "in.parquet"
+    df = _fields(300)
+    df.to_parquet(data)
+    r = F.featurize_partition(0, f"file://{data}", f"file://{tmp_path}/out", {}, cfg)
+    assert r["columns"] == []  # no numeric feature: the text is the input
+    train = pd.read_parquet(tmp_path / "out" / "train" / "part-00000.parquet")
+    assert list(train.columns) == ["field_id", "soil", "yield_t_ha"]
+    fset = {"feature_columns": [], "target": "yield_t_ha", "normalisation": {},
+            "feature_config": cfg, "splits": {name: {"files": [str(tmp_path / "out" / name /
+                                                                  "part-00000.parquet")]}
+                                              for name in F.SPLITS}}  # fmt: skip
+    job = Job(tmp_path / "run", inputs=json.loads(json.dumps(fset)))
+    assert job.text("train") == train["soil"].tolist()
+    with pytest.raises(PayloadError, match="no text column 'colour'"):
+        job.text("train", "colour")
+
+    for bad, match in [(["field_id"], "repeats the key"), ("soil", "expected a list"),
+                       (["soil", "soil"], "repeats")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"features.text: .*{match}"):
+            F.resolve_config({**base, "text": bad})
+    for fn, text, match in [
+        ("with_text", ["place"], "no text column 'place'"),
+        ("text_with_gaps", ["soil"], "'soil' has 3 missing"),
+        ("yield_features", ["rain"], "'rain' is float64, expected strings"),
+    ]:
+        gaps = F.resolve_config({**base, "function": f"{src}:{fn}", "text": text, "params":
+                                 {"rain_scale": 1.0}})  # fmt: skip
+        with pytest.raises(DataError, match=match):
+            F.featurize_partition(1, f"file://{data}", f"file://{tmp_path}/o", {}, gaps)

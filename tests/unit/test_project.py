@@ -237,3 +237,31 @@ def test_profile_refuses_a_script_with_the_reference_flavour(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"flavour pytorch needs model_class"):
         load_profile("local", {"mlflow.flavour": "pytorch",
                                "training.script": str(tmp_path / "t.py")}, env=env)  # fmt: skip
+
+
+def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
+    """Our pyfunc classes rely on MLflow's ``_skip_type_hint_validation``: MLflow shows the
+    warning under its own simplefilter("once"), which no filter of ours overrides."""
+    import warnings
+
+    from mlflow.pyfunc import PythonModel
+
+    from aifactory.tasks.pyfunc_model import ProjectPyfunc, TabularPyfunc
+
+    warnings.onceregistry.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+
+        class Skips(PythonModel):
+            _skip_type_hint_validation = True
+
+            def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+                return model_input
+
+        class Plain(PythonModel):
+            def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+                return model_input
+
+    hints = [w for w in seen if "Add type hints" in str(w.message)]
+    assert len(hints) == 1  # Plain's; none for Skips
+    assert TabularPyfunc._skip_type_hint_validation and ProjectPyfunc._skip_type_hint_validation

@@ -135,13 +135,13 @@ def test_cli_lake_override_into_another_prefix_exits_6(
         assert PREFIX_B in _one_error(capsys)
 
 
-def test_train_lm_data_into_another_prefix_is_refused() -> None:
-    from aifactory.tasks.lm_run import run_lm
-
-    cfg = _site()
-    with pytest.raises(TenancyError, match="that prefix belongs to startup-b"):
-        run_lm(cfg, startup="startup-a", data_url="s3://aif-lake/startup-b/objects/x/*.txt",
-               steps=1, log=lambda m: None)  # fmt: skip
+def test_train_lm_data_into_another_prefix_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
+    url = "s3://aif-lake/startup-b/objects/x/*.parquet"
+    assert main(["train-lm", "--profile", "site", "--data", url]) == 6
+    assert "that prefix belongs to startup-b" in _one_error(capsys)
 
 
 def test_check_dataspace_url_names_what() -> None:
