@@ -20,7 +20,7 @@ from aifactory.flows.preprocess import preprocess_flow
 from aifactory.flows.register import register_flow
 from aifactory.flows.train import train_flow
 from aifactory.tasks.admission import admit_declaration
-from aifactory.tasks.config import load_profile
+from aifactory.tasks.config import Profile, run_scope
 from aifactory.tasks.provenance import git_info, now_iso
 from aifactory.tasks.runtime import (
     artifact_link,
@@ -57,7 +57,13 @@ def pipeline(
         own, settings = project_overrides(find_project(project) or project)
         startup = startup or own
         overrides = {**settings, **(overrides or {})}  # explicit flags still win
-    cfg = load_profile(profile, overrides)
+    # The run's configuration is resolved once: the stages' load_profile returns this one.
+    with run_scope(profile, overrides) as cfg:
+        return _stages(cfg, profile, startup, overrides, promote)
+
+
+def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str, Any] | None,
+            promote: bool) -> str:  # fmt: skip
     sid, st = cfg.startup(startup)
     # Before any byte is ingested or any job submitted: the tenant's own prefix, account
     # and data space (isolation.*, exit 6), and an approved declaration (exit 5).

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
-from aifactory.tasks.config import load_profile
+from aifactory.tasks.config import load_profile, run_scope
 from aifactory.tasks.jobs import executor_for
 from aifactory.tasks.manifests import FeatureSet
 from aifactory.tasks.runtime import (
@@ -66,16 +66,16 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
     from aifactory.tasks.admission import admit_declaration
     from aifactory.tasks.tenancy import check_run
 
-    cfg = load_profile(profile, overrides)
-    sid, st = cfg.startup(startup)
-    check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
-    print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)
-    print("[1/3] ingest", flush=True)
-    snap = ingest_flow(profile, sid, overrides)
-    print("[2/3] preprocess", flush=True)
-    fset = preprocess_flow(snap, profile, sid, overrides)
-    print("[3/3] sweep", flush=True)
-    record = sweep_task(fset, profile, sid, overrides, trials or [], max_parallel, metric)
+    with run_scope(profile, overrides) as cfg:  # resolved once for the whole sweep
+        sid, st = cfg.startup(startup)
+        check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
+        print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)
+        print("[1/3] ingest", flush=True)
+        snap = ingest_flow(profile, sid, overrides)
+        print("[2/3] preprocess", flush=True)
+        fset = preprocess_flow(snap, profile, sid, overrides)
+        print("[3/3] sweep", flush=True)
+        record = sweep_task(fset, profile, sid, overrides, trials or [], max_parallel, metric)
     metric = record["metric"]
     rows = [{"trial": r["trial"], **{k: str(v) for k, v in r["params"].items()},
              "state": r["state"], metric: r[metric], "job": r["job"]}

@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     project, own_startup, project_over = _project(args)
-    if project and "training.epochs" in overrides:  # a project's trainer reads job.config
+    if "training.script" in project_over and "training.epochs" in overrides:  # job.config
         overrides["training.config.epochs"] = overrides.pop("training.epochs")
     cfg = load_profile(args.profile, {**project_over, **overrides})
     sid, st = cfg.startup(args.startup or own_startup)
@@ -303,8 +303,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from aifactory.tasks.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
-    project, own_startup, project_over = _project(args)
-    if project and "training.epochs" in overrides:  # a project's trainer reads job.config
+    _, own_startup, project_over = _project(args)
+    if "training.script" in project_over and "training.epochs" in overrides:  # job.config
         overrides["training.config.epochs"] = overrides.pop("training.epochs")
     overrides = {**project_over, **overrides}
     cfg = load_profile(args.profile or "site", overrides)

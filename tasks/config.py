@@ -11,13 +11,16 @@ Precedence, lowest first: profile file < ``AIF_<SECTION>__<KEY>`` environment va
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -330,10 +333,10 @@ class Profile(_Model):
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     notifications: NotificationsSpec = Field(default_factory=NotificationsSpec)
-    # Feature engineering (tasks/features.py): the mobility defaults' clean ranges, split,
-    # categorical vocabularies and fill values, or a project's own feature function
-    # (function, key, target, split, params). Checked by features.resolve_config.
-    features: dict[str, Any] = Field(default_factory=dict)
+    # Feature engineering (tasks/features.py): the feature function and the platform's keys
+    # (function, key, target, split, params, text), checked by features.resolve_config.
+    # The embedded default is the bundled mobility project's (examples/mobility-trips).
+    features: dict[str, Any] = Field(default_factory=lambda: default_features())
     # lake.url as the profile file gives it, before AIF_* and CLI overrides (load_profile
     # sets it): the start-ups' prefixes are also guarded under it (tasks/tenancy.py).
     _file_lake_url: str | None = PrivateAttr(default=None)
@@ -486,6 +489,22 @@ def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
     return value
 
 
+DEFAULT_PROJECT = Path(__file__).resolve().parent.parent / "examples" / "mobility-trips"
+
+
+def default_features() -> dict[str, Any]:
+    """The bundled mobility project's features section (its function's file made absolute):
+    what a profile that names no feature function trains on."""
+    path = DEFAULT_PROJECT / "aifactory.yaml"
+    try:
+        section = dict(yaml.safe_load(path.read_text())["features"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"the bundled default project {path} is unreadable: {exc}") from None
+    file, name = str(section["function"]).rsplit(":", 1)
+    section["function"] = f"{DEFAULT_PROJECT / file}:{name}"
+    return section
+
+
 def _absolutise(data: dict[str, Any], base: Path) -> None:
     """Make relative ``*_dir`` paths, ``file://`` URLs and a feature function's file
     (``features.function: features.py:NAME``) absolute (in place)."""
@@ -629,12 +648,52 @@ def profile_path(name_or_path: str) -> Path:
     return candidate
 
 
+# Profiles resolved once for a run (run_scope): (profile, overrides) -> [Profile, users].
+_SCOPES: dict[tuple[str | None, str], list[Any]] = {}
+_SCOPES_LOCK = threading.Lock()
+
+
+def _scope_key(name_or_path: str | None,
+               overrides: dict[str, Any] | None) -> tuple[str | None, str]:  # fmt: skip
+    return name_or_path, json.dumps(overrides or {}, sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def run_scope(name_or_path: str | None, overrides: dict[str, Any] | None = None,
+              ) -> Iterator[Profile]:  # fmt: skip
+    """Resolve a run's profile once: inside, every ``load_profile(name, overrides)`` of this
+    process with the same arguments (the run's subflows and tasks, in any thread) returns
+    this same object instead of reading the profile file, the environment and the project's
+    code again. Nested and concurrent scopes of the same arguments share it."""
+    key = _scope_key(name_or_path, overrides)
+    with _SCOPES_LOCK:
+        entry = _SCOPES.get(key)
+    if entry is None:
+        prof = load_profile(name_or_path, overrides)
+        with _SCOPES_LOCK:
+            entry = _SCOPES.setdefault(key, [prof, 0])
+    with _SCOPES_LOCK:
+        entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        with _SCOPES_LOCK:
+            entry[1] -= 1
+            if entry[1] == 0 and _SCOPES.get(key) is entry:
+                del _SCOPES[key]
+
+
 def load_profile(
     name_or_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     base_dir: Path | None = None,
 ) -> Profile:
+    if env is None and base_dir is None and _SCOPES:
+        with _SCOPES_LOCK:
+            entry = _SCOPES.get(_scope_key(name_or_path, overrides))
+        if entry is not None:
+            return cast(Profile, entry[0])
     env = dict(os.environ if env is None else env)
     name_or_path = name_or_path or env.get("AIF_PROFILE") or "local"
     path = profile_path(name_or_path)
@@ -656,6 +715,10 @@ def load_profile(
             one: dict[str, Any] = {}
             _set_path(one, dotted.split("."), value)
             _merge(data, one)
+    feats = data.get("features")
+    if isinstance(feats, dict) and feats and "function" not in feats:
+        # A partial section (a profile's split, AIF_FEATURES__SPLIT) refines the default's.
+        data["features"] = {**default_features(), **feats}
     _absolutise(data, base_dir or Path.cwd())
     _absolutise(file_lake, base_dir or Path.cwd())
     try:

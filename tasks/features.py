@@ -1,8 +1,9 @@
-"""Feature engineering: the platform's part, and the mobility model's feature function.
+"""Feature engineering: the platform's part of it, whatever the project.
 
 Each lake file of a snapshot is one partition. ``featurize_partition`` reads it, calls the
 project's **feature function** (profile ``features.function``: ``module:function`` or
-``path/to/file.py:function``; the default is this module's ``mobility_features``), checks
+``path/to/file.py:function``; the embedded default is the bundled mobility project's,
+examples/mobility-trips/features.py), checks
 what it returned, assigns every row to train/val/test by a stable hash of its key (so the
 test set stays the test set across nightly runs), writes one Parquet file per split under
 fixed names (idempotent overwrite) and returns the counts and the train split's sums, from
@@ -40,86 +41,23 @@ if TYPE_CHECKING:  # pandas is imported where it is used: a cached run never nee
     import pandas as pd
 
 # Bump when the transform's code changes: part of the FeatureSet id (cache key).
-FEATURES_VERSION = "2"
+FEATURES_VERSION = "3"
 SPLITS = ("train", "val", "test")
 
-MOBILITY_FUNCTION = "aifactory.tasks.features:mobility_features"
-# Keys of a features section with a project's own function (the platform's keys).
+# Keys of a features section (the platform's keys; the function's own are under params).
 USER_KEYS = ("function", "key", "target", "split", "params", "text")
 
-DEFAULT_FEATURE_CONFIG: dict[str, Any] = {
-    "version": FEATURES_VERSION,
-    "function": MOBILITY_FUNCTION,
-    "key": "trip_id",
-    "target": "duration_min",
-    "split": {"train": 80, "val": 10, "test": 10},  # percent, by hash of the key
-    "clean": {
-        "duration_min": [1.0, 240.0],  # keep rows with target in [lo, hi]
-        "distance_km": [0.05, 200.0],
-    },
-    "categorical": {
-        "weather": ["clear", "rain", "snow"],
-        "vendor": ["V1", "V2", "V3"],
-        "payment_type": ["card", "cash", "app"],
-    },
-    "zones": 60,
-    "fill": {"temperature_c": 12.0},
-}
 
-
-NUMERIC_COLUMNS = ("distance_km", "duration_min", "temperature_c", "passenger_count")
-
-
-def resolve_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The profile's ``features:`` section over the defaults, checked key by key.
-
-    Only cleaning ranges, split percentages, categorical vocabularies, fill values and the
-    zone count are configurable; anything else is refused naming the key.
-    """
+def resolve_config(section: dict[str, Any] | None) -> dict[str, Any]:
+    """The profile's (or project's) ``features:`` section, checked key by key."""
     from aifactory.tasks.errors import ConfigError
 
-    if (overrides or {}).get("function", MOBILITY_FUNCTION) != MOBILITY_FUNCTION:
-        return _resolve_user_config(dict(overrides or {}))
-    cfg = json.loads(json.dumps(DEFAULT_FEATURE_CONFIG))
-    for key, value in (overrides or {}).items():
-        where = f"features.{key}"
-        if key == "function":
-            continue
-        if key not in ("clean", "split", "categorical", "fill", "zones"):
-            raise ConfigError(
-                f"{where}: unknown key (valid keys: categorical, clean, fill, function, split, "
-                "zones)"
-            )
-        if key == "zones":
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
-            cfg["zones"] = value
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping, got {type(value).__name__}")
-        for name, item in value.items():
-            sub = f"{where}.{name}"
-            if key == "split":
-                if name not in SPLITS or not isinstance(item, int) or item < 0:
-                    raise ConfigError(f"{sub}: expected one of {', '.join(SPLITS)} with a "
-                                      "non-negative integer percentage")  # fmt: skip
-            elif key == "clean":
-                if name not in NUMERIC_COLUMNS:
-                    raise ConfigError(f"{sub}: not a numeric column of the dataset "
-                                      f"({', '.join(NUMERIC_COLUMNS)})")  # fmt: skip
-                if not (isinstance(item, list) and len(item) == 2 and item[0] <= item[1]):
-                    raise ConfigError(f"{sub}: expected [low, high], got {item!r}")
-            elif key == "categorical":
-                if name not in DEFAULT_FEATURE_CONFIG["categorical"]:
-                    known = ", ".join(DEFAULT_FEATURE_CONFIG["categorical"])
-                    raise ConfigError(f"{sub}: not a categorical column ({known})")
-                if not (isinstance(item, list) and item and all(isinstance(v, str) for v in item)):
-                    raise ConfigError(f"{sub}: expected a non-empty list of strings")
-            elif key == "fill" and name not in DEFAULT_FEATURE_CONFIG["fill"]:
-                raise ConfigError(f"{sub}: no fill rule for this column")
-            cfg[key][name] = item
-    _check_split(cfg["split"], "features.split")  # the same sum rule as a project's own
-    return cfg
+    if not section:
+        raise ConfigError("features: no feature function (features.function: "
+                          "path/to/file.py:NAME or module:NAME, with key and target)")  # fmt: skip
+    section = dict(section)
+    section.pop("version", None)  # a resolved section again: the version is the platform's
+    return _resolve_user_config(section)
 
 
 def _check_split(split: Any, where: str) -> dict[str, int]:
@@ -235,39 +173,34 @@ def load_ref(ref: str, what: str) -> Callable[..., Any]:
     return cast(Callable[..., Any], fn)
 
 
+def call_features(fn: Callable[..., Any], df: Any, config: dict[str, Any],
+                  inference: bool = False) -> Any:  # fmt: skip
+    """Call a feature function; at prediction time (``inference``) a function that takes
+    an ``inference`` argument is told so (it then keeps every row and needs no target)."""
+    if inference:
+        try:
+            takes = "inference" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            return fn(df, config, inference=True)
+    return fn(df, config)
+
+
+def portable_ref(ref: str) -> str:
+    """A feature function's reference without where its project lies (``/home/me/proj/
+    features.py:f`` -> ``features.py:f``): the cache key has the code's hash instead, so the
+    same project in another folder or clone keeps its feature set ids."""
+    mod, sep, attr = ref.rpartition(":")
+    return f"{os.path.basename(mod)}:{attr}" if sep and mod.endswith(".py") else ref
+
+
 def function_source_hash(ref: str) -> str:
     """sha256 (16 hex) of the feature function's source file: part of the cache key."""
     fn = load_function(ref)
     path = inspect.getsourcefile(fn) or ""
     data = Path(path).read_bytes() if path and os.path.isfile(path) else ref.encode()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def mobility_features(df: pd.DataFrame, config: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
-    """The mobility model's feature function (the default): :func:`transform`."""
-    return transform(df, config)
-
-
-def feature_columns(config: dict[str, Any]) -> list[str]:
-    cols = [
-        "distance_km",
-        "log_distance",
-        "hour_sin",
-        "hour_cos",
-        "dow_sin",
-        "dow_cos",
-        "is_weekend",
-        "rush_hour",
-        "passenger_count",
-        "temperature_c",
-        "temperature_missing",
-        "pickup_zone_norm",
-        "dropoff_zone_norm",
-        "same_zone",
-    ]
-    for name, values in sorted(config["categorical"].items()):
-        cols += [f"{name}={v}" for v in values]
-    return cols
 
 
 def split_of(keys: pd.Series, split_pct: dict[str, int]) -> np.ndarray:
@@ -283,62 +216,6 @@ def split_of(keys: pd.Series, split_pct: dict[str, int]) -> np.ndarray:
         out[(bucket >= lo) & (bucket < hi)] = name
         lo = hi
     return out
-
-
-def transform(
-    df: pd.DataFrame, config: dict[str, Any], inference: bool = False
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Clean and derive features. Returns (frame with key, features, target) and drops.
-
-    With ``inference=True`` no row is dropped and the target and key may be absent: the
-    same code turns raw rows into model inputs at training and at prediction time.
-    """
-    import pandas as pd
-
-    dropped: dict[str, int] = {}
-    keep = np.ones(len(df), dtype=bool)
-    # Sorted: the result must not depend on the order a config's keys came in (a config read
-    # back from JSON, e.g. by `aif replay`, may list them in another order).
-    for col, (lo, hi) in [] if inference else sorted(config["clean"].items()):
-        vals = df[col].to_numpy(dtype="float64", na_value=np.nan)
-        bad = ~((vals >= lo) & (vals <= hi)) & keep
-        if bad.any():
-            dropped[f"{col}_out_of_range"] = int(bad.sum())
-        keep &= ~bad
-    df = df.loc[keep]
-    ts = pd.to_datetime(df["pickup_ts"], utc=True)
-    hour = ts.dt.hour.to_numpy() + ts.dt.minute.to_numpy() / 60.0
-    dow = ts.dt.day_of_week.to_numpy()
-    dist = df["distance_km"].to_numpy(dtype="float64")
-    temp = df["temperature_c"].to_numpy(dtype="float64", na_value=np.nan)
-    zones = float(config["zones"])
-    out: dict[str, Any] = {
-        "distance_km": dist,
-        "log_distance": np.log1p(dist),
-        "hour_sin": np.sin(2 * np.pi * hour / 24.0),
-        "hour_cos": np.cos(2 * np.pi * hour / 24.0),
-        "dow_sin": np.sin(2 * np.pi * dow / 7.0),
-        "dow_cos": np.cos(2 * np.pi * dow / 7.0),
-        "is_weekend": (dow >= 5).astype("float64"),
-        "rush_hour": (((hour >= 7) & (hour < 10)) | ((hour >= 16) & (hour < 19))).astype("float64"),
-        "passenger_count": df["passenger_count"].to_numpy(dtype="float64"),
-        "temperature_c": np.where(np.isnan(temp), config["fill"]["temperature_c"], temp),
-        "temperature_missing": np.isnan(temp).astype("float64"),
-        "pickup_zone_norm": df["pickup_zone"].to_numpy(dtype="float64") / zones,
-        "dropoff_zone_norm": df["dropoff_zone"].to_numpy(dtype="float64") / zones,
-        "same_zone": (df["pickup_zone"].to_numpy() == df["dropoff_zone"].to_numpy()).astype(
-            "float64"
-        ),
-    }
-    for name, values in sorted(config["categorical"].items()):
-        col = df[name].astype("string").fillna("")
-        for v in values:
-            out[f"{name}={v}"] = (col == v).to_numpy(dtype="float64")
-    if config["key"] in df.columns:
-        out[config["key"]] = df[config["key"]].astype("string").to_numpy()
-    if config["target"] in df.columns:
-        out[config["target"]] = df[config["target"]].to_numpy(dtype="float64")
-    return pd.DataFrame(out, index=df.index if inference else None), dropped
 
 
 def _write_parquet(fs: Any, path: str, table: pa.Table) -> str:
@@ -364,7 +241,7 @@ def featurize_partition(
     DataError naming the function, the partition and what is wrong."""
     from aifactory.tasks.errors import DataError
 
-    ref = config.get("function", MOBILITY_FUNCTION)
+    ref = config["function"]
     fs, src_path = fsspec.core.url_to_fs(src_url, **storage_options)
     with fs.open(src_path, "rb") as fh:
         table = pq.read_table(fh)
@@ -385,7 +262,7 @@ def featurize_partition(
     result: dict[str, Any] = {"index": index, "rows_in": rows_in, "dropped": dict(dropped),
                               "splits": {}, "columns": cols}  # fmt: skip
     unaccounted = rows_in - len(feats) - sum(dropped.values())
-    if unaccounted > 0:  # rows a function dropped without saying why (never the mobility one)
+    if unaccounted > 0:  # rows a function dropped without saying why
         result["dropped"]["dropped_by_feature_function"] = unaccounted
     text = list(config.get("text", []))
     for name in SPLITS:
@@ -446,13 +323,10 @@ def _check_output(feats: Any, dropped: Any, config: dict[str, Any], rows_in: int
         if bad:
             raise DataError(f"{where}: text column {col!r} has {bad} missing or non-string "
                             "values")  # fmt: skip
-    if config.get("function", MOBILITY_FUNCTION) == MOBILITY_FUNCTION:
-        cols = feature_columns(config)
-    else:
-        cols = [str(c) for c in feats.columns if c not in (key, target, *text)]
-        if not cols and not text:
-            raise DataError(f"{where}: the output has no feature column besides {key!r} and "
-                            f"{target!r}")  # fmt: skip
+    cols = [str(c) for c in feats.columns if c not in (key, target, *text)]
+    if not cols and not text:
+        raise DataError(f"{where}: the output has no feature column besides {key!r} and "
+                        f"{target!r}")  # fmt: skip
     for col in [*cols, target]:
         series = feats[col]
         if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):

@@ -33,11 +33,10 @@ def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> F
 def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[str, dict]:
     from aifactory.tasks.provenance import code_hash
 
-    cfg = json.loads(json.dumps(config or F.DEFAULT_FEATURE_CONFIG))
-    code = code_hash("preprocess")
-    if cfg.get("function", F.MOBILITY_FUNCTION) != F.MOBILITY_FUNCTION:
-        code += ":" + F.function_source_hash(cfg["function"])  # the project's code too
-    return F.featureset_id(snapshot.content_hash(), cfg, code), cfg
+    cfg = json.loads(json.dumps(F.resolve_config(config)))
+    code = code_hash("preprocess") + ":" + F.function_source_hash(cfg["function"])  # and theirs
+    keyed = {**cfg, "function": F.portable_ref(cfg["function"])}  # not where the project lies
+    return F.featureset_id(snapshot.content_hash(), keyed, code), cfg
 
 
 def run_preprocess(
@@ -93,7 +92,7 @@ def run_preprocess(
         ) from None
     results.sort(key=lambda r: r["index"])
 
-    cols = results[0]["columns"] if results else F.feature_columns(config)
+    cols = results[0]["columns"] if results else []
     for r in results:
         if r["columns"] != cols:
             raise DataError(

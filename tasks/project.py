@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aifactory.tasks.config import MetricCheck, fmt_validation
 from aifactory.tasks.errors import ConfigError
@@ -65,14 +65,23 @@ class Resources(_M):
 
 
 class ProjectTrain(_M):
-    script: str  # relative to the project folder; its folder is the code the job gets
+    script: str | None = None  # relative to the project folder; its folder is the job's code
+    # ...or the platform's reference trainer: "tabular" (an MLP; config: its
+    # hyperparameters epochs, batch_size, hidden, lr, seed).
+    trainer: Literal["tabular"] | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # job.config
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _one_trainer(self) -> ProjectTrain:
+        if (self.script is None) == (self.trainer is None):
+            raise ValueError("give either script (your own trainer) or trainer: tabular")
+        return self
 
 
 class ProjectModel(_M):
     name: str
-    flavour: Literal["pytorch", "sklearn", "pyfunc"] = "pytorch"
+    flavour: Literal["pytorch", "sklearn", "pyfunc", "tabular"] = "pytorch"
     model_class: str | None = Field(default=None, alias="class")
     python_model: str | None = None
     metric: str  # the held-out metric promotion compares
@@ -139,22 +148,19 @@ def _abs_ref(ref: str | None, root: Path) -> str | None:
 
 
 def project_overrides(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """(start-up, profile overrides) that the project at ``path`` stands for."""
+    """(start-up, profile overrides) that the project at ``path`` (its file or folder)
+    stands for."""
     path = Path(path).resolve()
+    if path.is_dir():
+        path = path / PROJECT_FILE
     proj, root = load_project(path), path.parent
-    script = (root / proj.train.script).resolve()
-    if not script.is_file():
-        raise ConfigError(f"project {path}: train.script {proj.train.script}: no such file")
-    if script.suffix != ".py":
-        raise ConfigError(f"project {path}: train.script {proj.train.script}: not a .py file")
     feats = dict(proj.features)
     if isinstance(feats.get("function"), str):
         feats["function"] = _abs_ref(feats["function"], root)
     out: dict[str, Any] = {
         "dataspace.dataset": proj.data.dataset,
         "features": feats,
-        "training.script": str(script),
-        "training.config": proj.train.config,
+        **_trainer(proj, path, root),
         "mlflow.model_name": proj.model.name,
         "mlflow.flavour": proj.model.flavour,
         "mlflow.model_class": _abs_ref(proj.model.model_class, root),
@@ -173,6 +179,33 @@ def project_overrides(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]
         if v is not None:
             out[f"training.{names[k]}"] = v
     return proj.startup, out
+
+
+def _trainer(proj: Project, path: Path, root: Path) -> dict[str, Any]:
+    """The training settings: the project's script and its job.config, or the reference
+    trainer with its hyperparameters."""
+    from aifactory.tasks.training import HYPERPARAMS
+
+    if proj.train.trainer == "tabular":
+        if proj.model.flavour != "tabular":
+            raise ConfigError(f"project {path}: model.flavour {proj.model.flavour}: the tabular "
+                              "trainer saves the tabular flavour")  # fmt: skip
+        unknown = sorted(set(proj.train.config) - set(HYPERPARAMS))
+        if unknown:
+            raise ConfigError(f"project {path}: train.config.{unknown[0]}: not a setting of the "
+                              f"tabular trainer ({', '.join(HYPERPARAMS)})")  # fmt: skip
+        return {"training.payload": "tabular",
+                **{f"training.{k}": v for k, v in proj.train.config.items()}}  # fmt: skip
+    assert proj.train.script is not None
+    script = (root / proj.train.script).resolve()
+    if not script.is_file():
+        raise ConfigError(f"project {path}: train.script {proj.train.script}: no such file")
+    if script.suffix != ".py":
+        raise ConfigError(f"project {path}: train.script {proj.train.script}: not a .py file")
+    if proj.model.flavour == "tabular":
+        raise ConfigError(f"project {path}: model.flavour tabular is the reference trainer's: "
+                          "a script's model is pytorch, sklearn or pyfunc")  # fmt: skip
+    return {"training.script": str(script), "training.config": proj.train.config}
 
 
 # -- aif init ------------------------------------------------------------------------------

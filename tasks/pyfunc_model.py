@@ -28,21 +28,21 @@ class TabularPyfunc(PythonModel):
         self.module, self.meta = load_model(context.artifacts["model"])
         with open(context.artifacts["feature_config"]) as fh:
             self.feature_config = json.load(fh)
+        self.code = context.artifacts.get("code")  # the feature function's folder, carried
 
     # No type hints on predict: MLflow would try to derive a schema from them.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        from aifactory.tasks.features import MOBILITY_FUNCTION, load_function, transform
+        from aifactory.tasks.features import call_features, load_function
+        from aifactory.tasks.flavours import absolute_ref
         from aifactory.tasks.payloads.tabular_model import predict
 
         df = pd.DataFrame(model_input)
         cols = list(self.meta["feature_columns"])
-        if not set(cols) <= set(df.columns):
-            ref = self.feature_config.get("function", MOBILITY_FUNCTION)
-            if ref == MOBILITY_FUNCTION:
-                df, _ = transform(df, self.feature_config, inference=True)
-            else:  # the project's own feature function (importable where the model loads)
-                out = load_function(ref)(df, self.feature_config)
-                df = out[0] if isinstance(out, tuple) else out
+        if not set(cols) <= set(df.columns):  # raw rows: the project's feature function
+            ref = str(self.feature_config["function"])
+            fn = load_function(str(absolute_ref(ref, self.code)) if self.code else ref)
+            out = call_features(fn, df, self.feature_config, inference=True)
+            df = out[0] if isinstance(out, tuple) else out
         return predict(self.module, self.meta, df[cols])
 
 
@@ -66,7 +66,7 @@ class ProjectPyfunc(PythonModel):
         import numpy as np
         import pandas as pd
 
-        from aifactory.tasks.features import load_ref
+        from aifactory.tasks.features import call_features, load_ref
         from aifactory.tasks.flavours import absolute_ref
 
         df = pd.DataFrame(model_input)
@@ -75,7 +75,7 @@ class ProjectPyfunc(PythonModel):
         if not set([*cols, *text]) <= set(df.columns):
             fc = dict(self.spec["feature_config"])
             fn = load_ref(str(absolute_ref(fc.get("function"), self.code)), "features.function")
-            out = fn(df, fc)
+            out = call_features(fn, df, fc, inference=True)
             df = out[0] if isinstance(out, tuple) else pd.DataFrame(out)
         norm = self.spec["normalisation"]
         mean = np.array([norm[c]["mean"] for c in cols], np.float32)

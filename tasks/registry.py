@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.parse
@@ -142,12 +143,10 @@ def register_model(
             mlflow.log_artifact(str(sbatch), "lineage")
         with tempfile.TemporaryDirectory() as tmp, _quiet():
             if flavour == "tabular":
-                fc = Path(tmp) / "feature_config.json"
-                fc.write_text(json.dumps(feature_config, sort_keys=True, indent=2))
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=TabularPyfunc(),
-                    artifacts={"model": trained.model_path, "feature_config": str(fc)},
+                    artifacts=_tabular_artifacts(trained, feature_config, Path(tmp)),
                     pip_requirements=PIP_REQUIREMENTS,
                 )
             else:
@@ -178,6 +177,30 @@ def register_model(
     client.set_registered_model_alias(model_name, "candidate", mv.version)
     log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
     return _manifest(client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri)
+
+
+def _tabular_artifacts(trained: TrainedModel, feature_config: dict[str, Any],
+                       tmp: Path) -> dict[str, str]:  # fmt: skip
+    """The reference model's file, its feature config and, for a feature function in a
+    project's file, that project's code (its folder's sources, named relative to it): the
+    registered model featurises raw rows wherever it is loaded."""
+    from aifactory.tasks.flavours import relative_ref
+    from aifactory.tasks.training import project_files
+
+    fc = dict(feature_config)
+    out = {"model": trained.model_path}
+    file = str(fc.get("function", "")).rpartition(":")[0]
+    if file.endswith(".py") and os.path.isfile(file):
+        root, code = Path(file).resolve().parent, tmp / "code"
+        for p in project_files(file):
+            (code / p.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, code / p.relative_to(root))
+        fc["function"] = relative_ref(fc["function"], root)
+        out["code"] = str(code)
+    path = tmp / "feature_config.json"
+    path.write_text(json.dumps(fc, sort_keys=True, indent=2))
+    out["feature_config"] = str(path)
+    return out
 
 
 def _log_project_model(mlflow: Any, trained: TrainedModel, featureset: FeatureSet, flavour: str,

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from aifactory.tasks import features as F
+from aifactory.tasks.config import default_features
 from aifactory.tasks.datagen import generate_mobility
 from aifactory.tasks.ingest import IngestOptions, ingest
 from aifactory.tasks.manifests import FeatureSet, SplitFiles
@@ -31,11 +32,11 @@ def tabular_featureset(tmp: Path, rows: int) -> Path:
     src = f"file://{tmp}/dataspace"
     generate_mobility(src, rows=rows, objects=8)
     snap = ingest(src, f"file://{tmp}/lake", "mobility-trips", {}, {}, MOBILITY)
-    cfg = F.DEFAULT_FEATURE_CONFIG
+    cfg = F.resolve_config(default_features())  # the bundled mobility project's features
     out = f"file://{tmp}/lake/features/bench"
     results = [F.featurize_partition(i, o.lake_path, out, {}, cfg)
                for i, o in enumerate(snap.objects)]  # fmt: skip
-    cols = F.feature_columns(cfg)
+    cols = results[0]["columns"]
     fset = FeatureSet(
         featureset_id="bench", snapshot_id=snap.snapshot_id, snapshot_hash="-", lake_url=out,
         key_column=cfg["key"], feature_columns=cols, target=cfg["target"],

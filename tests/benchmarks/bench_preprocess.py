@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from aifactory.tasks import features as F
-from aifactory.tasks.config import DaskSpec, load_profile
+from aifactory.tasks.config import DaskSpec, default_features, load_profile
 from aifactory.tasks.dask_cluster import open_cluster
 from aifactory.tasks.datagen import generate_mobility
 from aifactory.tasks.ingest import IngestOptions, ingest
@@ -56,7 +56,7 @@ def _compare_in(
 ) -> float:
     generate_mobility(f"file://{root}/ds", rows=rows, objects=objects, seed=5)
     snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, MOBILITY)
-    fs_id, cfg = plan(snap, F.resolve_config({}))
+    fs_id, cfg = plan(snap, F.resolve_config(default_features()))
     parts = [(i, o.lake_path) for i, o in enumerate(snap.objects)]
     halves = [[x for x in parts if x[0] % 2 == k] for k in (0, 1)]
     base: list[float] = []

@@ -111,3 +111,35 @@ def test_a_startup_id_with_a_hyphen_is_named_with_an_underscore_in_the_environme
     cfg = load_profile("site", env=env)
     assert cfg.startups["startup-a"].gpu_hours_budget == 0.1
     assert "startup_a" not in cfg.startups
+
+
+def test_a_run_resolves_its_profile_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline resolves its configuration once: the stages' load_profile calls (in any
+    thread) get that object; nothing reads the profile file again during the run."""
+    import threading
+
+    import aifactory.flows.pipeline as fp
+    from aifactory.tasks import config as C
+
+    reads: list[str] = []
+    real = C.profile_path
+    monkeypatch.setattr(C, "profile_path", lambda n: reads.append(n) or real(n))
+    seen: list[object] = []
+
+    class Stop(Exception):
+        pass
+
+    def ingest(profile: str, sid: str, overrides: dict) -> None:
+        seen.append(C.load_profile(profile, overrides))
+        t = threading.Thread(target=lambda: seen.append(C.load_profile(profile, overrides)))
+        t.start()
+        t.join()
+        raise Stop
+
+    monkeypatch.setattr(fp, "ingest_flow", ingest)
+    with pytest.raises(Stop):
+        fp.pipeline.fn(profile="local", overrides={"training.epochs": 2})
+    assert len(reads) == 1 and len(seen) == 2 and seen[0] is seen[1]
+    assert seen[0].training.epochs == 2  # type: ignore[attr-defined]
+    assert not C._SCOPES  # the scope ended with the run
+    assert C.load_profile("local", {"training.epochs": 2}) is not seen[0] and len(reads) == 2

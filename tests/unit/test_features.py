@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from aifactory.tasks import features as F
+from aifactory.tasks.config import default_features
 
 
 def _raw(n: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -26,34 +27,44 @@ def _raw(n: int = 2000, seed: int = 0) -> pd.DataFrame:
     })  # fmt: skip
 
 
+MOBILITY = F.resolve_config(default_features())  # the bundled mobility project's section
+MOBILITY_FN = F.load_function(MOBILITY["function"])
+
+
+def _mobility_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in ("trip_id", "duration_min")]
+
+
+def test_the_default_features_are_the_bundled_mobility_projects() -> None:
+    assert MOBILITY["function"].endswith("examples/mobility-trips/features.py:mobility_features")
+    assert (MOBILITY["key"], MOBILITY["target"]) == ("trip_id", "duration_min")
+    assert F.portable_ref(MOBILITY["function"]) == "features.py:mobility_features"
+
+
 def test_split_is_stable_and_proportional() -> None:
     keys = pd.Series([f"T{i:09d}" for i in range(20000)])
-    a = F.split_of(keys, F.DEFAULT_FEATURE_CONFIG["split"])
-    b = F.split_of(
-        keys.sample(frac=1, random_state=3).sort_index(), F.DEFAULT_FEATURE_CONFIG["split"]
-    )
+    a = F.split_of(keys, MOBILITY["split"])
+    b = F.split_of(keys.sample(frac=1, random_state=3).sort_index(), MOBILITY["split"])
     assert (a == b).all()
     share = pd.Series(a).value_counts(normalize=True)
     assert abs(share["train"] - 0.8) < 0.02 and abs(share["test"] - 0.1) < 0.02
 
 
-def test_transform_accounts_for_every_row() -> None:
+def test_mobility_features_account_for_every_row() -> None:
     df = _raw()
-    feats, dropped = F.transform(df, F.DEFAULT_FEATURE_CONFIG)
+    feats, dropped = MOBILITY_FN(df, MOBILITY)
     assert len(feats) + sum(dropped.values()) == len(df)
     assert "duration_min_out_of_range" in dropped
-    cols = F.feature_columns(F.DEFAULT_FEATURE_CONFIG)
-    assert not feats[cols].isna().any().any()
+    assert not feats[_mobility_columns(feats)].isna().any().any()
 
 
 def test_inference_keeps_all_rows_and_matches_training() -> None:
     df = _raw(500)
-    train, _ = F.transform(df, F.DEFAULT_FEATURE_CONFIG)
-    infer, _ = F.transform(
-        df.drop(columns=["duration_min"]), F.DEFAULT_FEATURE_CONFIG, inference=True
-    )
+    train, _ = MOBILITY_FN(df, MOBILITY)
+    infer, _ = F.call_features(MOBILITY_FN, df.drop(columns=["duration_min"]), MOBILITY,
+                               inference=True)  # fmt: skip
     assert len(infer) == len(df)
-    cols = F.feature_columns(F.DEFAULT_FEATURE_CONFIG)
+    cols = _mobility_columns(train)
     kept = infer.set_index(df["trip_id"]).loc[train["trip_id"], cols].to_numpy()
     np.testing.assert_array_equal(kept, train[cols].to_numpy())
 
@@ -63,45 +74,52 @@ def test_partition_files_and_normalisation(tmp_path) -> None:  # type: ignore[no
     src = tmp_path / "in.parquet"
     df.to_parquet(src)
     out = f"file://{tmp_path}/features"
-    r1 = F.featurize_partition(0, f"file://{src}", out, {}, F.DEFAULT_FEATURE_CONFIG)
-    r2 = F.featurize_partition(0, f"file://{src}", out, {}, F.DEFAULT_FEATURE_CONFIG)
+    r1 = F.featurize_partition(0, f"file://{src}", out, {}, MOBILITY)
+    r2 = F.featurize_partition(0, f"file://{src}", out, {}, MOBILITY)
     assert r1 == r2  # idempotent overwrite, same bytes
     total = sum(s["rows"] for s in r1["splits"].values()) + sum(r1["dropped"].values())
     assert total == 3000
-    cols = [*F.feature_columns(F.DEFAULT_FEATURE_CONFIG), "duration_min"]
-    norm = F.fit_normalisation([r1], cols)
+    assert r1["columns"][:2] == ["distance_km", "log_distance"] and len(r1["columns"]) == 23
+    norm = F.fit_normalisation([r1], [*r1["columns"], "duration_min"])
     train = pd.read_parquet(tmp_path / "features" / "train" / "part-00000.parquet")
     assert abs(norm["distance_km"]["mean"] - train["distance_km"].astype("float64").mean()) < 1e-3
     assert not list(tmp_path.glob("features/*/*.tmp*"))
 
 
 def test_featureset_id_changes_with_config() -> None:
-    cfg = dict(F.DEFAULT_FEATURE_CONFIG)
+    cfg = dict(MOBILITY)
     a = F.featureset_id("h", cfg)
     cfg2 = {**cfg, "split": {"train": 70, "val": 15, "test": 15}}
-    assert a == F.featureset_id("h", dict(F.DEFAULT_FEATURE_CONFIG))
+    assert a == F.featureset_id("h", dict(MOBILITY))
     assert a != F.featureset_id("h", cfg2) and a != F.featureset_id("h2", cfg)
 
 
-def test_feature_config_from_profile_is_checked() -> None:
+def test_mobility_params_are_checked_by_its_function(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from aifactory.tasks.errors import ConfigError
+    from aifactory.tasks.errors import ConfigError, DataError
 
-    cfg = F.resolve_config({"split": {"train": 70, "val": 15, "test": 15},
-                            "clean": {"distance_km": [0.1, 100.0]}})  # fmt: skip
-    assert cfg["split"]["train"] == 70 and cfg["clean"]["distance_km"] == [0.1, 100.0]
-    assert cfg["clean"]["duration_min"] == F.DEFAULT_FEATURE_CONFIG["clean"]["duration_min"]
-    bad = [
-        ({"splitt": {}}, r"features.splitt: unknown key"),
-        ({"split": {"train": 90, "val": 10, "test": 10}}, r"add up to 110"),
-        ({"clean": {"vendor": [0, 1]}}, r"features.clean.vendor: not a numeric column"),
-        ({"clean": {"distance_km": [5, 1]}}, r"expected \[low, high\]"),
-        ({"categorical": {"colour": ["red"]}}, r"features.categorical.colour"),
-    ]
-    for overrides, match in bad:
-        with pytest.raises(ConfigError, match=match):
-            F.resolve_config(overrides)
+    cfg = F.resolve_config({**MOBILITY, "split": {"train": 70, "val": 15, "test": 15},
+                            "params": {"clean": {"distance_km": [0.1, 100.0]}}})  # fmt: skip
+    assert cfg["split"]["train"] == 70
+    feats, dropped = MOBILITY_FN(_raw(), cfg)
+    assert "distance_km_out_of_range" in dropped or (feats["distance_km"] <= 100).all()
+    with pytest.raises(ConfigError, match=r"features.splitt: unknown key"):
+        F.resolve_config({**MOBILITY, "splitt": {}})
+    with pytest.raises(ConfigError, match=r"add up to 110"):
+        F.resolve_config({**MOBILITY, "split": {"train": 90, "val": 10, "test": 10}})
+    with pytest.raises(ConfigError, match=r"features: no feature function"):
+        F.resolve_config({})
+    src = tmp_path / "in.parquet"
+    _raw(50).to_parquet(src)
+    for params, match in [({"clean": {"vendor": [0, 1]}}, r"params.clean.vendor: expected a "
+                           r"numeric column"),
+                          ({"clean": {"distance_km": [5, 1]}}, r"\[low, high\]"),
+                          ({"categorical": {"colour": ["red"]}}, r"params.categorical.colour"),
+                          ({"zonez": 3}, r"params.zonez: unknown")]:  # fmt: skip
+        with pytest.raises(DataError, match=rf"mobility_features on partition 0 .*{match}"):
+            F.featurize_partition(0, f"file://{src}", f"file://{tmp_path}/o", {},
+                                  {**MOBILITY, "params": params})  # fmt: skip
 
 
 def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -112,7 +130,8 @@ def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-unty
 
     p = tmp_path / "p.yaml"
     p.write_text((PROFILES_DIR / "local.yaml").read_text()
-                 + "features:\n  split: {train: 50, val: 10, test: 10}\n")  # fmt: skip
+                 + "features:\n  function: json:dumps\n  key: k\n  target: t\n"
+                 + "  split: {train: 50, val: 10, test: 10}\n")  # fmt: skip
     with pytest.raises(ConfigError, match="add up to 70"):
         load_profile(str(p), env={})
 

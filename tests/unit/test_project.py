@@ -192,11 +192,29 @@ def test_aif_init_writes_a_project_that_resolves(tmp_path: Path) -> None:
         ),
         (
             lambda t: t.replace("  script: train.py", "  script: train.py\n  epochs: 3"),
-            r"train.epochs: unknown key \(valid keys: config, resources, script\)",
+            r"train.epochs: unknown key \(valid keys: config, resources, script, trainer\)",
         ),
         (
             lambda t: t.replace("flavour: pytorch", "flavour: keras"),
-            r"model.flavour: Input should be 'pytorch', 'sklearn' or 'pyfunc'",
+            r"model.flavour: Input should be 'pytorch', 'sklearn', 'pyfunc' or 'tabular'",
+        ),
+        (
+            lambda t: t.replace("script: train.py", "script: train.py\n  trainer: tabular"),
+            r"train: Value error, give either script \(your own trainer\) or trainer: tabular",
+        ),
+        (
+            lambda t: t.replace("flavour: pytorch", "flavour: tabular"),
+            r"model.flavour tabular is the reference trainer's",
+        ),
+        (
+            lambda t: t.replace("script: train.py", "trainer: tabular"),
+            r"model.flavour pytorch: the tabular trainer saves the tabular flavour",
+        ),
+        (
+            lambda t: t.replace(
+                "script: train.py", "trainer: tabular\n  config: {depth: 3}"
+            ).replace("flavour: pytorch", "flavour: tabular"),
+            r"train.config.depth: not a setting of the tabular trainer",
         ),
         (
             lambda t: t.replace("script: train.py", "script: nothere.py"),
@@ -265,3 +283,17 @@ def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
     hints = [w for w in seen if "Add type hints" in str(w.message)]
     assert len(hints) == 1  # Plain's; none for Skips
     assert TabularPyfunc._skip_type_hint_validation and ProjectPyfunc._skip_type_hint_validation
+
+
+def test_the_embedded_default_is_the_mobility_project() -> None:
+    """`aif run` outside any project and `aif run --project examples/mobility-trips` train
+    the same thing: the default profile's features and trainer are that project's."""
+    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.project import EXAMPLES
+
+    startup, over = project_overrides(EXAMPLES / "mobility-trips")
+    assert startup == "startup-a" and over["training.payload"] == "tabular"
+    plain, project = load_profile("local", env={}), load_profile("local", over, env={})
+    assert project.features == plain.features
+    assert project.training == plain.training and project.mlflow == plain.mlflow
+    assert project.dataspace.dataset == plain.dataspace.dataset == "mobility-trips"
