@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import DaskSpec, Profile
+from aifactory.tasks.config import DaskSpec, Profile, default_features
 from aifactory.tasks.dask_cluster import open_cluster
 from aifactory.tasks.datagen import generate_mobility
 from aifactory.tasks.features import resolve_config
@@ -35,7 +35,7 @@ def _preprocess(site_profile: Profile, root: Path, snap: Any, name: str,
                 on_progress: Any = None) -> Any:  # fmt: skip
     spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="2GiB", walltime="00:10:00")
     slurm = SlurmClient(env=site_profile.child_env())
-    fs_id, cfg = plan(snap, resolve_config({}))
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
     lake = f"file://{root}/lake-{name}"
     job_name = f"aif-dask-test-{name}"
     logs = str(root / f"logs-{name}")
@@ -109,7 +109,7 @@ def test_run_longer_than_a_worker_walltime_loses_and_repeats_nothing(
     generate_mobility(f"file://{tmp_path}/ds", rows=240_000, objects=objects, seed=11)
     snap = ingest(f"file://{tmp_path}/ds", f"file://{tmp_path}/lake", "mobility-trips", {}, {},
                   MOBILITY)  # fmt: skip
-    fs_id, cfg = plan(snap, resolve_config({}))
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
     ledger = tmp_path / "attempts"
     ledger.mkdir()
 
@@ -175,7 +175,7 @@ def test_dataset_three_times_the_workers_memory(site_profile: Profile, tmp_path:
 
     spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="512MiB", walltime="00:15:00")
     slurm = SlurmClient(env=site_profile.child_env())
-    fs_id, cfg = plan(snap, resolve_config({}))
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
     log_dir = tmp_path / "logs"
     peak: dict[str, int] = {}
     stop = threading.Event()
@@ -230,7 +230,7 @@ def test_scheduler_inside_an_allocation(site_profile: Profile, snapshot: Any) ->
     spec = DaskSpec(kind="slurm", scheduler="allocation", workers=2, cores=1, memory="1GiB",
                     walltime="00:10:00")  # fmt: skip
     slurm = SlurmClient(env=site_profile.child_env())
-    fs_id, cfg = plan(snap, resolve_config({}))
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
     job_name = "aif-dask-test-alloc"
     alloc = str(root / "alloc")
     with open_cluster(spec, account="startup-a", job_name=job_name, slurm=slurm,
