@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from aifactory.tasks.errors import AifError, ConfigError
-from aifactory.tasks.promotion import PROMOTED_EVENT
+from aifactory.tasks.core.errors import AifError, ConfigError
+from aifactory.tasks.models.promotion import PROMOTED_EVENT
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -232,7 +232,7 @@ def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-si
     from prefect.utilities.callables import parameter_schema
 
     from aifactory.flows.pipeline import pipeline
-    from aifactory.tasks.project import load_project
+    from aifactory.tasks.core.project import load_project
 
     proj = load_project(project_file)
     src = src or project_source(project_file)

@@ -2,7 +2,7 @@
 
 The dataset comes from the catalog (infra/catalog/catalog.yaml, or the profile's). Its
 usage policy is checked for the start-up and purpose before a byte is read; personal-data
-columns are pseudonymised; only new or changed objects are read (tasks/ingest.py). The
+columns are pseudonymised; only new or changed objects are read (tasks/stages/ingest.py). The
 decision, the objects and any quarantined object are published as Prefect artifacts, and
 every decision is appended to the lake's audit trail.
 """
@@ -15,15 +15,15 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from aifactory.tasks.config import Profile, load_profile
-from aifactory.tasks.manifests import DataSnapshot
-from aifactory.tasks.policy import Decision
-from aifactory.tasks.runtime import artifact_markdown, artifact_table, md_table, stage_logger
+from aifactory.tasks.core.config import Profile, load_profile
+from aifactory.tasks.core.manifests import DataSnapshot
+from aifactory.tasks.data.policy import Decision
+from aifactory.tasks.doors.runtime import artifact_markdown, artifact_table, md_table, stage_logger
 
 
 @task(name="seed-dataspace", cache_policy=NO_CACHE)
 def seed_dataspace(profile: str, dataset: str, overrides: dict[str, Any] | None) -> int:
-    from aifactory.tasks.generators import seed_entry
+    from aifactory.tasks.data.generators import seed_entry
 
     cfg = load_profile(profile, overrides)
     entry = cfg.dataset_entry(dataset)
@@ -47,9 +47,9 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
                purpose: str | None = None, quarantine: bool | None = None,
                say: Any = None) -> DataSnapshot:  # fmt: skip
     """Ingest one catalog dataset as the profile configures it (also used by train-lm)."""
-    from aifactory.tasks.ingest import IngestOptions, audit, ingest
-    from aifactory.tasks.policy import resolve_secret
-    from aifactory.tasks.tenancy import check_dataspace_url
+    from aifactory.tasks.core.tenancy import check_dataspace_url
+    from aifactory.tasks.data.policy import resolve_secret
+    from aifactory.tasks.stages.ingest import IngestOptions, audit, ingest
 
     say = say or stage_logger("ingest")
     sid, _ = cfg.tenant(startup)

@@ -19,17 +19,17 @@ from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
 from aifactory.flows.register import register_flow
 from aifactory.flows.train import train_flow
-from aifactory.tasks.admission import admit_declaration
-from aifactory.tasks.config import Profile, run_scope
-from aifactory.tasks.provenance import git_info, now_iso
-from aifactory.tasks.runtime import (
+from aifactory.tasks.core.config import Profile, run_scope
+from aifactory.tasks.core.provenance import git_info, now_iso
+from aifactory.tasks.core.tenancy import check_run
+from aifactory.tasks.doors.runtime import (
     artifact_link,
     artifact_markdown,
     artifact_table,
     flow_run_id,
     md_table,
 )
-from aifactory.tasks.tenancy import check_run
+from aifactory.tasks.jobs.admission import admit_declaration
 
 
 def _banner(n: int, name: str) -> None:
@@ -52,7 +52,7 @@ def pipeline(
     With ``promote`` (the nightly deployments), the registered version then goes through
     the promotion gates (profile section ``promotion``) and may become the champion."""
     if project:
-        from aifactory.tasks.project import find_project, project_overrides
+        from aifactory.tasks.core.project import find_project, project_overrides
 
         own, settings = project_overrides(find_project(project) or project)
         startup = startup or own
@@ -93,7 +93,7 @@ def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str
 
     decision = None
     if promote:
-        from aifactory.tasks.promotion import promote as decide
+        from aifactory.tasks.models.promotion import promote as decide
 
         decision = decide(cfg.mlflow.tracking_uri, cfg.mlflow.model_name, version=mv.version,
                           spec=cfg.promotion, approved=cfg.declaration_approved,
@@ -171,7 +171,7 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
                      decision: Any, rows: list[dict[str, Any]], verdict: str) -> None:  # fmt: skip
     """The operators' view of the run: stages, data, jobs, GPU-hours and cost, the version
     and its promotion, metrics, and links to MLflow and the Dask dashboard."""
-    from aifactory.tasks.usage import HPC_CPU_RATE, HPC_GPU_RATE, job_hours
+    from aifactory.tasks.jobs.usage import HPC_CPU_RATE, HPC_GPU_RATE, job_hours
 
     jobs = list(trained.slurm_job_ids) + list(fset.slurm_job_ids)
     cpu_h = gpu_h = 0.0
@@ -181,7 +181,7 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         and (trained.executor == "slurm" or cfg.dask.kind == "slurm")
         and not (trained.reused and fset.reused)
     ):
-        from aifactory.tasks.slurm import SlurmClient
+        from aifactory.tasks.doors.slurm import SlurmClient
 
         try:
             cpu_h, gpu_h, states = job_hours(SlurmClient(env=cfg.child_env()), jobs)

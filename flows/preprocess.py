@@ -14,14 +14,19 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.dask_cluster import drain_margin_s, open_cluster
-from aifactory.tasks.features import resolve_config
-from aifactory.tasks.manifests import DataSnapshot, FeatureSet
-from aifactory.tasks.preprocess import load_cached, plan, run_preprocess
-from aifactory.tasks.provenance import key_of
-from aifactory.tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet
+from aifactory.tasks.core.provenance import key_of
+from aifactory.tasks.doors.dask_cluster import drain_margin_s, open_cluster
+from aifactory.tasks.doors.runtime import (
+    artifact_markdown,
+    cancellation_watch,
+    md_table,
+    stage_logger,
+)
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.stages.features import resolve_config
+from aifactory.tasks.stages.preprocess import load_cached, plan, run_preprocess
 
 
 @task(name="featurise-on-dask", cache_policy=NO_CACHE)

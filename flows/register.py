@@ -13,18 +13,18 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
-from aifactory.tasks.modelcard import (
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
+from aifactory.tasks.core.provenance import git_info, now_iso
+from aifactory.tasks.doors.registry import register_model
+from aifactory.tasks.doors.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
+from aifactory.tasks.models.modelcard import (
     model_card,
     ro_crate,
     time_ranges,
     training_data_summary,
     write_documents,
 )
-from aifactory.tasks.provenance import git_info, now_iso
-from aifactory.tasks.registry import register_model
-from aifactory.tasks.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
 
 
 @task(name="register-in-mlflow", cache_policy=NO_CACHE)

@@ -13,24 +13,24 @@ from prefect.cache_policies import NO_CACHE
 
 from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
-from aifactory.tasks.config import load_profile, run_scope
-from aifactory.tasks.jobs import executor_for
-from aifactory.tasks.manifests import FeatureSet
-from aifactory.tasks.runtime import (
+from aifactory.tasks.core.config import load_profile, run_scope
+from aifactory.tasks.core.manifests import FeatureSet
+from aifactory.tasks.doors.runtime import (
     artifact_markdown,
     artifact_table,
     cancellation_watch,
     stage_logger,
 )
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.jobs.executors import executor_for
 
 
 @task(name="sweep-job-array", cache_policy=NO_CACHE)
 def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
                overrides: dict[str, Any] | None, trials: list[dict[str, Any]],
                max_parallel: int, metric: str | None) -> dict[str, Any]:  # fmt: skip
-    from aifactory.tasks.admission import admit
-    from aifactory.tasks.sweep import run_sweep
+    from aifactory.tasks.jobs.admission import admit
+    from aifactory.tasks.stages.sweep import run_sweep
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
@@ -63,8 +63,8 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
                overrides: dict[str, Any] | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
                metric: str | None = None) -> dict[str, Any]:  # fmt: skip
-    from aifactory.tasks.admission import admit_declaration
-    from aifactory.tasks.tenancy import check_run
+    from aifactory.tasks.core.tenancy import check_run
+    from aifactory.tasks.jobs.admission import admit_declaration
 
     with run_scope(profile, overrides) as cfg:  # resolved once for the whole sweep
         sid, st = cfg.startup(startup)

@@ -13,19 +13,24 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.manifests import FeatureSet, TrainedModel
-from aifactory.tasks.provenance import code_hash, environment_hash, key_of
-from aifactory.tasks.runtime import artifact_markdown, cancellation_watch, md_table, stage_logger
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.manifests import FeatureSet, TrainedModel
+from aifactory.tasks.core.provenance import code_hash, environment_hash, key_of
+from aifactory.tasks.doors.runtime import (
+    artifact_markdown,
+    cancellation_watch,
+    md_table,
+    stage_logger,
+)
+from aifactory.tasks.doors.slurm import SlurmClient
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_task(
     fset: FeatureSet, profile: str, startup: str | None, overrides: dict[str, Any] | None
 ) -> TrainedModel:
-    from aifactory.tasks.admission import admit
-    from aifactory.tasks.training import project_code_hash, train
+    from aifactory.tasks.jobs.admission import admit
+    from aifactory.tasks.stages.training import project_code_hash, train
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)

@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from aifactory.tasks.errors import AifError, ConfigError
-from aifactory.tasks.tenancy import check_run
+from aifactory.tasks.core.errors import AifError, ConfigError
+from aifactory.tasks.core.tenancy import check_run
 
 DEFAULT_SITE_DIR = ".aif/site"
 
@@ -57,7 +57,7 @@ def _quiet_prefect_console(verbose: bool) -> None:
 def _use_prefect(cfg: Any, verbose: bool) -> str:
     """Point this process at the profile's Prefect API (starting the managed local server
     if the profile says so) and keep Prefect's console logs quiet; return the API URL."""
-    from aifactory.tasks.prefect_server import resolve_api_url
+    from aifactory.tasks.doors.prefect_server import resolve_api_url
 
     api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
     os.environ["PREFECT_API_URL"] = api_url
@@ -67,7 +67,7 @@ def _use_prefect(cfg: Any, verbose: bool) -> str:
 
 def _project(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str, Any]]:
     """(project file, its start-up, its overrides) for --project or ./aifactory.yaml."""
-    from aifactory.tasks.project import find_project, project_overrides
+    from aifactory.tasks.core.project import find_project, project_overrides
 
     path = find_project(getattr(args, "project", None))
     if path is None:
@@ -77,7 +77,7 @@ def _project(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     overrides = _overrides(args)
     project, own_startup, project_over = _project(args)
@@ -115,14 +115,14 @@ def dry_run(cfg: Any, sid: str) -> int:
     """Print what a run would submit (resolved config, job scripts); submit nothing."""
     import json
 
-    from aifactory.tasks.dask_cluster import render_worker_script
-    from aifactory.tasks.training import render_sbatch
+    from aifactory.tasks.doors.dask_cluster import render_worker_script
+    from aifactory.tasks.stages.training import render_sbatch
 
     _, st = cfg.startup(sid)
     print("# resolved profile (secrets masked)")
     print(json.dumps(cfg.public_dict(), indent=2))
     if cfg.dask.kind == "slurm" and cfg.dask.scheduler == "allocation":
-        from aifactory.tasks.dask_allocation import render_allocation_script
+        from aifactory.tasks.doors.dask_allocation import render_allocation_script
 
         print("\n# Dask allocation job script (scheduler and workers in one Slurm job)")
         print(render_allocation_script(cfg.dask, st.account, "aif-dask-<featureset>",
@@ -144,7 +144,7 @@ def dry_run(cfg: Any, sid: str) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from aifactory.tasks.project import init_project
+    from aifactory.tasks.core.project import init_project
 
     dest = Path(args.dir or args.name).resolve()
     files = init_project(args.name, dest, args.startup)
@@ -158,7 +158,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_train_lm(args: argparse.Namespace) -> int:
     """A thin alias: `aif run` of the bundled tourism-lm project (examples/tourism-lm), the
     reference language model trained, registered and documented like any project's."""
-    from aifactory.tasks.project import EXAMPLES
+    from aifactory.tasks.core.project import EXAMPLES
 
     args.project = str(EXAMPLES / "tourism-lm")
     args.dataspace, args.dry_run = args.data, False
@@ -167,12 +167,12 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from aifactory.deployments.deploy import deploy_all, ensure_automations, webhook_url
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     project, _, _ = _project(args)
     if project:  # the project's own nightly deployment, pinned to its current commit
         from aifactory.deployments.deploy import deploy_project, project_source
-        from aifactory.tasks.project import load_project
+        from aifactory.tasks.core.project import load_project
 
         proj = load_project(project)
         src = project_source(Path(project))  # before any server: refuse a dirty tree first
@@ -204,9 +204,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.slurm import SlurmClient
-    from aifactory.tasks.usage import collect, owners, priced_rows
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.doors.slurm import SlurmClient
+    from aifactory.tasks.jobs.usage import collect, owners, priced_rows
 
     cfg = load_profile(args.profile)
     # The project of each account comes from the profile's start-ups.
@@ -243,7 +243,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Ingest one catalog dataset into a lake snapshot (the pipeline's first stage alone)."""
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     overrides = _overrides(args)
     cfg = load_profile(args.profile, overrides)
@@ -265,7 +265,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from aifactory.tasks.catalog import catalog_at, load_catalog
+    from aifactory.tasks.data.catalog import catalog_at, load_catalog
 
     if args.action == "validate":
         if not args.arg:
@@ -276,7 +276,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         return 0
     path = args.catalog
     if path is None and args.profile:
-        from aifactory.tasks.config import load_profile
+        from aifactory.tasks.core.config import load_profile
 
         path = load_profile(args.profile).dataspace.catalog
     cat = catalog_at(path)
@@ -298,9 +298,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A hyperparameter search as one job array; prints the best trial."""
-    from aifactory.tasks.admission import admit_declaration
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.sweep import grid_trials, parse_value, random_trials
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.jobs.admission import admit_declaration
+    from aifactory.tasks.stages.sweep import grid_trials, parse_value, random_trials
 
     overrides = _overrides(args)
     _, own_startup, project_over = _project(args)
@@ -349,8 +349,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild a registered model from its record; MATCH when the weights are identical."""
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.replay import replay
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.stages.replay import replay
 
     cfg = load_profile(args.profile)
     result = replay(args.uri, cfg, allow_dirty=args.allow_dirty,
@@ -360,8 +360,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.ingest import list_snapshots, load_snapshot
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.stages.ingest import list_snapshots, load_snapshot
 
     cfg = load_profile(args.profile)
     dataset = args.dataset or cfg.dataspace.dataset
@@ -385,8 +385,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.promotion import promote, rollback
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.models.promotion import promote, rollback
 
     _, _, project_over = _project(args)
     cfg = load_profile(args.profile, project_over)
@@ -436,8 +436,8 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """The local Prefect server this home manages (profile ``prefect.api_url: managed``)."""
-    from aifactory.tasks import prefect_server as ps
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.doors import prefect_server as ps
 
     cfg = load_profile(args.profile)
     if cfg.prefect.api_url != "managed":
@@ -470,7 +470,7 @@ def _print_parts(parts: list[Any]) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     cfg = load_profile(args.profile)
     if args.action == "show":
@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the profile's promotion.margin)")  # fmt: skip
     md.set_defaults(func=cmd_model)
 
-    from aifactory.tasks.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
+    from aifactory.tasks.jobs.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
 
     rp = sub.add_parser("report", help="reports from Slurm accounting")
     rp.add_argument("what", choices=["usage"])

@@ -201,7 +201,7 @@ def test_changed_feature_config_reruns_from_preprocess(home: Path) -> None:
 
 
 def test_code_hash_follows_the_stage_sources(tmp_path: Path) -> None:
-    from aifactory.tasks.provenance import STAGE_CODE, code_hash
+    from aifactory.tasks.core.provenance import STAGE_CODE, code_hash
 
     for rel in STAGE_CODE["preprocess"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def test_code_hash_follows_the_stage_sources(tmp_path: Path) -> None:
 def test_replay_matches_then_refuses_a_changed_object(home: Path) -> None:
     """Version 1 rebuilt from its record gives the same weights; after a data object changes
     the replay is refused with the difference named."""
-    from aifactory.tasks.provenance import git_info
+    from aifactory.tasks.core.provenance import git_info
 
     env = {**os.environ, "AIF_HOME": str(home)}
     # A clean checkout (CI) replays strictly; a working tree under edit needs --allow-dirty.

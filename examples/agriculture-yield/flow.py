@@ -13,7 +13,7 @@ from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
 from aifactory.flows.register import register_flow
 from aifactory.flows.train import train_flow
-from aifactory.tasks.project import project_overrides
+from aifactory.tasks.core.project import project_overrides
 
 PROJECT = Path(__file__).with_name("aifactory.yaml")
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from aifactory.infra.site import manager
-from aifactory.tasks.errors import AifError
+from aifactory.tasks.core.errors import AifError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from aifactory.infra.site import procs, services
 from aifactory.infra.site import slurm_parts as sp
 from aifactory.infra.site.layout import REGION, S3_KEY, S3_SECRET, Site
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 Progress = Callable[[str], None]
 

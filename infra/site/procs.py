@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 PROC = Path("/proc")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aifactory.infra.site import procs
 from aifactory.infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 DATASPACE_ROOT = "s3://aif-dataspace"
 
@@ -58,9 +58,9 @@ def ensure_buckets(site: Site) -> None:
 def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
     """Fill the data-space bucket with every catalog dataset that has a generator and is
     missing (mobility trips, tourism reviews, health admissions, agriculture readings)."""
-    from aifactory.tasks.catalog import catalog_at, resolve_distribution
-    from aifactory.tasks.dataspace import glob_base
-    from aifactory.tasks.generators import seed_entry
+    from aifactory.tasks.data.catalog import catalog_at, resolve_distribution
+    from aifactory.tasks.data.dataspace import glob_base
+    from aifactory.tasks.data.generators import seed_entry
 
     client = _s3_client(site)
     for entry in catalog_at().datasets:

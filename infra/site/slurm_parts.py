@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aifactory.infra.site import procs
 from aifactory.infra.site.layout import ACCOUNTS, CLUSTER, TEMPLATES, Site, host, memory_mb
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 PACKAGES = {"slurmctld": "slurm-wlm", "slurmdbd": "slurmdbd", "munged": "munge",
             "mariadbd": "mariadb-server"}  # fmt: skip
@@ -212,7 +212,7 @@ def budget_limit_args(account: str, gpu_hours: float | None) -> list[str]:
 def site_budgets() -> dict[str, float | None]:
     """Slurm account -> gpu_hours_budget of the site profile's start-ups (the file as
     written: AIF_*__* overrides of one run never change the site's limits)."""
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     env = {k: v for k, v in os.environ.items() if not (k.startswith("AIF_") and "__" in k)}
     cfg = load_profile("site", env=env)

@@ -33,7 +33,7 @@ OBJECTS_BIG, OBJECTS_SMALL = 16, 4
 
 
 def _profile() -> Any:
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     return load_profile("site")
 
@@ -47,7 +47,7 @@ def _fs() -> Any:
 
 
 def ensure_dataset(name: str, objects: int, rows: int) -> str:
-    from aifactory.tasks.datagen import generate_mobility
+    from aifactory.tasks.data.datagen import generate_mobility
 
     fs, so = _fs()
     prefix = f"aif-dataspace/bench/ingest-{name}-{rows}"
@@ -86,7 +86,7 @@ def op_raw(src: str, dest: str, threads: int) -> dict[str, Any]:
 
 
 def op_ingest(src: str, lake: str) -> dict[str, Any]:
-    from aifactory.tasks.ingest import IngestOptions, ingest
+    from aifactory.tasks.stages.ingest import IngestOptions, ingest
 
     fs, so = _fs()
     fs.ls("aif-lake")  # the S3 session is set up before the clock starts, as for op_raw

@@ -150,7 +150,7 @@ def plain(cfg: Any, src: str, lake: str, epochs: int, work: Path) -> tuple[dict[
     t = time.perf_counter()
     import mlflow
 
-    from aifactory.tasks.pyfunc_model import TabularPyfunc
+    from aifactory.tasks.models.pyfunc_model import TabularPyfunc
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment("plain-overhead-bench")
@@ -176,7 +176,7 @@ def _featurise(i: int, url: str, lake: str, so: dict[str, Any],
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aifactory.tasks.features import load_function
+    from aifactory.tasks.stages.features import load_function
 
     fs, path = fsspec.core.url_to_fs(url, **so)
     with fs.open(path, "rb") as fh:
@@ -205,8 +205,8 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--epochs", type=int, default=60)
     a = p.parse_args()
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.generators import seed_entry
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.data.generators import seed_entry
 
     cfg = load_profile("site")
     src = f"s3://aif-dataspace/bench/overhead-{a.rows}"

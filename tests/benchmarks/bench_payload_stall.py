@@ -16,12 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from aifactory.tasks import features as F
-from aifactory.tasks.config import default_features
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.ingest import IngestOptions, ingest
-from aifactory.tasks.manifests import FeatureSet, SplitFiles
-from aifactory.tasks.textgen import generate_reviews
+from aifactory.tasks.core.config import default_features
+from aifactory.tasks.core.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.data.textgen import generate_reviews
+from aifactory.tasks.stages import features as F
+from aifactory.tasks.stages.ingest import IngestOptions, ingest
 
 MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 

@@ -26,19 +26,19 @@ import tempfile
 import time
 from typing import Any
 
-from aifactory.tasks import features as F
-from aifactory.tasks.config import DaskSpec, default_features, load_profile
-from aifactory.tasks.dask_cluster import open_cluster
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.ingest import IngestOptions, ingest
-from aifactory.tasks.preprocess import plan, run_preprocess
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import DaskSpec, default_features, load_profile
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.doors.dask_cluster import open_cluster
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.stages import features as F
+from aifactory.tasks.stages.ingest import IngestOptions, ingest
+from aifactory.tasks.stages.preprocess import plan, run_preprocess
 
 MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
 
 def _warm(_: int = 0) -> None:
-    import aifactory.tasks.features  # noqa: F401
+    import aifactory.tasks.stages.features  # noqa: F401
 
 
 def _featurise_many(items: list[tuple[int, str]], out: str, cfg: dict) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import Profile, load_profile
+from aifactory.tasks.core.config import Profile, load_profile
 
 REPO = Path(__file__).resolve().parents[2]
 AIF = str(Path(sys.executable).with_name("aif"))

@@ -11,7 +11,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site
@@ -28,7 +28,7 @@ def _lake_listing(profile: Profile) -> set[str]:
 
 
 def _our_jobs(profile: Profile) -> list[str]:
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j"])
     return [ln for ln in out.splitlines() if "aif-" in ln]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import AIF, REPO, prefect_client
 
 pytestmark = pytest.mark.site
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.site
 
 def _jobs(profile: Profile, prefix: str) -> list[str]:
     """squeue lines (id, name, state) of the jobs whose name starts with ``prefix``."""
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j %T"])
     return [ln for ln in out.splitlines() if f" {prefix}" in ln]
@@ -90,7 +90,7 @@ def _cancel_mid_stage(
     finally:
         if proc.poll() is None:
             proc.kill()
-        from aifactory.tasks.slurm import SlurmClient
+        from aifactory.tasks.doors.slurm import SlurmClient
 
         left = [ln.split()[0] for ln in _jobs(profile, prefix)]
         if left:  # never leave a job behind, even when the test fails

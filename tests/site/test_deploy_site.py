@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import aif, prefect_client
 
 pytestmark = pytest.mark.site
@@ -219,7 +219,7 @@ def test_failure_is_notified_to_the_webhook(site_profile: Profile, deployed: Rec
 def test_promotion_is_notified_to_the_webhook(site_profile: Profile, deployed: Receiver) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from aifactory.tasks.promotion import Decision, announce
+    from aifactory.tasks.models.promotion import Decision, announce
 
     d = Decision(True, "999", "998", 5.0, 6.0, "test_rmse", 0.0, "test announcement", [])
     with temporary_settings({PREFECT_API_URL: site_profile.prefect.api_url}):
@@ -237,7 +237,7 @@ def _descendants(root: int) -> list[int]:
 
 
 def _train_jobs(profile: Profile) -> list[tuple[str, str]]:
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     out = SlurmClient(env=profile.child_env()).run(["squeue", "-h", "-o", "%i %j"])
     return [tuple(ln.split()[:2]) for ln in out.splitlines() if " aif-train-" in ln]  # type: ignore[misc]
@@ -251,7 +251,7 @@ def test_dead_worker_and_flow_process_are_marked_crashed(
     job the dead run left (never a second job), and cancelling it scancels that job."""
     from prefect.states import Cancelling
 
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     slurm = SlurmClient(env=site_profile.child_env())
     params = {"overrides": {"training.epochs": 2000, "training.seed": int(time.time()) % 100000}}

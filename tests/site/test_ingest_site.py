@@ -14,9 +14,9 @@ import boto3
 import fsspec
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.ingest import list_snapshots
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.stages.ingest import list_snapshots
 from tests.site.conftest import AIF, REPO, aif
 
 pytestmark = pytest.mark.site

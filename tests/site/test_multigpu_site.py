@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site

@@ -10,9 +10,9 @@ import fsspec
 import pandas as pd
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.errors import SlurmCommandError
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.core.errors import SlurmCommandError
+from aifactory.tasks.doors.slurm import SlurmClient
 
 pytestmark = pytest.mark.site
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.doors.slurm import SlurmClient
 from tests.site.conftest import AIF, REPO
 
 pytestmark = pytest.mark.site

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import DaskSpec, Profile, default_features
-from aifactory.tasks.dask_cluster import open_cluster
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.features import resolve_config
-from aifactory.tasks.ingest import IngestOptions, ingest
-from aifactory.tasks.preprocess import plan, run_preprocess
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import DaskSpec, Profile, default_features
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.doors.dask_cluster import open_cluster
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.stages.features import resolve_config
+from aifactory.tasks.stages.ingest import IngestOptions, ingest
+from aifactory.tasks.stages.preprocess import plan, run_preprocess
 
 MOBILITY = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
 
@@ -103,7 +103,7 @@ def test_run_longer_than_a_worker_walltime_loses_and_repeats_nothing(
     exactly once and no worker job reaches its time limit."""
     import os
 
-    from aifactory.tasks import features as F
+    from aifactory.tasks.stages import features as F
 
     objects, delay_s = 24, 5.0
     generate_mobility(f"file://{tmp_path}/ds", rows=240_000, objects=objects, seed=11)

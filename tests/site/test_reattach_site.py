@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.doors.slurm import SlurmClient
 from tests.site.conftest import AIF, REPO, aif
 
 pytestmark = pytest.mark.site

@@ -13,18 +13,18 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import REPO
 
 pytestmark = pytest.mark.site
 
 SCRIPT = """
 import json, sys, time
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.ingest import load_snapshot
-from aifactory.tasks.manifests import FeatureSet, TrainedModel
-from aifactory.tasks.preprocess import load_cached
-from aifactory.tasks.registry import register_model
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.stages.ingest import load_snapshot
+from aifactory.tasks.core.manifests import FeatureSet, TrainedModel
+from aifactory.tasks.stages.preprocess import load_cached
+from aifactory.tasks.doors.registry import register_model
 cfg = load_profile("site")
 rec, name, start = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 lake = cfg.lake_url_for(rec["startup"])

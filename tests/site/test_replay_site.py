@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.provenance import git_info
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.core.provenance import git_info
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.config import Profile
+from aifactory.tasks.core.config import Profile
 from tests.site.conftest import aif, prefect_client
 
 pytestmark = pytest.mark.site
@@ -115,7 +115,7 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
 
     # Slurm: the batch scripts slurmctld holds for every job since the test began, and
     # every file the runs wrote (job scripts, job output, Dask worker logs, manifests).
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     slurm = SlurmClient(env=site_profile.child_env())
     out = slurm.run(["sacct", "-a", "-X", "-n", "-P", "-S", time.strftime(

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from aifactory.tasks.config import Profile
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import Profile
+from aifactory.tasks.doors.slurm import SlurmClient
 from tests.site.conftest import aif
 
 pytestmark = pytest.mark.site

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.admission import AdmissionError, admit, requested_gpu_hours
-from aifactory.tasks.config import Declaration, Startup, TrainingSpec
-from aifactory.tasks.slurm import SlurmClient
+from aifactory.tasks.core.config import Declaration, Startup, TrainingSpec
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.jobs.admission import AdmissionError, admit, requested_gpu_hours
 
 
 class FakeSacct(SlurmClient):

@@ -11,16 +11,16 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from aifactory.tasks.catalog import (
+from aifactory.tasks.cli import main
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.errors import ConfigError
+from aifactory.tasks.data.catalog import (
     DEFAULT_CATALOG,
     catalog_at,
     load_catalog,
     parse_type,
     resolve_distribution,
 )
-from aifactory.tasks.cli import main
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.errors import ConfigError
 
 RAW = yaml.safe_load(DEFAULT_CATALOG.read_text())
 
@@ -39,8 +39,8 @@ def test_shipped_catalog_covers_three_data_spaces_with_generators() -> None:
 
 
 def test_contracts_match_the_generators() -> None:
-    from aifactory.tasks.dataspace import MOBILITY_SCHEMA, REVIEW_SCHEMA
-    from aifactory.tasks.generators import AGRI_SCHEMA, HEALTH_SCHEMA
+    from aifactory.tasks.data.dataspace import MOBILITY_SCHEMA, REVIEW_SCHEMA
+    from aifactory.tasks.data.generators import AGRI_SCHEMA, HEALTH_SCHEMA
 
     cat = catalog_at()
     for ds, schema in [("mobility-trips", MOBILITY_SCHEMA), ("tourism-reviews", REVIEW_SCHEMA),

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aifactory.tasks.catalog import catalog_at
-from aifactory.tasks.config import PROFILES_DIR, load_profile
-from aifactory.tasks.errors import ConfigError
+from aifactory.tasks.core.config import PROFILES_DIR, load_profile
+from aifactory.tasks.core.errors import ConfigError
+from aifactory.tasks.data.catalog import catalog_at
 
 
 @pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -93,7 +93,7 @@ def test_secrets_masked_and_hash_stable() -> None:
 
 
 def test_a_dict_override_merges_into_its_section() -> None:
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     cfg = load_profile("site", {"training": {"epochs": 400}, "dataspace.purpose": "x"})
     assert cfg.training.epochs == 400
@@ -105,7 +105,7 @@ def test_a_startup_id_with_a_hyphen_is_named_with_an_underscore_in_the_environme
     """AIF_STARTUPS__STARTUP_A__… reaches start-up ``startup-a``: a variable whose name has a
     hyphen cannot be exported by a POSIX shell and is dropped by /bin/sh (pip's launcher of
     `aif` when the virtual environment's path has a space)."""
-    from aifactory.tasks.config import load_profile
+    from aifactory.tasks.core.config import load_profile
 
     env = {"AIF_STARTUPS__STARTUP_A__GPU_HOURS_BUDGET": "0.1", "AIF_HOME": "/tmp/x"}
     cfg = load_profile("site", env=env)
@@ -119,7 +119,7 @@ def test_a_run_resolves_its_profile_once(monkeypatch: pytest.MonkeyPatch) -> Non
     import threading
 
     import aifactory.flows.pipeline as fp
-    from aifactory.tasks import config as C
+    from aifactory.tasks.core import config as C
 
     reads: list[str] = []
     real = C.profile_path

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from aifactory.tasks.cli import main
-from aifactory.tasks.config import DaskSpec
-from aifactory.tasks.dask_allocation import render_allocation_script
-from aifactory.tasks.dask_cluster import job_prologue, open_cluster, render_worker_script
+from aifactory.tasks.core.config import DaskSpec
+from aifactory.tasks.doors.dask_allocation import render_allocation_script
+from aifactory.tasks.doors.dask_cluster import job_prologue, open_cluster, render_worker_script
 
 PAD = "export MALLOC_TOP_PAD_=67108864"
 
@@ -70,8 +70,8 @@ def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> No
     """dask-jobqueue's sbatch and scancel calls go through the Slurm door (its environment,
     its errors), and the flow's own environment is never rewritten. Fails if dask-jobqueue
     stops routing its commands through ``Job._call`` (the override would no longer apply)."""
-    from aifactory.tasks.dask_cluster import door_cluster_class, slurm_cluster_kwargs
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.dask_cluster import door_cluster_class, slurm_cluster_kwargs
+    from aifactory.tasks.doors.slurm import SlurmClient
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

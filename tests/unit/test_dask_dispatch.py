@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks import dask_dispatch as D
+from aifactory.tasks.doors import dask_dispatch as D
 
 RUNS: Counter[int] = Counter()
 LOCK = threading.Lock()

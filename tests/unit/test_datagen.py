@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory.tasks import datagen
-from aifactory.tasks.datagen import MOBILITY_SCHEMA, generate_mobility
-from aifactory.tasks.dataspace import contract
-from aifactory.tasks.errors import ConfigError, StorageError
+from aifactory.tasks.core.errors import ConfigError, StorageError
+from aifactory.tasks.data import datagen
+from aifactory.tasks.data.datagen import MOBILITY_SCHEMA, generate_mobility
+from aifactory.tasks.data.dataspace import contract
 from tests.unit.conftest import MotoS3, Store
 
 ROWS, OBJECTS = 3_000, 3

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.dataspace import contract, has_objects, list_objects
-from aifactory.tasks.errors import DataError, StorageError
+from aifactory.tasks.core.errors import DataError, StorageError
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.data.dataspace import contract, has_objects, list_objects
 from tests.unit.conftest import MotoS3, Store
 
 DC = contract("mobility-trips")
@@ -131,7 +131,7 @@ def test_a_dotted_folder_above_the_data_space_hides_nothing(tmp_path: Path, abov
 
 
 def test_is_staging_reads_the_own_name_only() -> None:
-    from aifactory.tasks.lake import _tmp_sibling, is_staging
+    from aifactory.tasks.doors.lake import _tmp_sibling, is_staging
 
     assert is_staging(_tmp_sibling("/home/me/.work/aif/lake/objects/x.parquet"))
     assert is_staging("s3://lake/objects/ds/.abc.parquet.tmp-1")

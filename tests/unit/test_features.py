@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aifactory.tasks import features as F
-from aifactory.tasks.config import default_features
+from aifactory.tasks.core.config import default_features
+from aifactory.tasks.stages import features as F
 
 
 def _raw(n: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -97,7 +97,7 @@ def test_featureset_id_changes_with_config() -> None:
 def test_mobility_params_are_checked_by_its_function(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from aifactory.tasks.errors import ConfigError, DataError
+    from aifactory.tasks.core.errors import ConfigError, DataError
 
     cfg = F.resolve_config({**MOBILITY, "split": {"train": 70, "val": 15, "test": 15},
                             "params": {"clean": {"distance_km": [0.1, 100.0]}}})  # fmt: skip
@@ -125,8 +125,8 @@ def test_mobility_params_are_checked_by_its_function(tmp_path) -> None:  # type:
 def test_profile_refuses_bad_features(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from aifactory.tasks.config import PROFILES_DIR, load_profile
-    from aifactory.tasks.errors import ConfigError
+    from aifactory.tasks.core.config import PROFILES_DIR, load_profile
+    from aifactory.tasks.core.errors import ConfigError
 
     p = tmp_path / "p.yaml"
     p.write_text((PROFILES_DIR / "local.yaml").read_text()
@@ -215,7 +215,7 @@ def test_feature_function_faults_are_one_line_naming_function_partition_and_caus
 ) -> None:
     import pytest
 
-    from aifactory.tasks.errors import DataError
+    from aifactory.tasks.core.errors import DataError
 
     src = tmp_path / "in.parquet"
     _fields(200).to_parquet(src)
@@ -238,7 +238,7 @@ def test_feature_function_faults_are_one_line_naming_function_partition_and_caus
 def test_feature_function_config_is_checked_before_any_job(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from aifactory.tasks.errors import ConfigError
+    from aifactory.tasks.core.errors import ConfigError
 
     src = tmp_path / "features.py"
     src.write_text("import nonexistent_package_xyz\n")
@@ -268,7 +268,7 @@ def test_text_columns_reach_the_trainer_unchanged(tmp_path) -> None:  # type: ig
 
     import pytest
 
-    from aifactory.tasks.errors import ConfigError, DataError
+    from aifactory.tasks.core.errors import ConfigError, DataError
     from aifactory.tasks.payloads.job import Job, PayloadError
 
     src = tmp_path / "proj" / "features.py"

@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory.tasks import ingest as ingest_mod
-from aifactory.tasks.datagen import generate_mobility
-from aifactory.tasks.dataspace import contract, list_objects
-from aifactory.tasks.errors import DataError, StorageError
-from aifactory.tasks.ingest import (
+from aifactory.tasks.core.errors import DataError, StorageError
+from aifactory.tasks.core.manifests import DataSnapshot
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.data.dataspace import contract, list_objects
+from aifactory.tasks.stages import ingest as ingest_mod
+from aifactory.tasks.stages.ingest import (
     IngestOptions,
     duplicates_across,
     ingest,
@@ -24,7 +25,6 @@ from aifactory.tasks.ingest import (
     load_snapshot,
     snapshot_url,
 )
-from aifactory.tasks.manifests import DataSnapshot
 from tests.unit.conftest import MotoS3, Store, listing
 
 DATASET = "mobility-trips"

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory.tasks import ingest as ingest_mod
-from aifactory.tasks.catalog import catalog_at
-from aifactory.tasks.errors import DataError
-from aifactory.tasks.generators import generate_agriculture, generate_health
-from aifactory.tasks.ingest import IngestOptions, ingest, list_snapshots
-from aifactory.tasks.policy import PolicyError, key_fingerprint
+from aifactory.tasks.core.errors import DataError
+from aifactory.tasks.data.catalog import catalog_at
+from aifactory.tasks.data.generators import generate_agriculture, generate_health
+from aifactory.tasks.data.policy import PolicyError, key_fingerprint
+from aifactory.tasks.stages import ingest as ingest_mod
+from aifactory.tasks.stages.ingest import IngestOptions, ingest, list_snapshots
 from tests.unit.conftest import Store, listing
 
 KEY = b"0123456789abcdef-test-pseudonymisation-key"

@@ -9,7 +9,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from aifactory.tasks import lake as L
+from aifactory.tasks.doors import lake as L
 from tests.unit.conftest import Store, listing
 
 

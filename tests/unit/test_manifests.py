@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aifactory.tasks.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.core.manifests import FeatureSet, SplitFiles
 
 
 def _fset(**over: object) -> FeatureSet:

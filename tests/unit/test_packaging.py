@@ -37,7 +37,7 @@ def test_a_startups_own_flows_and_tasks_folders_do_not_collide(tmp_path: Path) -
         (tmp_path / pkg / "__init__.py").write_text(f"OWNER = 'start-up {pkg}'\n")
     code = (
         "import flows, tasks\n"
-        "from aifactory.tasks.config import load_profile\n"
+        "from aifactory.tasks.core.config import load_profile\n"
         "from aifactory.flows.pipeline import pipeline\n"
         "print(flows.OWNER, '|', tasks.OWNER, '|', load_profile('local').name)\n"
     )
@@ -45,3 +45,15 @@ def test_a_startups_own_flows_and_tasks_folders_do_not_collide(tmp_path: Path) -
                          text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "start-up flows | start-up tasks | local"
+
+
+def test_the_layout_shows_the_architecture() -> None:
+    """No flat folder of modules: tasks/ holds its parts as subpackages, and only the CLI
+    and the registered models' old class path beside them."""
+    tasks = Path(__file__).resolve().parents[2] / "tasks"
+    top = sorted(p.name for p in tasks.glob("*.py"))
+    assert top == ["__init__.py", "cli.py", "pyfunc_model.py"], top
+    parts = sorted(p.parent.name for p in tasks.glob("*/__init__.py"))
+    assert parts == ["core", "data", "doors", "jobs", "models", "payloads", "stages"], parts
+    for part in parts:
+        assert len(list((tasks / part).glob("*.py"))) <= 10, part

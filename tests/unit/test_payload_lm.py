@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aifactory.tasks.textgen import generate_reviews
+from aifactory.tasks.data.textgen import generate_reviews
 
 
 def _train(data: list[str], run_dir: Path, cfg: Path) -> str:

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aifactory.tasks.config import TrainingSpec
-from aifactory.tasks.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.core.config import TrainingSpec
+from aifactory.tasks.core.manifests import FeatureSet, SplitFiles
 from aifactory.tasks.payloads import job, train_tabular
 from aifactory.tasks.payloads.tabular_model import load_model, predict
 
@@ -170,7 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_local_stage_trains_once_then_reuses_the_run(featureset: Path, tmp_path: Path) -> None:
-    from aifactory.tasks.training import train
+    from aifactory.tasks.stages.training import train
 
     fset = FeatureSet.model_validate_json(featureset.read_text())
     spec = TrainingSpec(executor="local", **CONFIG)
@@ -197,7 +197,7 @@ def test_two_local_runs_of_one_key_at_once_train_once(featureset: Path, tmp_path
     checkpoint while that one was still training (epochs twice in the ledger)."""
     import threading
 
-    from aifactory.tasks.training import train
+    from aifactory.tasks.stages.training import train
 
     fset = FeatureSet.model_validate_json(featureset.read_text())
     spec = TrainingSpec(executor="local", **{**CONFIG, "epochs": 3})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aifactory.infra.site import procs
-from aifactory.tasks import prefect_server as ps
+from aifactory.tasks.doors import prefect_server as ps
 
 # /bin/sh runs the second line (a no-op string expression to Python): a shebang line cannot
 # hold an interpreter path with a space, as a clone under "ci final/" has.

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifactory.tasks.config import TrainingSpec, load_profile
-from aifactory.tasks.errors import ConfigError, TrainingError
-from aifactory.tasks.flavours import artifact_sha256, load_trained
-from aifactory.tasks.manifests import FeatureSet, SplitFiles
-from aifactory.tasks.project import init_project, load_project, project_overrides
-from aifactory.tasks.training import project_code_hash, train
+from aifactory.tasks.core.config import TrainingSpec, load_profile
+from aifactory.tasks.core.errors import ConfigError, TrainingError
+from aifactory.tasks.core.manifests import FeatureSet, SplitFiles
+from aifactory.tasks.core.project import init_project, load_project, project_overrides
+from aifactory.tasks.models.flavours import artifact_sha256, load_trained
+from aifactory.tasks.stages.training import project_code_hash, train
 
 COLS = ["a", "b"]
 
@@ -264,7 +264,7 @@ def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
 
     from mlflow.pyfunc import PythonModel
 
-    from aifactory.tasks.pyfunc_model import ProjectPyfunc, TabularPyfunc
+    from aifactory.tasks.models.pyfunc_model import ProjectPyfunc, TabularPyfunc
 
     warnings.onceregistry.clear()
     with warnings.catch_warnings(record=True) as seen:
@@ -288,8 +288,8 @@ def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
 def test_the_embedded_default_is_the_mobility_project() -> None:
     """`aif run` outside any project and `aif run --project examples/mobility-trips` train
     the same thing: the default profile's features and trainer are that project's."""
-    from aifactory.tasks.config import load_profile
-    from aifactory.tasks.project import EXAMPLES
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.core.project import EXAMPLES
 
     startup, over = project_overrides(EXAMPLES / "mobility-trips")
     assert startup == "startup-a" and over["training.payload"] == "tabular"

@@ -11,7 +11,7 @@ import pytest
 from aifactory.infra.site import manager, procs, services
 from aifactory.infra.site import slurm_parts as sp
 from aifactory.infra.site.layout import Site
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)", "aif-site-test-daemon"]
 FAILER = ["sh", "-c", "echo starting; echo 'fatal: cannot bind 127.0.0.1:1'; exit 3"]

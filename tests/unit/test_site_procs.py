@@ -12,7 +12,7 @@ import pytest
 
 from aifactory.infra.site import manager, procs
 from aifactory.infra.site.layout import Site
-from aifactory.tasks.errors import SiteError
+from aifactory.tasks.core.errors import SiteError
 
 
 def _fake_proc(root: Path, pid: int, argv: list[str], state: str = "S", sid: int = 1,

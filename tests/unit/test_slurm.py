@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aifactory.tasks.errors import SlurmCommandError, SlurmError
-from aifactory.tasks.slurm import SACCT_FIELDS, SlurmClient
+from aifactory.tasks.core.errors import SlurmCommandError, SlurmError
+from aifactory.tasks.doors.slurm import SACCT_FIELDS, SlurmClient
 
 
 def _fake(bin_dir: Path, name: str, body: str) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from aifactory.tasks.errors import TrainingError
-from aifactory.tasks.slurm_watch import submit_and_watch
+from aifactory.tasks.core.errors import TrainingError
+from aifactory.tasks.jobs.slurm_watch import submit_and_watch
 
 
 class ScriptedSlurm:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from aifactory.tasks.config import TrainingSpec
-from aifactory.tasks.errors import ConfigError
-from aifactory.tasks.sweep import grid_trials, parse_value, random_trials, render_array
+from aifactory.tasks.core.config import TrainingSpec
+from aifactory.tasks.core.errors import ConfigError
+from aifactory.tasks.stages.sweep import grid_trials, parse_value, random_trials, render_array
 
 
 def test_grid_is_every_combination() -> None:
@@ -78,7 +78,7 @@ class FakeArraySlurm:
 
 
 def test_array_tasks_that_timed_out_are_resubmitted_alone() -> None:
-    from aifactory.tasks.slurm_watch import watch_array
+    from aifactory.tasks.jobs.slurm_watch import watch_array
 
     slurm = FakeArraySlurm([{0: "COMPLETED", 1: "TIMEOUT", 2: "FAILED", 3: "PREEMPTED"},
                             {1: "COMPLETED", 3: "COMPLETED"}])  # fmt: skip
@@ -93,7 +93,7 @@ def test_array_tasks_that_timed_out_are_resubmitted_alone() -> None:
 
 
 def test_array_without_resubmissions_reports_the_timeout() -> None:
-    from aifactory.tasks.slurm_watch import watch_array
+    from aifactory.tasks.jobs.slurm_watch import watch_array
 
     slurm = FakeArraySlurm([{0: "TIMEOUT"}])
     recs = watch_array(slurm, "/x/s", "n", 1, 1, print, poll_s=0.01)  # type: ignore[arg-type]
@@ -103,8 +103,8 @@ def test_array_without_resubmissions_reports_the_timeout() -> None:
 def test_array_is_cancelled_with_its_watcher() -> None:
     import threading
 
-    from aifactory.tasks.errors import TrainingError
-    from aifactory.tasks.slurm_watch import watch_array
+    from aifactory.tasks.core.errors import TrainingError
+    from aifactory.tasks.jobs.slurm_watch import watch_array
 
     slurm = FakeArraySlurm([{0: "COMPLETED"}])
     slurm.squeue_states = lambda jobs: {j: "RUNNING" for j in jobs}  # type: ignore[method-assign]
@@ -118,7 +118,7 @@ def test_array_is_cancelled_with_its_watcher() -> None:
 def test_local_array_runs_each_task_in_its_folder_and_reports_failures(tmp_path: Path) -> None:
     import sys
 
-    from aifactory.tasks.jobs import JobRequest, LocalExecutor
+    from aifactory.tasks.jobs.executors import JobRequest, LocalExecutor
 
     code = ("import os, sys; t = int(os.environ['SLURM_ARRAY_TASK_ID']); "
             "open('done', 'w').write(str(t)); sys.exit(3 if t == 1 else 0)")  # fmt: skip

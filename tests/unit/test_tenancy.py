@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from aifactory.tasks.cli import main
-from aifactory.tasks.config import load_profile
-from aifactory.tasks.errors import TenancyError
-from aifactory.tasks.tenancy import check_dataspace_url, check_isolation, check_run, reaches
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.errors import TenancyError
+from aifactory.tasks.core.tenancy import check_dataspace_url, check_isolation, check_run, reaches
 
 PREFIX_B = "isolation.s3_prefix: start-up startup-a may not use s3://aif-lake/startup-b/...: " \
            "that prefix belongs to startup-b"  # fmt: skip
@@ -46,8 +46,8 @@ def test_lake_url_is_the_startups_prefix(tmp_path: Path) -> None:
 
 
 def test_startup_without_prefix_uses_the_root_only_when_nobody_has_one() -> None:
-    from aifactory.tasks.config import Startup
-    from aifactory.tasks.tenancy import tenant_lake_url
+    from aifactory.tasks.core.config import Startup
+    from aifactory.tasks.core.tenancy import tenant_lake_url
 
     assert tenant_lake_url("file:///l/", Startup(account="x")) == "file:///l"
     assert tenant_lake_url("s3://b", Startup(account="x", s3_prefix="/t/a/")) == "s3://b/t/a"
@@ -195,12 +195,12 @@ def test_flows_check_isolation_in_their_tasks(monkeypatch: pytest.MonkeyPatch) -
     import aifactory.flows.register
     import aifactory.flows.sweep
     import aifactory.flows.train
-    import aifactory.tasks.replay
+    import aifactory.tasks.stages.replay
 
     af = aifactory.flows
-    for mod in (af.train, af.register, af.sweep, aifactory.tasks.replay):
+    for mod in (af.train, af.register, af.sweep, aifactory.tasks.stages.replay):
         assert ".tenant(" in inspect.getsource(mod), mod.__name__
-    for mod in (af.preprocess, af.register, aifactory.tasks.replay):
+    for mod in (af.preprocess, af.register, aifactory.tasks.stages.replay):
         src = inspect.getsource(mod)
         assert "lake_url_for(" in src and "lake.url" not in src, mod.__name__
 
@@ -214,7 +214,7 @@ def test_pipeline_refuses_unapproved_declaration_before_ingest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import aifactory.flows.pipeline as fp
-    from aifactory.tasks.admission import AdmissionError
+    from aifactory.tasks.jobs.admission import AdmissionError
 
     monkeypatch.setattr(fp, "ingest_flow", _no_service)
     with pytest.raises(AdmissionError) as e:
@@ -230,7 +230,7 @@ def test_sweep_refuses_unapproved_declaration_before_anything(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import aifactory.flows.sweep as fs
-    from aifactory.tasks.admission import AdmissionError
+    from aifactory.tasks.jobs.admission import AdmissionError
 
     monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     assert main(["sweep", "--profile", "site", "--startup", "startup-c",
@@ -243,8 +243,8 @@ def test_sweep_refuses_unapproved_declaration_before_anything(
 
 
 def test_budget_override_by_environment_is_refused_with_hours() -> None:
-    from aifactory.tasks.admission import AdmissionError, admit
-    from aifactory.tasks.slurm import SlurmClient
+    from aifactory.tasks.doors.slurm import SlurmClient
+    from aifactory.tasks.jobs.admission import AdmissionError, admit
 
     class Sacct(SlurmClient):
         def run(self, args: Any, **_k: Any) -> str:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from aifactory.tasks import slurm_watch
-from aifactory.tasks.config import TrainingSpec
-from aifactory.tasks.errors import ConfigError, SlurmError, TrainingError
-from aifactory.tasks.slurm import SACCT_FIELDS, SlurmClient
-from aifactory.tasks.slurm_watch import submit_and_watch
-from aifactory.tasks.training import render_sbatch, sbatch_options
+from aifactory.tasks.core.config import TrainingSpec
+from aifactory.tasks.core.errors import ConfigError, SlurmError, TrainingError
+from aifactory.tasks.doors.slurm import SACCT_FIELDS, SlurmClient
+from aifactory.tasks.jobs import slurm_watch
+from aifactory.tasks.jobs.slurm_watch import submit_and_watch
+from aifactory.tasks.stages.training import render_sbatch, sbatch_options
 
 REF = Path(__file__).parent / "data" / "train.sbatch.ref"
 

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aifactory.tasks.config import Startup
-from aifactory.tasks.slurm import SlurmClient
-from aifactory.tasks.usage import collect, job_hours, owners, parse_tres, priced_rows
+from aifactory.tasks.core.config import Startup
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.jobs.usage import collect, job_hours, owners, parse_tres, priced_rows
 
 
 def test_parse_tres() -> None:
@@ -59,7 +59,7 @@ def test_job_hours_of_a_run_in_one_sacct_call(tmp_path: Path) -> None:
 def test_rows_per_startup_and_project() -> None:
     """The project of each account comes from the profile's start-ups; a start-up that ran
     nothing has its row of zeros; an account no start-up owns is shown as such."""
-    from aifactory.tasks.usage import Usage
+    from aifactory.tasks.jobs.usage import Usage
 
     startups = {
         "startup-a": Startup(account="acct-a", project="mobility-eta"),

@@ -1,0 +1,1 @@
+"""Data spaces: the catalog, usage policies, formats and contracts, the demo generators."""

@@ -1,0 +1,2 @@
+"""The doors to external systems: Slurm, object storage (the lake), Prefect, Dask on Slurm,
+MLflow."""

@@ -1,0 +1,150 @@
+"""The Prefect API a run talks to: a configured URL, or a local server aif manages.
+
+Profile ``prefect.api_url: managed`` means: the server that *this home* started, recorded
+in ``<home_dir>/prefect-local/server.json`` (pid, command line, start time, address). It is
+reused only while that very process runs and answers. A server of another home (another
+clone, another user) on the preferred port is never reused: its database is not ours. Then
+aif starts its own, on ``managed_port`` if free, else on a free loopback port, and says so.
+``aif server status|stop`` shows and stops it. Prefect's ephemeral mode is avoided on
+purpose (slow first start, SQLite lock errors). Processes are started, awaited and
+stopped by the same helpers as the site's daemons (infra/site/procs.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aifactory.infra.site import procs
+from aifactory.tasks.core.errors import SiteError
+from aifactory.tasks.doors.lake import write_text_local
+
+STARTUP_TIMEOUT_S = 240.0
+STATE = "prefect-local"
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    return procs.http_ok(f"{api_url.rstrip('/')}/health", b"true", timeout)
+
+
+def _prefect_exe() -> str:
+    exe = Path(sys.executable).with_name("prefect")
+    return str(exe) if exe.exists() else "prefect"
+
+
+def state_dir(home_dir: str) -> Path:
+    return Path(home_dir).resolve() / STATE
+
+
+def record(home_dir: str) -> dict[str, Any] | None:
+    """This home's server record, or None if it never started one (or the file is bad)."""
+    try:
+        rec = json.loads((state_dir(home_dir) / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _live(rec: dict[str, Any] | None) -> bool:
+    """Whether the recorded server process still runs and answers."""
+    return bool(rec and isinstance(rec.get("api_url"), str) and procs.owns(rec)
+                and healthy(rec["api_url"]))  # fmt: skip
+
+
+def running(home_dir: str) -> dict[str, Any] | None:
+    """This home's server record if that process still runs and answers, else None."""
+    rec = record(home_dir)
+    return rec if _live(rec) else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind it
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_managed_server(
+    home_dir: str, port: int, progress: Callable[[str], object] = print
+) -> str:
+    """Reuse this home's running server, or start one; return its API URL. Two commands
+    of one home starting at once share one server (a lock file serialises the start)."""
+    state = state_dir(home_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(home_dir, state, port, progress)
+
+
+def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[str], object]) -> str:
+    old = record(home_dir)
+    if old and _live(old):
+        return str(old["api_url"])
+    if old:  # recorded but not answering: stop whatever of it is left, then start afresh
+        procs.stop(old, "prefect")
+    if not _port_free(port):
+        chosen = _free_port()
+        progress(f"port {port} is in use by another program (not this home's Prefect server);"
+                 f" using 127.0.0.1:{chosen}")  # fmt: skip
+        port = chosen
+    log_path = state / "server.log"
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        "PREFECT_HOME": str(state),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    argv = [_prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    progress(f"starting a local Prefect server on 127.0.0.1:{port} (state in {state}; "
+             "stop it with `aif server stop`)")  # fmt: skip
+    rec = procs.start("local Prefect server", argv, log_path, env=env)
+    rec.update(api_url=api_url, port=port, home=str(Path(home_dir).resolve()))
+    write_text_local(state / "server.json", json.dumps(rec))
+    try:
+        procs.wait_until("local Prefect server", lambda: healthy(api_url), int(rec["pid"]),
+                         log_path, STARTUP_TIMEOUT_S)  # fmt: skip
+    except SiteError:
+        procs.stop(rec, "prefect")
+        raise
+    return api_url
+
+
+def stop_managed_server(home_dir: str) -> bool:
+    """Stop this home's server (only the process it recorded); True if one was running."""
+    rec = record(home_dir)
+    if not rec:
+        return False
+    stopped = procs.stop(rec, "prefect")
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir(home_dir) / "server.json").unlink()
+    return stopped
+
+
+def resolve_api_url(
+    api_url: str, home_dir: str, port: int, progress: Callable[[str], object] = print
+) -> str:
+    if api_url == "managed":
+        return ensure_managed_server(home_dir, port, progress)
+    if not healthy(api_url, timeout=5.0):
+        raise SiteError(
+            f"Prefect API {api_url} is not reachable: is the site up? "
+            "(aif site up; aif site status)"
+        )
+    return api_url

@@ -1,0 +1,329 @@
+"""Model registration in MLflow: idempotent by fingerprint, tagged with lineage."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
+from aifactory.tasks.core.provenance import key_of, now_iso
+
+FINGERPRINT_TAG = "aif.fingerprint"
+PIP_REQUIREMENTS = ["torch==2.13.0", "pandas", "numpy", "pyarrow", "aifactory"]
+
+
+class RegistryError(AifError):
+    """The MLflow registry cannot be reached or refused an operation."""
+
+
+def _check_reachable(tracking_uri: str) -> None:
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5) as r:
+            if r.status == 200:
+                return
+    except (urllib.error.URLError, OSError):
+        pass
+    raise RegistryError(
+        f"MLflow tracking server {tracking_uri} is not reachable: is the site up? (aif site status)"
+    )
+
+
+def fingerprint(trained: TrainedModel, model_name: str, flavour: str = "tabular") -> str:
+    """What was trained, never who collected it or where: the feature set's id (its data
+    snapshot, feature code and config), the weights, the software, the flavour. Neither the
+    executor, the Slurm job ids nor the lake URL the run used changes it."""
+    weights = trained.weights_sha256 or trained.content_hash()
+    return key_of("register/2", model_name, trained.featureset_id, weights,
+                  trained.environment_hash, flavour)  # fmt: skip
+
+
+def register_model(
+    trained: TrainedModel,
+    featureset: FeatureSet,
+    snapshot: DataSnapshot,
+    *,
+    tracking_uri: str,
+    model_name: str,
+    experiment: str,
+    artifact_location: str | None,
+    lineage: dict[str, str],
+    feature_config: dict[str, Any],
+    log: Callable[[str], None] = print,
+    documents: Callable[[str], dict[str, str | dict[str, Any]]] | None = None,
+    extra_artifacts: dict[str, dict[str, Any]] | None = None,
+    flavour: str = "tabular",
+    model_ref: str | None = None,
+    source_dir: str | None = None,
+) -> ModelVersion:
+    """Log the run and register one model version (or return the existing one).
+
+    Idempotent, also under concurrency: a version is found by its fingerprint tag before
+    anything is created; if two registrations of the same model race, both see every
+    version with the fingerprint right after registering, the lowest version wins and the
+    other one is deleted (with its run), so exactly one version remains. ``documents``
+    (given the version) returns the files to attach under ``docs/`` (model card,
+    training-data summary, RO-Crate). A project's model (``flavour`` pytorch, sklearn or
+    pyfunc; ``model_ref`` its class in the project's folder ``source_dir``) is loaded
+    first: one that its flavour cannot load is refused before anything is logged."""
+    fp = fingerprint(trained, model_name, flavour)
+    found = _registered_over_rest(tracking_uri, model_name, fp)
+    if found is not None:  # the nightly no-change path: no MLflow import at all
+        log(f"model already registered as {model_name} version {found.version} (fingerprint {fp})")
+        return found
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
+    from aifactory.tasks.models.pyfunc_model import TabularPyfunc
+
+    if flavour != "tabular":
+        from aifactory.tasks.models.flavours import load_trained
+
+        load_trained(flavour, trained.run_dir, model_ref, source_dir or ".")  # nothing logged yet
+    _check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    existing = _versions_with(client, model_name, fp, tracking_uri)
+    if existing:
+        mv = sorted(existing, key=lambda v: int(v.version))[0]
+        log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
+        client.set_registered_model_alias(model_name, "candidate", mv.version)
+        return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
+
+    exp_id = _experiment_id(client, experiment, artifact_location)
+    tags = {
+        FINGERPRINT_TAG: fp,
+        "aif.snapshot_id": snapshot.snapshot_id,
+        "aif.snapshot_hash": snapshot.content_hash(),
+        "aif.featureset_id": featureset.featureset_id,
+        "aif.featureset_hash": featureset.content_hash(),
+        "aif.run_key": trained.run_key,
+        "aif.slurm_job_ids": ",".join(trained.slurm_job_ids) or "none",
+        "aif.executor": trained.executor,
+        "aif.environment_hash": trained.environment_hash,
+        "aif.weights_sha256": trained.weights_sha256,
+        "aif.seed": str(trained.params.get("seed", "")),
+        "aif.sacct": _sacct_tag(trained.sacct),
+        **lineage,
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{trained.run_key}") as run:
+        mlflow.log_params({k: _param(v) for k, v in trained.params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in trained.metrics.items()})
+        mlflow.set_tags(tags)
+        if trained.sacct:
+            mlflow.log_dict(trained.sacct, "lineage/sacct.json")
+        for path, data in (extra_artifacts or {}).items():
+            mlflow.log_dict(data, path)
+        mlflow.log_dict(snapshot.canonical(), "lineage/data_snapshot.json")
+        mlflow.log_dict(featureset.canonical(), "lineage/featureset.json")
+        sbatch = Path(trained.run_dir) / "train.sbatch"
+        if sbatch.exists():
+            mlflow.log_artifact(str(sbatch), "lineage")
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            if flavour == "tabular":
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=TabularPyfunc(),
+                    artifacts=_tabular_artifacts(trained, feature_config, Path(tmp)),
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+            else:
+                info = _log_project_model(mlflow, trained, featureset, flavour, model_ref,
+                                          source_dir or ".", tmp)  # fmt: skip
+        run_id = run.info.run_id
+    with _quiet():
+        mv = mlflow.register_model(info.model_uri, model_name, tags={**tags, "aif.run_id": run_id})
+    same = _versions_with(client, model_name, fp, tracking_uri)
+    winner = min(same, key=lambda v: int(v.version)) if same else mv
+    if str(winner.version) != str(mv.version):
+        # A concurrent registration of the same model got there first: keep one version.
+        with contextlib.suppress(MlflowException):
+            client.delete_model_version(model_name, mv.version)
+        with contextlib.suppress(MlflowException):
+            client.delete_run(run_id)
+        log(f"{model_name} version {winner.version} registered the same model concurrently: "
+            f"version {mv.version} withdrawn")  # fmt: skip
+        return _manifest(winner, model_name, fp, tracking_uri).model_copy(update={"reused": True})
+    if documents is not None:
+        docs = documents(str(mv.version))
+        for doc, body in docs.items():
+            text = body if isinstance(body, str) else json.dumps(body, indent=2)
+            client.log_text(run_id, text, f"docs/{doc}")
+        card = docs.get("model_card.md")
+        if isinstance(card, str):
+            client.update_model_version(model_name, mv.version, description=card[:5000])
+    client.set_registered_model_alias(model_name, "candidate", mv.version)
+    log(f"registered {model_name} version {mv.version}; alias candidate -> {mv.version}")
+    return _manifest(client.get_model_version(model_name, mv.version), model_name, fp, tracking_uri)
+
+
+def _tabular_artifacts(trained: TrainedModel, feature_config: dict[str, Any],
+                       tmp: Path) -> dict[str, str]:  # fmt: skip
+    """The reference model's file, its feature config and, for a feature function in a
+    project's file, that project's code (its folder's sources, named relative to it): the
+    registered model featurises raw rows wherever it is loaded."""
+    from aifactory.tasks.models.flavours import relative_ref
+    from aifactory.tasks.stages.training import project_files
+
+    fc = dict(feature_config)
+    out = {"model": trained.model_path}
+    file = str(fc.get("function", "")).rpartition(":")[0]
+    if file.endswith(".py") and os.path.isfile(file):
+        root, code = Path(file).resolve().parent, tmp / "code"
+        for p in project_files(file):
+            (code / p.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, code / p.relative_to(root))
+        fc["function"] = relative_ref(fc["function"], root)
+        out["code"] = str(code)
+    path = tmp / "feature_config.json"
+    path.write_text(json.dumps(fc, sort_keys=True, indent=2))
+    out["feature_config"] = str(path)
+    return out
+
+
+def _log_project_model(mlflow: Any, trained: TrainedModel, featureset: FeatureSet, flavour: str,
+                       model_ref: str | None, source_dir: str, tmp: str) -> Any:  # fmt: skip
+    """A project's model as one pyfunc (tasks/models/flavours.py): the model file, the run's copy
+    of the project's code, and the spec that ties them to the feature function."""
+    from aifactory.tasks.models.flavours import INIT_FILE, pyfunc_spec
+    from aifactory.tasks.models.pyfunc_model import ProjectPyfunc
+    from aifactory.tasks.stages.training import CODE_DIR
+
+    run_dir = Path(trained.run_dir)
+    spec = Path(tmp) / "project_model.json"
+    spec.write_text(json.dumps(pyfunc_spec(flavour, model_ref, featureset, source_dir),
+                               sort_keys=True, indent=2))  # fmt: skip
+    artifacts = {"model": trained.model_path, "code": str(run_dir / CODE_DIR), "spec": str(spec)}
+    if (run_dir / INIT_FILE).exists():
+        artifacts["init"] = str(run_dir / INIT_FILE)
+    extra = ["scikit-learn"] if flavour == "sklearn" else []
+    return mlflow.pyfunc.log_model(name="model", python_model=ProjectPyfunc(), artifacts=artifacts,
+                                   pip_requirements=[*PIP_REQUIREMENTS, *extra])  # fmt: skip
+
+
+def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}"
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelVersion | None:
+    """The version already registered with fingerprint ``fp``, found through the tracking
+    server's REST API (and alias ``candidate`` moved to it); None when there is none or the
+    registry is not an HTTP server, so that the full MLflow client path decides."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        name_q = model_name.replace("'", "")
+        query = urllib.parse.urlencode({"filter": f"name='{name_q}'", "max_results": 1000})
+        res = _rest(tracking_uri, "GET", f"model-versions/search?{query}")
+        same = [v for v in res.get("model_versions", [])
+                if any(t.get("key") == FINGERPRINT_TAG and t.get("value") == fp
+                       for t in v.get("tags", []))]  # fmt: skip
+        if not same:
+            return None
+        mv = min(same, key=lambda v: int(v["version"]))
+        alias = {"name": model_name, "alias": "candidate", "version": str(mv["version"])}
+        _rest(tracking_uri, "POST", "registered-models/alias", alias)
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+    tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
+    return _version_manifest(model_name, fp, tracking_uri, str(mv["version"]),
+                             mv.get("run_id") or "", list(mv.get("aliases") or []),
+                             tags).model_copy(update={"reused": True})  # fmt: skip
+
+
+def _experiment_id(client: Any, experiment: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it; a concurrent creation by another run is fine."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(experiment, artifact_location=artifact_location))
+    except MlflowException as exc:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise RegistryError(f"MLflow: cannot create experiment {experiment!r}: {exc}") from None
+        return str(exp.experiment_id)
+
+
+def _sacct_tag(rec: dict[str, str]) -> str:
+    keys = ("JobID", "State", "ExitCode", "Elapsed", "AllocTRES", "MaxRSS", "NodeList")
+    return " ".join(f"{k}={rec[k]}" for k in keys if rec.get(k))[:480] or "none"
+
+
+def _versions_with(client: Any, model_name: str, fp: str, tracking_uri: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return [
+            v
+            for v in client.search_model_versions(f"name='{model_name}'")
+            if v.tags.get(FINGERPRINT_TAG) == fp
+        ]
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise RegistryError(
+                f"MLflow {tracking_uri}: cannot search model versions: {exc}"
+            ) from None
+        return []
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """MLflow prints progress to stdout/stderr; keep the terminal to our own lines."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _param(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+def _manifest(mv: Any, name: str, fp: str, tracking_uri: str) -> ModelVersion:
+    """The manifest of an MLflow ModelVersion object."""
+    return _version_manifest(name, fp, tracking_uri, str(mv.version), mv.run_id or "",
+                             list(getattr(mv, "aliases", []) or []), dict(mv.tags))  # fmt: skip
+
+
+def _version_manifest(name: str, fp: str, tracking_uri: str, version: str, run_id: str,
+                      aliases: list[str], tags: dict[str, str]) -> ModelVersion:  # fmt: skip
+    """A registered version as a manifest; it carries the alias candidate just set."""
+    return ModelVersion(
+        name=name,
+        version=version,
+        uri=f"models:/{name}/{version}",
+        run_id=run_id,
+        fingerprint=fp,
+        aliases=aliases if "candidate" in aliases else [*aliases, "candidate"],
+        tags=tags,
+        tracking_uri=tracking_uri,
+        created_at=now_iso(),
+    )

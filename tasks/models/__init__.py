@@ -1,0 +1,1 @@
+"""Models: flavours, the registered pyfunc wrappers, model cards and promotion."""

@@ -1,0 +1,704 @@
+"""Ingestion: data-space objects -> a committed, immutable lake snapshot (DataSnapshot).
+
+Order of work, so that nothing is read that the policy does not allow, nothing is read
+twice, and readers never see a partial snapshot:
+
+1. **Policy**, before any listing or read: the dataset's usage policy is evaluated for
+   the start-up and purpose (tasks/data/policy.py); a refusal names the rule.
+2. **Listing** (key, ETag or version id, size): the snapshot id is derived from it, the
+   dataset's contract, the policy's pseudonymisation (columns, key fingerprint), the
+   start-up and the purpose. If that snapshot is already committed it is returned as it
+   is: a listing and one metadata request, no data byte read.
+3. **Objects**: each listed object has a content address (its identity, the contract and
+   the pseudonymisation). An object already in the lake under that address is reused
+   without being read; only new or changed objects are read, streamed batch by batch,
+   checked and normalised to the contract (tasks/data/formats.py), pseudonymised, and written
+   to ``<lake>/objects/<dataset>/<address>.parquet`` (staged, then one rename or one
+   single-request PUT: no partial file and no multipart upload can be left behind), then
+   its record (``.json``, written last: the object's commit point). An object that
+   changes while it is read is refused.
+4. **Primary keys** are checked for duplicates within each object and across objects:
+   64-bit key hashes, spread over hash buckets on local disk (memory does not grow with
+   the dataset), and every hash match confirmed on the values before it is reported.
+5. **Strict** (default): any bad object fails the snapshot, and the one error line lists
+   every bad object with its column, expected and actual. **Quarantine**: good objects
+   are committed and bad ones listed in ``quarantine.json`` and the manifest.
+6. ``<lake>/snapshots/<dataset>/<id>/manifest.json`` is written last: the commit point.
+
+Lake object files are content-addressed and never overwritten, so committed snapshots are
+immutable even though snapshots share unchanged objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aifactory.tasks.core.errors import AifError, DataError, StorageError
+from aifactory.tasks.core.manifests import DataSnapshot, ObjectRecord, QuarantineRecord
+from aifactory.tasks.core.provenance import now_iso
+from aifactory.tasks.data.catalog import EXTENSIONS, DatasetEntry, catalog_at
+from aifactory.tasks.data.dataspace import (
+    DatasetContract,
+    SourceObject,
+    check_store,
+    filesystem,
+    is_connection_error,
+    list_objects,
+    options_of,
+    stat_object,
+    storage_error,
+)
+from aifactory.tasks.data.formats import READERS, ObjectBad, Problem, short
+from aifactory.tasks.data.policy import (
+    Decision,
+    PolicyError,
+    enforce,
+    evaluate,
+    key_fingerprint,
+    pseudonymise_batch,
+)
+from aifactory.tasks.doors.lake import (
+    atomic_write_bytes,
+    exists,
+    is_staging,
+    read_json,
+    remove_quietly,
+    sha256_file,
+    staged_file,
+    write_json_atomic,
+)
+
+LAKE_FORMAT = "aif-lake-v2"  # bump when the lake bytes for the same input would change
+# Lake row groups: batches are gathered up to this many rows (bounded memory per worker).
+ROW_GROUP_ROWS = 524_288
+# Fixed writer options: the same source bytes give the same lake bytes (and lake_sha256).
+LAKE_WRITER: dict[str, Any] = {
+    "compression": "zstd",
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "use_dictionary": True,
+    "write_statistics": True,
+}
+PK_BUCKETS = 64
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class IngestOptions:
+    """How to ingest: who and why (the policy), pseudonymisation key, strictness."""
+
+    startup: str
+    purpose: str = "unspecified"
+    declared_purposes: list[str] | None = None  # the start-up's declared purposes
+    pseudonymisation_key: bytes | None = None
+    quarantine: bool = False
+    workers: int = 2
+    today: dt.date | None = None
+    entry: DatasetEntry | None = None  # default: the shipped catalog's entry
+    on_decision: Callable[[Decision], None] | None = None
+
+
+@dataclass
+class _Outcome:
+    obj: SourceObject
+    record: ObjectRecord | None = None
+    problems: list[Problem] = field(default_factory=list)
+    read: bool = False
+    pk_local: str | None = None  # local file of the object's key hashes (this run's reads)
+
+
+def snapshot_id(
+    dataset: str,
+    objs: list[SourceObject],
+    dc: DatasetContract | None = None,
+    salt: str = "",
+) -> str:
+    """First 16 hex of sha256 over the dataset, its contract, ``salt`` (start-up, purpose,
+    pseudonymisation) and the sorted object identities (key, ETag or version, size)."""
+    h = hashlib.sha256(dataset.encode())
+    if dc is not None:
+        h.update(f"\ncontract:{dc.fingerprint()}".encode())
+    if salt:
+        h.update(f"\n{salt}".encode())
+    for o in sorted(objs, key=lambda o: o.key):
+        h.update(f"\n{o.key}|{o.identity()}|{o.size}".encode())
+    return h.hexdigest()[:16]
+
+
+def object_address(o: SourceObject, dc: DatasetContract, pseudo: str) -> str:
+    blob = f"{LAKE_FORMAT}|{dc.name}|{dc.fingerprint()}|{pseudo}|{o.key}|{o.identity()}|{o.size}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def snapshot_url(lake_url: str, dataset: str, sid: str) -> str:
+    return f"{lake_url.rstrip('/')}/snapshots/{dataset}/{sid}"
+
+
+def objects_url(lake_url: str, dataset: str) -> str:
+    return f"{lake_url.rstrip('/')}/objects/{dataset}"
+
+
+# -- primary keys -----------------------------------------------------------------------
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def key_hashes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of a key column's values, computed in numpy on Arrow's buffers (no
+    Python object per value). Integers and timestamps are mixed directly; text is padded to
+    whole 8-byte words (one reshape when all keys have the same length, as IDs usually do)
+    and folded word by word with its length.
+
+    Equal hashes are only candidates: every duplicate is confirmed on the values themselves
+    before it is reported, so a hash collision can never refuse good data.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    if pa.types.is_integer(t) or pa.types.is_temporal(t):
+        v = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        return _mix(v.view(np.uint64) ^ _GOLDEN)
+    if not pa.types.is_large_string(t):
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offs)
+    longest = int(lengths.max(initial=0))
+    width = max(8, -(-longest // 8) * 8)
+    mat = np.zeros((n, width), dtype=np.uint8)
+    if n and (lengths == longest).all():
+        mat[:, :longest] = data[offs[0] : offs[-1]].reshape(n, longest)
+    elif n:
+        dest = np.repeat(np.arange(n, dtype=np.int64) * width - offs[:-1], lengths)
+        mat.reshape(-1)[dest + np.arange(offs[0], offs[-1])] = data[offs[0] : offs[-1]]
+    words = mat.view("<u8")
+    h = _mix(lengths.astype(np.uint64) + _GOLDEN)
+    for j in range(width // 8):
+        h = _mix(h ^ words[:, j])
+    return h
+
+
+def _exact_duplicates(values: pa.Array | pa.ChunkedArray) -> tuple[int, list[str]]:
+    """(number of repeated values, a few examples) of one column, exactly."""
+    import pandas as pd
+
+    s = pd.Series(values.to_pandas())
+    dup = s[s.duplicated()]
+    return len(dup), [str(v) for v in dup.drop_duplicates().head(3)]
+
+
+def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict[int, set[int]]]:
+    """Key hashes shared between objects: {later object: {earlier object: {hashes}}}.
+
+    Hashes are spread over PK_BUCKETS files on local disk by their top bits and each bucket
+    is checked alone, so memory holds one object's hashes or one bucket at a time.
+    """
+    rec_dtype = np.dtype([("h", "<u8"), ("o", "<u4")])
+    found: dict[int, dict[int, set[int]]] = {}
+    with tempfile.TemporaryDirectory(prefix="aif-pk-") as tmp:
+        paths = [os.path.join(tmp, f"b{i:02d}") for i in range(PK_BUCKETS)]
+        shift = np.uint64(64 - int(np.log2(PK_BUCKETS)))
+        for idx, load in enumerate(loaders):
+            h = load()
+            if len(h) > 1 and (h[1:] < h[:-1]).any():
+                h = np.sort(h)
+            rec = np.empty(len(h), dtype=rec_dtype)
+            rec["h"], rec["o"] = h, idx
+            bounds = np.searchsorted(h >> shift, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
+            for b in range(PK_BUCKETS):
+                if bounds[b + 1] > bounds[b]:
+                    with open(paths[b], "ab") as fh:
+                        fh.write(rec[bounds[b] : bounds[b + 1]].tobytes())
+        for p in paths:
+            if not os.path.exists(p):
+                continue
+            a = np.fromfile(p, dtype=rec_dtype)
+            hs = np.sort(a["h"])
+            if not (hs[1:] == hs[:-1]).any():  # the usual case: no shared hash at all
+                continue
+            a = a[np.argsort(a["h"], kind="stable")]  # stable: objects stay in order
+            same = a["h"][1:] == a["h"][:-1]
+            if not same.any():
+                continue
+            starts = np.flatnonzero(np.concatenate([[True], ~same]))
+            first = np.repeat(starts, np.diff(np.concatenate([starts, [len(a)]])))
+            for j in np.flatnonzero(same) + 1:
+                o_first, o_this = int(a["o"][first[j]]), int(a["o"][j])
+                if o_this != o_first:
+                    found.setdefault(o_this, {}).setdefault(o_first, set()).add(int(a["h"][j]))
+    return found
+
+
+# -- one object ---------------------------------------------------------------------------
+class _Reader:
+    """Streams one source object into a staged lake file; counts bytes handed to Arrow."""
+
+    def __init__(self, fs: Any, obj: SourceObject, dc: DatasetContract, personal: list[str],
+                 key: bytes | None) -> None:  # fmt: skip
+        self.fs, self.obj, self.dc, self.personal, self.key = fs, obj, dc, personal, key
+
+    def copy(self, local_parquet: str, local_pk: str) -> int:
+        reader = READERS[self.dc.format]
+        rows = 0
+        hashes: list[np.ndarray] = []
+        try:
+            fh = self.fs.open(self.obj.key, "rb")
+        except FileNotFoundError:
+            raise ObjectBad([Problem("vanished after it was listed")]) from None
+        pending: list[pa.RecordBatch] = []
+        with fh, pq.ParquetWriter(local_parquet, self.dc.schema, **LAKE_WRITER) as writer:
+
+            def flush() -> None:
+                if pending:
+                    writer.write_table(
+                        pa.Table.from_batches(pending), row_group_size=ROW_GROUP_ROWS
+                    )
+                    pending.clear()
+
+            for batch in reader(fh, self.dc.schema):
+                if self.personal:
+                    assert self.key is not None
+                    batch = pseudonymise_batch(batch, self.personal, self.key)
+                hashes.append(key_hashes(batch.column(self.dc.primary_key)))
+                pending.append(batch)
+                rows += batch.num_rows
+                if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
+                    flush()
+            flush()
+        if rows == 0:
+            raise ObjectBad([Problem("holds no rows (an empty or header-only export?)")])
+        s = np.sort(np.concatenate(hashes))
+        if (s[1:] == s[:-1]).any():  # candidates: confirm on the values
+            n, examples = _exact_duplicates(
+                pq.read_table(local_parquet, columns=[self.dc.primary_key]).column(0)
+            )
+            if n:
+                shown = ", ".join(repr(e) for e in examples)
+                raise ObjectBad([Problem(f"{n} duplicate value(s) within the object, e.g. {shown}",
+                                         self.dc.primary_key, "unique (primary key)",
+                                         "duplicates")])  # fmt: skip
+        s.tofile(local_pk)
+        return rows
+
+
+def _changed(before: SourceObject, now: SourceObject | None) -> str | None:
+    if now is None:
+        return "vanished while being read"
+    if now.identity() != before.identity() or now.size != before.size:
+        return (
+            f"changed while being read (listed as {before.identity()}, {before.size} bytes; "
+            f"now {now.identity()}, {now.size} bytes)"
+        )
+    return None
+
+
+def _ingest_object(
+    o: SourceObject, address: str, src_fs: Any, lake_fs: Any, objects_root: str,
+    objects_root_url: str, dc: DatasetContract, personal: list[str], key: bytes | None,
+    decision: str, storage_options_lake: dict[str, Any] | None,
+) -> _Outcome:  # fmt: skip
+    out = _Outcome(obj=o, read=True)
+    base = f"{objects_root}/{address}"
+    fd, local_pk = tempfile.mkstemp(prefix="aif-pk-", suffix=".bin")
+    os.close(fd)
+    committed: list[str] = []
+    try:
+        with staged_file(lake_fs, f"{base}.parquet") as local:
+            try:
+                rows = _Reader(src_fs, o, dc, personal, key).copy(local, local_pk)
+            except ObjectBad:
+                raise
+            except Exception as exc:
+                if type(exc).__name__ == "FileExpired":
+                    raise ObjectBad(
+                        [Problem("changed while being read (its ETag changed)")]
+                    ) from None
+                if is_connection_error(exc) or isinstance(exc, PermissionError):
+                    raise storage_error(
+                        f"data space object {o.url}", exc, options_of(src_fs)
+                    ) from None
+                raise ObjectBad([Problem(f"cannot be read ({short(exc)})")]) from None
+            why = _changed(o, stat_object(src_fs, o))
+            if why:
+                raise ObjectBad([Problem(why)])
+            digest = sha256_file(local)
+        committed.append(f"{base}.parquet")
+        out.record = ObjectRecord(
+            key=o.key, etag=o.etag, version_id=o.version_id, identity=o.identity(),
+            size=o.size, rows=rows,
+            lake_path=f"{objects_root_url}/{address}.parquet", lake_sha256=digest,
+            format=dc.format, address=address, decision=decision, pseudonymised=personal,
+        )  # fmt: skip
+        write_json_atomic(lake_fs, f"{base}.json", out.record.model_dump(mode="json"))
+        out.pk_local = local_pk
+        local_pk = ""
+    except ObjectBad as bad:
+        remove_quietly(lake_fs, committed)
+        out.problems = bad.problems
+    except AifError:
+        remove_quietly(lake_fs, committed)
+        raise
+    except Exception as exc:
+        remove_quietly(lake_fs, committed)
+        raise storage_error(
+            f"lake {objects_root_url}/{address}", exc, storage_options_lake
+        ) from None
+    finally:
+        if local_pk:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(local_pk)
+    return out
+
+
+def _bad_line(o: SourceObject, problems: list[Problem]) -> str:
+    return f"object {o.url}: " + "; ".join(str(p) for p in problems)
+
+
+def _strict_error(dataset: str, bad: list[_Outcome], total: int) -> DataError:
+    lines = [_bad_line(b.obj, b.problems) for b in bad]
+    if len(lines) == 1:
+        return DataError(f"ingest {dataset}: {lines[0]}")
+    return DataError(
+        f"ingest {dataset}: {len(lines)} of {total} objects break the contract: "
+        + " | ".join(lines)
+    )
+
+
+# -- the snapshot ----------------------------------------------------------------------
+def ingest(
+    source_url: str,
+    lake_url: str,
+    dataset: str,
+    storage_options_source: dict[str, Any] | None,
+    storage_options_lake: dict[str, Any] | None,
+    startup: str | IngestOptions,
+    progress: Progress | None = None,
+) -> DataSnapshot:
+    """Snapshot ``dataset`` at ``source_url`` into the lake; return its committed manifest.
+
+    ``startup`` is a start-up id (defaults for everything else) or full IngestOptions.
+    Raises PolicyError (refused), DataError (bad objects, strict), StorageError.
+    """
+    opts = startup if isinstance(startup, IngestOptions) else IngestOptions(startup=startup)
+    say = progress or (lambda _m: None)
+    t0 = time.monotonic()
+    entry = opts.entry or catalog_at().get(dataset)
+    dc: DatasetContract = entry.contract()
+
+    decision = evaluate(entry, opts.startup, opts.purpose, opts.declared_purposes, opts.today)
+    if opts.on_decision:
+        opts.on_decision(decision)
+    enforce(decision)
+    say(decision.line())
+    personal = list(entry.policy.personal_data)
+    pseudo = "none"
+    if personal:
+        if not opts.pseudonymisation_key:
+            raise PolicyError(
+                f"ingest {dataset}: personal-data columns {', '.join(personal)} must be "
+                "pseudonymised, and no pseudonymisation key is configured"
+            )
+        pseudo = f"hmac-sha256:{key_fingerprint(opts.pseudonymisation_key)}:{','.join(personal)}"
+
+    objs = list_objects(source_url, storage_options_source, "data space",
+                        extension=EXTENSIONS[dc.format])  # fmt: skip
+    salt = f"startup:{opts.startup}|purpose:{opts.purpose}|pseudo:{pseudo}"
+    sid = snapshot_id(dataset, objs, dc, salt)
+    root_url = snapshot_url(lake_url, dataset, sid)
+    lake_fs, _ = check_store(lake_url, storage_options_lake, "lake")
+    _, root = filesystem(root_url, storage_options_lake)
+    manifest_path = f"{root}/manifest.json"
+    try:
+        committed = exists(lake_fs, manifest_path)
+    except Exception as exc:
+        raise storage_error(f"lake {lake_url}", exc, storage_options_lake) from None
+    if committed:
+        snap = load_snapshot(lake_url, dataset, sid, storage_options_lake)
+        if snap.quarantined and not opts.quarantine:
+            raise DataError(
+                f"ingest {dataset}: snapshot {sid} of this listing has "
+                f"{len(snap.quarantined)} quarantined object(s) (strict mode refuses it): "
+                + " | ".join(f"object {q.key}: {q.reason}" for q in snap.quarantined)
+            )
+        say(f"snapshot {sid} is already committed: nothing changed, no object read")
+        return snap.model_copy(
+            update={
+                "reused": True,
+                "bytes_read": 0,
+                "objects_read": [],
+                "policy": decision.as_dict(),
+            }
+        )
+
+    obj_root_url = objects_url(lake_url, dataset)
+    _, obj_root = filesystem(obj_root_url, storage_options_lake)
+    src_fs, _ = filesystem(source_url.split("*")[0], storage_options_source)
+    addresses = {o.key: object_address(o, dc, pseudo) for o in objs}
+    outcomes: dict[str, _Outcome] = {}
+    to_read: list[SourceObject] = []
+    try:  # one listing of the lake's objects, not one request per object
+        committed_objs = _listed_names(lake_fs, obj_root)
+    except Exception as exc:
+        raise storage_error(f"lake {obj_root_url}", exc, storage_options_lake) from None
+    for o in objs:
+        rec_path = f"{obj_root}/{addresses[o.key]}.json"
+        try:
+            known = f"{addresses[o.key]}.json" in committed_objs
+            data = read_json(lake_fs, rec_path) if known else None
+        except Exception as exc:
+            raise storage_error(f"lake {obj_root_url}", exc, storage_options_lake) from None
+        if data is not None:
+            outcomes[o.key] = _Outcome(obj=o, record=ObjectRecord.model_validate(data))
+        else:
+            to_read.append(o)
+    reused = len(objs) - len(to_read)
+    total_bytes = sum(o.size for o in to_read)
+    say(
+        f"{len(objs)} objects listed: {reused} unchanged (reused, not read), "
+        f"{len(to_read)} to read ({total_bytes / 1e6:.1f} MB): snapshot {sid}"
+    )
+
+    done_lock = threading.Lock()
+    done = [0, 0]  # objects, bytes
+    t_read = time.monotonic()
+
+    def work(o: SourceObject) -> _Outcome:
+        res = _ingest_object(
+            o, addresses[o.key], src_fs, lake_fs, obj_root, obj_root_url, dc, personal,
+            opts.pseudonymisation_key, decision.rule, storage_options_lake,
+        )  # fmt: skip
+        with done_lock:
+            done[0] += 1
+            done[1] += o.size
+            rate = done[1] / 1e6 / max(time.monotonic() - t_read, 1e-6)
+            status = "bad" if res.problems else f"{res.record.rows if res.record else 0} rows"
+            say(f"[{done[0]}/{len(to_read)}] {o.key.rsplit('/', 1)[-1]}: {status} "
+                f"({done[1] / 1e6:.1f}/{total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s)")  # fmt: skip
+        return res
+
+    try:
+        workers = max(1, min(opts.workers, len(to_read)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aif-ingest") as pool:
+            results = pool.map(work, to_read) if workers > 1 else map(work, to_read)
+            for res in results:
+                outcomes[res.obj.key] = res
+        ordered = [outcomes[o.key] for o in objs]
+        good = [r for r in ordered if r.record is not None]
+        _check_across(good, lake_fs, dc, say)
+        bad = [r for r in ordered if r.problems]
+        if bad and not opts.quarantine:
+            raise _strict_error(dataset, bad, len(objs))
+        good = [r for r in ordered if r.record is not None and not r.problems]
+        if not good:
+            raise DataError(f"ingest {dataset}: every object is bad; nothing to commit: "
+                            + " | ".join(_bad_line(b.obj, b.problems) for b in bad))  # fmt: skip
+        records = [r.record for r in good if r.record is not None]
+        quarantined = [
+            QuarantineRecord(
+                key=b.obj.key,
+                etag=b.obj.etag,
+                size=b.obj.size,
+                reason="; ".join(str(p) for p in b.problems),
+                problems=[p.as_dict() for p in b.problems],
+            )
+            for b in bad
+        ]
+        read = [r for r in ordered if r.read]
+        snap = DataSnapshot(
+            snapshot_id=sid,
+            dataset=dataset,
+            data_space=entry.data_space,
+            title=entry.title,
+            publisher=entry.publisher,
+            license=entry.license,
+            format=dc.format,
+            source_url=source_url,
+            lake_url=root_url,
+            schema_fields=dc.schema_fields(),
+            primary_key=dc.primary_key,
+            contract_fingerprint=dc.fingerprint(),
+            objects=records,
+            rows=sum(r.rows for r in records),
+            bytes=sum(r.size for r in records),
+            startup=opts.startup,
+            purpose=opts.purpose,
+            policy=decision.as_dict(),
+            pseudonymisation=pseudo,
+            quarantined=quarantined,
+            objects_read=[r.obj.key for r in read],
+            bytes_read=sum(r.obj.size for r in read),
+            created_at=now_iso(),
+            duration_s=round(time.monotonic() - t0, 3),
+        )
+        try:
+            if quarantined:
+                write_json_atomic(
+                    lake_fs, f"{root}/quarantine.json",
+                    {"snapshot_id": sid, "dataset": dataset,
+                     "objects": [q.model_dump(mode="json") for q in quarantined]},
+                )  # fmt: skip
+            write_json_atomic(lake_fs, manifest_path, snap.model_dump(mode="json"))
+        except Exception as exc:
+            raise storage_error(
+                f"lake {root_url}/manifest.json", exc, storage_options_lake
+            ) from None
+    finally:
+        for p in [r.pk_local for r in outcomes.values() if r.pk_local]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    if quarantined:
+        say(f"quarantined {len(quarantined)} object(s): " + " | ".join(
+            f"{q.key}: {q.reason}" for q in quarantined))  # fmt: skip
+    say(f"snapshot {sid} committed: {snap.rows} rows in {len(records)} objects "
+        f"({len(read)} read, {reused} reused)")  # fmt: skip
+    return snap
+
+
+def _listed_names(fs: Any, folder: str) -> set[str]:
+    """Names of the files directly in ``folder`` (empty when it does not exist yet)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(folder)
+    try:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+        return {n for n in names if not is_staging(n)}
+    except FileNotFoundError:
+        return set()
+
+
+def _check_across(good: list[_Outcome], lake_fs: Any, dc: DatasetContract,
+                  say: Progress) -> None:  # fmt: skip
+    """Mark objects whose primary keys repeat keys of an earlier object as bad.
+
+    Key hashes of objects read by this run come from local files; those of reused objects
+    from their lake file's key column. Hash matches are confirmed on the values."""
+    if len(good) < 2:
+        return
+    pk = dc.primary_key
+
+    def keys_of(r: _Outcome) -> pa.ChunkedArray:
+        assert r.record is not None
+        with lake_fs.open(r.record.lake_path.split("://", 1)[-1], "rb") as fh:
+            return pq.read_table(fh, columns=[pk]).column(0)
+
+    def loader(r: _Outcome) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            if r.pk_local:
+                return np.fromfile(r.pk_local, dtype="<u8")
+            return key_hashes(keys_of(r))
+
+        return load
+
+    found = duplicates_across([loader(r) for r in good])
+    bad = 0
+    for idx, others in sorted(found.items()):
+        r = good[idx]
+        mine = keys_of(r)
+        mine_h = key_hashes(mine)
+        details = []
+        for o, hashes in sorted(others.items()):
+            cand = np.fromiter(hashes, dtype="<u8")
+            theirs = keys_of(good[o])
+            a = set(pa.array(mine).filter(pa.array(np.isin(mine_h, cand))).to_pylist())
+            b_keys = pa.array(theirs)
+            b = set(b_keys.filter(pa.array(np.isin(key_hashes(b_keys), cand))).to_pylist())
+            shared = sorted(a & b, key=str)
+            if shared:
+                eg = ", ".join(repr(v) for v in shared[:3])
+                details.append(f"{len(shared)} shared with {good[o].obj.url} (e.g. {eg})")
+        if details:
+            bad += 1
+            r.problems.append(
+                Problem("primary-key values already in an earlier object: " + "; ".join(details),
+                        pk, "unique (primary key)", "duplicates")
+            )  # fmt: skip
+    if bad:
+        say(f"{bad} object(s) repeat primary keys of earlier objects")
+
+
+def audit(lake_url: str, storage_options: dict[str, Any] | None, decision: Decision) -> str:
+    """Append a policy decision to the lake's audit trail (one small JSON object each)."""
+    fs, root = filesystem(lake_url, storage_options)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    name = f"{stamp}-{decision.startup}-{uuid.uuid4().hex[:8]}.json"
+    path = f"{root}/audit/policy/{decision.dataset}/{name}"
+    data = json.dumps({**decision.as_dict(), "recorded_at": now_iso()}, sort_keys=True)
+    atomic_write_bytes(fs, path, data.encode() + b"\n")
+    return path
+
+
+def load_snapshot(
+    lake_url: str, dataset: str, snapshot_id: str, storage_options: dict[str, Any] | None = None
+) -> DataSnapshot:
+    """The committed manifest of one snapshot; DataError if it was never committed."""
+    url = snapshot_url(lake_url, dataset, snapshot_id)
+    fs, root = filesystem(url, storage_options)
+    path = f"{root}/manifest.json"
+    try:
+        if not exists(fs, path):
+            raise DataError(
+                f"snapshot {snapshot_id} of {dataset}: no committed manifest at {url}/manifest.json"
+            )
+        data = read_json(fs, path)
+    except (DataError, StorageError):
+        raise
+    except Exception as exc:
+        raise storage_error(f"lake {url}/manifest.json", exc, storage_options) from None
+    try:
+        return DataSnapshot.model_validate(data)
+    except ValueError as exc:
+        raise DataError(
+            f"lake {url}/manifest.json: not a valid DataSnapshot ({short(exc)})"
+        ) from None
+
+
+def list_snapshots(
+    lake_url: str, dataset: str, storage_options: dict[str, Any] | None = None
+) -> list[DataSnapshot]:
+    """Committed snapshots of ``dataset`` (folders without a manifest are skipped), oldest
+    first."""
+    url = f"{lake_url.rstrip('/')}/snapshots/{dataset}"
+    fs, root = check_store(lake_url, storage_options, "lake")
+    _, root = filesystem(url, storage_options)
+    try:
+        if not exists(fs, root):
+            return []
+        entries = fs.ls(root, detail=False)
+    except Exception as exc:
+        raise storage_error(f"lake {url}", exc, storage_options) from None
+    out = []
+    for entry in sorted(entries):
+        sid = entry.rstrip("/").rsplit("/", 1)[-1]
+        if is_staging(sid):
+            continue
+        if exists(fs, f"{root}/{sid}/manifest.json"):
+            with contextlib.suppress(DataError):
+                out.append(load_snapshot(lake_url, dataset, sid, storage_options))
+    return sorted(out, key=lambda s: (s.created_at, s.snapshot_id))
+
+
+__all__ = ["IngestOptions", "PolicyError", "audit", "ingest", "list_snapshots", "load_snapshot"]
