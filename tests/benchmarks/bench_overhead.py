@@ -156,7 +156,9 @@ def plain(cfg: Any, src: str, lake: str, epochs: int, work: Path) -> tuple[dict[
     mlflow.set_experiment("plain-overhead-bench")
     (run / "feature_config.json").write_text(json.dumps(fcfg))
     with mlflow.start_run():
-        mlflow.log_metrics(json.loads((run / "metrics.json").read_text()))
+        metrics = json.loads((run / "metrics.json").read_text())
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                            if isinstance(v, int | float)})  # fmt: skip
         info = mlflow.pyfunc.log_model(
             name="model", python_model=TabularPyfunc(),
             artifacts={"model": str(run / "model.pt"),

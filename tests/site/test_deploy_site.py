@@ -144,14 +144,19 @@ def test_startup_b_nightly_trains_its_own_project(site_profile: Profile,
 def test_a_projects_deployment_pulls_its_pinned_commit(tmp_path: Path, site_profile: Profile,
                                                        deployed: Receiver) -> None:  # fmt: skip
     """`aif deploy --project` on a project in its own git repository (a local bare repository
-    stands in for the start-up's git server): a dirty tree is refused; the deployment pins
-    the commit checked out, so a later push does not change what the nightly trains."""
+    stands in for the start-up's git server), with its own flows/ and tasks/ folders as a
+    Prefect project has: a dirty tree is refused; the deployment pins the commit checked
+    out, so a later push does not change what the nightly trains; the worker runs it end to
+    end on the site without importing the project's folders for ours."""
     import subprocess
 
     from mlflow.tracking import MlflowClient
 
     proj, bare = tmp_path / "crop site", tmp_path / "server" / "crop.git"
     assert aif("init", "crop-site", "--dir", str(proj)).returncode == 0
+    for own in ("flows", "tasks"):  # a Prefect project's folders must not shadow ours
+        (proj / own).mkdir()
+        (proj / own / "__init__.py").write_text("raise ImportError('the project\\'s own')\n")
 
     def git(*args: str, cwd: Path = proj) -> str:
         who = ["-c", "user.name=B", "-c", "user.email=b@example.org"]
