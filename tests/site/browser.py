@@ -165,9 +165,12 @@ def check_prefect_ui(
             if not badges:
                 return None
             m = STATE_CLASS.search(badges[0].get_attribute("class") or "")
-            state = (m.group(1) if m else "", badges[0].text.strip())
+            # .text is only the visible text: empty while the badge is still being laid out
+            # (seen under load); textContent is there as soon as it is rendered.
+            name = (badges[0].text or badges[0].get_attribute("textContent") or "").strip()
+            state = (m.group(1) if m else "", name)
             last_state[0] = state[1]
-            return state if state[0] in TERMINAL_STATES else None
+            return state if state[0] in TERMINAL_STATES and name else None
 
         last_state = ["(no state badge)"]
         url = f"{base}/runs/flow-run/{flow_run_id}"
