@@ -191,6 +191,13 @@ def test_promote_and_rollback(home: Path) -> None:
         str(client.get_model_version_by_alias("mobility-trip-duration", "champion").version) == "1"
     )
 
+    # Version 1's inputs again: nothing registered, and no alias moves (candidate stays 2).
+    again = _run(home, "--rows", "20000", "--epochs", "2")
+    assert again.returncode == 0 and "Nothing changed" in again.stdout, again.stderr[-2000:]
+    assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
+    aliases = client.get_registered_model("mobility-trip-duration").aliases
+    assert str(aliases["candidate"]) == "2" and str(aliases["champion"]) == "1", aliases
+
 
 def test_changed_feature_config_reruns_from_preprocess(home: Path) -> None:
     split = '{"train": 70, "val": 15, "test": 15}'

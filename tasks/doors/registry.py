@@ -109,7 +109,10 @@ def register_model(
     if existing:
         mv = sorted(existing, key=lambda v: int(v.version))[0]
         log(f"model already registered as {model_name} version {mv.version} (fingerprint {fp})")
-        client.set_registered_model_alias(model_name, "candidate", mv.version)
+        # Registering nothing moves no alias; only a registration cut off before it set the
+        # alias (the model has none) gets it here.
+        if "candidate" not in (client.get_registered_model(model_name).aliases or {}):
+            client.set_registered_model_alias(model_name, "candidate", mv.version)
         return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
 
     exp_id = _experiment_id(client, experiment, artifact_location)
