@@ -76,13 +76,22 @@ def _project(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str
     return str(path), startup, over
 
 
+def _project_and_flags(
+    args: argparse.Namespace,
+) -> tuple[str | None, str | None, dict[str, Any], dict[str, Any]]:
+    """(project file, its start-up, its overrides, the flags' overrides): a project's own
+    trainer reads --epochs as its job.config's."""
+    overrides = _overrides(args)
+    project, own_startup, project_over = _project(args)
+    if "training.script" in project_over and "training.epochs" in overrides:
+        overrides["training.config.epochs"] = overrides.pop("training.epochs")
+    return project, own_startup, project_over, overrides
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from aifactory.tasks.core.config import load_profile
 
-    overrides = _overrides(args)
-    project, own_startup, project_over = _project(args)
-    if "training.script" in project_over and "training.epochs" in overrides:  # job.config
-        overrides["training.config.epochs"] = overrides.pop("training.epochs")
+    project, own_startup, project_over, overrides = _project_and_flags(args)
     cfg = load_profile(args.profile, {**project_over, **overrides})
     sid, st = cfg.startup(args.startup or own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
@@ -302,11 +311,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from aifactory.tasks.jobs.admission import admit_declaration
     from aifactory.tasks.stages.sweep import grid_trials, parse_value, random_trials
 
-    overrides = _overrides(args)
-    _, own_startup, project_over = _project(args)
-    if "training.script" in project_over and "training.epochs" in overrides:  # job.config
-        overrides["training.config.epochs"] = overrides.pop("training.epochs")
-    overrides = {**project_over, **overrides}
+    _, own_startup, project_over, flags = _project_and_flags(args)
+    overrides = {**project_over, **flags}
     cfg = load_profile(args.profile or "site", overrides)
     sid, st = cfg.startup(args.startup or own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6)

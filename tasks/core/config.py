@@ -495,13 +495,10 @@ DEFAULT_PROJECT = Path(__file__).resolve().parents[2] / "examples" / "mobility-t
 def default_features() -> dict[str, Any]:
     """The bundled mobility project's features section (its function's file made absolute):
     what a profile that names no feature function trains on."""
-    path = DEFAULT_PROJECT / "aifactory.yaml"
-    try:
-        section = dict(yaml.safe_load(path.read_text())["features"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"the bundled default project {path} is unreadable: {exc}") from None
-    file, name = str(section["function"]).rsplit(":", 1)
-    section["function"] = f"{DEFAULT_PROJECT / file}:{name}"
+    from aifactory.tasks.core.project import PROJECT_FILE, abs_ref, load_project
+
+    section = dict(load_project(DEFAULT_PROJECT / PROJECT_FILE).features)
+    section["function"] = abs_ref(section["function"], DEFAULT_PROJECT)
     return section
 
 

@@ -140,7 +140,7 @@ def load_project(path: str | os.PathLike[str]) -> Project:
         raise ConfigError(fmt_validation(err, f"project {path}", Project, most=3)) from None
 
 
-def _abs_ref(ref: str | None, root: Path) -> str | None:
+def abs_ref(ref: str | None, root: Path) -> str | None:
     if ref and ".py:" in ref:
         file, name = ref.rsplit(":", 1)
         return f"{(root / file).resolve()}:{name}"
@@ -156,15 +156,15 @@ def project_overrides(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]
     proj, root = load_project(path), path.parent
     feats = dict(proj.features)
     if isinstance(feats.get("function"), str):
-        feats["function"] = _abs_ref(feats["function"], root)
+        feats["function"] = abs_ref(feats["function"], root)
     out: dict[str, Any] = {
         "dataspace.dataset": proj.data.dataset,
         "features": feats,
         **_trainer(proj, path, root),
         "mlflow.model_name": proj.model.name,
         "mlflow.flavour": proj.model.flavour,
-        "mlflow.model_class": _abs_ref(proj.model.model_class, root),
-        "mlflow.python_model": _abs_ref(proj.model.python_model, root),
+        "mlflow.model_class": abs_ref(proj.model.model_class, root),
+        "mlflow.python_model": abs_ref(proj.model.python_model, root),
         "promotion.metric": proj.model.metric,
         "promotion.higher_is_better": proj.model.higher_is_better,
         "promotion.margin": proj.model.margin,

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.parse
@@ -188,18 +187,14 @@ def _tabular_artifacts(trained: TrainedModel, feature_config: dict[str, Any],
     project's file, that project's code (its folder's sources, named relative to it): the
     registered model featurises raw rows wherever it is loaded."""
     from aifactory.tasks.models.flavours import relative_ref
-    from aifactory.tasks.stages.training import project_files
+    from aifactory.tasks.stages.training import copy_project_code
 
     fc = dict(feature_config)
     out = {"model": trained.model_path}
     file = str(fc.get("function", "")).rpartition(":")[0]
     if file.endswith(".py") and os.path.isfile(file):
-        root, code = Path(file).resolve().parent, tmp / "code"
-        for p in project_files(file):
-            (code / p.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, code / p.relative_to(root))
-        fc["function"] = relative_ref(fc["function"], root)
-        out["code"] = str(code)
+        out["code"] = str(copy_project_code(file, tmp))
+        fc["function"] = relative_ref(fc["function"], Path(file).resolve().parent)
     path = tmp / "feature_config.json"
     path.write_text(json.dumps(fc, sort_keys=True, indent=2))
     out["feature_config"] = str(path)

@@ -138,11 +138,15 @@ class SlurmExecutor:
     describe: str = ""
     kind: str = "slurm"
 
-    def run(self, req: JobRequest) -> JobResult:
+    def _admit(self, req: JobRequest, what: str) -> None:
+        """Admission before a first submission (a live job of this name is reattached to)."""
         if req.admit is not None and not self.slurm.jobs_named(req.name):
             req.log(req.admit())  # refuses (AdmissionError) before anything is submitted
         if self.describe:
-            req.log(f"Slurm job {req.name}: {self.describe}, script {req.script_path}")
+            req.log(f"Slurm {what} {req.name}: {self.describe}, script {req.script_path}")
+
+    def run(self, req: JobRequest) -> JobResult:
+        self._admit(req, "job")
         job_ids: list[str] = []
         _, sacct = submit_and_watch(self.slurm, str(req.script_path), str(req.run_dir), req.name,
                                     req.log, self.poll_seconds, req.cancel_event,
@@ -152,10 +156,7 @@ class SlurmExecutor:
 
     def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult:
         """One ``sbatch --array`` for the ``n`` tasks (or a live array of the same name)."""
-        if req.admit is not None and not self.slurm.jobs_named(req.name):
-            req.log(req.admit())
-        if self.describe:
-            req.log(f"Slurm job array {req.name}: {self.describe}, script {req.script_path}")
+        self._admit(req, "job array")
         job_ids: list[str] = []
         tasks = watch_array(self.slurm, str(req.script_path), req.name, n, max_parallel, req.log,
                             self.poll_seconds, req.cancel_event, self.max_resubmits,
@@ -217,7 +218,6 @@ def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **env}, cwd=run_dir,
         )  # fmt: skip
-        stopper = None
         if cancel_event is not None:
 
             def _stop() -> None:  # ends with the process
@@ -227,8 +227,7 @@ def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
                             proc.send_signal(signal.SIGTERM)
                         return
 
-            stopper = threading.Thread(target=_stop, daemon=True)
-            stopper.start()
+            threading.Thread(target=_stop, daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -30,10 +30,11 @@ def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> F
     return FeatureSet.model_validate(read_json(fs, path))
 
 
-def plan(snapshot: DataSnapshot, config: dict[str, Any] | None = None) -> tuple[str, dict]:
+def plan(snapshot: DataSnapshot, config: dict[str, Any]) -> tuple[str, dict]:
+    """(feature set id, config) for a resolved features section (features.resolve_config)."""
     from aifactory.tasks.core.provenance import code_hash
 
-    cfg = json.loads(json.dumps(F.resolve_config(config)))
+    cfg = json.loads(json.dumps(config))
     code = code_hash("preprocess") + ":" + F.function_source_hash(cfg["function"])  # and theirs
     keyed = {**cfg, "function": F.portable_ref(cfg["function"])}  # not where the project lies
     return F.featureset_id(snapshot.content_hash(), keyed, code), cfg

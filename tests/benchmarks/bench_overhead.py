@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_site_run import last_stages  # this folder is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[2]
 AIF = str(Path(sys.executable).with_name("aif"))
 
@@ -224,9 +226,7 @@ def main() -> int:
                                    Path(tempfile.mkdtemp(prefix="aif-plain-")))  # fmt: skip
     plain_total = sum(plain_times.values())
     aif_total, aif_uri = aif_run(env, a.epochs)
-    records = sorted(Path(home, "site", "runs", "pipeline").glob("*.json"),
-                     key=lambda q: q.stat().st_mtime)  # fmt: skip
-    stages = json.loads(records[-1].read_text())["stage_seconds"] if records else {}
+    stages = last_stages(home)
     print(f"mobility example, {a.rows:,} trips, {a.epochs} epochs, cold")
     print(f"  plain script  : {plain_total:7.1f} s -> {plain_uri}")
     print(f"  aif run (site): {aif_total:7.1f} s -> {aif_uri}")

@@ -38,6 +38,13 @@ def run(env: dict[str, str], args: list[str]) -> tuple[float, str]:
     return wall, f"{lines[-1]}  ({summary})"
 
 
+def last_stages(home: str) -> dict[str, float]:
+    """Seconds per stage of the latest pipeline run under the site profile's AIF_HOME."""
+    records = sorted(Path(home, "site", "runs", "pipeline").glob("*.json"),
+                     key=lambda q: q.stat().st_mtime)  # fmt: skip
+    return json.loads(records[-1].read_text())["stage_seconds"] if records else {}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=200_000)
@@ -54,9 +61,7 @@ def main() -> int:
         run(env, ["--dry-run"])  # validate the profile before the long run
     cold, uri1 = run(env, args)
     warm, uri2 = run(env, args)
-    records = sorted(Path(home, "site", "runs", "pipeline").glob("*.json"),
-                     key=lambda q: q.stat().st_mtime)  # fmt: skip
-    stages = json.loads(records[-1].read_text())["stage_seconds"] if records else {}
+    stages = last_stages(home)
     print(f"aif run --profile site ({a.rows:,} trips, {a.epochs} epochs)")
     print(f"  cold run : {cold:7.1f} s  -> {uri1}")
     print(f"  re-run   : {warm:7.1f} s  -> {uri2}")
