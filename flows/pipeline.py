@@ -181,10 +181,8 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         and (trained.executor == "slurm" or cfg.dask.kind == "slurm")
         and not (trained.reused and fset.reused)
     ):
-        from aifactory.tasks.doors.slurm import SlurmClient
-
         try:
-            cpu_h, gpu_h, states = job_hours(SlurmClient(env=cfg.child_env()), jobs)
+            cpu_h, gpu_h, states = job_hours(cfg.slurm_client(), jobs)
         except Exception as exc:  # the summary never fails the run
             states = {"sacct": f"unavailable: {exc}"}
     cost = gpu_h * HPC_GPU_RATE + cpu_h * HPC_CPU_RATE

@@ -24,7 +24,6 @@ from aifactory.tasks.doors.runtime import (
     md_table,
     stage_logger,
 )
-from aifactory.tasks.doors.slurm import SlurmClient
 from aifactory.tasks.stages.features import resolve_config
 from aifactory.tasks.stages.preprocess import load_cached, plan, run_preprocess
 
@@ -42,7 +41,7 @@ def featurise(
     _, st = cfg.startup(startup)
     lake = cfg.lake_url_for(startup)
     say = stage_logger("preprocess")
-    slurm = SlurmClient(env=cfg.child_env()) if cfg.dask.kind == "slurm" else None
+    slurm = cfg.slurm_client() if cfg.dask.kind == "slurm" else None
     job_name = f"aif-dask-{key_of(fs_id, st.account)[:10]}"
     log_dir = str(Path(cfg.runs_dir) / "dask" / fs_id)
     # Cancelling the run in the UI stops the partitions and gives back every worker job.

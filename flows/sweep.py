@@ -21,7 +21,6 @@ from aifactory.tasks.doors.runtime import (
     cancellation_watch,
     stage_logger,
 )
-from aifactory.tasks.doors.slurm import SlurmClient
 from aifactory.tasks.jobs.executors import executor_for
 
 
@@ -35,7 +34,7 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
     spec = cfg.training
-    slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
+    slurm = cfg.slurm_client() if spec.executor == "slurm" else None
     executor = executor_for(spec.executor, slurm, poll_seconds=spec.poll_seconds,
                             max_resubmits=spec.max_resubmits,
                             describe=f"account {st.account}, partition {spec.partition}, "

@@ -22,7 +22,6 @@ from aifactory.tasks.doors.runtime import (
     md_table,
     stage_logger,
 )
-from aifactory.tasks.doors.slurm import SlurmClient
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
@@ -40,7 +39,7 @@ def train_task(
         st.account, code_hash("train"),
         *([project_code_hash(spec.script), cfg.mlflow.flavour] if spec.script else []),
     )  # fmt: skip
-    slurm = SlurmClient(env=cfg.child_env()) if spec.executor == "slurm" else None
+    slurm = cfg.slurm_client() if spec.executor == "slurm" else None
     say = stage_logger("train")
     # Cancelling the run in the UI scancels the training job (within a few seconds).
     with cancellation_watch(threading.Event(), log=say) as cancel:

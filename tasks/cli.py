@@ -214,14 +214,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.doors.slurm import SlurmClient
     from aifactory.tasks.jobs.usage import collect, owners, priced_rows
 
     cfg = load_profile(args.profile)
     # The project of each account comes from the profile's start-ups.
     who_owns = owners(dict([cfg.startup(args.startup)]) if args.startup else cfg.startups)
     accounts = list(who_owns) if args.startup else None
-    usages = collect(SlurmClient(env=cfg.child_env()), args.since, accounts)
+    usages = collect(cfg.slurm_client(), args.since, accounts)
     rows = priced_rows(usages, args.gpu_rate, args.cpu_rate, args.cloud_gpu_rate, who_owns)
     cols = ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur",
             "cloud_gpu_cost_eur"]  # fmt: skip

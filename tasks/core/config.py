@@ -7,6 +7,8 @@ that Slurm jobs and Dask workers see the same paths as the flow.
 
 Precedence, lowest first: profile file < ``AIF_<SECTION>__<KEY>`` environment variables
 < explicit overrides (CLI flags). The resolved config is saved in every run manifest.
+A start-up's tenancy (``startups``: account, prefix, partitions, QoS, ...) comes only from
+the file: an override of it is refused (TenancyError, ``isolation.overrides``).
 """
 
 from __future__ import annotations
@@ -278,6 +280,9 @@ class PrefectSpec(_Model):
 class SlurmSpec(_Model):
     conf: str | None = None  # SLURM_CONF for every Slurm command; None: the site default
     bin_dir: str | None = None
+    # Environment variables jobs get besides the base set (tasks/doors/slurm.py: JOB_ENV)
+    # and the object store's: names only, values from the submitting environment.
+    export: list[str] = Field(default_factory=list)
 
 
 class Declaration(_Model):
@@ -396,6 +401,13 @@ class Profile(_Model):
         if self.slurm.conf:
             env["SLURM_CONF"] = self.slurm.conf
         return env
+
+    def slurm_client(self) -> Any:
+        """The Slurm door of this profile: its SLURM_CONF, object store and job exports."""
+        from aifactory.tasks.doors.slurm import SlurmClient
+
+        return SlurmClient(env=self.child_env(), bin_dir=self.slurm.bin_dir,
+                           export=tuple(self.slurm.export))  # fmt: skip
 
     def dataset_entry(self, dataset: str | None = None) -> Any:
         """The catalog entry of ``dataset`` (default: dataspace.dataset)."""
@@ -576,6 +588,45 @@ def _hyphenated_ids(over: dict[str, Any], data: dict[str, Any]) -> dict[str, Any
     return over
 
 
+def _tenancy_overrides(env: dict[str, str], overrides: dict[str, Any] | None,
+                       data: dict[str, Any]) -> list[tuple[str, str]]:  # fmt: skip
+    """(variable or override, ``startups.<id>.<key>``) of every ``AIF_STARTUPS__…`` variable
+    and ``startups…`` override that would change a start-up's tenancy: any key but
+    tenancy.RUN_OVERRIDABLE's, a start-up the file does not have, or a whole start-up or
+    ``startups`` section. Tenancy comes only from the profile file (tasks/core/tenancy.py)."""
+    from aifactory.tasks.core.tenancy import RUN_OVERRIDABLE
+
+    startups = data.get("startups")
+    known: dict[str, Any] = startups if isinstance(startups, dict) else {}
+    sources: list[tuple[str, list[str], Any]] = []
+    for name, raw in sorted(env.items()):
+        path = [p.lower() for p in name[len("AIF_") :].split("__")]
+        if name.startswith("AIF_") and "__" in name and path[0] == "startups":
+            sources.append((name, path, yaml.safe_load(raw) if raw != "" else None))
+    for dotted, value in (overrides or {}).items():
+        if dotted.split(".")[0] == "startups" and value is not None:
+            sources.append((f"override {dotted}", dotted.split("."), value))
+    found = []
+    for where, path, value in sources:
+        for leaf in _leaves(value, path):
+            sid = leaf[1] if len(leaf) > 1 else ""
+            if where.startswith("AIF_") and sid not in known and sid.replace("_", "-") in known:
+                sid = sid.replace("_", "-")  # as _hyphenated_ids reads it
+            if len(leaf) < 3 or sid not in known or leaf[2] not in RUN_OVERRIDABLE:
+                key = ["startups", sid, *leaf[2:3]] if len(leaf) > 1 else ["startups"]
+                found.append((where, ".".join(key)))
+    return found
+
+
+def _leaves(value: Any, path: list[str]) -> Iterator[list[str]]:
+    """The dotted paths an override sets: ``path``, or each leaf of a mapping under it."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(v, [*path, str(k)])
+    elif not isinstance(value, dict):
+        yield path
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -704,6 +755,7 @@ def load_profile(
         raise ConfigError(f"profile {path}: top level must be a mapping, got {type(raw).__name__}")
     data = _interpolate(raw, env, path.name)
     file_lake = {"lake": {"url": (data.get("lake") or {}).get("url")}}
+    tenancy = _tenancy_overrides(env, overrides, data)
     _merge(data, _hyphenated_ids(_env_overrides(env), data))
     for dotted, value in (overrides or {}).items():
         if dotted in REPLACED_SECTIONS and value is not None:  # a project's own, whole
@@ -721,7 +773,15 @@ def load_profile(
     try:
         prof = Profile.model_validate(data)
     except ValidationError as err:
+        if tenancy:  # a run's overrides of tenancy: refused whatever else is wrong
+            from aifactory.tasks.core.tenancy import refuse_overrides
+
+            raise refuse_overrides(None, tenancy, str(path)) from None
         raise ConfigError(fmt_validation(err, f"profile {path}")) from None
+    if tenancy:
+        from aifactory.tasks.core.tenancy import refuse_overrides
+
+        raise refuse_overrides(prof, tenancy, str(path))
     url = file_lake["lake"]["url"]
     prof._file_lake_url = url if isinstance(url, str) else None
     return prof

@@ -89,6 +89,17 @@ class DataSnapshot(_Manifest):
     duration_s: float = 0.0
     reused: bool = False  # True when a run found it already committed (a cache hit)
 
+    def data_hash(self) -> str:
+        """What the snapshot holds, not where its lake lies: the content hash without the
+        lake URL and the lake paths of its objects (their content hashes stay). Two lakes
+        with the same snapshot give the same feature set id, and so the same fingerprint."""
+        data = self.canonical()
+        data.pop("lake_url", None)
+        data["objects"] = [{k: v for k, v in o.items() if k != "lake_path"}
+                           for o in data.get("objects", [])]  # fmt: skip
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
 
 class SplitFiles(BaseModel):
     files: list[str]

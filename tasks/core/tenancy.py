@@ -13,13 +13,30 @@ rule, TenancyError, exit 6):
     prefix, or a plain folder above one (listing it would list theirs). Another start-up's
     prefix is guarded under the lake URL in force, the profile file's lake URL and the
     bucket of each (so an override cannot move the lake into it).
+    URLs are compared as the places fsspec would read, not as text (``_locations``): the
+    last target of a chain (``simplecache::s3a://b/k``, ``zip://f::s3://b/a.zip``; every
+    target of a chain is checked), one family per store (``s3``/``s3a``/``s3n``,
+    ``gs``/``gcs``, ``az``/``abfs``/``abfss``/``adl``, ``file``/``local``/plain paths made
+    absolute, symlinks resolved), schemes and bucket names in any case, ``//``, ``.`` and
+    ``..`` collapsed (and, for object stores, also as written: S3 keeps them literally),
+    percent-decoded and query-stripped spellings too. An ``http(s)://`` URL may be the
+    object store's own endpoint (``http://127.0.0.1:9010/aif-lake/…``): it is checked as
+    path-style and virtual-hosted bucket URLs of every object store, whatever the host
+    (an alias of the endpoint is still the endpoint). Every other protocol is its own
+    store (``memory://aif-lake/startup-a`` is not the lake).
 ``isolation.account``
-    X's Slurm account is no other start-up's account (a profile, or an
-    ``AIF_STARTUPS__<ID>__ACCOUNT`` override, that gives two start-ups one account).
+    X's Slurm account is no other start-up's account (a profile that gives two start-ups
+    one account).
 ``isolation.partition`` / ``isolation.qos``
     The Slurm partitions and QoS a run would use (``training.partition``/``qos``,
     ``dask.partition``/``qos`` for Slurm workers) are among the start-up's allowed
     ``partitions`` and ``qos`` (when the profile lists them).
+``isolation.overrides``
+    Tenancy comes only from the profile file: a run's ``AIF_STARTUPS__…`` variable or
+    ``startups…`` override (``load_profile``'s ``overrides``) that would set a start-up's
+    account, prefix, partitions, QoS or any other key but ``RUN_OVERRIDABLE``, add a
+    start-up or replace one is refused when the profile is loaded (naming the breach it
+    would be, when it would be one).
 """
 
 from __future__ import annotations
@@ -29,33 +46,88 @@ import os
 import posixpath
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from aifactory.tasks.core.errors import TenancyError
 
 _GLOB = re.compile(r"[*?\[]")
-_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+# One family per store that fsspec reads under several protocol names.
+_FAMILIES = {"s3": "s3", "s3a": "s3", "s3n": "s3", "gs": "gs", "gcs": "gs", "az": "az",
+             "abfs": "az", "abfss": "az", "adl": "az", "file": "file", "local": "file",
+             "asynclocal": "file"}  # fmt: skip
+_OBJECT_STORES = ("s3", "gs", "az")
+_WEB = ("http", "https")
+# A bare word between '::' is a protocol to fsspec (``simplecache::s3://…``).
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*")
+# Start-up keys a run may override (admission, not isolation: the GPU-hour budget and the
+# declaration's approval); every other key under ``startups`` is tenancy.
+RUN_OVERRIDABLE = frozenset({"gpu_hours_budget", "budget_since", "declaration"})
+
+Location = tuple[str, tuple[str, ...]]
+
+
+def _targets(url: str) -> list[str]:
+    """The targets of an fsspec URL chain, outermost first; a bare word is ``word://``."""
+    if "::" not in url:
+        return [url]
+    return [b + "://" if _WORD.fullmatch(b) else b for b in url.split("::") if b]
+
+
+def _segments(rest: str) -> list[tuple[str, ...]]:
+    """``rest`` as written (no empty parts) and normalised (``.``, ``..`` resolved)."""
+    raw = tuple(p for p in rest.split("/") if p)
+    norm = tuple(p for p in posixpath.normpath("/" + rest).split("/") if p)
+    return list(dict.fromkeys([norm, raw]))
+
+
+def _spellings(target: str) -> list[Location]:
+    """(family, path parts) of one target of a chain, in every spelling a store may read."""
+    proto, sep, rest = target.partition("://")
+    if not sep or len(proto) < 2:  # a path, or file:/x, local:x as fsspec's local fs reads
+        proto, rest = "file", re.sub(r"^(file|local):(?!//)", "", target, flags=re.I)
+    proto = proto.lower()
+    family = _FAMILIES.get(proto, proto)
+    if family == "file":
+        path = os.path.abspath(os.path.expanduser(rest or "/"))
+        paths = dict.fromkeys([path, os.path.realpath(path), unquote(path)])
+        return [(family, tuple(p for p in q.split("/") if p)) for q in paths]
+    texts = dict.fromkeys([rest, unquote(rest), rest.split("?")[0], unquote(rest.split("?")[0])])
+    out: list[Location] = []
+    for text in texts:
+        for segs in _segments(text):
+            if family in _OBJECT_STORES and segs:  # bucket names know no case; az: c@account
+                b = segs[0].lower()
+                out += [(family, (x, *segs[1:])) for x in dict.fromkeys([b.split("@")[0], b])]
+            else:
+                out.append((family, segs))
+            if family in _WEB and segs:  # the object store's endpoint, any host spelling
+                host = segs[0].rpartition("@")[2].lower()
+                path_style = (segs[1].lower(), *segs[2:]) if len(segs) > 1 else ()
+                virtual = (host.split(".")[0].split(":")[0], *segs[1:])
+                out += [(store, s) for store in _OBJECT_STORES for s in (path_style, virtual)]
+    return list(dict.fromkeys(out))
+
+
+def _locations(url: str) -> list[Location]:
+    """Every place ``url`` may read: each target of its chain, in each spelling."""
+    out: list[Location] = []
+    for target in _targets(url.strip()) or [url]:
+        out += _spellings(target)
+    return list(dict.fromkeys(out))
 
 
 def _parts(url: str) -> tuple[str, list[str]]:
-    """('s3', ['aif-lake', 'startup-a']) for s3://aif-lake/startup-a; paths are file URLs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "file", os.path.abspath(url)
-    rest = posixpath.normpath("/" + rest)  # "a/../b" is "b": no climbing out of a check
-    return scheme.lower(), [p for p in rest.split("/") if p]
+    """('s3', ['aif-lake', 'startup-a']) for s3a://aif-lake/startup-a: the family and
+    normalised parts of the last target of a chain (what is read); paths are file URLs."""
+    family, segs = _spellings((_targets(url.strip()) or [url])[-1])[0]
+    return family, list(segs)
 
 
 def _prefix_parts(prefix: str) -> list[str]:
     return [p for p in prefix.split("/") if p]
 
 
-def reaches(url: str, area: str, listing: bool = False) -> bool:
-    """Whether ``url`` (a glob allowed) names something inside ``area``, or, with
-    ``listing``, is a plain folder above it (a recursive listing would reach it)."""
-    us, useg = _parts(url)
-    as_, aseg = _parts(area)
-    if us != as_:
-        return False
+def _reaches(useg: tuple[str, ...], aseg: tuple[str, ...], listing: bool) -> bool:
     for i, a in enumerate(aseg):
         if i >= len(useg):
             return listing and not any(_GLOB.search(s) for s in useg)
@@ -64,6 +136,18 @@ def reaches(url: str, area: str, listing: bool = False) -> bool:
         if not fnmatch.fnmatchcase(a, useg[i]):
             return False
     return True
+
+
+def reaches(url: str, area: str, listing: bool = False) -> bool:
+    """Whether ``url`` (a glob allowed) names something inside ``area``, or, with
+    ``listing``, is a plain folder above it (a recursive listing would reach it); in any
+    spelling of either (``_locations``)."""
+    areas = _locations(area)
+    return any(
+        uf == af and _reaches(useg, aseg, listing)
+        for uf, useg in _locations(url)
+        for af, aseg in areas
+    )
 
 
 def tenant_lake_url(lake_url: str, st: Any) -> str:
@@ -80,9 +164,9 @@ def _roots(cfg: Any) -> list[str]:
         if not url:
             continue
         out.append(url.rstrip("/"))
-        scheme, parts = _parts(url)
-        if scheme in _OBJECT_STORES and parts:
-            out.append(f"{scheme}://{parts[0]}")  # the bucket
+        family, parts = _parts(url)
+        if family in _OBJECT_STORES and parts:
+            out.append(f"{family}://{parts[0]}")  # the bucket
     return list(dict.fromkeys(out))
 
 
@@ -105,7 +189,14 @@ def _refuse_prefix(sid: str, area: str, owner: str, how: str) -> TenancyError:
 
 
 def check_isolation(cfg: Any, sid: str) -> None:
-    """The start-up's account and lake prefix are its own (raises TenancyError)."""
+    """The start-up's account, lake prefix, partitions and QoS are its own (raises
+    TenancyError)."""
+    _check_account_and_prefix(cfg, sid)
+    check_resources(cfg, sid)
+
+
+def _check_account_and_prefix(cfg: Any, sid: str) -> None:
+    """``isolation.account`` and ``isolation.s3_prefix`` of one start-up."""
     st = cfg.startups[sid]
     for other, o in sorted(cfg.startups.items()):
         if other != sid and o.account == st.account:
@@ -137,7 +228,6 @@ def check_isolation(cfg: Any, sid: str) -> None:
     for area, owner in foreign_areas(cfg, sid):
         if reaches(lake, area):
             raise _refuse_prefix(sid, area, owner, f"its lake would be {lake}")
-    check_resources(cfg, sid)
 
 
 def check_resources(cfg: Any, sid: str) -> None:
@@ -174,3 +264,24 @@ def check_run(cfg: Any, sid: str) -> None:
         check_dataspace_url(cfg, sid, cfg.dataspace.url, "dataspace.url")
     entry = cfg.dataset_entry()
     check_dataspace_url(cfg, sid, cfg.dataset_url(entry), f"data space of {entry.id}")
+
+
+def refuse_overrides(cfg: Any | None, found: list[tuple[str, str]], profile: str) -> TenancyError:
+    """The one-line refusal of a run's overrides of tenancy (``isolation.overrides``).
+
+    ``found``: (the variable or override, the key it sets, ``startups.<id>.<key>``);
+    ``cfg``: the profile with them applied (None if it does not validate). When they would
+    also breach ``isolation.account`` or ``isolation.s3_prefix``, that rule leads the line."""
+    where = ", ".join(dict.fromkeys(w for w, _ in found))
+    keys = ", ".join(dict.fromkeys(k for _, k in found))
+    why = (f"{where} may not change {keys}: a start-up's tenancy comes only from the profile "
+           f"file {profile}, never from a run's environment or overrides")  # fmt: skip
+    if cfg is not None:
+        ids = [k.split(".")[1] if "." in k else "" for _, k in found]  # "": all replaced
+        ids = [i for i in ids if i] + (sorted(cfg.startups) if "" in ids else [])
+        for sid in dict.fromkeys(i for i in ids if i in cfg.startups):
+            try:
+                _check_account_and_prefix(cfg, sid)
+            except TenancyError as err:
+                return TenancyError(f"{err}; besides, {why}")
+    return TenancyError(f"isolation.overrides: {why}")

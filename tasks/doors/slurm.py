@@ -13,8 +13,26 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from aifactory.tasks.core.errors import SlurmCommandError, SlurmError
+
+
+class SlurmUnreachable(SlurmCommandError):
+    """A Slurm daemon did not answer: ``part`` is "controller" (slurmctld, squeue failed)
+    or "accounting" (slurmdbd or its database, sacct failed). The jobs themselves go on."""
+
+    DAEMON: ClassVar[dict[str, str]] = {"controller": "slurmctld",
+                                        "accounting": "slurmdbd or its database"}  # fmt: skip
+
+    def __init__(self, part: str, exc: SlurmCommandError) -> None:
+        super().__init__(exc.cmd, exc.returncode, exc.stdout, exc.stderr)
+        self.part = part
+        said = (exc.stderr.strip() or exc.stdout.strip()).splitlines()
+        self.reason = f"{Path(exc.cmd[0]).name if exc.cmd else 'slurm'}: " + (
+            said[-1] if said else f"exit code {exc.returncode}")  # fmt: skip
+
 
 # States in which a job is still alive (squeue's long names).
 ACTIVE_STATES = {
@@ -35,13 +53,36 @@ SACCT_FIELDS = (
 )  # fmt: skip
 
 
+# What every job gets from the submitting environment besides SLURM_* (which Slurm always
+# passes) and the client's own ``env`` (object-store endpoint and keys, SLURM_CONF): what a
+# shell, Python and module-built software stacks need, never a secret.
+JOB_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+    "TERM", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "MODULEPATH", "MODULESHOME",
+)  # fmt: skip
+
+
 @dataclass
 class SlurmClient:
-    """Slurm commands with a fixed environment (SLURM_CONF, PATH) and timeouts."""
+    """Slurm commands with a fixed environment (SLURM_CONF, PATH) and timeouts.
+
+    Every ``sbatch`` gets ``--export=<names>``: a job sees only the variables in
+    :data:`JOB_ENV`, the client's ``env`` and ``export`` (a profile's ``slurm.export``), with
+    their values from the submitting environment, never the rest of it (sbatch's default,
+    ``--export=ALL``, copied every secret of the flow's process into every job, where a
+    start-up's own code could read it)."""
 
     env: Mapping[str, str] = field(default_factory=dict)
     bin_dir: str | None = None
     timeout: float = 60.0
+    export: Sequence[str] = ()
+
+    def export_option(self, environ: Mapping[str, str]) -> str:
+        """sbatch's ``--export`` for ``environ``: the allowed names that it sets (values
+        travel in sbatch's environment, never on its command line)."""
+        names = [n for n in dict.fromkeys([*JOB_ENV, *self.env, *self.export])
+                 if n in environ and not n.startswith("SLURM_")]  # fmt: skip
+        return "--export=" + ",".join(names or ["PATH"])
 
     def _exe(self, name: str) -> str:
         if self.bin_dir:
@@ -57,6 +98,8 @@ class SlurmClient:
                 "(for the local site: aif site up)"
             )
         env = {**os.environ, **self.env}
+        if cmd[0] == "sbatch" and not any(str(a).startswith("--export") for a in cmd):
+            argv.insert(1, self.export_option(env))
         try:
             proc = subprocess.run(
                 argv, capture_output=True, text=True, env=env, timeout=timeout or self.timeout
@@ -92,12 +135,21 @@ class SlurmClient:
         self.run([*args, *job_ids])
 
     # -- state --------------------------------------------------------------------------
-    def squeue_states(self, job_ids: Sequence[str]) -> dict[str, str]:
-        """Live jobs among ``job_ids`` and their states, in one squeue call (an array job's
-        tasks show under the array's id). Jobs squeue no longer knows are absent."""
+    def squeue_states(self, job_ids: Sequence[str], all_states: bool = False) -> dict[str, str]:
+        """Jobs among ``job_ids`` that the controller knows and their states, in one squeue
+        call (an array job's tasks show under the array's id). Jobs squeue no longer knows
+        are absent; ``all_states`` includes the ended jobs it still keeps (MinJobAge), so a
+        job's end is known even while the accounting is down. A controller that does not
+        answer raises :class:`SlurmUnreachable` (``part`` "controller")."""
         if not job_ids:
             return {}
-        out = self.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%A|%T"], check=False)
+        argv = ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%A|%T"]
+        try:
+            out = self.run([*argv, *(["-t", "all"] if all_states else [])])
+        except SlurmCommandError as exc:
+            if "invalid job id" in exc.stderr.lower():
+                return {}  # none of them is known any more
+            raise SlurmUnreachable("controller", exc) from None
         states: dict[str, str] = {}
         for line in out.splitlines():
             parts = line.strip().split("|")
@@ -109,9 +161,9 @@ class SlurmClient:
                     states.setdefault(jid, state)
         return states
 
-    def squeue_state(self, job_id: str) -> str | None:
+    def squeue_state(self, job_id: str, all_states: bool = False) -> str | None:
         """The job's state from squeue, or None when squeue no longer knows it."""
-        return self.squeue_states([job_id]).get(job_id)
+        return self.squeue_states([job_id], all_states).get(job_id)
 
     def sacct(
         self, fields: Sequence[str], *, jobs: Sequence[str] = (), args: Sequence[str] = (),
@@ -164,11 +216,16 @@ class SlurmClient:
         return found
 
     def state(self, job_id: str) -> str:
-        """squeue while known, then sacct; 'UNKNOWN' if neither knows the job yet."""
-        st = self.squeue_state(job_id)
+        """squeue while the controller knows the job (ended ones too), then sacct; 'UNKNOWN'
+        if neither knows it yet. Raises :class:`SlurmUnreachable` naming the part that did
+        not answer (the controller, or the accounting once the controller forgot the job)."""
+        st = self.squeue_state(job_id, all_states=True)
         if st:
             return st
-        rec = self.sacct_record(job_id)
+        try:
+            rec = self.sacct_record(job_id)
+        except SlurmCommandError as exc:
+            raise SlurmUnreachable("accounting", exc) from None
         return rec["State"] if rec else "UNKNOWN"
 
     def jobs_named(self, name: str) -> list[str]:
@@ -181,12 +238,11 @@ class SlurmClient:
         deadline = time.monotonic() + timeout
         left = list(job_ids)
         while left and time.monotonic() < deadline:
-            live = self.squeue_states(left)
+            try:
+                live = self.squeue_states(left)
+            except SlurmUnreachable:
+                live = dict.fromkeys(left, "UNKNOWN")  # not known to be gone
             left = [j for j in left if j in live]
             if left:
                 time.sleep(0.5)
         return left
-
-
-def client_for(env: Mapping[str, str], bin_dir: str | None = None) -> SlurmClient:
-    return SlurmClient(env=dict(env), bin_dir=bin_dir)

@@ -40,7 +40,13 @@ from typing import Protocol
 
 from aifactory.tasks.core.errors import TrainingError
 from aifactory.tasks.doors.slurm import SlurmClient
-from aifactory.tasks.jobs.slurm_watch import EXIT_REQUEUE, TAIL_LINES, submit_and_watch, watch_array
+from aifactory.tasks.jobs.slurm_watch import (
+    EXIT_REQUEUE,
+    TAIL_LINES,
+    job_record,
+    submit_and_watch,
+    watch_array,
+)
 
 LOCK_NAME = ".owner.lock"
 
@@ -58,6 +64,9 @@ class JobRequest:
     # An array's task i (run_array): its folder and the command run there (local executor;
     # on Slurm the script itself finds its task by SLURM_ARRAY_TASK_ID).
     task: Callable[[int], tuple[Path, Sequence[str]]] | None = None
+    # Told each Slurm job id as soon as it is submitted (or reattached to), so the run
+    # directory names its jobs even if the watcher dies before the job ends.
+    on_job: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -148,11 +157,21 @@ class SlurmExecutor:
     def run(self, req: JobRequest) -> JobResult:
         self._admit(req, "job")
         job_ids: list[str] = []
+
+        def on_job(job_id: str) -> None:
+            job_ids.append(job_id)
+            if req.on_job is not None:
+                req.on_job(job_id)
+
         _, sacct = submit_and_watch(self.slurm, str(req.script_path), str(req.run_dir), req.name,
                                     req.log, self.poll_seconds, req.cancel_event,
                                     max_resubmits=self.max_resubmits,
-                                    on_job=job_ids.append)  # fmt: skip
+                                    on_job=on_job)  # fmt: skip
         return JobResult(self.kind, job_ids, sacct)
+
+    def record(self, job_id: str, log: Callable[[str], None]) -> dict[str, str]:
+        """An ended job's sacct record (a run collected after its owner died)."""
+        return job_record(self.slurm, job_id, log)
 
     def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult:
         """One ``sbatch --array`` for the ``n`` tasks (or a live array of the same name)."""

@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aifactory.tasks.core.errors import SlurmCommandError, TrainingError
-from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient
+from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient, SlurmUnreachable
 
 TAIL_LINES = 8
 UNKNOWN_GRACE_S = 120.0
 SACCT_WAIT_S = 30.0
+OUTAGE_REPEAT_S = 30.0  # how often the watcher repeats that a Slurm daemon is unreachable
+OUTAGE_LIMIT_S = 1800.0  # after which it leaves the job to a re-run
 EXIT_REQUEUE = 99  # the payload checkpointed after SIGUSR1/SIGTERM
 # Endings after which the same script is submitted again (it resumes from its checkpoint):
 # the job ran out of time, was preempted, or its node failed. Out of memory, a failure
@@ -102,24 +104,76 @@ def failure_message(job_id: str, rec: Mapping[str, str], tail: str) -> str:
     return f"{where} ended {state} (exit code {code}){hint} after {elapsed}; log tail: {tail}"
 
 
-def _poll_state(client: SlurmClient, job_id: str, log: Callable[[str], None]) -> str:
-    """The job's state; a failing squeue/sacct (slurmdbd restarting) reads as UNKNOWN."""
+class _Outage:
+    """What the watcher says while a Slurm daemon does not answer: once when it starts,
+    every ``OUTAGE_REPEAT_S`` while it lasts (the job itself runs on), once when it ends;
+    after ``OUTAGE_LIMIT_S`` the watcher gives up, leaving the job to a re-run."""
+
+    def __init__(self, job_id: str, log: Callable[[str], None]) -> None:
+        self.job_id, self.log = job_id, log
+        self.part: str | None = None
+        self.since = self.said = 0.0
+        self.wall = ""
+
+    def ok(self) -> None:
+        if self.part is not None:
+            self.log(f"job {self.job_id}: Slurm's {self.part} answers again after "
+                     f"{time.monotonic() - self.since:.0f}s")  # fmt: skip
+            self.part = None
+
+    def down(self, exc: SlurmUnreachable, last_state: str | None) -> None:
+        now = time.monotonic()
+        daemon = SlurmUnreachable.DAEMON.get(exc.part, exc.part)
+        if self.part != exc.part:
+            self.part, self.since, self.said = exc.part, now, now
+            self.wall = time.strftime("%H:%M:%S")
+            seen = f"; last seen {last_state}" if last_state else ""
+            self.log(f"job {self.job_id}: Slurm's {exc.part} ({daemon}) is unreachable since "
+                     f"{self.wall}{seen}; waiting for it, the job itself runs on "
+                     f"({exc.reason[:200]})")  # fmt: skip
+        elif now - self.said >= OUTAGE_REPEAT_S:
+            self.said = now
+            self.log(f"job {self.job_id}: Slurm's {exc.part} still unreachable after "
+                     f"{now - self.since:.0f}s (since {self.wall}); waiting")  # fmt: skip
+        if now - self.since > OUTAGE_LIMIT_S:
+            raise TrainingError(
+                f"training job {self.job_id}: Slurm's {exc.part} ({daemon}) has not answered "
+                f"for {now - self.since:.0f}s (since {self.wall}); the job is left as it is: "
+                f"re-run when it is back, the run reattaches to it or collects it with its "
+                f"record (sacct -j {self.job_id})"
+            )
+
+
+def _poll_state(client: SlurmClient, job_id: str, outage: _Outage,
+                last_state: str | None) -> str:  # fmt: skip
+    """The job's state; while a Slurm daemon is unreachable, UNKNOWN (and said so)."""
     try:
-        return client.state(job_id)
-    except SlurmCommandError as exc:
-        log(f"job {job_id}: state query failed, will retry ({exc})")
+        state = client.state(job_id)
+    except SlurmUnreachable as exc:
+        outage.down(exc, last_state)
         return "UNKNOWN"
+    except SlurmCommandError as exc:
+        outage.log(f"job {job_id}: state query failed, will retry ({exc})")
+        return "UNKNOWN"
+    outage.ok()
+    return state
 
 
-def _final_record(client: SlurmClient, job_id: str) -> dict[str, str]:
+def _final_record(client: SlurmClient, job_id: str, outage: _Outage,
+                  state: str) -> dict[str, str]:  # fmt: skip
     """sacct lags the end of a job by a few seconds, and its first record can lack fields
-    (slurmdbd 22.05 fills Partition a second or two later): wait for a complete one."""
+    (slurmdbd 22.05 fills Partition a second or two later): wait for a complete one. While
+    the accounting does not answer (slurmdbd or its database down), wait for it, saying so:
+    a job's record is its lineage, never skipped."""
     deadline = time.monotonic() + SACCT_WAIT_S
     rec: dict[str, str] | None = None
     while True:
         try:
             rec = client.sacct_record(job_id)
-        except SlurmCommandError:
+            outage.ok()
+        except SlurmCommandError as exc:
+            outage.down(SlurmUnreachable("accounting", exc), state)
+            deadline = time.monotonic() + SACCT_WAIT_S
             rec = None
         if (
             rec
@@ -131,7 +185,12 @@ def _final_record(client: SlurmClient, job_id: str) -> dict[str, str]:
         if time.monotonic() >= deadline:
             break
         time.sleep(1.0)
-    return rec or {"JobID": job_id, "State": _poll_state(client, job_id, lambda _m: None)}
+    return rec or {"JobID": job_id, "State": state}
+
+
+def job_record(client: SlurmClient, job_id: str, log: Callable[[str], None]) -> dict[str, str]:
+    """An ended job's sacct record, waited for (and said so) while the accounting is down."""
+    return _final_record(client, job_id, _Outage(job_id, log), "UNKNOWN")
 
 
 def _script_option(script_path: str, name: str) -> str:
@@ -224,10 +283,13 @@ def _watch_one(
     last_state = None
     unknown_since: float | None = None
     cancelled = False
+    outage = _Outage(job_id, log)
     try:
         while True:
-            state = _poll_state(client, job_id, log)
-            if state == "UNKNOWN":
+            state = _poll_state(client, job_id, outage, last_state)
+            if state == "UNKNOWN" and outage.part is not None:
+                unknown_since = None  # a daemon is down: the job is not lost, wait for it
+            elif state == "UNKNOWN":
                 unknown_since = unknown_since or time.monotonic()
                 if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
                     raise TrainingError(
@@ -236,7 +298,7 @@ def _watch_one(
                     )
             else:
                 unknown_since = None
-            if state != last_state:
+            if state != last_state and state != "UNKNOWN":
                 if state == "RUNNING":
                     if ran and left:  # running again after it had stopped: a requeue
                         requeues += 1
@@ -256,7 +318,7 @@ def _watch_one(
                 cancelled = True
                 break
         if not cancelled:
-            rec = _final_record(client, job_id)
+            rec = _final_record(client, job_id, outage, state)
             if not rec.get("Partition"):
                 rec["Partition"] = _script_option(script_path, "partition")
             tail.poll()
@@ -302,7 +364,7 @@ def watch_array(
     if on_job:
         on_job(first)
     records: dict[int, dict[str, str]] = {}
-    unknown_since: float | None = None
+    outage = _Outage(f"array {first}", log)
     gone_since: float | None = None  # out of the queue, with tasks sacct has no end for yet
     last = ""
     try:
@@ -313,15 +375,11 @@ def watch_array(
                     for i, rec in client.array_records(job).items():
                         if owner.get(i) == job:
                             records[i] = rec
-                unknown_since = None
-            except SlurmCommandError as exc:
-                unknown_since = unknown_since or time.monotonic()
-                log(f"job array {first}: state query failed, will retry ({exc})")
-                if time.monotonic() - unknown_since > UNKNOWN_GRACE_S:
-                    raise TrainingError(
-                        f"job array {first}: squeue and sacct failed for {UNKNOWN_GRACE_S:.0f}s "
-                        f"(is slurmctld/slurmdbd up? sacct -j {first})"
-                    ) from None
+                outage.ok()
+            except SlurmCommandError as exc:  # the jobs run on: wait for the daemon, saying so
+                down = exc if isinstance(exc, SlurmUnreachable) else SlurmUnreachable(
+                    "accounting", exc)  # fmt: skip
+                outage.down(down, None)
                 queued = dict.fromkeys(jobs, "UNKNOWN")
             ended = {i for i, r in records.items() if r["State"] in TERMINAL_STATES}
             summary = f"job array {first}: {len(ended)}/{n} tasks ended"

@@ -37,7 +37,8 @@ def plan(snapshot: DataSnapshot, config: dict[str, Any]) -> tuple[str, dict]:
     cfg = json.loads(json.dumps(config))
     code = code_hash("preprocess") + ":" + F.function_source_hash(cfg["function"])  # and theirs
     keyed = {**cfg, "function": F.portable_ref(cfg["function"])}  # not where the project lies
-    return F.featureset_id(snapshot.content_hash(), keyed, code), cfg
+    # The snapshot's data, not its lake URL: the same data in another lake is the same set.
+    return F.featureset_id(snapshot.data_hash(), keyed, code), cfg
 
 
 def run_preprocess(

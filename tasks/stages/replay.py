@@ -159,7 +159,6 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     from aifactory.tasks.core.provenance import git_info, key_of
     from aifactory.tasks.doors.dask_cluster import drain_margin_s, open_cluster
     from aifactory.tasks.doors.registry import _check_reachable
-    from aifactory.tasks.doors.slurm import SlurmClient
     from aifactory.tasks.stages.ingest import load_snapshot
     from aifactory.tasks.stages.preprocess import run_preprocess
     from aifactory.tasks.stages.training import train
@@ -230,7 +229,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     _, st = rec.tenant(startup)
     replay_lake = f"{lake}/replay/{token}"
     dask_spec = DaskSpec.model_validate(recorded_cfg["dask"])
-    slurm = SlurmClient(env=rec.child_env()) if dask_spec.kind == "slurm" else None
+    slurm = rec.slurm_client() if dask_spec.kind == "slurm" else None
     dask_dir = f"{rec.runs_dir}/dask/replay-{token}"
     with open_cluster(dask_spec, account=st.account, job_name=f"aif-dask-replay-{token[-8:]}",
                       slurm=slurm, log=log, log_dir=dask_dir) as (dclient, info):  # fmt: skip
@@ -244,7 +243,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     if diff:
         return ReplayResult(uri, False, diff, tags.get("aif.weights_sha256", ""))
     spec = TrainingSpec.model_validate(recorded_cfg["training"])
-    tslurm = SlurmClient(env=rec.child_env()) if spec.executor == "slurm" else None
+    tslurm = rec.slurm_client() if spec.executor == "slurm" else None
     trained = train(
         spec=spec, account=st.account, featureset=fset,
         runs_dir=str(Path(rec.runs_dir) / "replay" / token), run_key=key_of("replay", token),

@@ -8,6 +8,7 @@ same key reattaches to a live job, and a finished run is collected instead of ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +35,8 @@ from aifactory.tasks.models.flavours import artifact_sha256, model_path
 TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "templates" / "train.sbatch"
 PAYLOADS = {"tabular": "train_tabular", "lm": "train_lm"}
 HYPERPARAMS = ("epochs", "batch_size", "hidden", "lr", "seed")
-# Environment names that must never be written into a job script (they travel with sbatch's
-# default --export=ALL from the submitting environment instead).
+# Environment names that must never be written into a job script (they travel by name in
+# sbatch's --export list, their values in its environment: tasks/doors/slurm.py).
 _SECRET_NAME = re.compile(r"SECRET|PASSW|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -73,7 +74,7 @@ def _check_env(env: Mapping[str, str]) -> None:
         if _SECRET_NAME.search(name):
             raise ConfigError(
                 f"training.env.{name} looks like a secret: job scripts are kept with the run, "
-                "so pass it through the submitting environment (sbatch exports it) instead"
+                "so pass it through the submitting environment and name it in slurm.export instead"
             )
 
 
@@ -315,7 +316,7 @@ def train(
     """Train once per run key: reuse a finished run, reattach to a live job, or start one.
 
     ``env`` (object-store credentials, SLURM_CONF) goes to the local process or to the
-    Slurm client's environment, from which sbatch exports it: never into the script.
+    Slurm client's environment, from which sbatch exports it by name: never into the script.
     ``flavour`` (mlflow.flavour) says which file is the model.
     """
     if spec.payload != "tabular" and not spec.script:
@@ -344,12 +345,9 @@ def _train_owned(
     state_path = run_dir / "aif-train.json"
     done = run_dir / "metrics.json"
     if done.exists() and model_path(flavour, run_dir).exists():
-        prior = json.loads(state_path.read_text()) if state_path.exists() else {}
         log(f"run {run_key} already finished: collecting it, nothing submitted")
-        done_before = _collect(run_dir, run_key, featureset, spec, prior.get("executor", "?"),
-                               prior.get("job_ids", []), prior.get("sacct", {}), t0,
-                               flavour)  # fmt: skip
-        return done_before.model_copy(update={"reused": True})
+        return _collect_finished(run_dir, run_key, featureset, spec, executor, log, t0,
+                                 flavour).model_copy(update={"reused": True})  # fmt: skip
 
     fs_path = run_dir / "featureset.json"
     write_text_local(fs_path, featureset.to_json())
@@ -365,12 +363,76 @@ def _train_owned(
     script_path = run_dir / "train.sbatch"
     write_text_local(script_path, script)
     cmd = payload_command(spec, python, str(fs_path), str(run_dir), str(cfg_path))
+    state: dict[str, Any] = {"executor": executor.kind, "job_ids": [], "sacct": {}}
+    if state_path.exists():  # an earlier owner's jobs (a reattached or resubmitted run)
+        with contextlib.suppress(OSError, ValueError):
+            state["job_ids"] = list(json.loads(state_path.read_text()).get("job_ids") or [])
+
+    def on_job(job_id: str) -> None:  # the run directory names its jobs from submission on
+        if job_id not in state["job_ids"]:
+            state["job_ids"].append(job_id)
+            write_text_local(state_path, json.dumps(state, indent=2))
+
+    write_text_local(state_path, json.dumps(state, indent=2))
     res = executor.run(JobRequest(job_name, run_dir, script_path, cmd, env, log, cancel_event,
-                                  admit))  # fmt: skip
-    write_text_local(state_path, json.dumps({"executor": res.executor, "job_ids": res.job_ids,
-                                             "sacct": res.sacct}, indent=2))  # fmt: skip
+                                  admit, on_job=on_job))  # fmt: skip
+    state.update(
+        executor=res.executor,
+        sacct=res.sacct,
+        job_ids=list(dict.fromkeys([*state["job_ids"], *res.job_ids])),
+    )
+    write_text_local(state_path, json.dumps(state, indent=2))
     if not done.exists():
         raise TrainingError(f"training in {run_dir} ended without writing metrics.json "
                             "(job.commit(metrics) is the run's last step)")  # fmt: skip
-    return _collect(run_dir, run_key, featureset, spec, res.executor, res.job_ids, res.sacct, t0,
-                    flavour)  # fmt: skip
+    return _collect(run_dir, run_key, featureset, spec, res.executor, state["job_ids"], res.sacct,
+                    t0, flavour)  # fmt: skip
+
+
+_SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
+
+
+def _collect_finished(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec,
+                      executor: Executor, log: Callable[[str], None], t0: float,
+                      flavour: str) -> TrainedModel:  # fmt: skip
+    """A finished run's one manifest: its owner's ``trained.json`` when complete, so every
+    collector gets the same record; otherwise (the owner died between the job's end and its
+    record) rebuilt from the run directory: the job ids from ``aif-train.json`` or the job
+    logs (``slurm-<id>.out``), the sacct record from the accounting, waited for while it is
+    down. A Slurm run is never collected without its jobs and their record."""
+    manifest = run_dir / "trained.json"
+    with contextlib.suppress(OSError, ValueError):
+        prior = TrainedModel.model_validate_json(manifest.read_text())
+        if (
+            prior.run_key == run_key
+            and prior.featureset_hash == fset.content_hash()
+            and (prior.executor != "slurm" or (prior.slurm_job_ids and prior.sacct))
+        ):
+            return prior  # fmt: skip
+    state: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((run_dir / "aif-train.json").read_text())
+    kind = state.get("executor") or executor.kind
+    job_ids = [str(j) for j in state.get("job_ids") or []]
+    sacct: dict[str, str] = dict(state.get("sacct") or {})
+    if kind == "slurm":
+        logged = sorted(int(m.group(1)) for p in run_dir.iterdir()
+                         if (m := _SLURM_OUT.match(p.name)))  # fmt: skip
+        job_ids = list(dict.fromkeys([*job_ids, *(str(j) for j in logged)]))
+        if not job_ids:
+            raise TrainingError(f"run {run_key} in {run_dir} finished, but neither its "
+                                "aif-train.json nor a slurm-<id>.out names its Slurm job: "
+                                "its lineage is lost, so it is not collected (remove the "
+                                "folder to train it again)")  # fmt: skip
+        if not sacct.get("State"):
+            record = getattr(executor, "record", None)
+            if record is None:
+                raise TrainingError(f"run {run_key}: job {job_ids[-1]} has no sacct record "
+                                    "and no Slurm client to ask for it")  # fmt: skip
+            sacct = {**record(job_ids[-1], log), "aif_jobs": ",".join(job_ids)}
+            log(f"run {run_key}: recovered Slurm job(s) {', '.join(job_ids)} and the record "
+                "of the last from the run directory and the accounting")  # fmt: skip
+        write_text_local(run_dir / "aif-train.json",
+                         json.dumps({"executor": kind, "job_ids": job_ids, "sacct": sacct},
+                                    indent=2))  # fmt: skip
+    return _collect(run_dir, run_key, fset, spec, kind, job_ids, sacct, t0, flavour)

@@ -3,7 +3,8 @@ the webhook address are planted, a whole pipeline run (Dask workers, a training 
 registration) and a pseudonymising ingest are made on the site, then every place an
 operator or another tenant could read is searched for them: the commands' output, Prefect
 flow-run parameters, logs and artifacts, MLflow params, tags, version tags and logged
-files, Slurm job scripts (as slurmctld keeps them) and every file the runs wrote."""
+files, Slurm job scripts and environments (as slurmctld keeps them) and every file the runs
+wrote."""
 
 from __future__ import annotations
 
@@ -135,6 +136,21 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
             written.append(p)
             _hits(f"file {p}", p.read_bytes(), found)
     assert any(p.suffix == ".out" for p in written), "no job output file was written"
+
+    # The jobs' own environment, as slurmctld keeps it for each job (what the job starts
+    # with, where a start-up's code reads it): an allow-list, not the flow's environment.
+    # The object-store keys are there by design until jobs get temporary credentials.
+    envs = [p for p in (Path(site_profile.slurm.conf or "").parent / "state").glob(
+        "hash.*/job.*/environment") if p.stat().st_mtime >= t0 - 1]  # fmt: skip
+    assert len(envs) >= 2, "the Dask worker and training jobs' environments were not found"
+    job_env = b"\n".join(p.read_bytes() for p in envs)
+    assert b"SLURM_EXPORT_ENV=" in job_env and b"AWS_ENDPOINT_URL" in job_env
+    scrubbed = job_env.replace(CANARIES["s3 key"].encode(), b"").replace(
+        CANARIES["s3 secret"].encode(), b"")  # fmt: skip
+    _hits("a Slurm job's environment", scrubbed, found)
+    for name in (b"PREFECT_API_URL", b"AIF_PSEUDONYMISATION_KEY", b"AIF_NOTIFY_WEBHOOK"):
+        if name in job_env:
+            found.append(f"{name.decode()} in a Slurm job's environment")
     assert not found, "secrets leaked:\n" + "\n".join(found)
     print(f"searched {len(runs)} flow runs, {len(logs)} log lines, {len(arts)} artifacts, "
           f"{files} MLflow files, {scripts} job scripts, {len(written)} run files")  # fmt: skip

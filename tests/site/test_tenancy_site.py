@@ -69,6 +69,26 @@ def test_another_startups_prefix_is_refused(site_profile: Profile) -> None:
     assert res.returncode == 6 and "that prefix belongs to startup-c" in res.error_lines[0]
 
 
+def test_another_spelling_of_another_startups_prefix_is_refused(site_profile: Profile) -> None:
+    """Issue 15, item 4: the place fsspec would read is compared, not the URL's text, and a
+    run's environment never changes tenancy (B was given A's prefix by two variables)."""
+    url = "simplecache::s3a://aif-lake/startup-a/objects/mobility-trips"
+    res = aif("ingest", "--profile", "site", "--startup", "startup-b", "--dataspace", url)
+    assert res.returncode == 6 and len(res.error_lines) == 1, res.stdout + res.stderr
+    assert res.error_lines[0].startswith(
+        "aif: error: isolation.s3_prefix: start-up startup-b may not use "
+        "s3://aif-lake/startup-a/...: that prefix belongs to startup-a"
+    )
+    moved = {"AIF_STARTUPS__STARTUP_A__S3_PREFIX": "moved",
+             "AIF_STARTUPS__STARTUP_B__S3_PREFIX": "startup-a"}  # fmt: skip
+    res = aif("ingest", "--profile", "site", "--startup", "startup-b", env=moved)
+    assert res.returncode == 6 and len(res.error_lines) == 1, res.stdout + res.stderr
+    assert res.error_lines[0].startswith(
+        "aif: error: isolation.overrides: AIF_STARTUPS__STARTUP_A__S3_PREFIX, "
+        "AIF_STARTUPS__STARTUP_B__S3_PREFIX may not change "
+    )
+
+
 def test_another_startups_account_is_refused(site_profile: Profile) -> None:
     t0 = time.time()
     res = aif("run", "--profile", "site", env={"AIF_STARTUPS__STARTUP_A__ACCOUNT": "startup-b"})

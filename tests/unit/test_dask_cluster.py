@@ -98,7 +98,8 @@ def test_dask_jobqueue_submits_and_cancels_through_our_door(tmp_path: Any) -> No
     finally:
         cluster.close(timeout=20)
     calls = _read(tmp_path / "calls")
-    assert f"sbatch --chdir={logs} " in calls and "conf=/site/slurm.conf" in calls, calls
+    assert f" --chdir={logs} " in calls and "conf=/site/slurm.conf" in calls, calls
+    assert calls.startswith("sbatch --export=PATH,"), calls  # the allowed environment only
     assert "scancel 4242 conf=/site/slurm.conf" in calls, calls
 
 

@@ -27,3 +27,26 @@ def test_hash_ignores_where_and_when() -> None:
 def test_hash_follows_content() -> None:
     assert _fset().content_hash() != _fset(rows_in=2).content_hash()
     assert _fset().content_hash() != _fset(feature_config={"v": 2}).content_hash()
+
+
+def _snap(lake: str, sha: str = "c0ffee") -> object:
+    from aifactory.tasks.core.manifests import DataSnapshot, ObjectRecord
+
+    obj = ObjectRecord(key="b/x.parquet", etag="e", size=10, rows=2,
+                       lake_path=f"{lake}/objects/d/a1.parquet", lake_sha256=sha)  # fmt: skip
+    return DataSnapshot(snapshot_id="s1", dataset="d", source_url="s3://b", lake_url=f"{lake}/s",
+                        schema_fields=[], objects=[obj], rows=2, bytes=10, startup="a",
+                        created_at="now")  # fmt: skip
+
+
+def test_feature_set_id_does_not_depend_on_the_lake_url() -> None:
+    """The same snapshot in two lakes (another AIF_LAKE__URL) is the same data: the same
+    feature set id, so the same registration fingerprint (issue 15: it made a new version)."""
+    from aifactory.tasks.stages.preprocess import plan
+
+    cfg = {"function": "aifactory.tasks.stages.features:split_of", "key": "k", "target": "t"}
+    a, b = _snap("s3://lake-a/startup-a"), _snap("file:///other/lake")
+    assert a.content_hash() != b.content_hash()  # the manifests say where they are
+    assert a.data_hash() == b.data_hash()  # type: ignore[attr-defined]
+    assert plan(a, cfg)[0] == plan(b, cfg)[0]  # type: ignore[arg-type]
+    assert plan(a, cfg)[0] != plan(_snap("file:///other/lake", "beef"), cfg)[0]  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ def test_failure_carries_command_code_and_stderr(tmp_path: Path) -> None:
         client.submit("job.sh", ["--account=nosuch"])
     e = err.value
     assert e.returncode == 1 and "Invalid account" in e.stderr
-    assert "sbatch --parsable --chdir=" in str(e) and "--account=nosuch job.sh" in str(e)
+    assert "--parsable --chdir=" in str(e) and "--account=nosuch job.sh" in str(e)
     assert "exit code 1" in str(e) and "\n" not in str(e)
 
 
@@ -38,7 +38,51 @@ def test_submit_runs_the_job_in_the_scripts_folder_even_with_spaces(tmp_path: Pa
     run_dir.mkdir(parents=True)
     assert SlurmClient(bin_dir=str(bin_dir)).submit(str(run_dir / "train.sbatch")) == "7"
     argv = (bin_dir / "argv").read_text().splitlines()
-    assert argv == ["--parsable", f"--chdir={run_dir}", str(run_dir / "train.sbatch")]
+    assert argv[1:] == ["--parsable", f"--chdir={run_dir}", str(run_dir / "train.sbatch")]
+    assert argv[0].startswith("--export=")
+
+
+def test_jobs_get_only_the_allowed_environment(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Issue 15: sbatch's default --export=ALL copied every secret of the flow's process
+    (pseudonymisation key, webhook, Prefect API) into every job. Now one --export list: the
+    base set, the client's env (object store, SLURM_CONF), the profile's extra names; names
+    only, so no value reaches a command line; dask-jobqueue's sbatch goes through the same
+    door."""
+    _fake(tmp_path, "sbatch", 'for a in "$@"; do echo "$a"; done > "$(dirname "$0")/argv"; echo 7')
+    monkeypatch.setenv("AIF_PSEUDONYMISATION_KEY", "canary-pk")
+    monkeypatch.setenv("AIF_NOTIFY_WEBHOOK", "http://hook/canary")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.setenv("MY_TEAM_VAR", "x")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm.conf")
+    client = SlurmClient(bin_dir=str(tmp_path), export=("MY_TEAM_VAR", "NOT_SET_ANYWHERE"),
+                         env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s,with,commas"})  # fmt: skip
+    client.submit("job.sh")
+    exported = (tmp_path / "argv").read_text().splitlines()[0].removeprefix("--export=")
+    names = exported.split(",")
+    assert {"PATH", "HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MY_TEAM_VAR"} <= set(
+        names
+    )
+    for secret in ("AIF_PSEUDONYMISATION_KEY", "AIF_NOTIFY_WEBHOOK", "PREFECT_API_URL",
+                   "NOT_SET_ANYWHERE", "SLURM_CONF"):  # SLURM_* travel anyway  # fmt: skip
+        assert secret not in names
+    assert "=" not in exported and "canary" not in exported
+    # An explicit --export given by a caller is kept as it is.
+    client.run(["sbatch", "--export=NONE", "job.sh"])
+    assert (tmp_path / "argv").read_text().splitlines()[0] == "--export=NONE"
+
+
+def test_squeue_tells_a_forgotten_job_from_an_unreachable_controller(tmp_path: Path) -> None:
+    from aifactory.tasks.doors.slurm import SlurmUnreachable
+
+    _fake(tmp_path, "squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    client = SlurmClient(bin_dir=str(tmp_path))
+    assert client.squeue_states(["5"]) == {}
+    _fake(tmp_path, "squeue", 'echo "slurm_load_jobs error: Unable to contact slurm controller '
+                              '(connect failure)" >&2; exit 1')  # fmt: skip
+    with pytest.raises(SlurmUnreachable) as err:
+        client.state("5")
+    assert err.value.part == "controller" and "Unable to contact" in err.value.reason
 
 
 def test_unparsable_job_id_shows_raw_output(tmp_path: Path) -> None:

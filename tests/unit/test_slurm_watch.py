@@ -130,3 +130,71 @@ def test_checkpointed_but_not_requeued_is_resubmitted(tmp_path: Path) -> None:
     (job, _rec), _seen, said = _watch(slurm, tmp_path)
     assert job == "101" and any("checkpointed after a signal but was not requeued" in m
                                 for m in said)  # fmt: skip
+
+
+class OutageSlurm(ScriptedSlurm):
+    """Slurm whose controller or accounting stops answering for some polls (issue 15)."""
+
+    def __init__(self, endings: list[tuple[list[str], dict[str, str]]],
+                 ctld_down: set[int] = frozenset(), sacct_down: int = 0) -> None:  # type: ignore[assignment]  # fmt: skip
+        super().__init__(endings)
+        self.ctld_down, self.sacct_down, self.n = ctld_down, sacct_down, 0
+
+    @staticmethod
+    def _err(part: str) -> Any:
+        from aifactory.tasks.core.errors import SlurmCommandError
+        from aifactory.tasks.doors.slurm import SlurmUnreachable
+
+        msg = {"controller": "slurm_load_jobs error: Unable to contact slurm controller",
+               "accounting": "sacct: error: Problem talking to the database"}[part]  # fmt: skip
+        return SlurmUnreachable(part, SlurmCommandError(["x"], 1, "", msg))
+
+    def state(self, job: str) -> str:
+        self.n += 1
+        if self.n in self.ctld_down:
+            raise self._err("controller")
+        return super().state(job)
+
+    def sacct_record(self, job: str) -> dict[str, str]:
+        if self.sacct_down > 0:
+            self.sacct_down -= 1
+            raise self._err("accounting")
+        return super().sacct_record(job)
+
+
+def test_a_controller_outage_is_said_and_waited_out(tmp_path: Path) -> None:
+    """slurmctld down for a while: the watcher says so (and since when), the job runs on,
+    and the run completes; before, it printed nothing."""
+    done = {"State": "COMPLETED", "ExitCode": "0:0"}
+    slurm = OutageSlurm([(["RUNNING"] * 8, done)], ctld_down={3, 4, 5, 6})
+    (_, rec), _, said = _watch(slurm, tmp_path)
+    assert rec["State"] == "COMPLETED"
+    down = [m for m in said if "controller (slurmctld) is unreachable since" in m]
+    assert len(down) == 1 and "last seen RUNNING" in down[0], said
+    assert any("controller answers again" in m for m in said), said
+    assert not any("UNKNOWN" in m for m in said), said
+
+
+def test_accounting_down_at_the_jobs_end_waits_for_its_record(tmp_path: Path) -> None:
+    """MariaDB killed: the job ends, sacct fails; the watcher waits, saying so, and returns
+    the job's full record once the accounting answers (never a record-less success)."""
+    done = {"State": "COMPLETED", "ExitCode": "0:0"}
+    slurm = OutageSlurm([(["RUNNING", "COMPLETED"], done)], sacct_down=3)
+    (_, rec), _, said = _watch(slurm, tmp_path)
+    assert rec["Partition"] == "gpu" and rec["End"] and rec["State"] == "COMPLETED"
+    assert any("accounting (slurmdbd or its database) is unreachable" in m for m in said), said
+    assert any("accounting answers again" in m for m in said), said
+
+
+def test_an_outage_past_the_limit_leaves_the_job_to_a_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aifactory.tasks.jobs import slurm_watch
+
+    monkeypatch.setattr(slurm_watch, "OUTAGE_LIMIT_S", 0.05)
+    slurm = OutageSlurm([(["RUNNING"] * 3, {"State": "COMPLETED"})],
+                        ctld_down=set(range(2, 100_000)))  # fmt: skip
+    with pytest.raises(TrainingError, match=r"controller \(slurmctld\) has not answered for .*"
+                                            r"the job is left as it is"):  # fmt: skip
+        _watch(slurm, tmp_path)
+    assert slurm.cancelled == []  # the job runs on; a re-run reattaches

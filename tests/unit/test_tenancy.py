@@ -29,6 +29,15 @@ def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
+def _site_file(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the site profile with ``old`` replaced (tenancy changed in the file)."""
+    src = Path("infra/profiles/site.yaml").read_text()
+    assert old in src, old
+    path = tmp_path / "site-variant.yaml"
+    path.write_text(src.replace(old, new, 1))
+    return path
+
+
 # -- the lake of a start-up's runs -----------------------------------------------------
 def test_lake_url_is_the_startups_prefix(tmp_path: Path) -> None:
     cfg = _site()
@@ -45,15 +54,20 @@ def test_lake_url_is_the_startups_prefix(tmp_path: Path) -> None:
     assert ehpc.lake_url_for(None).endswith("/ehpc-aif-042")
 
 
-def test_startup_without_prefix_uses_the_root_only_when_nobody_has_one() -> None:
+def test_startup_without_prefix_uses_the_root_only_when_nobody_has_one(tmp_path: Path) -> None:
     from aifactory.tasks.core.config import Startup
     from aifactory.tasks.core.tenancy import tenant_lake_url
 
     assert tenant_lake_url("file:///l/", Startup(account="x")) == "file:///l"
     assert tenant_lake_url("s3://b", Startup(account="x", s3_prefix="/t/a/")) == "s3://b/t/a"
-    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": ""})
+    cfg = load_profile(
+        str(_site_file(tmp_path, ", s3_prefix: startup-a", "")), env=dict(os.environ)
+    )
     with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a has no "):
         cfg.lake_url_for("startup-a")
+    # a run's override of the prefix is refused when the profile is loaded, naming the breach
+    with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a has no "):
+        _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": ""})
 
 
 # -- isolation.s3_prefix ----------------------------------------------------------------
@@ -69,9 +83,9 @@ def test_lake_override_into_another_prefix_is_refused() -> None:
 
 @pytest.mark.parametrize("prefix", ["startup-b", "startup-b/mine", "../startup-b", "./startup-b"])
 def test_prefix_override_onto_another_is_refused(prefix: str) -> None:
-    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": prefix})
-    with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a "):
-        check_isolation(cfg, "startup-a")
+    with pytest.raises(TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a ") as e:
+        _site(**{"AIF_STARTUPS__STARTUP-A__S3_PREFIX": prefix})
+    assert "besides, AIF_STARTUPS__STARTUP-A__S3_PREFIX may not change " in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +127,100 @@ def test_reaches() -> None:
     assert reaches("s3://l/?/c", "s3://l/b/c") and reaches("/abs/b/x", "file:///abs/b")
 
 
+PREFIX_A = "isolation.s3_prefix: start-up startup-b may not use s3://aif-lake/startup-a/...: " \
+           "that prefix belongs to startup-a"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3a://aif-lake/startup-a/objects/mobility-trips/*.parquet",  # the issue's spellings
+        "simplecache::s3://aif-lake/startup-a/objects/mobility-trips",
+        "simplecache::s3a://aif-lake/startup-a",
+        "s3://aif-lake//startup-a/x",
+        "S3A://aif-lake/./startup-a/x",
+        "s3n://aif-lake/startup-a/x",
+        "filecache::s3a://aif-lake/startup-a/x",
+        "blockcache::simplecache::S3://aif-lake/startup-a/x",  # any chain: its last target
+        "zip://trips.csv::s3a://aif-lake/startup-a/x.zip",
+        "s3::aif-lake/startup-a",  # fsspec reads the root of s3 here: a folder above all
+        "s3://AIF-LAKE/startup-a/x",  # bucket names know no case
+        "s3://aif-lake/startup%2Da/x",  # percent-decoded by some readers
+        "s3://aif-lake/startup-a?versionId=1",
+        "s3://aif-lake/startup-a/../../aif-lake/startup-a/x",
+        "s3://aif-lake/startup-a/../startup-b/x",  # as written: S3 keeps '..' in a key
+        "simplecache::s3a://aif-lake",  # a folder above theirs
+        "http://127.0.0.1:9010/aif-lake/startup-a/x",  # the object store's endpoint
+        "https://aif-lake.s3.amazonaws.com/startup-a/x",  # virtual-hosted style
+    ],
+)
+def test_another_spelling_of_another_prefix_is_refused(url: str) -> None:
+    """The place fsspec would read is compared, not the URL's text (issue 15, item 4)."""
+    cfg = _site(AIF_DATASPACE__URL=url)
+    with pytest.raises(TenancyError) as e:
+        check_run(cfg, "startup-b")
+    msg = str(e.value)
+    assert msg.startswith(PREFIX_A) and f"(dataspace.url {url})" in msg and "\n" not in msg
+    assert e.value.exit_code == 6
+
+
+@pytest.mark.parametrize(
+    "lake",
+    [
+        "s3a://aif-lake/startup-b",
+        "simplecache::S3://aif-lake//startup-b",
+        "S3N://AIF-LAKE/startup-b/.",
+    ],
+)
+def test_lake_override_spelled_otherwise_into_another_prefix_is_refused(lake: str) -> None:
+    with pytest.raises(
+        TenancyError, match=r"^isolation\.s3_prefix: start-up startup-a may not use "
+    ):
+        _site(AIF_LAKE__URL=lake).lake_url_for("startup-a")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3a://aif-lake/startup-b/objects/x/*.parquet",  # its own prefix, spelled otherwise
+        "simplecache::s3://aif-lake/startup-b/x",
+        "s3://aif-lake/startup-ab/x",  # not a prefix of another's
+        "memory://aif-lake/startup-a/x",  # another store
+        "gs://aif-lake/startup-a/x",
+        "https://opendata.example.org/mobility/trips.csv",
+    ],
+)
+def test_other_spellings_elsewhere_are_allowed(url: str) -> None:
+    check_run(_site(AIF_DATASPACE__URL=url), "startup-b")
+
+
+def test_reaches_compares_resolved_locations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert reaches("gcs://B/k/x", "gs://b/k") and reaches("GS://b//k", "gcs://b/k")
+    assert reaches("abfss://c@acct.dfs.core.windows.net/k/x", "az://c/k")
+    assert reaches("adl://c/k", "abfs://c/k") and not reaches("az://c/k", "s3://c/k")
+    monkeypatch.chdir(tmp_path)
+    lake = f"file://{tmp_path}/lake/startup-a"
+    spellings = [
+        f"{tmp_path}/lake/startup-a/x",
+        "lake/startup-a",
+        "./lake/../lake/startup-a",
+        f"local://{tmp_path}//lake/startup-a",
+        f"file:{tmp_path}/lake/startup-a",
+        "file://lake/startup-a",
+        f"simplecache::file://{tmp_path}/lake/startup-a",
+    ]
+    for url in spellings:
+        assert reaches(url, lake), url
+    (tmp_path / "lake" / "startup-a").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "lake" / "startup-a")
+    assert reaches(f"{tmp_path}/alias/x", lake)  # a symlink into it is it
+    assert not reaches("lake/startup-b", lake) and not reaches("s3://lake/startup-a", lake)
+    for odd in ("", "::", "a::b::", "http://", "s3://", "data:text/plain,x", "%", "weird+x://?"):
+        reaches(odd, "s3://aif-lake/startup-a", listing=True)  # no crash, whatever it says
+
+
 def test_cli_dataspace_flag_into_another_prefix_exits_6(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,11 +257,79 @@ def test_check_dataspace_url_names_what() -> None:
         check_dataspace_url(_site(), "startup-a", "s3://aif-lake/startup-c/x", "train-lm --data")
 
 
-# -- isolation.account ------------------------------------------------------------------
-def test_account_of_another_startup_is_refused(
+# -- isolation.overrides ----------------------------------------------------------------
+OVERRIDES = "isolation.overrides: {where} may not change {keys}: a start-up's tenancy comes only " \
+            "from the profile file "  # fmt: skip
+
+
+def test_a_runs_environment_never_changes_tenancy(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = _site(**{"AIF_STARTUPS__STARTUP-A__ACCOUNT": "startup-b"})
+    """Issue 15, item 4: moving A's prefix away and giving B A's prefix by the environment."""
+    monkeypatch.setenv("AIF_STARTUPS__STARTUP-A__S3_PREFIX", "moved")
+    monkeypatch.setenv("AIF_STARTUPS__STARTUP-B__S3_PREFIX", "startup-a")
+    want = OVERRIDES.format(
+        where="AIF_STARTUPS__STARTUP-A__S3_PREFIX, AIF_STARTUPS__STARTUP-B__S3_PREFIX",
+        keys="startups.startup-a.s3_prefix, startups.startup-b.s3_prefix",
+    )
+    with pytest.raises(TenancyError) as e:
+        load_profile("site")
+    assert str(e.value).startswith(want) and e.value.exit_code == 6, str(e.value)
+    assert str(e.value).endswith("site.yaml, never from a run's environment or overrides")
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
+    url = "s3://aif-lake/startup-a/objects/mobility-trips/*.parquet"
+    assert main(["ingest", "--profile", "site", "--startup", "startup-b", "--dataspace", url]) == 6
+    assert _one_error(capsys).startswith(f"aif: error: {want}")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("AIF_STARTUPS__STARTUP_B__S3_PREFIX", "elsewhere"),  # a fresh prefix: still refused
+        ("AIF_STARTUPS__STARTUP_B__ACCOUNT", "startup-b-2"),
+        ("AIF_STARTUPS__STARTUP_B__PARTITIONS", "[cpu, gpu, bigmem]"),
+        ("AIF_STARTUPS__STARTUP_B__QOS", "[normal, high]"),
+        ("AIF_STARTUPS__STARTUP_B__PROJECT", "other"),
+        ("AIF_STARTUPS__STARTUP_B", "{s3_prefix: elsewhere}"),
+        ("AIF_STARTUPS__STARTUP_D__ACCOUNT", "startup-d"),  # a start-up the file lacks
+    ],
+)
+def test_every_tenancy_key_of_the_environment_is_refused(name: str, value: str) -> None:
+    with pytest.raises(TenancyError) as e:
+        _site(**{name: value})
+    msg = str(e.value)
+    assert f"{name} may not change startups.startup" in msg and "\n" not in msg, msg
+    assert "tenancy comes only from the profile file " in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, where",
+    [
+        ({"startups.startup-b.s3_prefix": "elsewhere"}, "override startups.startup-b.s3_prefix"),
+        ({"startups": {"startup-b": {"qos": ["high"]}}}, "override startups"),
+        ({"startups.startup-b": {"account": "x"}}, "override startups.startup-b"),
+        ({"startups.startup-b": "x"}, "override startups.startup-b"),
+    ],
+)
+def test_tenancy_overrides_of_a_run_are_refused(overrides: dict[str, Any], where: str) -> None:
+    with pytest.raises(TenancyError, match=rf"^isolation\.overrides: {re.escape(where)} may not "):
+        load_profile("site", overrides, env=dict(os.environ))
+
+
+def test_admission_keys_may_still_be_overridden_per_run() -> None:
+    cfg = _site(AIF_STARTUPS__STARTUP_C__DECLARATION__APPROVED_BY="E. Novak",
+                AIF_STARTUPS__STARTUP_A__BUDGET_SINCE="now-30days")  # fmt: skip
+    assert cfg.startups["startup-c"].declaration.approved_by == "E. Novak"  # type: ignore[union-attr]
+    assert cfg.startups["startup-a"].budget_since == "now-30days"
+    check_run(cfg, "startup-a")
+
+
+# -- isolation.account ------------------------------------------------------------------
+def test_account_of_another_startup_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    shared = _site_file(tmp_path, "{account: startup-a,", "{account: startup-b,")
+    cfg = load_profile(str(shared), env=dict(os.environ))
     with pytest.raises(TenancyError) as e:
         cfg.tenant("startup-a")
     assert (
@@ -166,10 +342,14 @@ def test_account_of_another_startup_is_refused(
     with pytest.raises(TenancyError, match=r"^isolation\.account: start-up startup-b "):
         cfg.lake_url_for("startup-b")  # both start-ups of a shared account are refused
     cfg.tenant("startup-c")  # the others run on
+    # by a run's environment: refused when the profile is loaded, the breach named first
     monkeypatch.setenv("AIF_STARTUPS__STARTUP-A__ACCOUNT", "startup-b")
     monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
     assert main(["run", "--profile", "site", "--dry-run"]) == 6
-    assert _one_error(capsys).startswith("aif: error: isolation.account: ")
+    err = _one_error(capsys)
+    assert err.startswith("aif: error: isolation.account: start-up startup-a may not run under "
+                          "Slurm account startup-b: that account belongs to startup-b")  # fmt: skip
+    assert "besides, AIF_STARTUPS__STARTUP-A__ACCOUNT may not change startups.startup-a." in err
     assert main(["sweep", "--profile", "site", "--grid", "lr=0.1,0.2"]) == 6
     assert "isolation.account" in _one_error(capsys)
 
