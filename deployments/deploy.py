@@ -83,40 +83,60 @@ def _replace(client: Any, automation: Any) -> None:
     client.create_automation(automation)
 
 
+CRASH_DETECTOR = "aif-crashed-run-detector"
+
+
+def crash_detector() -> Any:
+    """The automation that marks a flow run Crashed when its heartbeats stop (its process
+    or its worker died): on the site from `aif site up` on, replaced by `aif deploy`."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=CRASH_DETECTOR,
+        description=f"A flow run with no heartbeat for {CRASH_AFTER_S} s is Crashed: its "
+        "process or its worker died",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat"},
+            expect=set(FINAL_EVENTS),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=CRASH_AFTER_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                name=None,
+                force=False,
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process or "
+                f"its worker died ({CRASH_DETECTOR})",
+            )
+        ],
+    )
+
+
+def ensure_crash_detector(client: Any) -> bool:
+    """Create the crash detector unless the server has it; True when it was created."""
+    if client.read_automations_by_name(CRASH_DETECTOR):
+        return False
+    client.create_automation(crash_detector())
+    return True
+
+
 def ensure_automations(webhook: str | None, progress: Callable[[str], None] = print) -> list[str]:
     """Create (or replace) the crash detector and, with a webhook, the notifications."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState, SendNotification
+    from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.types import SecretDict
 
     made: list[str] = []
     with get_client(sync_client=True) as client:
-        crash = AutomationCore(
-            name="aif-crashed-run-detector",
-            description=f"A flow run with no heartbeat for {CRASH_AFTER_S} s is Crashed: its "
-            "process or its worker died",
-            trigger=EventTrigger(
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                after={"prefect.flow-run.heartbeat"},
-                expect=set(FINAL_EVENTS),
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
-                within=timedelta(seconds=CRASH_AFTER_S),
-            ),
-            actions=[
-                ChangeFlowRunState(
-                    name=None,
-                    force=False,
-                    state=StateType.CRASHED,
-                    message=f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process or "
-                    "its worker died (aif-crashed-run-detector)",
-                )
-            ],
-        )
+        crash = crash_detector()
         _replace(client, crash)
         made.append(crash.name)
         if not webhook:

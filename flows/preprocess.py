@@ -24,6 +24,7 @@ from aifactory.tasks.doors.runtime import (
     md_table,
     stage_logger,
 )
+from aifactory.tasks.jobs.executors import owner
 from aifactory.tasks.stages.features import resolve_config
 from aifactory.tasks.stages.preprocess import load_cached, plan, run_preprocess
 
@@ -87,11 +88,14 @@ def preprocess_flow(
     say = stage_logger("preprocess")
     fs_id, fconfig = plan(snapshot, resolve_config(cfg.features))
     lake = cfg.lake_url_for(startup)
-    cached = load_cached(lake, fs_id, cfg.storage_options(lake))
-    if cached is not None:
-        say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
-        return cached.model_copy(update={"reused": True})
-    fset = featurise(snapshot, profile, startup, overrides, fs_id, fconfig)
+    # One run computes a feature set at a time (a second run of the same input waits, then
+    # finds it in the lake): two would share the worker jobs' name and cancel each other's.
+    with owner(Path(cfg.runs_dir) / "dask" / fs_id, say, doing="featurised"):
+        cached = load_cached(lake, fs_id, cfg.storage_options(lake))
+        if cached is not None:
+            say(f"feature set {fs_id} already in the lake: cache hit, no cluster started")
+            return cached.model_copy(update={"reused": True})
+        fset = featurise(snapshot, profile, startup, overrides, fs_id, fconfig)
     rows = [{"split": k, "rows": v.rows, "files": len(v.files)} for k, v in fset.splits.items()]
     say(
         f"feature set {fs_id}: "

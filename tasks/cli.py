@@ -61,6 +61,9 @@ def _use_prefect(cfg: Any, verbose: bool) -> str:
 
     api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
     os.environ["PREFECT_API_URL"] = api_url
+    # Heartbeats from every flow run, not only deployed ones: the server's crash detector
+    # (set up by `aif site up`) marks a run whose process was killed Crashed.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     _quiet_prefect_console(verbose)
     return api_url
 

@@ -206,6 +206,28 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
         d.mkdir(parents=True, exist_ok=True)
     sp.render(site)
     state = _load(site)
+    started: list[Part] = []
+    try:
+        _up_parts(site, state, started, progress)
+    except BaseException:
+        # Nothing that this call started stays up when it fails (a half site, with munged
+        # or MariaDB left running, would hold the ports and confuse the next `up`).
+        for part in reversed(started):
+            rec = _record(site, state, part.name)
+            if rec.get("pid") and procs.stop(rec, part.expect):
+                progress(f"stopped {part.name} (pid {rec['pid']}): the site did not come up")
+            state.pop(part.name, None)
+            _pidfile(site, part.name).unlink(missing_ok=True)
+        _save(site, state)
+        raise
+    progress(f"site up in {time.monotonic() - t0:.1f}s ({site.root})")
+    return status(site_dir)
+
+
+def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
+              progress: Progress) -> None:  # fmt: skip
+    """Start the parts that are not running and healthy (each one started goes to
+    ``started``), then the idempotent set-up: accounts, buckets, seed data, crash detection."""
     for part in PARTS:
         rec = _record(site, state, part.name)
         if procs.owns(rec):
@@ -222,6 +244,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
         elif rec.get("pid"):
             progress(f"{part.name}: recorded pid {rec['pid']} is gone (stale), restarting")
             procs.stop(rec, part.expect)  # leftovers of its session (e.g. worker processes)
+        started.append(part)
         _start(site, part, state, progress)
     # Links, accounts and seed data are idempotent: re-check them on every up.
     sp.link_default_munge_socket(site)
@@ -229,8 +252,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
     sp.ensure_budget_limits(site)
     services.ensure_buckets(site)
     services.seed_dataspace(site, progress)
-    progress(f"site up in {time.monotonic() - t0:.1f}s ({site.root})")
-    return status(site_dir)
+    services.ensure_crash_detector(site, progress)
 
 
 def status(site_dir: Path) -> list[PartStatus]:

@@ -224,3 +224,17 @@ def mlflow_env(site: Site) -> dict[str, str]:
 
 def mlflow_ok(site: Site) -> bool:
     return procs.http_ok(f"{site.mlflow_url}/health")
+
+
+def ensure_crash_detector(site: Site, progress: Callable[[str], None]) -> None:
+    """The site's Prefect server marks a flow run Crashed when its heartbeats stop, from
+    `aif site up` on (before, only once `aif deploy` had run: a killed run stayed Running)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from aifactory.deployments.deploy import CRASH_AFTER_S, CRASH_DETECTOR, ensure_crash_detector
+
+    with temporary_settings({PREFECT_API_URL: site.prefect_api}), \
+            get_client(sync_client=True) as client:  # fmt: skip
+        if ensure_crash_detector(client):
+            progress(f"crash detection: {CRASH_DETECTOR} (no heartbeat for {CRASH_AFTER_S} s)")

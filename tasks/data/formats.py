@@ -1,7 +1,8 @@
 """Reading data-space objects (Parquet, CSV, JSON Lines) as batches of the contract's types.
 
-Every object is streamed (Parquet by row group, CSV and JSON Lines by block), checked and
-normalised to the dataset contract's Arrow schema with safe casts only:
+Every object is streamed (Parquet by row group, CSV and JSON Lines by block of whole
+lines), so memory does not grow with the object's size; checked and normalised to the
+dataset contract's Arrow schema with safe casts only:
 
 * same type; any integer to a wider or narrower integer and integer to float, checked
   value by value (an overflow or a lost digit is an error, not a silent change);
@@ -10,26 +11,41 @@ normalised to the dataset contract's Arrow schema with safe casts only:
 * refused at type level: string <-> number, float -> integer, bool <-> anything else,
   a naive timestamp where the contract has a zone (or the reverse), dates <-> timestamps.
 
+CSV and JSON Lines are cut into blocks of whole lines here (a read of ``BLOCK_BYTES``, up
+to its last line end: where Arrow's streaming readers cut them, so the batches are theirs)
+and each block is parsed alone. At most two blocks are held (the one in use and the next,
+read and parsed ahead in a worker thread), not the streaming readers' read-ahead of up to
+32 blocks. A line longer than a block grows its block, up to ``MAX_LINE_BYTES``; a longer
+line is refused with its number and length.
+
 A problem is a :class:`Problem` naming the column, the expected and the actual; reading
-stops at the object's first problem (:class:`ObjectBad`).
+stops at the object's first problem (:class:`ObjectBad`), whose one-line text shows the
+first few problems and how many more there are (:func:`capped`); ``problems`` has all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+T = TypeVar("T")
+Batches = Generator[pa.RecordBatch, None, None]  # a reader's batches; close() stops it
 BATCH_ROWS = 131_072
 BLOCK_BYTES = 4 << 20  # CSV / JSON Lines block size
+MAX_LINE_BYTES = 256 << 20  # the longest CSV / JSON Lines line read (its block grows to it)
+SHOWN_PROBLEMS, LINE_CHARS = 5, 500  # an error line: the first few problems, this long at most
 
 
 @dataclass(frozen=True)
@@ -57,11 +73,33 @@ class Problem:
 
 
 class ObjectBad(Exception):
-    """An object breaks its contract; carries every problem found."""
+    """An object breaks its contract; carries every problem found (the text: a few)."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(str(p) for p in problems))
+        super().__init__(capped(problems))
         self.problems = problems
+
+
+def capped(items: Sequence[object], sep: str = "; ", most: int = SHOWN_PROBLEMS,
+           chars: int = LINE_CHARS, noun: str = "problem") -> str:  # fmt: skip
+    """The first ``most`` items joined by ``sep``, then "... and N more problems": at most
+    about ``chars`` characters (fewer items are shown if they would not fit; a lone long one
+    is cut), so that thousands of problems still make one readable line."""
+    texts = [" ".join(str(i).split()) for i in items]
+
+    def tail(n: int) -> str:
+        return f"{sep}... and {n} more {noun}{'s' if n != 1 else ''}" if n else ""
+
+    shown: list[str] = []
+    for t in texts[:most]:
+        room = chars - len(sep.join([*shown, ""])) - len(tail(len(texts) - len(shown) - 1))
+        if len(t) <= room:
+            shown.append(t)
+            continue
+        if not shown:  # the first alone is too long: cut it, keep the count
+            shown.append(t[: max(room, 40) - 1] + "…")
+        break
+    return sep.join(shown) + tail(len(texts) - len(shown))
 
 
 def short(exc: BaseException, limit: int = 200) -> str:
@@ -159,7 +197,7 @@ def _cast_reason(exc: BaseException) -> str:
 
 
 # -- readers ----------------------------------------------------------------------------
-def parquet_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def parquet_batches(fh: Any, schema: pa.Schema) -> Batches:
     try:
         pf = pq.ParquetFile(fh)
     except Exception as exc:
@@ -201,19 +239,71 @@ def _column_at_fault(pf: pq.ParquetFile, names: list[str], row_group: int) -> st
     return None
 
 
-def _stream(reader: Any, problem: Any) -> Iterator[pa.RecordBatch]:
-    """The batches of a streaming CSV/JSON reader; a storage failure is raised as it is, a
-    problem of the object's bytes becomes ObjectBad([problem(exc)])."""
+def _line_blocks(fh: Any) -> Iterator[tuple[int, bytes]]:
+    """``fh`` in blocks of whole lines, each with the number of its first line (from 1).
+
+    A block is a read of BLOCK_BYTES up to its last line end (``\\n`` or ``\\r``), after the
+    previous read's partial line: the cuts of Arrow's streaming CSV and JSON readers, so the
+    batches are the same. A read without a line end grows the partial line, up to
+    MAX_LINE_BYTES; a longer line is ObjectBad naming it. A storage failure of ``fh.read``
+    is raised as it is.
+    """
+    parts: list[bytes] = []  # the partial line so far
+    held = 0
+    line = 1
     while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
+        data = fh.read(BLOCK_BYTES)
+        if not data:
+            if parts:
+                yield line, b"".join(parts)
             return
-        except Exception as exc:
-            if _io_failure(exc):
-                raise
-            raise ObjectBad([problem(exc)]) from None
-        yield batch
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            parts.append(data)
+            held += len(data)
+            if held > MAX_LINE_BYTES:
+                raise ObjectBad([_too_long(line, held, "over ")])
+            continue
+        if held:  # the partial line ends in this read
+            end = min(i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0)
+            if held + end > MAX_LINE_BYTES:
+                raise ObjectBad([_too_long(line, held + end, "")])
+        block = b"".join([*parts, data[: cut + 1]])
+        parts, held = ([data[cut + 1 :]], len(data) - cut - 1) if cut + 1 < len(data) else ([], 0)
+        yield line, block
+        line += block.count(b"\n")
+
+
+def _ahead(
+    blocks: Iterator[tuple[int, bytes]], parse: Callable[[bytes], T]
+) -> Generator[T, None, None]:
+    """``parse`` of each block, read and parsed in a worker thread one block ahead of the
+    consumer (as Arrow's streaming readers overlap them, but never more than one block)."""
+
+    def step() -> tuple[T] | None:
+        item = next(blocks, None)
+        return None if item is None else (parse(item[1]),)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aif-read") as pool:
+        fut = pool.submit(step)
+        try:
+            while (got := fut.result()) is not None:
+                fut = pool.submit(step)
+                yield got[0]
+        finally:
+            fut.cancel()  # a read in flight finishes before the pool (and the file) closes
+
+
+def _too_long(line: int, size: int, over: str) -> Problem:
+    return Problem(
+        f"line {line} is {over}{size / 1e6:.1f} MB, longer than the longest line read "
+        f"({MAX_LINE_BYTES >> 20} MiB)"
+    )
+
+
+def _block_size(block: bytes) -> int:
+    """Arrow's block size for parsing ``block`` as one block (one batch)."""
+    return max(BLOCK_BYTES, len(block) + 1)
 
 
 _CSV_COL = re.compile(r"In CSV column #(\d+): (.*)")
@@ -231,10 +321,15 @@ def _csv_header(head: bytes) -> list[str] | None:
         return None
 
 
-def csv_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def csv_batches(fh: Any, schema: pa.Schema) -> Batches:
     types = {f.name: f.type for f in schema}
-    head = fh.read(BLOCK_BYTES)
-    header = _csv_header(head)
+    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
+    blocks = _line_blocks(fh)
+    first = next(blocks, None)
+    if first is None:  # an empty object: the reader's own words for it
+        _parse_csv(b"", None, convert, None, types)
+        return
+    header = _csv_header(first[1])
     if header is not None:
         names_only = pa.schema(
             [pa.field(n, types.get(n, pa.string())) for n in header]  # types checked below
@@ -242,22 +337,34 @@ def csv_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         problems = schema_problems(names_only, schema)
         if problems:
             raise ObjectBad(problems)
+    table = _parse_csv(first[1], None, convert, header, types)
+    names = table.schema.names
+    problems = schema_problems(table.schema, schema)
+    if problems:
+        raise ObjectBad(problems)
+    rest = _ahead(blocks, lambda block: _parse_csv(block, names, convert, header, types))
+    with contextlib.closing(rest):  # stops the read-ahead when the consumer stops
+        for t in itertools.chain([table], rest):
+            for batch in t.to_batches():
+                if batch.num_rows:
+                    yield cast_batch(batch, schema)
+
+
+def _parse_csv(block: bytes, names: list[str] | None, convert: pacsv.ConvertOptions,
+               header: list[str] | None, types: dict[str, Any]) -> pa.Table:  # fmt: skip
+    """One block as one batch: the first block with its header, later ones with ``names``."""
     try:
-        reader = pacsv.open_csv(
-            _Prepend(head, fh),
-            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True),
+        return pacsv.read_csv(
+            io.BytesIO(block),
+            read_options=pacsv.ReadOptions(
+                block_size=_block_size(block), column_names=names, use_threads=False
+            ),
+            convert_options=convert,
         )
     except Exception as exc:
         if _io_failure(exc):
             raise
-        raise ObjectBad([_csv_problem(exc, header, types)]) from None
-    names = reader.schema.names
-    problems = schema_problems(reader.schema, schema)
-    if problems:
-        raise ObjectBad(problems)
-    for batch in _stream(reader, lambda exc: _csv_problem(exc, names, types)):
-        yield cast_batch(batch, schema)
+        raise ObjectBad([_csv_problem(exc, names or header, types)]) from None
 
 
 def _csv_problem(exc: BaseException, names: list[str] | None, types: dict[str, Any]) -> Problem:
@@ -285,7 +392,7 @@ def _csv_problem(exc: BaseException, names: list[str] | None, types: dict[str, A
 _JSON_COL = re.compile(r"Column\(/([^)]*)\)")
 
 
-def jsonl_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def jsonl_batches(fh: Any, schema: pa.Schema) -> Batches:
     # Timestamps are read as text and cast here, so that a missing or unexpected zone is
     # an error (the JSON reader would take a naive time as UTC).
     explicit = pa.schema(
@@ -294,39 +401,60 @@ def jsonl_batches(fh: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     # Only text columns are declared (others are inferred, then cast safely), all nullable:
     # nulls in a not-null column are counted and reported by cast_batch.
     explicit = pa.schema([f.with_nullable(True) for f in explicit if pa.types.is_string(f.type)])
-    head = fh.read(BLOCK_BYTES)
-    first = head.split(b"\n", 1)[0]
-    if first.strip():
-        try:
-            keys = json.loads(first)
-        except ValueError:
-            keys = None
-        if isinstance(keys, dict):
-            missing = [f for f in schema if f.name not in keys and not f.nullable]
-            if missing:
-                raise ObjectBad(
-                    [Problem("missing", f.name, str(f.type), "no such key") for f in missing]
-                )
-    stream = _Prepend(head, fh)
+    parse = pajson.ParseOptions(explicit_schema=explicit, unexpected_field_behavior="infer")
+    blocks = _line_blocks(fh)
+    tables: list[pa.Table] = []
+    for first_line, block in blocks:  # as Arrow's streaming reader: the first block with
+        if first_line == 1:  # rows fixes the schema of the following ones
+            _check_required_keys(block.split(b"\n", 1)[0], schema)
+        table = _parse_json(block, parse)
+        if table.num_rows:
+            tables.append(table)
+            break
+    if tables:
+        fixed = pajson.ParseOptions(explicit_schema=tables[0].schema,
+                                    unexpected_field_behavior="error")  # fmt: skip
+        rest = _ahead(blocks, lambda block: _parse_json(block, fixed))
+        with contextlib.closing(rest):  # stops the read-ahead when the consumer stops
+            for t in itertools.chain(tables, rest):
+                for batch in t.to_batches():
+                    if not batch.num_rows:
+                        continue
+                    _check_utf8(batch)
+                    batch = _parse_timestamps(_add_missing_nullable(batch, schema), schema)
+                    problems = schema_problems(batch.schema, schema)
+                    if problems:
+                        raise ObjectBad(problems)
+                    yield cast_batch(batch, schema)
+
+
+def _parse_json(block: bytes, parse: pajson.ParseOptions) -> pa.Table:
     try:
-        reader = pajson.open_json(
-            stream,
-            read_options=pajson.ReadOptions(block_size=BLOCK_BYTES),
-            parse_options=pajson.ParseOptions(
-                explicit_schema=explicit, unexpected_field_behavior="infer"
-            ),
+        return pajson.read_json(
+            io.BytesIO(block),
+            read_options=pajson.ReadOptions(block_size=_block_size(block), use_threads=False),
+            parse_options=parse,
         )
-    except StopIteration:
-        return
     except Exception as exc:
+        if _io_failure(exc):
+            raise
         raise ObjectBad([_json_problem(exc)]) from None
-    for batch in _stream(reader, _json_problem):
-        _check_utf8(batch)
-        batch = _parse_timestamps(_add_missing_nullable(batch, schema), schema)
-        problems = schema_problems(batch.schema, schema)
-        if problems:
-            raise ObjectBad(problems)
-        yield cast_batch(batch, schema)
+
+
+def _check_required_keys(first: bytes, schema: pa.Schema) -> None:
+    """The first record lacks a not-null key of the contract: refused before parsing."""
+    if not first.strip():
+        return
+    try:
+        keys = json.loads(first)
+    except ValueError:
+        return
+    if isinstance(keys, dict):
+        missing = [f for f in schema if f.name not in keys and not f.nullable]
+        if missing:
+            raise ObjectBad(
+                [Problem("missing", f.name, str(f.type), "no such key") for f in missing]
+            )
 
 
 def _add_missing_nullable(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -373,27 +501,6 @@ def _json_problem(exc: BaseException) -> Problem:
     if "UTF8" in text or "UTF-8" in text:
         return Problem(f"not valid UTF-8 text ({text})")
     return Problem(f"not valid JSON Lines ({text})")
-
-
-class _Prepend(io.RawIOBase):
-    """A read-only stream: ``head`` then the rest of ``fh``."""
-
-    def __init__(self, head: bytes, fh: Any) -> None:
-        self._head = memoryview(head)
-        self._fh = fh
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self._head.nbytes:
-            n = min(len(b), self._head.nbytes)
-            b[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._fh.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 READERS = {"parquet": parquet_batches, "csv": csv_batches, "jsonl": jsonl_batches}

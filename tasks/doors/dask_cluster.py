@@ -10,6 +10,7 @@ import contextlib
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from aifactory.tasks.core.config import DaskSpec
 from aifactory.tasks.core.errors import AifError, SlurmCommandError, SlurmError
 from aifactory.tasks.doors.dask_dispatch import slurm_end_times
-from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient
 
 WORKER_START_TIMEOUT_S = 180.0
 
@@ -224,6 +225,7 @@ def open_cluster(
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     info = ClusterInfo(kind="slurm", job_name=job_name)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
     cluster: Any = None
     client: Any = None
     try:
@@ -240,15 +242,8 @@ def open_cluster(
         info.retire = _retirer(client, cluster, info, log)
         want = spec.workers if spec.adaptive_min is None else max(1, spec.adaptive_min)
         log(f"waiting for {want} Dask worker job(s) on partition {spec.partition}")
-        try:
-            client.wait_for_workers(want, timeout=WORKER_START_TIMEOUT_S)
-        except TimeoutError:
-            pending = slurm.jobs_named(job_name)
-            raise SlurmError(
-                f"Dask workers did not start within {WORKER_START_TIMEOUT_S:.0f}s on "
-                f"partition {spec.partition} (account {account}); jobs {pending} still "
-                "queued: check sinfo / squeue"
-            ) from None
+        _wait_for_workers(client, slurm, job_name, want, log_dir, since,
+                          f"partition {spec.partition} (account {account})")  # fmt: skip
         info.job_ids = sorted(set(slurm.jobs_named(job_name)))
         info.workers = len(client.scheduler_info().get("workers", {}))
         log(f"Dask workers up: jobs {', '.join(info.job_ids)}; dashboard {info.dashboard}")
@@ -261,6 +256,60 @@ def open_cluster(
             with contextlib.suppress(Exception):
                 cluster.close(timeout=30)
         _reap(slurm, job_name, info, log)
+
+
+def _wait_for_workers(client: Any, slurm: SlurmClient, job_name: str, want: int,
+                      log_dir: str | None, since: str, where: str) -> None:  # fmt: skip
+    """Wait for ``want`` workers; a worker job that died (a bad Python path, a crash at
+    start) is reported dead with its state and log as soon as no job of ours is left in
+    the queue, not as 'still queued' when the time is up."""
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while True:
+        try:
+            client.wait_for_workers(want, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            return
+        except TimeoutError:
+            pass
+        live = slurm.jobs_named(job_name)
+        if not live:
+            dead = dead_worker_jobs(slurm, job_name, since, log_dir)
+            if dead:
+                raise SlurmError(f"Dask worker job(s) on {where} ended before a worker "
+                                 f"started: {dead}")  # fmt: skip
+        if time.monotonic() >= deadline:
+            raise SlurmError(
+                f"Dask workers did not start within {WORKER_START_TIMEOUT_S:.0f}s on {where}; "
+                f"jobs {live} still queued: check sinfo / squeue"
+            )
+
+
+def dead_worker_jobs(slurm: SlurmClient, job_name: str, since: str, log_dir: str | None,
+                     most: int = 3) -> str:  # fmt: skip
+    """'job 12 FAILED (exit 127:0) after 00:00:01, log: <tail>; ...' for our worker jobs
+    that ended since ``since`` ('' when none did, or the accounting cannot tell)."""
+    try:
+        recs = slurm.sacct(("JobID", "State", "ExitCode", "Elapsed"),
+                           args=["--name", job_name, "-S", since])  # fmt: skip
+    except SlurmCommandError:
+        return ""
+    ended = [r for r in recs if r["State"] in TERMINAL_STATES]
+    parts = []
+    for r in ended[:most]:
+        tail = ""
+        if log_dir:
+            for suffix in (".err", ".out"):
+                p = Path(log_dir) / f"{job_name}-{r['JobID']}{suffix}"
+                with contextlib.suppress(OSError):
+                    lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines()
+                             if ln.strip()]  # fmt: skip
+                    if lines:
+                        tail = " | ".join(lines[-3:])[-300:]
+                        break
+        state = r.get("StateDetail") or r["State"]
+        parts.append(f"job {r['JobID']} {state} (exit {r['ExitCode']}) after {r['Elapsed']}, "
+                     f"log: {tail or '(empty)'}")  # fmt: skip
+    more = f"; and {len(ended) - most} more" if len(ended) > most else ""
+    return "; ".join(parts) + more
 
 
 def _spec_name(specs: dict[str, Any], worker_name: str) -> str | None:

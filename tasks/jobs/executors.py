@@ -198,7 +198,8 @@ def executor_for(
 
 
 @contextlib.contextmanager
-def owner(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+def owner(run_dir: Path, log: Callable[[str], None] = print,
+          doing: str = "trained") -> Iterator[None]:  # fmt: skip
     """Hold the run directory's owner lock; wait (saying so) while another process has it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK_NAME, "a+") as fh:
@@ -207,8 +208,8 @@ def owner(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            log(f"run {run_dir.name} is being trained by {holder}: waiting for it to finish "
-                "(its result is collected, nothing is trained twice)")  # fmt: skip
+            log(f"run {run_dir.name} is being {doing} by {holder}: waiting for it to finish "
+                f"(its result is collected, nothing is {doing} twice)")  # fmt: skip
             t0 = time.monotonic()
             fcntl.flock(fh, fcntl.LOCK_EX)
             log(f"run {run_dir.name}: the other owner finished after "

@@ -20,9 +20,12 @@ twice, and readers never see a partial snapshot:
 4. **Primary keys** are checked for duplicates within each object and across objects:
    64-bit key hashes, spread over hash buckets on local disk (memory does not grow with
    the dataset), and every hash match confirmed on the values before it is reported.
-5. **Strict** (default): any bad object fails the snapshot, and the one error line lists
-   every bad object with its column, expected and actual. **Quarantine**: good objects
-   are committed and bad ones listed in ``quarantine.json`` and the manifest.
+5. **Strict** (default): any bad object fails the snapshot with one error line (capped:
+   the first few bad objects, each with its first few problems, i.e. column, expected and
+   actual, and counts of the rest). When the line leaves problems out, every one is
+   written to a local JSON report that the line names (:class:`ContractError` carries
+   them too). **Quarantine**: good objects are committed and bad ones listed, with every
+   problem, in ``quarantine.json`` and the manifest.
 6. ``<lake>/snapshots/<dataset>/<id>/manifest.json`` is written last: the commit point.
 
 Lake object files are content-addressed and never overwritten, so committed snapshots are
@@ -36,11 +39,12 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +68,14 @@ from aifactory.tasks.data.dataspace import (
     stat_object,
     storage_error,
 )
-from aifactory.tasks.data.formats import READERS, ObjectBad, Problem, short
+from aifactory.tasks.data.formats import (
+    READERS,
+    SHOWN_PROBLEMS,
+    ObjectBad,
+    Problem,
+    capped,
+    short,
+)
 from aifactory.tasks.data.policy import (
     Decision,
     PolicyError,
@@ -96,6 +107,9 @@ LAKE_WRITER: dict[str, Any] = {
     "write_statistics": True,
 }
 PK_BUCKETS = 64
+# An error line shows this many bad objects at most (each: its first few problems), and is
+# about this long at most; the rest are counted, and all are in a report file.
+SHOWN_OBJECTS, ERROR_CHARS = 5, 2000
 
 Progress = Callable[[str], None]
 
@@ -113,6 +127,9 @@ class IngestOptions:
     today: dt.date | None = None
     entry: DatasetEntry | None = None  # default: the shipped catalog's entry
     on_decision: Callable[[Decision], None] | None = None
+    # Where a refused ingest writes every problem when its error line cannot hold them
+    # (default: <temp dir>/aif-ingest-<uid>/); the line names the file.
+    report_dir: str | None = None
 
 
 @dataclass
@@ -157,6 +174,7 @@ def objects_url(lake_url: str, dataset: str) -> str:
 
 # -- primary keys -----------------------------------------------------------------------
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+LONG_KEY_WORDS = 32  # text keys over 32 words (256 bytes) are hashed by BLAKE2b
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -170,8 +188,10 @@ def _mix(z: np.ndarray) -> np.ndarray:
 def key_hashes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """64-bit hashes of a key column's values, computed in numpy on Arrow's buffers (no
     Python object per value). Integers and timestamps are mixed directly; text is padded to
-    whole 8-byte words (one reshape when all keys have the same length, as IDs usually do)
-    and folded word by word with its length.
+    whole 8-byte words of its own (keys of one word count at a time: one reshape when all
+    keys have the same length, as IDs usually do) and folded word by word with its length;
+    text over 256 bytes gets an 8-byte BLAKE2b digest instead. A value's hash depends on
+    the value only, never on the other keys of its batch (nor on how the object is cut).
 
     Equal hashes are only candidates: every duplicate is confirmed on the values themselves
     before it is reported, so a hash collision can never refuse good data.
@@ -188,17 +208,34 @@ def key_hashes(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     offs = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offs)
-    longest = int(lengths.max(initial=0))
-    width = max(8, -(-longest // 8) * 8)
-    mat = np.zeros((n, width), dtype=np.uint8)
-    if n and (lengths == longest).all():
-        mat[:, :longest] = data[offs[0] : offs[-1]].reshape(n, longest)
-    elif n:
-        dest = np.repeat(np.arange(n, dtype=np.int64) * width - offs[:-1], lengths)
-        mat.reshape(-1)[dest + np.arange(offs[0], offs[-1])] = data[offs[0] : offs[-1]]
-    words = mat.view("<u8")
+    if n and (lengths == lengths[0]).all() and lengths[0] <= 8 * LONG_KEY_WORDS:  # usual
+        size = int(lengths[0])
+        width = max(8, -(-size // 8) * 8)
+        mat = np.zeros((n, width), dtype=np.uint8)
+        mat[:, :size] = data[offs[0] : offs[-1]].reshape(n, size)
+        return _fold(mat.view("<u8"), lengths)
+    h = np.empty(n, dtype=np.uint64)
+    nwords = np.maximum(1, -(-lengths // 8))
+    for w in np.unique(nwords):
+        rows = np.flatnonzero(nwords == w)
+        if w > LONG_KEY_WORDS:  # long text: one digest per value, not a fold per word
+            for r in rows:
+                digest = hashlib.blake2b(data[offs[r] : offs[r + 1]].tobytes(), digest_size=8)
+                h[r] = int.from_bytes(digest.digest(), "little")
+            continue
+        sizes = lengths[rows]
+        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        flat = np.zeros(len(rows) * int(w) * 8, dtype=np.uint8)
+        flat[np.repeat(np.arange(len(rows)) * int(w) * 8, sizes) + within] = data[
+            np.repeat(offs[rows], sizes) + within
+        ]
+        h[rows] = _fold(flat.view("<u8").reshape(len(rows), int(w)), sizes)
+    return h
+
+
+def _fold(words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     h = _mix(lengths.astype(np.uint64) + _GOLDEN)
-    for j in range(width // 8):
+    for j in range(words.shape[1]):
         h = _mix(h ^ words[:, j])
     return h
 
@@ -212,28 +249,50 @@ def _exact_duplicates(values: pa.Array | pa.ChunkedArray) -> tuple[int, list[str
     return len(dup), [str(v) for v in dup.drop_duplicates().head(3)]
 
 
-def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict[int, set[int]]]:
+_SHIFT = np.uint64(64 - int(np.log2(PK_BUCKETS)))
+HASH_CHUNK = 1 << 20  # hashes read from a local hash file at a time (8 MiB)
+
+
+def _bucket_slices(sorted_h: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(bucket, start, end) of each non-empty bucket of sorted hashes (by their top bits)."""
+    bounds = np.searchsorted(sorted_h >> _SHIFT, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
+    for b in range(PK_BUCKETS):
+        if bounds[b + 1] > bounds[b]:
+            yield b, int(bounds[b]), int(bounds[b + 1])
+
+
+def _hash_file_chunks(path: str) -> Iterator[np.ndarray]:
+    with open(path, "rb") as fh:
+        while True:
+            h = np.fromfile(fh, dtype="<u8", count=HASH_CHUNK)
+            if not len(h):
+                return
+            yield h
+
+
+Hashes = np.ndarray | Iterable[np.ndarray]  # all at once, or in chunks
+
+
+def duplicates_across(loaders: list[Callable[[], Hashes]]) -> dict[int, dict[int, set[int]]]:
     """Key hashes shared between objects: {later object: {earlier object: {hashes}}}.
 
-    Hashes are spread over PK_BUCKETS files on local disk by their top bits and each bucket
-    is checked alone, so memory holds one object's hashes or one bucket at a time.
+    Each loader gives one object's hashes, at once or in chunks. They are spread over
+    PK_BUCKETS files on local disk by their top bits and each bucket is checked alone, so
+    memory holds one chunk or one bucket at a time.
     """
     rec_dtype = np.dtype([("h", "<u8"), ("o", "<u4")])
     found: dict[int, dict[int, set[int]]] = {}
     with tempfile.TemporaryDirectory(prefix="aif-pk-") as tmp:
         paths = [os.path.join(tmp, f"b{i:02d}") for i in range(PK_BUCKETS)]
-        shift = np.uint64(64 - int(np.log2(PK_BUCKETS)))
         for idx, load in enumerate(loaders):
-            h = load()
-            if len(h) > 1 and (h[1:] < h[:-1]).any():
+            got = load()
+            for h in [got] if isinstance(got, np.ndarray) else got:
                 h = np.sort(h)
-            rec = np.empty(len(h), dtype=rec_dtype)
-            rec["h"], rec["o"] = h, idx
-            bounds = np.searchsorted(h >> shift, np.arange(PK_BUCKETS + 1, dtype=np.uint64))
-            for b in range(PK_BUCKETS):
-                if bounds[b + 1] > bounds[b]:
+                rec = np.empty(len(h), dtype=rec_dtype)
+                rec["h"], rec["o"] = h, idx
+                for b, lo, hi in _bucket_slices(h):
                     with open(paths[b], "ab") as fh:
-                        fh.write(rec[bounds[b] : bounds[b + 1]].tobytes())
+                        fh.write(rec[lo:hi].tobytes())
         for p in paths:
             if not os.path.exists(p):
                 continue
@@ -254,6 +313,59 @@ def duplicates_across(loaders: list[Callable[[], np.ndarray]]) -> dict[int, dict
     return found
 
 
+class _HashSpill:
+    """One object's key hashes, batch by batch: held in memory up to HASH_CHUNK of them,
+    beyond that spread over PK_BUCKETS local files by their top bits. ``finish`` writes them
+    sorted to one file, bucket by bucket. Memory holds HASH_CHUNK hashes or one bucket's,
+    never the object's."""
+
+    def __init__(self) -> None:
+        self.held: list[np.ndarray] = []
+        self.count = 0
+        self.dir: str | None = None
+
+    def _path(self, b: int) -> str:
+        assert self.dir is not None
+        return os.path.join(self.dir, f"b{b:02d}")
+
+    def add(self, h: np.ndarray) -> None:
+        self.held.append(h)
+        self.count += len(h)
+        if self.count >= HASH_CHUNK:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self.held:
+            return
+        h = np.sort(np.concatenate(self.held))
+        self.held, self.count = [], 0
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="aif-pk-")
+        for b, lo, hi in _bucket_slices(h):
+            with open(self._path(b), "ab") as fh:
+                fh.write(h[lo:hi].tobytes())
+
+    def finish(self, dest: str) -> bool:
+        """Write every hash, sorted, to ``dest``; True if any hash occurs twice."""
+        if self.dir is None:  # all in memory: a small object
+            h = np.sort(np.concatenate(self.held)) if self.held else np.zeros(0, "<u8")
+            h.tofile(dest)
+            return bool((h[1:] == h[:-1]).any())
+        self._spill()
+        repeated = False
+        with open(dest, "wb") as out:
+            for b in range(PK_BUCKETS):
+                if os.path.exists(self._path(b)):
+                    h = np.sort(np.fromfile(self._path(b), dtype="<u8"))
+                    repeated = repeated or bool((h[1:] == h[:-1]).any())
+                    out.write(h.tobytes())
+        return repeated
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # -- one object ---------------------------------------------------------------------------
 class _Reader:
     """Streams one source object into a staged lake file; counts bytes handed to Arrow."""
@@ -263,15 +375,26 @@ class _Reader:
         self.fs, self.obj, self.dc, self.personal, self.key = fs, obj, dc, personal, key
 
     def copy(self, local_parquet: str, local_pk: str) -> int:
+        spill = _HashSpill()
+        try:
+            return self._copy(local_parquet, local_pk, spill)
+        finally:
+            spill.close()
+
+    def _copy(self, local_parquet: str, local_pk: str, hashes: _HashSpill) -> int:
         reader = READERS[self.dc.format]
         rows = 0
-        hashes: list[np.ndarray] = []
         try:
             fh = self.fs.open(self.obj.key, "rb")
         except FileNotFoundError:
             raise ObjectBad([Problem("vanished after it was listed")]) from None
         pending: list[pa.RecordBatch] = []
-        with fh, pq.ParquetWriter(local_parquet, self.dc.schema, **LAKE_WRITER) as writer:
+        batches = reader(fh, self.dc.schema)
+        with (
+            fh,
+            contextlib.closing(batches),  # a reader's read-ahead stops before fh closes
+            pq.ParquetWriter(local_parquet, self.dc.schema, **LAKE_WRITER) as writer,
+        ):
 
             def flush() -> None:
                 if pending:
@@ -280,11 +403,11 @@ class _Reader:
                     )
                     pending.clear()
 
-            for batch in reader(fh, self.dc.schema):
+            for batch in batches:
                 if self.personal:
                     assert self.key is not None
                     batch = pseudonymise_batch(batch, self.personal, self.key)
-                hashes.append(key_hashes(batch.column(self.dc.primary_key)))
+                hashes.add(key_hashes(batch.column(self.dc.primary_key)))
                 pending.append(batch)
                 rows += batch.num_rows
                 if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
@@ -292,8 +415,7 @@ class _Reader:
             flush()
         if rows == 0:
             raise ObjectBad([Problem("holds no rows (an empty or header-only export?)")])
-        s = np.sort(np.concatenate(hashes))
-        if (s[1:] == s[:-1]).any():  # candidates: confirm on the values
+        if hashes.finish(local_pk):  # candidates: confirm on the values
             n, examples = _exact_duplicates(
                 pq.read_table(local_parquet, columns=[self.dc.primary_key]).column(0)
             )
@@ -302,7 +424,6 @@ class _Reader:
                 raise ObjectBad([Problem(f"{n} duplicate value(s) within the object, e.g. {shown}",
                                          self.dc.primary_key, "unique (primary key)",
                                          "duplicates")])  # fmt: skip
-        s.tofile(local_pk)
         return rows
 
 
@@ -376,17 +497,60 @@ def _ingest_object(
 
 
 def _bad_line(o: SourceObject, problems: list[Problem]) -> str:
-    return f"object {o.url}: " + "; ".join(str(p) for p in problems)
+    return f"object {o.url}: " + capped(problems)
 
 
-def _strict_error(dataset: str, bad: list[_Outcome], total: int) -> DataError:
-    lines = [_bad_line(b.obj, b.problems) for b in bad]
-    if len(lines) == 1:
-        return DataError(f"ingest {dataset}: {lines[0]}")
-    return DataError(
-        f"ingest {dataset}: {len(lines)} of {total} objects break the contract: "
-        + " | ".join(lines)
-    )
+def _bad_objects(lines: list[str]) -> str:
+    return capped(lines, " | ", SHOWN_OBJECTS, ERROR_CHARS, noun="object")
+
+
+class ContractError(DataError):
+    """Objects break the contract. The line shows the first few objects and problems of
+    each; ``problems`` has every one ({object URL: [problem dicts]}), and ``report`` is
+    the local JSON file that holds them when the line leaves some out (None if not)."""
+
+    def __init__(self, message: str, problems: dict[str, list[dict[str, Any]]],
+                 report: str | None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.problems = problems
+        self.report = report
+
+
+def _contract_error(head: str, bad: list[_Outcome], dataset: str, sid: str,
+                    report_dir: str | None) -> ContractError:  # fmt: skip
+    """``head`` and the bad objects in one capped line; every problem in a local report
+    file (named in the line) when the line cannot hold them all."""
+    problems = {b.obj.url: [p.as_dict() for p in b.problems] for b in bad}
+    line = head + _bad_objects([_bad_line(b.obj, b.problems) for b in bad])
+    complete = len(bad) <= SHOWN_OBJECTS and all(
+        len(b.problems) <= SHOWN_PROBLEMS for b in bad
+    ) and "…" not in line  # fmt: skip
+    report = None if complete else _write_report(report_dir, dataset, sid, problems)
+    if report:
+        n = sum(len(v) for v in problems.values())
+        line += f" (all {n} problems of {len(bad)} object(s): {report})"
+    return ContractError(line, problems, report)
+
+
+def _write_report(report_dir: str | None, dataset: str, sid: str,
+                  problems: dict[str, list[dict[str, Any]]]) -> str | None:  # fmt: skip
+    """Write every problem to ``<report_dir>/<dataset>-<snapshot id>-problems.json`` (whole
+    or not at all); its path, or None if it could not be written."""
+    folder = report_dir or os.path.join(tempfile.gettempdir(), f"aif-ingest-{os.getuid()}")
+    path = os.path.join(folder, f"{dataset}-{sid}-problems.json")
+    data = {"dataset": dataset, "snapshot_id": sid, "created_at": now_iso(),
+            "objects": [{"url": u, "problems": ps} for u, ps in problems.items()]}  # fmt: skip
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+    return path
 
 
 # -- the snapshot ----------------------------------------------------------------------
@@ -442,8 +606,9 @@ def ingest(
         if snap.quarantined and not opts.quarantine:
             raise DataError(
                 f"ingest {dataset}: snapshot {sid} of this listing has "
-                f"{len(snap.quarantined)} quarantined object(s) (strict mode refuses it): "
-                + " | ".join(f"object {q.key}: {q.reason}" for q in snap.quarantined)
+                f"{len(snap.quarantined)} quarantined object(s) (strict mode refuses it; every "
+                f"problem in {root_url}/quarantine.json): "
+                + _bad_objects([f"object {q.key}: {q.reason}" for q in snap.quarantined])
             )
         say(f"snapshot {sid} is already committed: nothing changed, no object read")
         return snap.model_copy(
@@ -512,18 +677,21 @@ def ingest(
         _check_across(good, lake_fs, dc, say)
         bad = [r for r in ordered if r.problems]
         if bad and not opts.quarantine:
-            raise _strict_error(dataset, bad, len(objs))
+            head = f"ingest {dataset}: " + (
+                f"{len(bad)} of {len(objs)} objects break the contract: " if len(bad) > 1 else ""
+            )
+            raise _contract_error(head, bad, dataset, sid, opts.report_dir)
         good = [r for r in ordered if r.record is not None and not r.problems]
         if not good:
-            raise DataError(f"ingest {dataset}: every object is bad; nothing to commit: "
-                            + " | ".join(_bad_line(b.obj, b.problems) for b in bad))  # fmt: skip
+            raise _contract_error(f"ingest {dataset}: every object is bad; nothing to commit: ",
+                                  bad, dataset, sid, opts.report_dir)  # fmt: skip
         records = [r.record for r in good if r.record is not None]
         quarantined = [
             QuarantineRecord(
                 key=b.obj.key,
                 etag=b.obj.etag,
                 size=b.obj.size,
-                reason="; ".join(str(p) for p in b.problems),
+                reason=capped(b.problems),
                 problems=[p.as_dict() for p in b.problems],
             )
             for b in bad
@@ -572,8 +740,9 @@ def ingest(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
     if quarantined:
-        say(f"quarantined {len(quarantined)} object(s): " + " | ".join(
-            f"{q.key}: {q.reason}" for q in quarantined))  # fmt: skip
+        say(f"quarantined {len(quarantined)} object(s) (every problem in {root_url}/"
+            "quarantine.json): "
+            + _bad_objects([f"{q.key}: {q.reason}" for q in quarantined]))  # fmt: skip
     say(f"snapshot {sid} committed: {snap.rows} rows in {len(records)} objects "
         f"({len(read)} read, {reused} reused)")  # fmt: skip
     return snap
@@ -605,11 +774,15 @@ def _check_across(good: list[_Outcome], lake_fs: Any, dc: DatasetContract,
         with lake_fs.open(r.record.lake_path.split("://", 1)[-1], "rb") as fh:
             return pq.read_table(fh, columns=[pk]).column(0)
 
-    def loader(r: _Outcome) -> Callable[[], np.ndarray]:
-        def load() -> np.ndarray:
-            if r.pk_local:
-                return np.fromfile(r.pk_local, dtype="<u8")
-            return key_hashes(keys_of(r))
+    def loader(r: _Outcome) -> Callable[[], Hashes]:
+        def load() -> Iterator[np.ndarray]:
+            if r.pk_local:  # read by this run: its hashes are on local disk
+                yield from _hash_file_chunks(r.pk_local)
+                return
+            assert r.record is not None  # reused: hashed from its lake file, batch by batch
+            with lake_fs.open(r.record.lake_path.split("://", 1)[-1], "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(columns=[pk]):
+                    yield key_hashes(batch.column(0))
 
         return load
 
@@ -633,7 +806,8 @@ def _check_across(good: list[_Outcome], lake_fs: Any, dc: DatasetContract,
         if details:
             bad += 1
             r.problems.append(
-                Problem("primary-key values already in an earlier object: " + "; ".join(details),
+                Problem("primary-key values already in an earlier object: "
+                        + capped(details, "; ", 3, 400, noun="object"),
                         pk, "unique (primary key)", "duplicates")
             )  # fmt: skip
     if bad:

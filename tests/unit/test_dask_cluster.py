@@ -118,3 +118,29 @@ def test_worker_scripts_quote_a_python_path_with_a_space(monkeypatch: pytest.Mon
     assert "'/tmp/ci final/aif/.venv/bin/python' -m distributed.cli.dask_worker" in script
     alloc = render_allocation_script(spec, "startup-a", "aif-dask-x", "/s/sched.json", "/s")
     assert "'/tmp/ci final/aif/.venv/bin/python' -m distributed.cli.dask_scheduler" in alloc
+
+
+def test_a_dead_worker_job_is_reported_dead_with_its_log(tmp_path: Any) -> None:
+    """Issue 15: a worker job that died at start (exit 127: its Python not found) was
+    reported after 180 s as 'jobs [] still queued'. Now: its state, exit code and log."""
+    from aifactory.tasks.doors.dask_cluster import dead_worker_jobs
+    from aifactory.tasks.doors.slurm import SlurmClient
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        '#!/bin/sh\necho "JobID|State|ExitCode|Elapsed"\n'
+        'echo "31|FAILED|127:0|00:00:01"\necho "32|FAILED|127:0|00:00:01"\n'
+        'echo "33|RUNNING|0:0|00:00:09"\n'
+    )
+    (bin_dir / "sacct").chmod(0o755)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "aif-dask-t-31.err").write_text("line one\n/x/my venv/bin/python: not found\n\n")
+    got = dead_worker_jobs(SlurmClient(bin_dir=str(bin_dir)), "aif-dask-t", "2026-01-01",
+                           str(logs))  # fmt: skip
+    assert got.startswith("job 31 FAILED (exit 127:0) after 00:00:01, log: line one | /x/my "
+                          "venv/bin/python: not found; job 32 FAILED")  # fmt: skip
+    assert "33" not in got and "(empty)" in got
+    (bin_dir / "sacct").write_text('#!/bin/sh\necho "sacct: error: no database" >&2; exit 1\n')
+    assert dead_worker_jobs(SlurmClient(bin_dir=str(bin_dir)), "aif-dask-t", "x", None) == ""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,7 @@ from aifactory.tasks.data.datagen import generate_mobility
 from aifactory.tasks.data.dataspace import contract, list_objects
 from aifactory.tasks.stages import ingest as ingest_mod
 from aifactory.tasks.stages.ingest import (
+    ContractError,
     IngestOptions,
     duplicates_across,
     ingest,
@@ -59,13 +63,13 @@ def assert_objects_complete(lake: Store) -> None:
     assert all(v == {"parquet", "json"} for v in stems.values()), stems
 
 
-def _fails_cleanly(src: Store, lake: Store, *needles: str) -> str:
+def _fails_cleanly(src: Store, lake: Store, *needles: str, **kw: Any) -> str:
     """Ingest raises one DataError line with ``needles``; no snapshot becomes visible and
     the lake holds only complete object files."""
     before = snapshots_part(lake)
     committed = list_snapshots(lake.url, DATASET, lake.storage_options)
     with pytest.raises(DataError) as e:
-        _run(src, lake)
+        _run(src, lake, **kw)
     msg = str(e.value)
     assert "\n" not in msg
     for n in needles:
@@ -455,7 +459,127 @@ def test_failed_lake_write_removes_what_was_written(
     assert_objects_complete(lake)
 
 
+# -- many problems: one capped line, every problem in a file -------------------------------
+def _wide(t: pa.Table, n: int = 2998) -> pa.Table:
+    """Two columns of the wrong type and ``n`` undeclared ones: n + 2 problems."""
+    t = _cast(_cast(t, "pickup_zone", pa.string()), "passenger_count", pa.string())
+    for i in range(n):
+        value = pa.array([i] * len(t)) if i % 2 else pa.array([f"v{i}"] * len(t))
+        t = t.append_column(f"extra_{i:04d}", value)
+    return t
+
+
+def _shown_and_more(text: str) -> tuple[int, int]:
+    m = re.search(r"\.\.\. and (\d+) more problems", text)
+    assert m, text
+    return text[: m.start()].count("column '"), int(m.group(1))
+
+
+def test_many_bad_columns_make_one_capped_line(store: Store, lake: Store, tmp_path: Any) -> None:
+    """A Parquet with thousands of wrong columns: the first few problems and a count, in a
+    line of bounded length; every problem in a local report the line names."""
+    _seed(store)
+    url = store.rewrite("part-00001.parquet", _wide)
+    reports = tmp_path / "reports"
+    msg = _fails_cleanly(store, lake, url, "column 'pickup_zone': expected int32, actual string",
+                         str(reports), report_dir=str(reports))  # fmt: skip
+    assert len(msg) < 1000, len(msg)
+    shown, more = _shown_and_more(msg)
+    assert 1 <= shown <= 5 and shown + more == 3000
+    assert "all 3000 problems of 1 object(s)" in msg
+    report = json.loads(next(reports.iterdir()).read_text())
+    assert report["dataset"] == DATASET and len(report["objects"]) == 1
+    assert report["objects"][0]["url"] == url
+    problems = report["objects"][0]["problems"]
+    assert len(problems) == 3000 and problems[2999]["column"] == "extra_2997"
+    with pytest.raises(ContractError) as e:  # the caller gets them too
+        _run(store, lake, report_dir=str(reports))
+    assert e.value.report == str(next(reports.iterdir()))
+    assert len(e.value.problems[url]) == 3000
+
+
+def test_many_bad_objects_make_one_capped_line(store: Store, lake: Store, tmp_path: Any) -> None:
+    _seed(store, objects=8)
+    urls = [store.rewrite(f"part-{i:05d}.parquet", lambda t: t.drop_columns(["vendor"]))
+            for i in range(8)]  # fmt: skip
+    msg = _fails_cleanly(store, lake, "8 of 8 objects break the contract", *urls[:5],
+                         "... and 3 more objects", report_dir=str(tmp_path))  # fmt: skip
+    assert urls[5] not in msg and msg.count(" | ") == 5
+    report = json.loads(next(tmp_path.glob("*-problems.json")).read_text())
+    assert [o["url"] for o in report["objects"]] == urls
+
+
+def test_few_problems_write_no_report(store: Store, lake: Store, tmp_path: Any) -> None:
+    """A line that holds every problem is the whole story: no report file."""
+    _seed(store)
+    url = store.rewrite("part-00000.parquet", lambda t: t.drop_columns(["vendor"]))
+    msg = _fails_cleanly(store, lake, url, report_dir=str(tmp_path / "r"))
+    assert "more problem" not in msg and "all " not in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_quarantine_keeps_every_problem(store: Store, lake: Store) -> None:
+    _seed(store)
+    store.rewrite("part-00001.parquet", _wide)
+    said: list[str] = []
+    snap = _run(store, lake, said.append, quarantine=True)
+    q = snap.quarantined[0]
+    assert len(q.reason) <= 500 and _shown_and_more(q.reason)[1] > 2990
+    assert len(q.problems) == 3000
+    report = json.loads(
+        lake.fs.cat_file(f"{lake.path}/snapshots/{DATASET}/{snap.snapshot_id}/quarantine.json")
+    )
+    assert len(report["objects"][0]["problems"]) == 3000
+    line = next(m for m in said if m.startswith("quarantined"))
+    assert len(line) < 1000 and "quarantine.json" in line
+    with pytest.raises(DataError) as e:  # strict mode on the same listing: capped, too
+        _run(store, lake)
+    assert len(str(e.value)) < 1200 and "quarantine.json" in str(e.value)
+
+
 # -- primary-key hashing ----------------------------------------------------------------
+def test_key_hashes_spill_to_disk(store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch,
+                                  tmp_path: Any) -> None:  # fmt: skip
+    """An object's key hashes beyond HASH_CHUNK go to local bucket files: the same
+    snapshot, and duplicates are still found within and across objects."""
+    _seed(store)
+    small = _run(store, lake)
+    monkeypatch.setattr(ingest_mod, "HASH_CHUNK", 100)
+    spilled = ingest(store.url, f"file://{tmp_path}/lake2", DATASET, store.storage_options,
+                     {}, IngestOptions(**OPTS))  # fmt: skip
+    assert [o.lake_sha256 for o in spilled.objects] == [o.lake_sha256 for o in small.objects]
+
+    def dup(t: pa.Table) -> pa.Table:
+        ids = t.column("trip_id").to_pylist()
+        ids[-1] = ids[0]
+        return _set(t, "trip_id", pa.array(ids))
+
+    url = store.rewrite("part-00001.parquet", dup)
+    _fails_cleanly(store, lake, url, "1 duplicate value(s) within the object")
+    first = _table(store, "part-00000.parquet").column("trip_id").to_pylist()
+    shared = pa.array(first[-300:] + first[:500])
+    url = store.rewrite("part-00001.parquet", lambda t: _set(t, "trip_id", shared))
+    _fails_cleanly(store, lake, url, "800 shared with")
+
+
+def test_hash_spill_sorts_every_hash(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_mod, "HASH_CHUNK", 1000)
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 2**63, 700, dtype=np.int64).view(np.uint64) for _ in range(9)]
+    spill = ingest_mod._HashSpill()
+    try:
+        for h in parts:
+            spill.add(h)
+        assert spill.dir is not None  # spilled
+        assert not spill.finish(str(tmp_path / "pk"))
+    finally:
+        spill.close()
+    assert spill.dir is not None
+    assert not os.path.exists(spill.dir)
+    got = np.fromfile(tmp_path / "pk", dtype="<u8")
+    assert np.array_equal(got, np.sort(np.concatenate(parts)))
+
+
 def test_duplicates_across_buckets() -> None:
     a = key_hashes(pa.array([f"k{i}" for i in range(5000)]))
     b = key_hashes(pa.array([f"k{i}" for i in range(4990, 6000)]))
@@ -466,6 +590,19 @@ def test_duplicates_across_buckets() -> None:
         2: {0: 2},
     }
     assert duplicates_across([lambda: a, lambda: key_hashes(pa.array(["z"]))]) == {}
+
+
+def test_key_hashes_do_not_depend_on_the_batch() -> None:
+    """A key hashes alike whatever else is in its batch (short, long and very long keys),
+    so that duplicates are found however objects are cut into batches."""
+    keys = ["k1", "abcdefghijklmnopq", "", "x" * 300, "y" * 5000, "k1-but-longer"]
+    alone = [key_hashes(pa.array([k]))[0] for k in keys]
+    assert list(key_hashes(pa.array(keys))) == alone
+    assert list(key_hashes(pa.array(["pad", *keys]).slice(1))) == alone
+    assert len(set(alone)) == len(keys)
+    found = duplicates_across([lambda: key_hashes(pa.array(["k1", "a-much-longer-key"])),
+                               lambda: key_hashes(pa.array(["k2", "k1"]))])  # fmt: skip
+    assert {k: {o: len(h) for o, h in v.items()} for k, v in found.items()} == {1: {0: 1}}
 
 
 def test_hash_collision_is_not_a_duplicate(

@@ -7,13 +7,18 @@ import datetime as dt
 import io
 import json
 import re
+import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.csv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
 
 from aifactory.tasks.core.errors import DataError
+from aifactory.tasks.data import formats
 from aifactory.tasks.data.catalog import catalog_at
 from aifactory.tasks.data.generators import generate_agriculture, generate_health
 from aifactory.tasks.data.policy import PolicyError, key_fingerprint
@@ -25,6 +30,7 @@ KEY = b"0123456789abcdef-test-pseudonymisation-key"
 AGRI = {"startup": "startup-b", "purpose": "crop-yield-forecasting"}
 HEALTH = {"startup": "startup-c", "purpose": "readmission-risk-research",
           "pseudonymisation_key": KEY}  # fmt: skip
+DATASETS = {"csv": "agriculture-fields", "jsonl": "health-records"}
 
 
 def _agri(store: Store, lake: Store, **kw: Any) -> Any:
@@ -287,3 +293,180 @@ def test_http_distribution(tmp_path: Any, lake: Store) -> None:
         assert again.reused
     finally:
         server.shutdown()
+
+
+# -- streamed in blocks of whole lines: memory flat in the object's size ----------------------
+SMALL_BLOCK = 64 << 10
+ROWS_OF_SMALL_BLOCKS = {"csv": 12_000, "jsonl": 3_500}  # about 1 MB: 16 blocks
+
+
+def _object_bytes(tmp_path: Any, fmt: str, rows: int) -> bytes:
+    gen = generate_agriculture if fmt == "csv" else generate_health
+    gen(f"file://{tmp_path}/{fmt}", None, rows=rows, objects=1)
+    return (tmp_path / fmt / f"part-00000.{fmt}").read_bytes()
+
+
+def _arrow_streaming(fmt: str, data: bytes, schema: pa.Schema) -> list[pa.RecordBatch]:
+    """What Arrow's own streaming readers give (read-ahead and all), normalised the same."""
+    if fmt == "csv":
+        reader = pa.csv.open_csv(
+            io.BytesIO(data),
+            read_options=pa.csv.ReadOptions(block_size=SMALL_BLOCK),
+            convert_options=pa.csv.ConvertOptions(
+                column_types={f.name: f.type for f in schema}, strings_can_be_null=True
+            ),
+        )
+        return [formats.cast_batch(b, schema) for b in reader]
+    text = pa.schema([pa.field(f.name, pa.string()) for f in schema
+                      if pa.types.is_string(f.type) or pa.types.is_timestamp(f.type)])  # fmt: skip
+    reader = pajson.open_json(
+        io.BytesIO(data),
+        read_options=pajson.ReadOptions(block_size=SMALL_BLOCK),
+        parse_options=pajson.ParseOptions(explicit_schema=text, unexpected_field_behavior="infer"),
+    )
+    return [
+        formats.cast_batch(
+            formats._parse_timestamps(formats._add_missing_nullable(b, schema), schema), schema
+        )
+        for b in reader
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_blocks_are_arrow_streaming_batches(
+    fmt: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same batches (rows, values, types) as Arrow's streaming reader: same lake bytes."""
+    data = _object_bytes(tmp_path, fmt, ROWS_OF_SMALL_BLOCKS[fmt])
+    schema = catalog_at().get(DATASETS[fmt]).schema_.arrow()
+    monkeypatch.setattr(formats, "BLOCK_BYTES", SMALL_BLOCK)
+    ours = list(formats.READERS[fmt](io.BytesIO(data), schema))
+    theirs = _arrow_streaming(fmt, data, schema)
+    assert len(ours) > 10 and [b.num_rows for b in ours] == [b.num_rows for b in theirs]
+    assert all(a.equals(b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_csv_in_small_blocks_gives_the_whole_file(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingested in 64 KiB blocks: the lake holds the file's rows, in order, as one read of
+    the whole file gives them."""
+    generate_agriculture(store.url, store.storage_options, rows=12_000, objects=1)
+    monkeypatch.setattr(formats, "BLOCK_BYTES", SMALL_BLOCK)
+    schema = catalog_at().get("agriculture-fields").schema_.arrow()
+    whole = pa.csv.read_csv(
+        io.BytesIO(store.fs.cat_file(f"{store.path}/part-00000.csv")),
+        convert_options=pa.csv.ConvertOptions(
+            column_types={f.name: f.type for f in schema}, strings_can_be_null=True
+        ),
+    )
+    snap = _agri(store, lake)
+    assert snap.rows == 12_000
+    assert _lake_table(lake, snap).equals(whole.select(schema.names).cast(schema))
+
+
+def test_duplicate_key_in_another_block_is_found(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeated key in a later block, where the first block also holds a longer key."""
+    generate_agriculture(store.url, store.storage_options, rows=12_000, objects=1)
+    monkeypatch.setattr(formats, "BLOCK_BYTES", SMALL_BLOCK)
+
+    def change(b: bytes) -> bytes:
+        b = b.replace(b'"R000000005"', b'"R000000005-with-a-longer-id"', 1)
+        return b.replace(b'"R000011990"', b'"R000000001"', 1)
+
+    url = _edit(store, "part-00000.csv", change)
+    _refused(_agri, store, lake, url, "column 'reading_id': expected unique (primary key)",
+             "1 duplicate value(s) within the object, e.g. 'R000000001'")  # fmt: skip
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, data: bytes) -> None:
+        self.inner, self.read_bytes = io.BytesIO(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.inner.readinto(b)
+        self.read_bytes += n
+        return n
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_read_ahead_is_bounded(fmt: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a batch is handed over, at most a few blocks beyond its rows have been read
+    (Arrow's own readers read up to 32 blocks ahead)."""
+    data = _object_bytes(tmp_path, fmt, ROWS_OF_SMALL_BLOCKS[fmt])
+    schema = catalog_at().get(DATASETS[fmt]).schema_.arrow()
+    monkeypatch.setattr(formats, "BLOCK_BYTES", SMALL_BLOCK)
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
+    fh = _Counting(data)
+    rows = 1 if fmt == "csv" else 0  # the header
+    ahead = []
+    for batch in formats.READERS[fmt](io.BufferedReader(fh, SMALL_BLOCK), schema):
+        time.sleep(0.01)  # a slow consumer: a reader may read ahead meanwhile
+        rows += batch.num_rows
+        ahead.append(fh.read_bytes - int(ends[rows - 1]))
+    assert len(ahead) > 10 and max(ahead) <= 4 * SMALL_BLOCK, ahead
+
+
+def _long_line(store: Store, fmt: str, at: int, size: int) -> str:
+    """Make line ``at`` (from 1) of the object ``size`` bytes long (in a text value)."""
+    name = f"part-00000.{fmt}"
+
+    def change(b: bytes) -> bytes:
+        lines = b.split(b"\n")
+        if fmt == "jsonl":
+            rec = json.loads(lines[at - 1])
+            rec["patient_name"] = "x" * size
+            lines[at - 1] = json.dumps(rec).encode()
+        else:
+            lines[at - 1] = lines[at - 1].replace(b'"wheat"', b'"' + b"w" * size + b'"', 1)
+            lines[at - 1] = re.sub(rb'"(maize|barley|sunflower)"', b'"' + b"w" * size + b'"',
+                                   lines[at - 1], count=1)  # fmt: skip
+        return b"\n".join(lines)
+
+    return _edit(store, name, change)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_line_longer_than_a_block_is_read(
+    store: Store, lake: Store, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 5.5 MB line over 1 MiB blocks (Arrow's readers refuse a line over 2 blocks): its
+    block grows to hold it."""
+    monkeypatch.setattr(formats, "BLOCK_BYTES", 1 << 20)
+    run = _health if fmt == "jsonl" else _agri
+    (generate_health if fmt == "jsonl" else generate_agriculture)(
+        store.url, store.storage_options, rows=400, objects=1
+    )
+    _long_line(store, fmt, 101, 5_500_000)
+    snap = run(store, lake)
+    assert snap.rows == 400
+    if fmt == "csv":
+        crops = _lake_table(lake, snap).column("crop").to_pylist()
+        assert max(len(c) for c in crops) == 5_500_000
+
+
+@pytest.mark.parametrize("size", [5_500_000, 12_000_000])  # ends in the next read, or later
+def test_line_longer_than_the_limit_is_named(
+    store: Store, lake: Store, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 5 << 20)
+    generate_health(store.url, store.storage_options, rows=400, objects=1)
+    url = _long_line(store, "jsonl", 101, size)
+    what = "line 101 is 5.5 MB" if size < 10e6 else "line 101 is over "  # (as far as read)
+    _refused(_health, store, lake, url, what, "MB, longer than the longest line read (5 MiB)")
+
+
+def test_capped() -> None:
+    assert formats.capped(["a", "b"]) == "a; b"
+    assert formats.capped(list("abcdefg")) == "a; b; c; d; e; ... and 2 more problems"
+    assert formats.capped(list("abcdef"), " | ", 5, noun="object").endswith("and 1 more object")
+    long = formats.capped(["x" * 400] * 4000)
+    assert len(long) <= 500 and long.endswith("; ... and 3999 more problems")
+    cut = formats.capped(["y" * 10_000, "z"])
+    assert len(cut) <= 500 and cut.endswith("…; ... and 1 more problem")
+    assert formats.capped(["one\nline\t here"]) == "one line here"

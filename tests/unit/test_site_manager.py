@@ -22,7 +22,8 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
     for mod, name in [(sp, "ensure_packages"), (sp, "render"), (sp, "link_default_munge_socket"),
                       (sp, "unlink_default_munge_socket"), (sp, "ensure_accounts"),
                       (sp, "ensure_budget_limits"),
-                      (services, "ensure_buckets"), (services, "seed_dataspace")]:  # fmt: skip
+                      (services, "ensure_buckets"), (services, "seed_dataspace"),
+                      (services, "ensure_crash_detector")]:  # fmt: skip
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
     parts = [
         manager.Part("one", "aif-site-test-daemon", lambda s: SLEEPER, lambda s: True,
@@ -86,6 +87,39 @@ def test_a_part_that_dies_fails_with_its_log_tail(
     msg = str(err.value)
     assert msg.startswith("site part broken exited during start-up:")
     assert "starting | fatal: cannot bind 127.0.0.1:1" in msg and "\n" not in msg
+
+
+def test_a_failed_up_leaves_nothing_it_started_running(
+    tmp_path: Path, fake_parts: list[manager.Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a site up that failed half-way left munged running (and its port taken).
+    What this call started is stopped again; a part that was already up stays up."""
+    site_dir = tmp_path / "site"
+    manager.up(site_dir, progress=lambda _m: None)  # "one" and "two" are up
+    try:
+        before = {p.name: p.pid for p in manager.status(site_dir)}
+        bad = manager.Part("broken", "sh", lambda s: FAILER, lambda s: False, lambda s: "x")
+        three = manager.Part("three", "aif-site-test-daemon", lambda s: SLEEPER,
+                             lambda s: True, lambda s: "here:3")  # fmt: skip
+        monkeypatch.setattr(manager, "PARTS", [*fake_parts, three, bad])
+        msgs: list[str] = []
+        with pytest.raises(SiteError, match="site part broken exited"):
+            manager.up(site_dir, progress=msgs.append)
+        state = json.loads((site_dir / "site.json").read_text())
+        assert "three" not in state and "broken" not in state
+        assert any(m.startswith("stopped three") for m in msgs), msgs
+        assert not [ln for ln in procs_named("aif-site-test-daemon")
+                    if ln not in before.values()]  # fmt: skip
+        assert {p.name: p.pid for p in manager.status(site_dir)[:2]} == before
+    finally:
+        monkeypatch.setattr(manager, "PARTS", fake_parts)
+        manager.down(site_dir, progress=lambda _m: None)
+
+
+def procs_named(tag: str) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if tag in (p.info["cmdline"] or [])]
 
 
 def test_site_dir_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
