@@ -658,6 +658,9 @@ def ingest(
             opts.pseudonymisation_key, decision.rule, storage_options_lake,
         )  # fmt: skip
         with done_lock:
+            # Recorded at once, not when the pool's results are read: if another object
+            # fails first, this one's local key-hash file is still removed at the end.
+            outcomes[o.key] = res
             done[0] += 1
             done[1] += o.size
             rate = done[1] / 1e6 / max(time.monotonic() - t_read, 1e-6)

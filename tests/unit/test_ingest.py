@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -649,3 +650,32 @@ def test_load_missing_snapshot(lake: Store) -> None:
     with pytest.raises(DataError, match="snapshot 0123456789abcdef of mobility-trips"):
         load_snapshot(lake.url, DATASET, "0123456789abcdef", lake.storage_options)
     assert list_snapshots(lake.url, DATASET, lake.storage_options) == []
+
+
+def test_a_failing_object_leaves_no_local_key_hash_file(
+    store: Store, lake: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: /tmp/aif-pk-*.bin files piled up. When one object failed, the objects that
+    other threads had finished were never read from the pool, so their key-hash files were
+    never removed."""
+    import tempfile
+    import time as _time
+
+    from aifactory.tasks.core.errors import AifError
+    from aifactory.tasks.stages import ingest as ingest_mod
+
+    keys = _seed(store)
+    real = ingest_mod._ingest_object
+    first = sorted(keys)[0].rsplit("/", 1)[-1]
+
+    def flaky(o: Any, *a: Any, **k: Any) -> Any:
+        if o.key.endswith(first):
+            _time.sleep(0.5)  # the other objects finish first
+            raise AifError(f"lake: connection reset while writing {first}")
+        return real(o, *a, **k)
+
+    monkeypatch.setattr(ingest_mod, "_ingest_object", flaky)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(AifError, match="connection reset"):
+        _run(store, lake, workers=2)
+    assert not list(tmp_path.glob("aif-pk-*")), list(tmp_path.iterdir())
