@@ -269,6 +269,10 @@ class Job:
         signal.signal(signal.SIGUSR1, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
 
+    def stop_signals_ignored(self) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
         print(f"received signal {signum}: checkpointing after this step", flush=True)
@@ -470,6 +474,11 @@ def run_job(train: Callable[[Job], object], name: str, argv: list[str] | None = 
         job.namespace = ns
         job.install_signal_handlers()
         train(job)
+        # Done: a stop signal that comes now (the time-limit warning, a scancel) has nothing
+        # left to save. Ignored, not handled: at interpreter shutdown Python puts its own
+        # handlers back to the default, and USR1's default ends the process, so a finished
+        # job would end FAILED (signal 10) in the last milliseconds of its time.
+        job.stop_signals_ignored()
     except PayloadError as exc:
         msg = " ".join(str(exc).split())[:1000]
         print(f"{name}: error: {msg}", file=sys.stderr, flush=True)

@@ -167,7 +167,10 @@ def _exec_lines(spec: TrainingSpec, run_dir: str, python: str, payload_args: lis
     return (
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
-        f"exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 {_launcher(spec, run_dir)}{py} "
+        # --export=ALL: the job's environment as this script made it (modules, training.env);
+        # sbatch's --export list is in SLURM_EXPORT_ENV, which srun would apply again.
+        f"exec srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 "
+        f"{_launcher(spec, run_dir)}{py} "
         f"-m torch.distributed.run --nnodes={spec.nodes} --nproc_per_node={procs} "
         '--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" '
         f'--rdzv_id="$SLURM_JOB_ID" {target} {args}'

@@ -121,3 +121,28 @@ def test_the_readme_trainer_example_runs(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resumed from checkpoint at step 2" in res.stdout
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"val_loss": 0.1}
+
+
+def test_a_stop_signal_after_the_work_is_done_cannot_fail_the_job(tmp_path: Path) -> None:
+    """Seen on the site (a 1-minute limit): the time-limit warning (USR1) came as a finished
+    payload was exiting; Python had put USR1 back to its default, and the job ended FAILED
+    (signal 10) with its metrics written. After the work, stop signals are ignored."""
+    import signal
+
+    from aifactory.tasks.payloads import job as job_mod
+
+    seen: list[object] = []
+
+    def work(job: job_mod.Job) -> None:
+        seen.append(signal.getsignal(signal.SIGUSR1))
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        assert job_mod.run_job(work, "t", ["--run-dir", str(tmp_path)]) == 0
+        assert callable(seen[0])  # while working: a checkpoint request
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end this process with the default
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -103,7 +103,7 @@ def test_multi_node_multi_gpu_goes_through_srun_and_torchrun(tmp_path: Path) -> 
     text = _render(TrainingSpec(nodes=2, gpus_per_node=4, cpus_per_task=16))
     assert "#SBATCH --nodes=2" in text and "#SBATCH --gres=gpu:4" in text
     assert "#SBATCH --signal=TERM@60" in text  # to every step process, not USR1 to the shell
-    assert "exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 " in text
+    assert "exec srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 " in text
     assert "-m torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d" in text
     with pytest.raises(ConfigError, match="'lm' trains on one GPU of one node"):
         _render(TrainingSpec(payload="lm", gpus_per_node=2))
