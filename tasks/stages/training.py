@@ -345,7 +345,6 @@ def _train_owned(
     cancel_event: threading.Event | None, python: str, admit: Callable[[], str] | None,
     t0: float, flavour: str,
 ) -> TrainedModel:  # fmt: skip
-    state_path = run_dir / "aif-train.json"
     done = run_dir / "metrics.json"
     if done.exists() and model_path(flavour, run_dir).exists():
         log(f"run {run_key} already finished: collecting it, nothing submitted")
@@ -366,17 +365,16 @@ def _train_owned(
     script_path = run_dir / "train.sbatch"
     write_text_local(script_path, script)
     cmd = payload_command(spec, python, str(fs_path), str(run_dir), str(cfg_path))
-    state: dict[str, Any] = {"executor": executor.kind, "job_ids": [], "sacct": {}}
-    if state_path.exists():  # an earlier owner's jobs (a reattached or resubmitted run)
-        with contextlib.suppress(OSError, ValueError):
-            state["job_ids"] = list(json.loads(state_path.read_text()).get("job_ids") or [])
+    # An earlier owner's jobs (a reattached or resubmitted run) stay named.
+    earlier = list(_read_state(run_dir).get("job_ids") or [])
+    state: dict[str, Any] = {"executor": executor.kind, "job_ids": earlier, "sacct": {}}
 
     def on_job(job_id: str) -> None:  # the run directory names its jobs from submission on
         if job_id not in state["job_ids"]:
             state["job_ids"].append(job_id)
-            write_text_local(state_path, json.dumps(state, indent=2))
+            _write_state(run_dir, state)
 
-    write_text_local(state_path, json.dumps(state, indent=2))
+    _write_state(run_dir, state)
     res = executor.run(JobRequest(job_name, run_dir, script_path, cmd, env, log, cancel_event,
                                   admit, on_job=on_job))  # fmt: skip
     state.update(
@@ -384,12 +382,27 @@ def _train_owned(
         sacct=res.sacct,
         job_ids=list(dict.fromkeys([*state["job_ids"], *res.job_ids])),
     )
-    write_text_local(state_path, json.dumps(state, indent=2))
+    _write_state(run_dir, state)
     if not done.exists():
         raise TrainingError(f"training in {run_dir} ended without writing metrics.json "
                             "(job.commit(metrics) is the run's last step)")  # fmt: skip
     return _collect(run_dir, run_key, featureset, spec, res.executor, state["job_ids"], res.sacct,
                     t0, flavour)  # fmt: skip
+
+
+STATE_FILE = "aif-train.json"  # the run's executor, Slurm job ids and sacct record
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    write_text_local(run_dir / STATE_FILE, json.dumps(state, indent=2))
 
 
 _SLURM_OUT = re.compile(r"^slurm-(\d+)\.out$")
@@ -412,9 +425,7 @@ def _collect_finished(run_dir: Path, run_key: str, fset: FeatureSet, spec: Train
             and (prior.executor != "slurm" or (prior.slurm_job_ids and prior.sacct))
         ):
             return prior  # fmt: skip
-    state: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads((run_dir / "aif-train.json").read_text())
+    state = _read_state(run_dir)
     kind = state.get("executor") or executor.kind
     job_ids = [str(j) for j in state.get("job_ids") or []]
     sacct: dict[str, str] = dict(state.get("sacct") or {})
@@ -435,7 +446,5 @@ def _collect_finished(run_dir: Path, run_key: str, fset: FeatureSet, spec: Train
             sacct = {**record(job_ids[-1], log), "aif_jobs": ",".join(job_ids)}
             log(f"run {run_key}: recovered Slurm job(s) {', '.join(job_ids)} and the record "
                 "of the last from the run directory and the accounting")  # fmt: skip
-        write_text_local(run_dir / "aif-train.json",
-                         json.dumps({"executor": kind, "job_ids": job_ids, "sacct": sacct},
-                                    indent=2))  # fmt: skip
+        _write_state(run_dir, {"executor": kind, "job_ids": job_ids, "sacct": sacct})
     return _collect(run_dir, run_key, fset, spec, kind, job_ids, sacct, t0, flavour)

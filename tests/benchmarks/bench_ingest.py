@@ -98,13 +98,14 @@ def op_ingest(src: str, lake: str) -> dict[str, Any]:
             "reused": snap.reused, "rows": snap.rows}  # fmt: skip
 
 
-def child(args: list[str]) -> dict[str, Any]:
-    """Run one operation in a fresh process; its result plus its own peak RSS."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args)],
+def child(args: list[str], script: str = __file__, what: str = "operation") -> dict[str, Any]:
+    """Run one operation of ``script`` (its ``--child`` mode) in a fresh process; the JSON
+    it prints last: its result plus its own peak RSS."""
+    proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(args)],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     out, _ = proc.communicate()
     if proc.returncode:
-        raise SystemExit(f"operation {args} failed with exit code {proc.returncode}")
+        raise SystemExit(f"{what} {args} failed with exit code {proc.returncode}")
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 

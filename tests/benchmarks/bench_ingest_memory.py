@@ -23,11 +23,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
+
+import bench_ingest  # this folder is on sys.path when run as a script
 
 KEY = b"bench-ingest-memory-pseudonymisation-key"
 FORMATS: dict[str, dict[str, Any]] = {
@@ -97,12 +97,7 @@ def op_ingest(fmt: str, src: str, lake: str) -> dict[str, Any]:
 
 def child(args: list[str]) -> dict[str, Any]:
     """Run one ingest in a fresh process; its result plus its own peak RSS."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    out, _ = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"ingest {args} failed with exit code {proc.returncode}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    return bench_ingest.child(args, __file__, "ingest")
 
 
 def _run_child(spec: list[str]) -> None:
