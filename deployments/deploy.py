@@ -1,7 +1,13 @@
 """`aif deploy`: the pipeline's deployments, the crashed-run detector and notifications.
 
-1. ``prefect deploy --all`` with deployments/prefect.yaml (one nightly deployment per
-   start-up, on the work pool ``aif-site`` whose worker `aif site up` starts).
+1. ``prefect deploy --all`` with the repository's root ``prefect.yaml`` (one nightly
+   deployment per start-up), deployed with the profile the user chose: each deployment's
+   parameter ``profile`` is that profile and its work pool is ``aif-<profile>``
+   (``aif-site``, whose worker `aif site up` starts; ``aif-local``, whose worker aif starts
+   in the background: tasks/control/worker.py). The pool is created first if it is missing.
+   The root file is the one source: ``prefect deploy --all`` at the root deploys the same
+   deployments for the site, and `aif deploy` for another profile deploys a copy of it
+   with only those two values changed.
 2. Automations, created or replaced by name (so a redeploy never duplicates them):
    - ``aif-crashed-run-detector``: a flow run that was sending heartbeats and has sent none
      for ``CRASH_AFTER_S`` (and has not finished) is set to Crashed. Its deployment's
@@ -15,19 +21,23 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import yaml
+
 from aifactory.tasks.core.errors import AifError, ConfigError
 from aifactory.tasks.models.promotion import PROMOTED_EVENT
 
 REPO = Path(__file__).resolve().parents[1]
-PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+PREFECT_FILE = REPO / "prefect.yaml"  # the platform's deployments (prefect deploy --all)
 CRASH_AFTER_S = 75  # heartbeats come every 30 s (Prefect's minimum): 2.5 missed beats
 WEBHOOK_BLOCK = "aif-notify"
 FAILED_STATES = ["prefect.flow-run.Failed", "prefect.flow-run.Crashed"]
@@ -41,21 +51,71 @@ FINAL_EVENTS = [
 ]
 
 
-def deploy_all(api_url: str, progress: Callable[[str], None] = print) -> str:
-    """Run ``prefect deploy --all`` against ``api_url``; return its output."""
+def work_pool_for(profile: str) -> str:
+    """The work pool of a profile's deployments: ``aif-<name>`` (``aif-site``, ``aif-local``;
+    a profile file's name without its folder and suffix)."""
+    name = Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile
+    return f"aif-{name}"
+
+
+def _profile_param(profile: str) -> str:
+    """The profile as a flow run on a worker finds it: a name, or a file's absolute path
+    (the run works in the repository, not where `aif deploy` ran)."""
+    if profile.endswith((".yaml", ".yml")) or os.sep in profile:
+        return str(Path(profile).expanduser().resolve())
+    return profile
+
+
+def platform_deployments(profile: str = "site") -> dict[str, Any]:
+    """The root prefect.yaml as deployed for ``profile``: every deployment's ``profile``
+    parameter is that profile and its work pool ``aif-<profile>``; nothing else changes
+    (for ``site`` it is the file as it is)."""
+    data: dict[str, Any] = yaml.safe_load(PREFECT_FILE.read_text())
+    for d in data.get("deployments") or []:
+        d.setdefault("parameters", {})["profile"] = _profile_param(profile)
+        d.setdefault("work_pool", {})["name"] = work_pool_for(profile)
+    return data
+
+
+def _failure_line(output: str) -> str:
+    """Prefect's error (its exception message, however the console wrapped it), one line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b:?", lines[i]):
+            return " ".join(lines[i:])[:800]
+    return " ".join(lines[-3:])[:800] if lines else "no output"
+
+
+def deploy_all(api_url: str, progress: Callable[[str], None] = print, *,
+               profile: str = "site") -> str:  # fmt: skip
+    """Deploy the root prefect.yaml's deployments to ``api_url`` for ``profile`` (parameter
+    ``profile``, work pool ``aif-<profile>``, created if missing) with ``prefect deploy
+    --all`` in the repository root; return its output."""
+    from aifactory.tasks.control.worker import ensure_work_pool
+
+    pool = work_pool_for(profile)
+    if ensure_work_pool(api_url, pool):
+        progress(f"created the process work pool {pool}")
+    data = platform_deployments(profile)
     prefect = str(Path(sys.executable).with_name("prefect"))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "AIF_REPO": str(REPO)}
-    cmd = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
-    progress(f"prefect deploy --all ({PREFECT_FILE.relative_to(REPO)}) -> {api_url}")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise AifError("prefect deploy --all did not finish within 600 s") from None
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}
+    with tempfile.TemporaryDirectory(prefix="aif-deploy-") as tmp:
+        prefect_file = PREFECT_FILE
+        if data != yaml.safe_load(PREFECT_FILE.read_text()):  # another profile: a copy
+            prefect_file = Path(tmp) / "prefect.yaml"
+            prefect_file.write_text(f"# {PREFECT_FILE} for profile {profile}\n"
+                                    + yaml.safe_dump(data, sort_keys=False))  # fmt: skip
+        cmd = [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
+        progress(f"prefect deploy --all ({PREFECT_FILE.relative_to(REPO)}, profile {profile}, "
+                 f"work pool {pool}) -> {api_url}")  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=600)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise AifError("prefect deploy --all did not finish within 600 s") from None
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         raise AifError(f"prefect deploy --all failed with exit code {proc.returncode}: "
-                       f"{lines[-1] if lines else 'no output'}")  # fmt: skip
+                       f"{_failure_line(proc.stderr + proc.stdout)}")  # fmt: skip
     return proc.stdout
 
 
@@ -238,12 +298,16 @@ def project_source(project_file: Path) -> dict[str, str]:
             "project": project_file.resolve().relative_to(top.resolve()).as_posix()}  # fmt: skip
 
 
-def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-site",
-                   src: dict[str, str] | None = None) -> str:  # fmt: skip
+def deploy_project(project_file: Path, api_url: str, *, work_pool: str | None = None,
+                   src: dict[str, str] | None = None,
+                   profile: str | None = None) -> str:  # fmt: skip
     """Create or replace the project's nightly deployment: the platform's pipeline on the
     project, pulled from its git repository at the pinned commit (Prefect pull steps), run by
-    the site's worker as the project's start-up; one run at a time. ``src``: the project's
-    :func:`project_source`, if the caller already has it. Returns its name."""
+    the worker of the profile's pool as the project's start-up; one run at a time.
+    ``profile``: the profile its runs use (default: the project's ``deploy.profile``), and
+    so its pool ``aif-<profile>`` unless ``work_pool`` is given (created if missing).
+    ``src``: the project's :func:`project_source`, if the caller already has it. Returns
+    its name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
@@ -252,10 +316,14 @@ def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-si
     from prefect.utilities.callables import parameter_schema
 
     from aifactory.flows.pipeline import pipeline
+    from aifactory.tasks.control.worker import ensure_work_pool
     from aifactory.tasks.core.project import load_project
 
     proj = load_project(project_file)
     src = src or project_source(project_file)
+    profile = profile or proj.deploy.profile
+    work_pool = work_pool or work_pool_for(profile)
+    ensure_work_pool(api_url, work_pool)
     name = f"{proj.name}-nightly"
     pull = [
         {"prefect.deployments.steps.git_clone": {
@@ -263,7 +331,7 @@ def deploy_project(project_file: Path, api_url: str, *, work_pool: str = "aif-si
         {"prefect.deployments.steps.set_working_directory": {
             "directory": "{{ clone.directory }}"}},
     ]  # fmt: skip
-    params = {"profile": proj.deploy.profile, "startup": proj.startup,
+    params = {"profile": _profile_param(profile), "startup": proj.startup,
               "project": src["project"], "promote": proj.deploy.promote}  # fmt: skip
     schedules = []
     if proj.deploy.schedule:

@@ -23,14 +23,12 @@ from aifactory.tasks.doors.runtime import artifact_markdown, artifact_table, md_
 
 @task(name="seed-dataspace", cache_policy=NO_CACHE)
 def seed_dataspace(profile: str, dataset: str, overrides: dict[str, Any] | None) -> int:
-    from aifactory.tasks.data.generators import seed_entry
+    """Seed an empty data space where allowed (tasks/data/seeding.py): the profile's demo
+    data space, or with dataspace.seed. Elsewhere an empty one is an error, before a byte
+    is written; and --rows for a data space that already has objects is refused."""
+    from aifactory.tasks.data.seeding import ensure_seeded
 
-    cfg = load_profile(profile, overrides)
-    entry = cfg.dataset_entry(dataset)
-    url = cfg.dataset_url(entry)
-    g = cfg.dataspace.generate
-    assert g is not None
-    return seed_entry(entry, url, cfg.storage_options(url), g.seed, g.rows, g.objects)
+    return ensure_seeded(load_profile(profile, overrides), profile, overrides, dataset)
 
 
 def _decision_markdown(d: Decision) -> str:
@@ -59,9 +57,9 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
     chosen, declared = cfg.purpose(sid, purpose)
     key = None
     if entry.policy.personal_data:
-        key = resolve_secret(
-            cfg.dataspace.pseudonymisation_key, f"pseudonymisation key for {entry.id}"
-        )
+        secret = cfg.dataspace.pseudonymisation_key
+        spec = secret.get_secret_value() if secret is not None else None
+        key = resolve_secret(spec, f"pseudonymisation key for {entry.id}")
 
     def on_decision(d: Decision) -> None:
         artifact_markdown("ingest-policy", _decision_markdown(d), f"Usage policy of {d.dataset}")
@@ -94,13 +92,11 @@ def ingest_flow(
     cfg = load_profile(profile, overrides)
     sid, _ = cfg.tenant(startup)
     say = stage_logger("ingest")
-    if cfg.dataspace.generate is not None:
-        n = seed_dataspace(profile, cfg.dataspace.dataset, overrides)
-        if n:
-            say(
-                f"seeded the data space with {n} objects of {cfg.dataspace.dataset} "
-                "(catalog generator)"
-            )
+    n = seed_dataspace(profile, cfg.dataspace.dataset, overrides)
+    if n:
+        say(
+            f"seeded the data space with {n} objects of {cfg.dataspace.dataset} (catalog generator)"
+        )
     snap = snapshot_task(profile, sid, overrides)
     say(
         f"snapshot {snap.snapshot_id}: {len(snap.objects)} objects, {snap.rows} rows, "

@@ -22,14 +22,18 @@ from aifactory.flows.train import train_flow
 from aifactory.tasks.core.config import Profile, run_scope
 from aifactory.tasks.core.provenance import git_info, now_iso
 from aifactory.tasks.core.tenancy import check_run
+from aifactory.tasks.doors.registry import ui_url, version_markdown
 from aifactory.tasks.doors.runtime import (
     artifact_link,
     artifact_markdown,
     artifact_table,
     flow_run_id,
     md_table,
+    one_line_refusals,
 )
 from aifactory.tasks.jobs.admission import admit_declaration
+
+one_line_refusals()  # the pipeline's stage flows and tasks log in this process
 
 
 def _banner(n: int, name: str) -> None:
@@ -135,6 +139,7 @@ def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
     tmp.replace(out)
 
+    registered = "already registered: no alias moved" if mv.reused else "alias candidate"
     rows = [
         {
             "stage": "ingest",
@@ -158,7 +163,7 @@ def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str
         {
             "stage": "register",
             "seconds": round(times["register"], 1),
-            "output": f"{mv.uri} (alias candidate)",
+            "output": f"{mv.uri} ({registered})",
         },
     ]
     for row in rows:
@@ -186,10 +191,11 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         except Exception as exc:  # the summary never fails the run
             states = {"sacct": f"unavailable: {exc}"}
     cost = gpu_h * HPC_GPU_RATE + cpu_h * HPC_CPU_RATE
-    model_url = f"{cfg.mlflow.tracking_uri.rstrip('/')}/#/models/{mv.name}/versions/{mv.version}"
+    model_url = ui_url(cfg.mlflow.tracking_uri, mv.name, mv.version)
     dashboard = (fset.cluster or {}).get("dashboard") or ""
     if decision is None:
-        promo = "not asked (alias `candidate`; `aif model promote` decides)"
+        moved = "alias `candidate` unchanged" if mv.reused else "alias `candidate`"
+        promo = f"not asked ({moved}; `aif model promote` decides)"
     elif decision.promoted:
         promo = f"**promoted to champion** ({decision.reason})"
     else:
@@ -202,7 +208,8 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         f"# aifactory pipeline: {st.title or sid}\n\n- profile: `{cfg.name}`\n"
         f"- start-up: `{sid}` (account `{st.account}`, project `{st.project}`)\n"
         f"- data snapshot: `{snap.snapshot_id}` ({snap.rows} rows, dataset `{snap.dataset}`)\n"
-        f"- model: [`{mv.uri}`]({model_url}); promotion: {promo}\n"
+        f"- model: {version_markdown(cfg.mlflow.tracking_uri, mv.name, mv.version)}; "
+        f"promotion: {promo}\n"
         f"- Slurm usage of this run: {gpu_h:.3f} GPU-hours, {cpu_h:.3f} CPU-hours, about "
         f"EUR {cost:.2f} at the HPC rate\n"
         f"- Dask dashboard (while the stage ran): {dashboard or 'none'}\n- {verdict}\n\n"
@@ -211,8 +218,9 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         description="Stages, data, jobs, GPU-hours and cost, model version and promotion",
     )
     artifact_table("pipeline-metrics", metric_rows, description="Held-out metrics of the model")
-    artifact_link("mlflow-model-version", model_url, f"{mv.name} version {mv.version}",
-                  description="The registered model version in MLflow")  # fmt: skip
+    if model_url is not None:  # a local store (sqlite, file) has no URL to link to
+        artifact_link("mlflow-model-version", model_url, f"{mv.name} version {mv.version}",
+                      description="The registered model version in MLflow")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from aifactory.tasks.core.config import load_profile
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
 from aifactory.tasks.core.provenance import git_info, now_iso
-from aifactory.tasks.doors.registry import register_model
+from aifactory.tasks.doors.registry import register_model, version_markdown
 from aifactory.tasks.doors.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
 from aifactory.tasks.models.modelcard import (
     model_card,
@@ -109,17 +109,21 @@ def register_flow(
     overrides: dict[str, Any] | None = None,
 ) -> ModelVersion:
     mv = register_task(trained, featureset, snapshot, profile, startup, overrides)
-    cfg = load_profile(profile, overrides)
-    link = cfg.mlflow.tracking_uri
-    if link.startswith("http"):
-        link = f"{link.rstrip('/')}/#/models/{mv.name}/versions/{mv.version}"
-    metrics = [{"metric": k, "value": round(v, 5)} for k, v in sorted(trained.metrics.items())]
-    artifact_markdown(
-        "registered-model",
-        f"# Registered model `{mv.uri}`\n\n- aliases: {', '.join(mv.aliases)}\n"
-        f"- MLflow: [{mv.name} v{mv.version}]({link})\n- run: `{mv.run_id}`\n"
-        f"- fingerprint: `{mv.fingerprint}`\n\n## Metrics\n\n{md_table(metrics)}\n\n"
-        f"## Lineage tags\n\n"
-        + md_table([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())]),
-    )
+    artifact_markdown("registered-model", registered_markdown(mv, trained))
     return mv
+
+
+def registered_markdown(mv: ModelVersion, trained: TrainedModel) -> str:
+    """The registered-model artifact: the version (a link only where MLflow has a UI URL),
+    its aliases, run, fingerprint, metrics and lineage tags."""
+    metrics = [{"metric": k, "value": round(v, 5)} for k, v in sorted(trained.metrics.items())]
+    status = ("already registered: nothing registered, no alias moved" if mv.reused
+              else "registered by this run")  # fmt: skip
+    return (
+        f"# Registered model `{mv.uri}`\n\n- {status}\n"
+        f"- aliases: {', '.join(mv.aliases) or 'none'}\n"
+        f"- MLflow: {version_markdown(mv.tracking_uri, mv.name, mv.version)}\n"
+        f"- run: `{mv.run_id}`\n- fingerprint: `{mv.fingerprint}`\n\n"
+        f"## Metrics\n\n{md_table(metrics)}\n\n## Lineage tags\n\n"
+        + md_table([{"tag": k, "value": v} for k, v in sorted(mv.tags.items())])
+    )

@@ -68,6 +68,8 @@ case "$cmd" in
   test)
     setup_python
     setup_site_packages
+    # The suite's state (its site, lake, registry) lives in the clone, not in ~/.aif.
+    export AIF_HOME="${AIF_HOME:-$PWD/.aif}"
     "$VENV/bin/ruff" check .
     typecheck
     # Set before `site up`: a part that fails to start must not leave the others running.

@@ -1,137 +1,342 @@
-"""The ``aif`` command: run the pipeline, manage the local site, check profiles.
+"""The ``aif`` command: run the pipeline, see its runs and logs, manage the local site.
 
 Every user-facing failure is one line on stderr, ``aif: error: <what, where, why>``, with a
-non-zero exit code (2 for bad configuration, 5 for admission, 6 for tenant isolation, 1
-otherwise).
+non-zero exit code (2 for bad configuration or usage, 5 for admission, 6 for tenant
+isolation, 130 when interrupted, 1 otherwise). Listings print a table, or JSON with
+``--json``. ``-v`` (before or after the command) prints full logs and tracebacks.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from aifactory.tasks.core.errors import AifError, ConfigError
 from aifactory.tasks.core.tenancy import check_run
 
-DEFAULT_SITE_DIR = ".aif/site"
+
+class _State:
+    verbose = False
 
 
-def _site_dir(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("AIF_SITE_DIR") or DEFAULT_SITE_DIR).resolve()
+_STATE = _State()
+
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", "-p", metavar="PROFILE",
+                 help="local, site or a YAML file (default: $AIF_PROFILE, else local)"),
+]  # fmt: skip
+StartupOpt = Annotated[
+    str | None,
+    typer.Option("--startup", metavar="ID",
+                 help="start-up id (default: the project's, else the profile's)"),
+]  # fmt: skip
+ProjectOpt = Annotated[
+    str | None,
+    typer.Option("--project", metavar="DIR",
+                 help="a project folder or file (default: ./aifactory.yaml if any)"),
+]  # fmt: skip
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="full logs and tracebacks")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option("--epochs", min=1, help="override training.epochs (a project's own trainer: "
+                 "its train.config.epochs)"),
+]  # fmt: skip
+RowsOpt = Annotated[
+    int | None,
+    typer.Option("--rows", min=1, help="rows to generate when seeding the demo data space "
+                 "(refused when the data space already has objects)"),
+]  # fmt: skip
+DataspaceOpt = Annotated[
+    str | None,
+    typer.Option("--dataspace", metavar="URL",
+                 help="read the dataset from this URL or folder instead (never seeded unless "
+                 "--seed-demo-data)"),
+]  # fmt: skip
+SeedOpt = Annotated[
+    bool,
+    typer.Option("--seed-demo-data", help="fill an empty data space with the catalog's "
+                 "synthetic demo objects (default: only the profile's own demo data space)"),
+]  # fmt: skip
+PurposeOpt = Annotated[
+    str | None, typer.Option("--purpose", help="declared purpose (default: the start-up's)")
+]
+QuarantineOpt = Annotated[
+    bool,
+    typer.Option("--quarantine",
+                 help="commit the good objects and list bad ones (default: strict)"),
+]  # fmt: skip
+
+app = typer.Typer(
+    name="aif", help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=True,
+    pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)  # fmt: skip
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if getattr(args, "epochs", None) is not None:
-        out["training.epochs"] = args.epochs
-    if getattr(args, "steps", None) is not None:  # train-lm: the LM project's job.config
-        out["training.config.steps"] = args.steps
-    if getattr(args, "rows", None) is not None:
-        out["dataspace.generate.rows"] = args.rows
-    if getattr(args, "dataspace", None):
-        out["dataspace.url"] = args.dataspace
-    if getattr(args, "dataset", None) and getattr(args, "command", "") == "ingest":
-        out["dataspace.dataset"] = args.dataset
-    if getattr(args, "purpose", None):
-        out["dataspace.purpose"] = args.purpose
-    if getattr(args, "quarantine", False):
-        out["dataspace.quarantine"] = True
-    return out
+def _sub(name: str, help: str) -> typer.Typer:
+    sub = typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+    app.add_typer(sub, name=name)
+    return sub
 
 
-def _quiet_prefect_console(verbose: bool) -> None:
-    # Prefect's logs still go to the API (the UI); the terminal gets our progress lines.
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+site_app = _sub("site", "the local AI-factory site (Slurm, S3, Prefect, MLflow)")
+server_app = _sub("server", "the local Prefect server (and worker) of this home: status, "
+                  "start, stop")  # fmt: skip
+catalog_app = _sub("catalog", "the data-space catalog: datasets, contracts, policies")
+snapshot_app = _sub("snapshot", "committed data snapshots in the lake")
+model_app = _sub("model", "promote the candidate to champion, or roll back")
+report_app = _sub("report", "reports from Slurm accounting")
+profile_app = _sub("profile", "check or show a profile")
+runs_app = _sub("runs", "a start-up's runs, as the Prefect server knows them")
+
+
+@app.callback()
+def _root(verbose: VerboseOpt = False) -> None:
+    """Orchestration for AI-factory pipelines: data space to trained, registered model."""
+    _verbose(verbose)
+
+
+def _verbose(flag: bool) -> bool:
+    _STATE.verbose = _STATE.verbose or flag
+    return _STATE.verbose
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _console() -> Console:
+    # Off a terminal (a pipe, a test) tables are never wrapped or cut at 80 columns.
+    tty = sys.stdout.isatty()
+    return Console(highlight=False, width=None if tty else 1000, soft_wrap=not tty)
+
+
+def _table(columns: list[str], rows: list[dict[str, Any]], right: tuple[str, ...] = ()) -> None:
+    """A plain table: a header line, then one line per row, columns two spaces apart."""
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c, justify="right" if c in right else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(*(Text(str(r.get(c, ""))) for c in columns))
+    _console().print(table)
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _strip_api(api_url: str) -> str:
+    return api_url[: -len("/api")] if api_url.endswith("/api") else api_url
+
+
+# ---------------------------------------------------------------- profile and inputs
+
+
+def _load(profile: str | None, overrides: dict[str, Any] | None = None,
+          origins: dict[str, str] | None = None) -> Any:  # fmt: skip
+    from aifactory.tasks.core.config import load_profile
+
+    cfg = load_profile(profile, overrides, origins=origins or {})
+    _stray_state_hint(cfg)
+    return cfg
+
+
+_HINTED: set[str] = set()
+
+
+def _stray_state_hint(cfg: Any) -> None:
+    """Once per process, with the default home only: a ``.aif`` of an older version in this
+    folder (where state used to live) is not the home."""
+    from aifactory.tasks.core.home import stray_state_hint
+
+    if os.environ.get("AIF_HOME"):
+        return  # a home chosen on purpose
+    note = stray_state_hint(Path.cwd(), Path(cfg.home_dir))
+    if note and note not in _HINTED:
+        _HINTED.add(note)
+        print(f"aif: {note}", file=sys.stderr)
+
+
+class _Inputs:
+    """A command's overrides: the project's settings and the flags, each with its source
+    (a bad value is blamed on the flag, the project file or the profile that set it)."""
+
+    def __init__(self, project_arg: str | None = None, find: bool = True) -> None:
+        from aifactory.tasks.core.project import find_project, project_overrides
+
+        path = find_project(project_arg) if find else None
+        self.project = str(path) if path else None
+        self.own_startup: str | None = None
+        self.project_over: dict[str, Any] = {}
+        if path is not None:
+            self.own_startup, self.project_over = project_overrides(path)
+        self.flags: dict[str, Any] = {}
+        self.origins = {k: f"project {self.project}" for k in self.project_over}
+
+    def flag(self, key: str, value: Any, flag: str) -> None:
+        if value is None or value is False:
+            return
+        if key == "training.epochs" and "training.script" in self.project_over:
+            key = "training.config.epochs"  # a project's own trainer reads its job.config's
+        self.flags[key] = value
+        self.origins[key] = f"flag {flag}"
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return {**self.project_over, **self.flags}
+
+    def load(self, profile: str | None) -> Any:
+        return _load(profile, self.overrides, self.origins)
 
 
 def _use_prefect(cfg: Any, verbose: bool) -> str:
     """Point this process at the profile's Prefect API (starting the managed local server
     if the profile says so) and keep Prefect's console logs quiet; return the API URL."""
-    from aifactory.tasks.doors.prefect_server import resolve_api_url
+    from aifactory.tasks.control.prefect_server import resolve_api_url, use_server
 
     api_url = resolve_api_url(cfg.prefect.api_url, cfg.home_dir, cfg.prefect.managed_port)
-    os.environ["PREFECT_API_URL"] = api_url
     # Heartbeats from every flow run, not only deployed ones: the server's crash detector
     # (set up by `aif site up`) marks a run whose process was killed Crashed.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-    _quiet_prefect_console(verbose)
+    if not verbose:  # Prefect's logs still go to the API (the UI); the terminal gets ours
+        for var in ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+                    "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL",
+                    "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL"):  # fmt: skip
+            os.environ.setdefault(var, "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    use_server(api_url)  # also after Prefect was imported; never a temporary server
+    from aifactory.tasks.doors.runtime import one_line_refusals
+
+    one_line_refusals()  # an expected refusal is one line in the run's Prefect log
     return api_url
 
 
-def _project(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str, Any]]:
-    """(project file, its start-up, its overrides) for --project or ./aifactory.yaml."""
-    from aifactory.tasks.core.project import find_project, project_overrides
-
-    path = find_project(getattr(args, "project", None))
-    if path is None:
-        return None, None, {}
-    startup, over = project_overrides(path)
-    return str(path), startup, over
+def _uses_slurm(cfg: Any) -> bool:
+    return bool(cfg.training.executor == "slurm" or cfg.dask.kind == "slurm")
 
 
-def _project_and_flags(
-    args: argparse.Namespace,
-) -> tuple[str | None, str | None, dict[str, Any], dict[str, Any]]:
-    """(project file, its start-up, its overrides, the flags' overrides): a project's own
-    trainer reads --epochs as its job.config's."""
-    overrides = _overrides(args)
-    project, own_startup, project_over = _project(args)
-    if "training.script" in project_over and "training.epochs" in overrides:
-        overrides["training.config.epochs"] = overrides.pop("training.epochs")
-    return project, own_startup, project_over, overrides
+@contextmanager
+def _progress(verbose: bool) -> Iterator[None]:
+    """Progress bars with ETA for ingest and preprocessing, on a terminal only."""
+    if verbose or not sys.stdout.isatty():
+        yield
+        return
+    from aifactory.tasks.data.progress import reporting, rich_reporter
+
+    with rich_reporter(_console()) as show, reporting(show):
+        yield
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from aifactory.tasks.core.config import load_profile
+# ---------------------------------------------------------------- aif run and friends
 
-    project, own_startup, project_over, overrides = _project_and_flags(args)
-    cfg = load_profile(args.profile, {**project_over, **overrides})
-    sid, st = cfg.startup(args.startup or own_startup)
+
+@app.command("run")
+def run_cmd(
+    profile: ProfileOpt = None,
+    startup: StartupOpt = None,
+    project: ProjectOpt = None,
+    epochs: EpochsOpt = None,
+    rows: RowsOpt = None,
+    dataspace: DataspaceOpt = None,
+    seed_demo_data: SeedOpt = False,
+    purpose: PurposeOpt = None,
+    quarantine: QuarantineOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="say which stages would be reused and which would run, and print "
+            "the resolved config and job scripts; submit nothing",
+        ),
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Run the whole pipeline: ingest, preprocess, train, register."""
+    inputs = _Inputs(project)
+    inputs.flag("training.epochs", epochs, "--epochs")
+    inputs.flag("dataspace.generate.rows", rows, "--rows")
+    inputs.flag("dataspace.url", dataspace, "--dataspace")
+    inputs.flag("dataspace.seed", seed_demo_data, "--seed-demo-data")
+    inputs.flag("dataspace.purpose", purpose, "--purpose")
+    inputs.flag("dataspace.quarantine", quarantine, "--quarantine")
+    return _run(inputs, profile, startup, dry_run, _verbose(verbose))
+
+
+def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
+         verbose: bool) -> int:  # fmt: skip
+    cfg = inputs.load(profile)
+    sid, st = cfg.startup(startup or inputs.own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
-    if args.dry_run:
-        return dry_run(cfg, sid)
-    api_url = _use_prefect(cfg, args.verbose)
-    ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-    what = f"project {project}, " if project else ""
+    if dry:
+        return dry_run(cfg, sid, inputs.project, profile)
+    _check_seeding(cfg, profile, inputs)  # an empty typed data space: before any service
+    api_url = _use_prefect(cfg, verbose)
+    ui = _strip_api(api_url)
+    what = f"project {inputs.project}, " if inputs.project else ""
     print(f"aif run: {what}profile {cfg.name}, start-up {sid} (account {st.account}), "
           f"Prefect {ui}", flush=True)  # fmt: skip
 
-    from aifactory.flows.pipeline import pipeline
+    from prefect import tags
 
-    state = pipeline(
-        profile=args.profile or cfg.name,
-        startup=sid,
-        overrides=overrides or None,
-        project=project,
-        return_state=True,
-    )
-    run_id = state.state_details.flow_run_id
-    print(f"Prefect UI: {ui}/runs/flow-run/{run_id}", flush=True)
+    from aifactory.flows.pipeline import pipeline
+    from aifactory.tasks.control.prefect_runs import run_tags
+
+    def announce(flow: Any, flow_run: Any, state: Any) -> None:
+        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run.id}", flush=True)
+
+    with tags(*run_tags(sid, cfg.name)), _progress(verbose):
+        state = pipeline.with_options(on_running=[announce])(
+            profile=profile or cfg.name, startup=sid, overrides=inputs.flags or None,
+            project=inputs.project, return_state=True,
+        )  # fmt: skip
     uri = state.result()  # raises the stage's error if the run failed
-    print(f"MLflow: {cfg.mlflow.tracking_uri}  (alias {cfg.mlflow.model_name}@candidate)")
+    print(f"Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}", flush=True)
+    print(f"MLflow: {_mlflow_where(cfg.mlflow.tracking_uri, uri)}  "
+          f"(alias {cfg.mlflow.model_name}@candidate)")  # fmt: skip
     print(uri)
     return 0
 
 
-def dry_run(cfg: Any, sid: str) -> int:
-    """Print what a run would submit (resolved config, job scripts); submit nothing."""
-    import json
+def _check_seeding(cfg: Any, profile: str | None, inputs: _Inputs) -> None:
+    """Seeding only where asked (tasks/data/seeding.py), checked before Prefect starts: a
+    missing or empty data space the user typed, or --rows for one that has objects."""
+    from aifactory.tasks.data.seeding import check_seeding
 
+    check_seeding(cfg, profile or cfg.name, inputs.overrides)
+
+
+def _mlflow_where(tracking_uri: str, model_uri: str) -> str:
+    """The model version's page on an MLflow server; on a file store, how to open one."""
+    name, _, version = model_uri.removeprefix("models:/").partition("/")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
+    return f"{tracking_uri} (to browse: mlflow ui --backend-store-uri {shlex.quote(tracking_uri)})"
+
+
+def dry_run(cfg: Any, sid: str, project: str | None = None, profile: str | None = None) -> int:
+    """Say which stages a run would reuse and which it would run, then print the resolved
+    config and job scripts; submit nothing, write nothing."""
     from aifactory.tasks.doors.dask_cluster import render_worker_script
+    from aifactory.tasks.stages.plan import plan, render_plan
     from aifactory.tasks.stages.training import render_sbatch
 
     _, st = cfg.startup(sid)
-    print("# resolved profile (secrets masked)")
+    print("# plan (like `snakemake -n`: nothing is run)")
+    print(render_plan(plan(cfg, sid, project, profile=profile)))
+    print("\n# resolved profile (secrets masked)")
     print(json.dumps(cfg.public_dict(), indent=2))
     if cfg.dask.kind == "slurm" and cfg.dask.scheduler == "allocation":
         from aifactory.tasks.doors.dask_allocation import render_allocation_script
@@ -155,50 +360,254 @@ def dry_run(cfg: Any, sid: str) -> int:
     return 0
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+@app.command("train-lm")
+def train_lm_cmd(
+    profile: ProfileOpt = None,
+    startup: StartupOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", metavar="URL", help="text dataset URL (default: tourism reviews)"),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", min=1, help="training steps (default: the project's train.config.steps)"
+        ),
+    ] = None,
+    seed_demo_data: SeedOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Train and register the reference causal LM on the tourism reviews (= aif run
+    --project examples/tourism-lm)."""
+    from aifactory.tasks.core.project import EXAMPLES
+
+    inputs = _Inputs(str(EXAMPLES / "tourism-lm"))
+    inputs.flag("training.config.steps", steps, "--steps")
+    inputs.flag("dataspace.url", data, "--data")
+    inputs.flag("dataspace.seed", seed_demo_data, "--seed-demo-data")
+    return _run(inputs, profile, startup, False, _verbose(verbose))
+
+
+@app.command("init")
+def init_cmd(
+    name: Annotated[
+        str, typer.Argument(help="project and model name (lower-case letters, digits, -)")
+    ],
+    dir: Annotated[
+        str | None, typer.Option("--dir", help="folder to create (default: ./NAME)")
+    ] = None,
+    startup: Annotated[
+        str | None, typer.Option("--startup", help="whose project (default: startup-b)")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Start a project of your own: data set, features, trainer, model and nightly
+    deployment, in a new folder."""
     from aifactory.tasks.core.project import init_project
 
-    dest = Path(args.dir or args.name).resolve()
-    files = init_project(args.name, dest, args.startup)
-    print(f"created project {args.name} in {dest}:")
+    _verbose(verbose)
+    dest = Path(dir or name).resolve()
+    files = init_project(name, dest, startup)
+    print(f"created project {name} in {dest}:")
     for f in files:
         print(f"  {f.relative_to(dest)}")
     print(f"next: cd {shlex.quote(str(dest))} && aif run")
     return 0
 
 
-def cmd_train_lm(args: argparse.Namespace) -> int:
-    """A thin alias: `aif run` of the bundled tourism-lm project (examples/tourism-lm), the
-    reference language model trained, registered and documented like any project's."""
-    from aifactory.tasks.core.project import EXAMPLES
+@app.command("ingest")
+def ingest_cmd(
+    dataset: Annotated[
+        str | None, typer.Argument(help="catalog id (default: the profile's)")
+    ] = None,
+    profile: ProfileOpt = None,
+    startup: StartupOpt = None,
+    purpose: PurposeOpt = None,
+    dataspace: DataspaceOpt = None,
+    seed_demo_data: SeedOpt = False,
+    rows: RowsOpt = None,
+    quarantine: QuarantineOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Snapshot one catalog dataset into the lake (the pipeline's first stage alone)."""
+    verbose = _verbose(verbose)
+    inputs = _Inputs(find=False)  # one catalog dataset: a project's settings do not apply
+    inputs.flag("dataspace.dataset", dataset, "DATASET")
+    inputs.flag("dataspace.generate.rows", rows, "--rows")
+    inputs.flag("dataspace.url", dataspace, "--dataspace")
+    inputs.flag("dataspace.seed", seed_demo_data, "--seed-demo-data")
+    inputs.flag("dataspace.purpose", purpose, "--purpose")
+    inputs.flag("dataspace.quarantine", quarantine, "--quarantine")
+    cfg = inputs.load(profile)
+    sid, _ = cfg.startup(startup)
+    cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
+    check_run(cfg, sid)  # isolation.* (exit 6)
+    _check_seeding(cfg, profile, inputs)
+    api_url = _use_prefect(cfg, verbose)
+    from prefect import tags
 
-    args.project = str(EXAMPLES / "tourism-lm")
-    args.dataspace, args.dry_run = args.data, False
-    return cmd_run(args)
+    from aifactory.flows.ingest import ingest_flow
+    from aifactory.tasks.control.prefect_runs import run_tags
+
+    ui = _strip_api(api_url)
+
+    def announce(flow: Any, flow_run: Any, state: Any) -> None:
+        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run.id}", flush=True)
+
+    with tags(*run_tags(sid, cfg.name)), _progress(verbose):
+        state = ingest_flow.with_options(on_running=[announce])(
+            profile=profile or cfg.name, startup=sid, overrides=inputs.flags or None,
+            return_state=True)  # fmt: skip
+    snap = state.result()
+    q = f", {len(snap.quarantined)} quarantined" if snap.quarantined else ""
+    print(f"snapshot {snap.snapshot_id} of {snap.dataset}: {len(snap.objects)} objects, "
+          f"{snap.rows} rows ({len(snap.objects_read)} objects read{q})")  # fmt: skip
+    return 0
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
+@app.command("sweep")
+def sweep_cmd(
+    profile: ProfileOpt = None,
+    startup: StartupOpt = None,
+    project: ProjectOpt = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            metavar="NAME=V1,V2",
+            help="grid values (lr, batch_size, hidden as 64x32, "
+            "epochs, seed; a project's: any train.config key); repeatable",
+        ),
+    ] = None,
+    random: Annotated[
+        int, typer.Option("--random", min=0, metavar="N", help="N random trials")
+    ] = 0,
+    space: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--space",
+            metavar="NAME=LOW:HIGH",
+            help="random-search range (lr log-uniform; batch_size, epochs)",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="random-search seed")] = 0,
+    max_parallel: Annotated[
+        int, typer.Option("--max-parallel", min=1, help="array tasks running at once")
+    ] = 2,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            help="metric to compare (default: val_rmse, lower is better; a project's: "
+            "its model.metric and direction)",
+        ),
+    ] = None,
+    epochs: EpochsOpt = None,
+    verbose: VerboseOpt = False,
+) -> int:
+    """A hyperparameter search as one Slurm job array; prints the best trial."""
+    from aifactory.tasks.jobs.admission import admit_declaration
+    from aifactory.tasks.stages.sweep import grid_trials, parse_value, random_trials
+
+    verbose = _verbose(verbose)
+    inputs = _Inputs(project)
+    inputs.flag("training.epochs", epochs, "--epochs")
+    cfg = inputs.load(profile)
+    sid, st = cfg.startup(startup or inputs.own_startup)
+    check_run(cfg, sid)  # isolation.* (exit 6)
+    admit_declaration(sid, st, "sweep")  # admission.declaration (exit 5): nothing submitted
+    own = bool(cfg.training.script)
+    values: dict[str, list[Any]] = {}
+    for item in grid or []:
+        name, _, vals = item.partition("=")
+        if not vals:
+            raise ConfigError(f"aif sweep: --grid {item!r}: give NAME=V1,V2,...")
+        values[name] = [parse_value(name, v, own) for v in vals.split(",")]
+    trials = grid_trials(values, own) if values else []
+    if random:
+        ranges: dict[str, tuple[float, float]] = {}
+        for item in space or ["lr=0.0003:0.01"]:
+            name, _, rng = item.partition("=")
+            lo, _, hi = rng.partition(":")
+            try:
+                ranges[name] = (float(lo), float(hi))
+            except ValueError:
+                raise ConfigError(f"aif sweep: --space {item!r}: give NAME=LOW:HIGH") from None
+        trials += random_trials(ranges, random, seed)
+    if not trials:
+        raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
+    _use_prefect(cfg, verbose)
+    from prefect import tags
+
+    from aifactory.flows.sweep import sweep_flow
+    from aifactory.tasks.control.prefect_runs import run_tags
+
+    with tags(*run_tags(sid, cfg.name)):
+        record = sweep_flow(
+            profile=profile or cfg.name, startup=sid, overrides=inputs.overrides or None,
+            trials=trials, max_parallel=max_parallel, metric=metric,
+        )  # fmt: skip
+    best, name = record["best"], record["metric"]
+    print(f"best trial {best['trial']} of {len(record['trials'])}: {name}="
+          f"{best[name]:.4f} {json.dumps(best['params'])} (job array "
+          f"{record['job_array']}, {record['sweep_dir']})")  # fmt: skip
+    return 0
+
+
+@app.command("deploy")
+def deploy_cmd(
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            "-p",
+            metavar="PROFILE",
+            help="local, site or a YAML file (default: "
+            "$AIF_PROFILE, else local; a project's: its deploy.profile)",
+        ),
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(
+            "--project",
+            metavar="DIR",
+            help="deploy this project (default: ./aifactory.yaml if "
+            "any) at its current git commit instead of the platform's deployments",
+        ),
+    ] = None,
+    no_notifications: Annotated[
+        bool, typer.Option("--no-notifications", help="do not create the webhook notifications")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Deploy the nightly pipelines (prefect.yaml), the crashed-run detector and
+    notifications; on a local profile, start a local worker for them."""
     from aifactory.deployments.deploy import deploy_all, ensure_automations, webhook_url
-    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.core.project import find_project
 
-    project, _, _ = _project(args)
-    if project:  # the project's own nightly deployment, pinned to its current commit
+    verbose = _verbose(verbose)
+    path = find_project(project)
+    if path:  # the project's own nightly deployment, pinned to its current commit
         from aifactory.deployments.deploy import deploy_project, project_source
         from aifactory.tasks.core.project import load_project
 
-        proj = load_project(project)
-        src = project_source(Path(project))  # before any server: refuse a dirty tree first
-        cfg = load_profile(args.profile or proj.deploy.profile)
-        name = deploy_project(Path(project), _use_prefect(cfg, args.verbose), src=src)
+        proj = load_project(path)
+        src = project_source(path)  # before any server: refuse a dirty tree first
+        chosen = profile or proj.deploy.profile
+        cfg = _load(chosen)
+        api_url = _use_prefect(cfg, verbose)
+        name = deploy_project(path, api_url, src=src, profile=chosen)
+        _local_worker(cfg, api_url, chosen)
         when = f"{proj.deploy.schedule or 'none'} {proj.deploy.timezone}"
         print(f"deployment {name}: {src['repository']} at {src['commit']}, project "
               f"{src['project']}, start-up {proj.startup}, schedule {when}, "
               "concurrency 1")  # fmt: skip
         return 0
-    cfg = load_profile(args.profile or "site")
-    api_url = _use_prefect(cfg, args.verbose)
-    deploy_all(api_url)
-    made = ensure_automations(None if args.no_notifications
+    cfg = _load(profile)
+    api_url = _use_prefect(cfg, verbose)
+    deploy_all(api_url, profile=profile or cfg.name)
+    _local_worker(cfg, api_url, profile or cfg.name)
+    made = ensure_automations(None if no_notifications
                               else webhook_url(cfg.notifications.webhook))  # fmt: skip
     from prefect.client.orchestration import get_client
 
@@ -215,203 +624,374 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.jobs.usage import collect, owners, priced_rows
+def _local_worker(cfg: Any, api_url: str, profile: str) -> None:
+    """A profile whose Prefect server aif manages gets a worker that aif manages too."""
+    if cfg.prefect.api_url != "managed":
+        return
+    from aifactory.deployments.deploy import work_pool_for
+    from aifactory.tasks.control.worker import ensure_worker
 
-    cfg = load_profile(args.profile)
-    # The project of each account comes from the profile's start-ups.
-    who_owns = owners(dict([cfg.startup(args.startup)]) if args.startup else cfg.startups)
-    accounts = list(who_owns) if args.startup else None
-    usages = collect(cfg.slurm_client(), args.since, accounts)
-    rows = priced_rows(usages, args.gpu_rate, args.cpu_rate, args.cloud_gpu_rate, who_owns)
-    cols = ["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur",
-            "cloud_gpu_cost_eur"]  # fmt: skip
-    print(f"usage since {args.since} per start-up and project (rates per hour: HPC GPU "
-          f"{args.gpu_rate}, HPC CPU {args.cpu_rate}, cloud GPU {args.cloud_gpu_rate} "
-          "EUR)")  # fmt: skip
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
-    if not any(int(r["jobs"]) for r in rows):
-        print("(no jobs in this period)")
-    if args.artifact:
-        _use_prefect(cfg, args.verbose)
-        from prefect.artifacts import create_table_artifact
-
-        who = args.startup or "all start-ups"
-        artifact_id = create_table_artifact(
-            key="usage-report", table=rows or [{"account": "(no jobs)"}],
-            description=f"GPU and CPU hours per start-up and project ({who}) since "
-            f"{args.since}: HPC at "
-            f"{args.gpu_rate} EUR/GPU-h and {args.cpu_rate} EUR/CPU-h, cloud GPU list price "
-            f"{args.cloud_gpu_rate} EUR/GPU-h",
-        )  # fmt: skip
-        print(f"Prefect artifact usage-report: {artifact_id}")
-    return 0
+    rec = ensure_worker(cfg.home_dir, api_url, work_pool_for(profile))
+    print(f"worker: pool {rec['pool']}, pid {rec['pid']}, log {rec['log']} "
+          "(`aif server stop` stops it)")  # fmt: skip
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """Ingest one catalog dataset into a lake snapshot (the pipeline's first stage alone)."""
-    from aifactory.tasks.core.config import load_profile
-
-    overrides = _overrides(args)
-    cfg = load_profile(args.profile, overrides)
-    sid, _ = cfg.startup(args.startup)
-    cfg.dataset_entry()  # an unknown dataset fails here, before any service is touched
-    check_run(cfg, sid)  # isolation.* (exit 6)
-    api_url = _use_prefect(cfg, args.verbose)
-    from aifactory.flows.ingest import ingest_flow
-
-    state = ingest_flow(profile=args.profile or cfg.name, startup=sid,
-                        overrides=overrides or None, return_state=True)  # fmt: skip
-    ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-    print(f"Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}", flush=True)
-    snap = state.result()
-    q = f", {len(snap.quarantined)} quarantined" if snap.quarantined else ""
-    print(f"snapshot {snap.snapshot_id} of {snap.dataset}: {len(snap.objects)} objects, "
-          f"{snap.rows} rows ({len(snap.objects_read)} objects read{q})")  # fmt: skip
-    return 0
-
-
-def cmd_catalog(args: argparse.Namespace) -> int:
-    from aifactory.tasks.data.catalog import catalog_at, load_catalog
-
-    if args.action == "validate":
-        if not args.arg:
-            raise ConfigError("aif catalog validate: give the catalog file to check")
-        cat = load_catalog(args.arg)
-        print(f"catalog {args.arg}: valid ({len(cat.datasets)} datasets: "
-              f"{', '.join(d.id for d in cat.datasets)})")  # fmt: skip
-        return 0
-    path = args.catalog
-    if path is None and args.profile:
-        from aifactory.tasks.core.config import load_profile
-
-        path = load_profile(args.profile).dataspace.catalog
-    cat = catalog_at(path)
-    if args.action == "ls":
-        print(f"{'dataset':<22}{'data space':<13}{'format':<9}{'license':<20}{'valid until':<13}"
-              f"{'personal data':<15}publisher")  # fmt: skip
-        for d in cat.datasets:
-            pd = str(len(d.policy.personal_data)) + " column(s)" if d.policy.personal_data else "-"
-            print(f"{d.id:<22}{d.data_space:<13}{d.distribution.format:<9}{d.license[:19]:<20}"
-                  f"{d.policy.valid_until.isoformat():<13}{pd:<15}{d.publisher}")  # fmt: skip
-        return 0
-    if not args.arg:
-        raise ConfigError("aif catalog show: give a dataset id (aif catalog ls lists them)")
-    import yaml
-
-    print(yaml.safe_dump(cat.get(args.arg).public(), sort_keys=False, allow_unicode=True), end="")
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """A hyperparameter search as one job array; prints the best trial."""
-    from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.jobs.admission import admit_declaration
-    from aifactory.tasks.stages.sweep import grid_trials, parse_value, random_trials
-
-    _, own_startup, project_over, flags = _project_and_flags(args)
-    overrides = {**project_over, **flags}
-    cfg = load_profile(args.profile or "site", overrides)
-    sid, st = cfg.startup(args.startup or own_startup)
-    check_run(cfg, sid)  # isolation.* (exit 6)
-    admit_declaration(sid, st, "sweep")  # admission.declaration (exit 5): nothing submitted
-    own = bool(cfg.training.script)
-    grid: dict[str, list[Any]] = {}
-    for item in args.grid or []:
-        name, _, values = item.partition("=")
-        if not values:
-            raise ConfigError(f"aif sweep: --grid {item!r}: give NAME=V1,V2,...")
-        grid[name] = [parse_value(name, v, own) for v in values.split(",")]
-    trials = grid_trials(grid, own) if grid else []
-    if args.random:
-        space: dict[str, tuple[float, float]] = {}
-        for item in args.space or ["lr=0.0003:0.01"]:
-            name, _, rng = item.partition("=")
-            lo, _, hi = rng.partition(":")
-            try:
-                space[name] = (float(lo), float(hi))
-            except ValueError:
-                raise ConfigError(f"aif sweep: --space {item!r}: give NAME=LOW:HIGH") from None
-        trials += random_trials(space, args.random, args.seed)
-    if not trials:
-        raise ConfigError("aif sweep: no trials: give --grid NAME=V1,V2 and/or --random N")
-    if args.max_parallel < 1:
-        raise ConfigError(f"aif sweep: --max-parallel {args.max_parallel}: at least 1")
-    _use_prefect(cfg, args.verbose)
-    from aifactory.flows.sweep import sweep_flow
-
-    record = sweep_flow(
-        profile=args.profile or "site", startup=sid, overrides=overrides or None,
-        trials=trials, max_parallel=args.max_parallel, metric=args.metric,
-    )  # fmt: skip
-    best, metric = record["best"], record["metric"]
-    print(f"best trial {best['trial']} of {len(record['trials'])}: {metric}="
-          f"{best[metric]:.4f} {json.dumps(best['params'])} (job array "
-          f"{record['job_array']}, {record['sweep_dir']})")  # fmt: skip
-    return 0
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
+@app.command("replay")
+def replay_cmd(
+    uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION")],
+    profile: ProfileOpt = None,
+    allow_dirty: Annotated[
+        bool,
+        typer.Option("--allow-dirty", help="replay with uncommitted changes in the working tree"),
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> int:
     """Rebuild a registered model from its record; MATCH when the weights are identical."""
-    from aifactory.tasks.core.config import load_profile
     from aifactory.tasks.stages.replay import replay
 
-    cfg = load_profile(args.profile)
-    result = replay(args.uri, cfg, allow_dirty=args.allow_dirty,
+    _verbose(verbose)
+    cfg = _load(profile)
+    result = replay(uri, cfg, allow_dirty=allow_dirty,
                     log=lambda m: print(f"  [replay] {m}", flush=True))  # fmt: skip
     print(result.line(), flush=True)
     return 0 if result.match else 1
 
 
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.stages.ingest import list_snapshots, load_snapshot
+# ---------------------------------------------------------------- status, runs, logs
 
-    cfg = load_profile(args.profile)
-    dataset = args.dataset or cfg.dataspace.dataset
-    lake = cfg.lake_url_for(args.startup)  # the start-up's own prefix of the lake
-    so = cfg.storage_options(lake)
-    if args.action == "ls":
-        snaps = list_snapshots(lake, dataset, so)
-        print(f"{'snapshot':<18}{'created':<22}{'objects':>8}{'rows':>12}{'bytes':>14}"
-              f"{'quarantined':>12}  start-up / purpose")  # fmt: skip
-        for sn in snaps:
-            print(f"{sn.snapshot_id:<18}{sn.created_at:<22}{len(sn.objects):>8}{sn.rows:>12}"
-                  f"{sn.bytes:>14}{len(sn.quarantined):>12}  "
-                  f"{sn.startup} / {sn.purpose}")  # fmt: skip
-        if not snaps:
-            print(f"(no committed snapshot of {dataset} in {lake})")
-        return 0
-    if not args.id:
-        raise ConfigError("aif snapshot show: give a snapshot id (aif snapshot ls lists them)")
-    print(load_snapshot(lake, dataset, args.id, so).to_json())
+
+@app.command("status")
+def status_cmd(
+    profile: ProfileOpt = None,
+    startup: StartupOpt = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="runs to show")] = 5,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """The site's parts, the Prefect server, and this start-up's last runs. Starts nothing."""
+    from aifactory.tasks.control import prefect_server as ps
+    from aifactory.tasks.core.home import site_dir
+
+    _verbose(verbose)
+    inputs = _Inputs(None)
+    cfg = inputs.load(profile)
+    sid, st = cfg.startup(startup or inputs.own_startup)
+    info: dict[str, Any] = {"profile": cfg.name, "home": cfg.home_dir, "startup": sid,
+                            "account": st.account, "site": [], "prefect": {}, "runs": [],
+                            "runs_from": ""}  # fmt: skip
+    ok = True
+    if _uses_slurm(cfg):
+        from aifactory.infra.site import manager
+
+        parts = manager.status(site_dir())
+        info["site"] = [{"part": p.name, "healthy": p.healthy, "address": p.address,
+                         "pid": p.pid, "detail": p.detail} for p in parts]  # fmt: skip
+        ok = bool(parts) and all(p.healthy for p in parts)
+    if cfg.prefect.api_url == "managed":
+        rec = ps.running(cfg.home_dir)
+        api_url = rec["api_url"] if rec else None
+        info["prefect"] = {"api_url": api_url, "running": bool(rec), "managed": True}
+    else:
+        api_url = cfg.prefect.api_url
+        info["prefect"] = {"api_url": api_url, "running": ps.healthy(api_url), "managed": False}
+    if info["prefect"]["running"] and api_url:
+        from aifactory.tasks.control.prefect_server import use_server
+
+        use_server(api_url)
+        info["runs"], info["runs_from"] = _runs(cfg, api_url, sid, limit), "prefect"
+    else:
+        from aifactory.tasks.control.prefect_runs import records
+
+        info["runs"], info["runs_from"] = records(cfg.runs_dir, sid, limit), "records"
+    if as_json:
+        _json(info)
+        return 0 if ok else 1
+    print(f"profile {cfg.name}, home {cfg.home_dir}, start-up {sid} (account {st.account})")
+    if info["site"]:
+        print("site:")
+        _table(["state", "part", "address", "pid", "detail"],
+               [{**p, "state": "ok" if p["healthy"] else "DOWN", "pid": p["pid"] or ""}
+                for p in info["site"]])  # fmt: skip
+    elif _uses_slurm(cfg):
+        print(f"site: not set up in {site_dir()} (aif site up)")
+    pf = info["prefect"]
+    if pf["running"]:
+        print(f"Prefect: {_strip_api(pf['api_url'])} (running)")
+    elif pf["managed"]:
+        print("Prefect: the local server of this home is not running (aif run starts it)")
+    else:
+        print(f"Prefect: {pf['api_url']} does not answer")
+        ok = False
+    _print_runs(info["runs"], sid, from_records=info["runs_from"] == "records")
+    return 0 if ok else 1
+
+
+def _runs(cfg: Any, api_url: str, sid: str | None, limit: int) -> list[dict[str, Any]]:
+    from prefect.client.orchestration import get_client
+
+    from aifactory.tasks.control.prefect_runs import list_runs
+
+    with get_client(sync_client=True) as client:
+        return [r.public() for r in list_runs(client, api_url, cfg.runs_dir, sid, limit)]
+
+
+def _print_runs(rows: list[dict[str, Any]], sid: str | None, from_records: bool) -> None:
+    whose = f"start-up {sid}" if sid else "all start-ups"
+    src = " (finished pipeline runs from the run records; Prefect is not running)" \
+        if from_records else ""  # fmt: skip
+    print(f"last runs of {whose}{src}:")
+    if not rows:
+        print("  (none yet)")
+        return
+    _table(["run", "name", "flow", "state", "started", "seconds", "model"],
+           [{**r, "run": r["id"][:8], "seconds": "" if r["seconds"] is None else r["seconds"]}
+            for r in rows], right=("seconds",))  # fmt: skip
+
+
+@runs_app.command("ls")
+def runs_ls(
+    profile: ProfileOpt = None,
+    startup: Annotated[
+        str | None,
+        typer.Option(
+            "--startup",
+            metavar="ID",
+            help="one start-up (default: the project's, else the profile's)",
+        ),
+    ] = None,
+    all_startups: Annotated[bool, typer.Option("--all", help="every start-up's runs")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="runs to list")] = 20,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """This start-up's runs, newest first: id, name, state, start, duration, model."""
+    inputs = _Inputs(None)
+    cfg = inputs.load(profile)
+    sid = None if all_startups else cfg.startup(startup or inputs.own_startup)[0]
+    api_url = _use_prefect(cfg, _verbose(verbose))
+    rows = _runs(cfg, api_url, sid, limit)
+    if as_json:
+        _json(rows)
+    else:
+        _print_runs(rows, sid, from_records=False)
     return 0
 
 
-def cmd_model(args: argparse.Namespace) -> int:
-    from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.models.promotion import promote, rollback
+@app.command("logs")
+def logs_cmd(
+    run: Annotated[str, typer.Argument(help="run id, a prefix of it (aif runs ls), or name")],
+    profile: ProfileOpt = None,
+    jobs: Annotated[
+        bool, typer.Option("--jobs/--no-jobs", help="also print the run's Slurm job logs")
+    ] = True,
+    tail: Annotated[
+        int | None,
+        typer.Option("--tail", min=1, metavar="N", help="only the last N lines of each log"),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> int:
+    """The Prefect logs of a run (and of its stages), then the logs its jobs wrote."""
+    from prefect.client.orchestration import get_client
 
-    _, _, project_over = _project(args)
-    cfg = load_profile(args.profile, project_over)
-    name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
-    if args.action == "rollback":
-        old, new = rollback(uri, name)
-        print(f"champion: {name} version {old} -> {new}")
+    from aifactory.tasks.control.prefect_runs import find_run, job_log_files, prefect_logs, run_tree
+
+    cfg = _load(profile)
+    api_url = _use_prefect(cfg, _verbose(verbose))
+    with get_client(sync_client=True) as client:
+        root = find_run(client, run)
+        tree = run_tree(client, root)
+        lines = list(prefect_logs(client, tree))
+    state = root.state.name if root.state else "?"
+    print(f"# Prefect logs of run {root.name} ({root.id}), {state}: "
+          f"{_strip_api(api_url)}/runs/flow-run/{root.id}")  # fmt: skip
+    for line in lines[-tail:] if tail else lines:
+        print(line)
+    if not lines:
+        print("(no log lines)")
+    if jobs:
+        for path in job_log_files(cfg.runs_dir, str(root.id), lines):
+            text = path.read_text(errors="replace").splitlines()
+            print(f"\n# {path}")
+            for line in text[-tail:] if tail else text:
+                print(line)
+    return 0
+
+
+# ---------------------------------------------------------------- data
+
+
+@catalog_app.command("ls")
+def catalog_ls(
+    catalog: Annotated[
+        str | None,
+        typer.Option("--catalog", metavar="FILE", help="catalog file (default: the shipped one)"),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="use this profile's catalog")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """The data sets, their licences, policies and personal-data columns."""
+    cat = _catalog(catalog, profile)
+    rows = [{"dataset": d.id, "data space": d.data_space, "format": d.distribution.format,
+             "license": d.license, "valid until": d.policy.valid_until.isoformat(),
+             "personal data": (f"{len(d.policy.personal_data)} column(s)"
+                               if d.policy.personal_data else "-"),
+             "publisher": d.publisher} for d in cat.datasets]  # fmt: skip
+    if as_json:
+        _json([d.public() for d in cat.datasets])
+    else:
+        _table(list(rows[0]) if rows else ["dataset"], rows)
+    return 0
+
+
+def _catalog(path: str | None, profile: str | None) -> Any:
+    from aifactory.tasks.data.catalog import catalog_at
+
+    if path is None and profile:
+        path = _load(profile).dataspace.catalog
+    return catalog_at(path)
+
+
+@catalog_app.command("show")
+def catalog_show(
+    dataset: Annotated[str, typer.Argument(help="dataset id (aif catalog ls lists them)")],
+    catalog: Annotated[str | None, typer.Option("--catalog", metavar="FILE")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", "-p")] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """One data set's entry: distribution, schema, contract and policy."""
+    import yaml
+
+    entry = _catalog(catalog, profile).get(dataset).public()
+    if as_json:
+        _json(entry)
+    else:
+        print(yaml.safe_dump(entry, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+@catalog_app.command("validate")
+def catalog_validate(file: Annotated[str, typer.Argument(help="catalog file to check")]) -> int:
+    """Check a catalog file (schema, contracts, policies)."""
+    from aifactory.tasks.data.catalog import load_catalog
+
+    cat = load_catalog(file)
+    print(f"catalog {file}: valid ({len(cat.datasets)} datasets: "
+          f"{', '.join(d.id for d in cat.datasets)})")  # fmt: skip
+    return 0
+
+
+def _lake(profile: str | None, startup: str | None, dataset: str | None) -> tuple[Any, str, str]:
+    cfg = _load(profile)
+    return cfg, cfg.lake_url_for(startup), dataset or cfg.dataspace.dataset
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(
+    profile: ProfileOpt = None,
+    startup: Annotated[
+        str | None,
+        typer.Option("--startup", metavar="ID", help="whose lake prefix (default: the profile's)"),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="default: the profile's dataset")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """The committed snapshots of a dataset in the start-up's prefix of the lake."""
+    from aifactory.tasks.stages.ingest import list_snapshots
+
+    cfg, lake, dataset = _lake(profile, startup, dataset)
+    snaps = list_snapshots(lake, dataset, cfg.storage_options(lake))
+    rows = [{"snapshot": s.snapshot_id, "created": s.created_at, "objects": len(s.objects),
+             "rows": s.rows, "bytes": s.bytes, "quarantined": len(s.quarantined),
+             "start-up / purpose": f"{s.startup} / {s.purpose}"} for s in snaps]  # fmt: skip
+    if as_json:
+        _json(rows)
         return 0
-    spec = cfg.promotion.model_copy(
-        update={
-            k: v for k, v in (("metric", args.metric), ("margin", args.margin)) if v is not None
-        }
-    )
+    _table(["snapshot", "created", "objects", "rows", "bytes", "quarantined",
+            "start-up / purpose"], rows,
+           right=("objects", "rows", "bytes", "quarantined"))  # fmt: skip
+    if not snaps:
+        print(f"(no committed snapshot of {dataset} in {lake})")
+    return 0
 
-    _use_prefect(cfg, args.verbose)  # the promotion event goes to the profile's Prefect
-    d = promote(uri, name, version=args.version, spec=spec, approved=cfg.declaration_approved,
-                risk_class=cfg.risk_class, approved_by=args.approved_by)  # fmt: skip
+
+@snapshot_app.command("show")
+def snapshot_show(
+    snapshot: Annotated[
+        str,
+        typer.Argument(help="snapshot id, or a unique prefix of it (aif snapshot ls lists them)"),
+    ],
+    profile: ProfileOpt = None,
+    startup: Annotated[str | None, typer.Option("--startup", metavar="ID")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset")] = None,
+) -> int:
+    """One snapshot's manifest: every object's key, ETag, size, rows and lake hash."""
+    from aifactory.tasks.core.errors import DataError
+    from aifactory.tasks.stages.ingest import list_snapshots, load_snapshot
+
+    cfg, lake, dataset = _lake(profile, startup, dataset)
+    so = cfg.storage_options(lake)
+    try:
+        snap = load_snapshot(lake, dataset, snapshot, so)
+    except DataError:
+        found = [s for s in list_snapshots(lake, dataset, so)
+                 if s.snapshot_id.startswith(snapshot)] if len(snapshot) >= 4 else []  # fmt: skip
+        if len(found) != 1:
+            if len(found) > 1:
+                raise DataError(f"snapshot {snapshot} of {dataset}: {len(found)} snapshots start "
+                                "with it; give more of the id") from None  # fmt: skip
+            raise
+        snap = found[0]
+    print(snap.to_json())
+    return 0
+
+
+# ---------------------------------------------------------------- models and reports
+
+
+@model_app.command("promote")
+def model_promote(
+    profile: ProfileOpt = None,
+    project: ProjectOpt = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="default: the 'candidate' alias")
+    ] = None,
+    approved_by: Annotated[
+        str | None,
+        typer.Option(
+            "--approved-by",
+            metavar="NAME",
+            help="who approves (required for a high-risk start-up's model)",
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", help="held-out metric (default: the profile's promotion.metric)"),
+    ] = None,
+    margin: Annotated[
+        float | None,
+        typer.Option(
+            "--margin",
+            help="relative improvement needed over the champion (0.02 = 2%; default: "
+            "the profile's promotion.margin)",
+        ),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> int:
+    """Make the candidate (or --version) the champion, if it passes the promotion gates."""
+    from aifactory.tasks.models.promotion import promote
+
+    cfg = _Inputs(project).load(profile)
+    name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
+    spec = cfg.promotion.model_copy(
+        update={k: v for k, v in (("metric", metric), ("margin", margin)) if v is not None}
+    )
+    _use_prefect(cfg, _verbose(verbose))  # the promotion event goes to the profile's Prefect
+    d = promote(uri, name, version=version, spec=spec, approved=cfg.declaration_approved,
+                risk_class=cfg.risk_class, approved_by=approved_by)  # fmt: skip
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
     for what, ok, detail in d.checks:
@@ -419,237 +999,267 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_site(args: argparse.Namespace) -> int:
-    from aifactory.infra.site import manager
+@model_app.command("rollback")
+def model_rollback(profile: ProfileOpt = None, project: ProjectOpt = None,
+                   verbose: VerboseOpt = False) -> int:  # fmt: skip
+    """Move the champion alias back to the version it pointed at before."""
+    from aifactory.tasks.models.promotion import rollback
 
-    site_dir = _site_dir(args.dir)
-    if args.action == "up":
-        parts = manager.up(site_dir)
-        _print_parts(parts)
-        return 0
-    if args.action == "status":
-        parts = manager.status(site_dir)
-        _print_parts(parts)
-        return 0 if parts and all(p.healthy for p in parts) else 1
-    if args.action == "env":
-        for line in manager.env_lines(site_dir):
-            print(line)
-        return 0
-    if args.action == "down":
-        stopped = manager.down(site_dir)
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-        return 0
-    raise AifError(f"unknown site action {args.action!r}")
+    _verbose(verbose)
+    cfg = _Inputs(project).load(profile)
+    old, new = rollback(cfg.mlflow.tracking_uri, cfg.mlflow.model_name)
+    print(f"champion: {cfg.mlflow.model_name} version {old} -> {new}")
+    return 0
 
 
-def cmd_server(args: argparse.Namespace) -> int:
-    """The local Prefect server this home manages (profile ``prefect.api_url: managed``)."""
-    from aifactory.tasks.core.config import load_profile
-    from aifactory.tasks.doors import prefect_server as ps
+@report_app.command("usage")
+def report_usage(
+    profile: ProfileOpt = None,
+    startup: Annotated[
+        str | None,
+        typer.Option("--startup", metavar="ID", help="one start-up (default: all accounts)"),
+    ] = None,
+    since: Annotated[
+        str, typer.Option("--since", help="sacct --starttime (default 30 days)")
+    ] = "now-30days",
+    gpu_rate: Annotated[
+        float | None, typer.Option("--gpu-rate", help="HPC EUR per GPU-hour")
+    ] = None,
+    cpu_rate: Annotated[
+        float | None, typer.Option("--cpu-rate", help="HPC EUR per CPU-hour")
+    ] = None,
+    cloud_gpu_rate: Annotated[
+        float | None,
+        typer.Option("--cloud-gpu-rate", help="cloud list price, EUR per GPU-hour, for comparison"),
+    ] = None,
+    artifact: Annotated[
+        bool,
+        typer.Option(
+            "--artifact/--no-artifact", help="publish the table as Prefect artifact usage-report"
+        ),
+    ] = True,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """GPU and CPU hours per start-up and project from Slurm accounting, priced."""
+    from aifactory.tasks.jobs.usage import (
+        CLOUD_GPU_RATE,
+        HPC_CPU_RATE,
+        HPC_GPU_RATE,
+        collect,
+        owners,
+        priced_rows,
+    )
 
-    cfg = load_profile(args.profile)
-    if cfg.prefect.api_url != "managed":
-        raise ConfigError(f"profile {cfg.name}: prefect.api_url is {cfg.prefect.api_url}, "
-                          "not a server aif manages (nothing to start or stop)")  # fmt: skip
-    where = ps.state_dir(cfg.home_dir)
-    if args.action == "start":
-        print(ps.ensure_managed_server(cfg.home_dir, cfg.prefect.managed_port))
-        return 0
-    if args.action == "stop":
-        done = ps.stop_managed_server(cfg.home_dir)
-        print(f"stopped the local Prefect server of {where}" if done
-              else f"no local Prefect server of {where} was running")  # fmt: skip
-        return 0
-    rec = ps.running(cfg.home_dir)
-    if rec:
-        print(f"running: {rec['api_url']} (pid {rec['pid']}, state in {where})")
-        return 0
-    print(f"not running (state in {where}; `aif run` starts it)")
-    return 1
+    cfg = _load(profile)
+    if not _uses_slurm(cfg):
+        raise ConfigError(f"aif report usage: profile {cfg.name} submits no Slurm job (training "
+                          "and Dask run on this machine), so there is no Slurm accounting to "
+                          "report: use --profile site")  # fmt: skip
+    g = HPC_GPU_RATE if gpu_rate is None else gpu_rate
+    c = HPC_CPU_RATE if cpu_rate is None else cpu_rate
+    cg = CLOUD_GPU_RATE if cloud_gpu_rate is None else cloud_gpu_rate
+    who_owns = owners(dict([cfg.startup(startup)]) if startup else cfg.startups)
+    usages = collect(cfg.slurm_client(), since, list(who_owns) if startup else None)
+    rows = priced_rows(usages, g, c, cg, who_owns)
+    if as_json:
+        _json(rows)
+    else:
+        print(f"usage since {since} per start-up and project (rates per hour: HPC GPU {g}, "
+              f"HPC CPU {c}, cloud GPU {cg} EUR)")  # fmt: skip
+        _table(["startup", "project", "account", "jobs", "cpu_hours", "gpu_hours",
+                "hpc_cost_eur", "cloud_gpu_cost_eur"], rows,
+               right=("jobs", "cpu_hours", "gpu_hours", "hpc_cost_eur",
+                      "cloud_gpu_cost_eur"))  # fmt: skip
+        if not any(int(r["jobs"]) for r in rows):
+            print("(no jobs in this period)")
+    if artifact:
+        _use_prefect(cfg, _verbose(verbose))
+        from prefect.artifacts import create_table_artifact
+
+        who = startup or "all start-ups"
+        artifact_id = create_table_artifact(
+            key="usage-report", table=rows or [{"account": "(no jobs)"}],
+            description=f"GPU and CPU hours per start-up and project ({who}) since "
+            f"{since}: HPC at {g} EUR/GPU-h and {c} EUR/CPU-h, cloud GPU list price "
+            f"{cg} EUR/GPU-h",
+        )  # fmt: skip
+        if not as_json:
+            print(f"Prefect artifact usage-report: {artifact_id}")
+    return 0
 
 
-def _print_parts(parts: list[Any]) -> None:
+# ---------------------------------------------------------------- site, server, profiles
+
+
+SiteDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dir", metavar="DIR", help="state folder (default: $AIF_SITE_DIR, else <home>/site)"
+    ),
+]
+
+
+def _site_dir(arg: str | None) -> Path:
+    from aifactory.tasks.core.home import site_dir
+
+    return Path(arg).resolve() if arg else site_dir()
+
+
+def _print_parts(parts: list[Any], as_json: bool = False) -> None:
+    if as_json:
+        _json([{"part": p.name, "healthy": p.healthy, "address": p.address, "pid": p.pid,
+                "detail": p.detail} for p in parts])  # fmt: skip
+        return
     for p in parts:
         mark = "ok  " if p.healthy else "DOWN"
         pid = f"pid {p.pid}" if p.pid else ""
         print(f"{mark} {p.name:<12} {p.address:<32} {pid:<10} {p.detail}".rstrip())
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    import json
+@site_app.command("up")
+def site_up(dir: SiteDirOpt = None) -> int:
+    """Start every part of the site that is not running and healthy."""
+    from aifactory.infra.site import manager
 
-    from aifactory.tasks.core.config import load_profile
-
-    cfg = load_profile(args.profile)
-    if args.action == "show":
-        print(json.dumps(cfg.public_dict(), indent=2))
-    else:
-        print(f"profile {args.profile}: ok ({cfg.name}, {len(cfg.startups)} start-ups)")
+    _print_parts(manager.up(_site_dir(dir)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aif", description=__doc__.splitlines()[0])
-    p.add_argument("--verbose", "-v", action="store_true", help="full logs and tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+@site_app.command("status")
+def site_status(dir: SiteDirOpt = None, as_json: JsonOpt = False) -> int:
+    """Health, address and pid of every part; starts nothing."""
+    from aifactory.infra.site import manager
 
-    r = sub.add_parser("run", help="run the whole pipeline: ingest, preprocess, train, register")
-    r.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
-    r.add_argument("--startup", default=None,
-                   help="start-up id (default: the project's, else the profile's)")  # fmt: skip
-    r.add_argument("--project", default=None,
-                   help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
-    r.add_argument("--epochs", type=int, default=None,
-                   help="override training.epochs (a project's: train.config.epochs)")  # fmt: skip
-    r.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
-    r.add_argument("--dataspace", default=None, help="override the dataset's URL")
-    r.add_argument("--purpose", default=None, help="declared purpose (default: the start-up's)")
-    r.add_argument("--quarantine", action="store_true",
-                   help="commit the good objects and list bad ones (default: strict)")  # fmt: skip
-    r.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the resolved config and the job scripts; submit nothing",
-    )
-    r.set_defaults(func=cmd_run)
+    parts = manager.status(_site_dir(dir))
+    _print_parts(parts, as_json)
+    return 0 if parts and all(p.healthy for p in parts) else 1
 
-    ini = sub.add_parser("init", help="start a project of your own: data set, features, "
-                         "trainer, model and nightly deployment, in a new folder")  # fmt: skip
-    ini.add_argument("name", help="project and model name (lower-case letters, digits, -)")
-    ini.add_argument("--dir", default=None, help="folder to create (default: ./NAME)")
-    ini.add_argument("--startup", default=None, help="whose project (default: startup-b)")
-    ini.set_defaults(func=cmd_init)
 
-    lm = sub.add_parser("train-lm", help="train and register the reference causal LM on the "
-                        "tourism reviews (aif run of examples/tourism-lm)")  # fmt: skip
-    lm.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
-    lm.add_argument("--startup", default=None)
-    lm.add_argument("--data", default=None, help="text dataset URL (default: tourism reviews)")
-    lm.add_argument("--steps", type=int, default=None,
-                    help="training steps (default: the project's train.config.steps)")  # fmt: skip
-    lm.set_defaults(func=cmd_train_lm)
+@site_app.command("env")
+def site_env(dir: SiteDirOpt = None) -> int:
+    """`export` lines that point Slurm, Prefect, MLflow and S3 clients at the site."""
+    from aifactory.infra.site import manager
 
-    ig = sub.add_parser("ingest", help="snapshot one catalog dataset into the lake")
-    ig.add_argument("dataset", nargs="?", default=None, help="catalog id (default: the profile's)")
-    ig.add_argument("--profile", default=None, help="local (default), site, or a YAML file")
-    ig.add_argument("--startup", default=None, help="start-up id (default: the profile's)")
-    ig.add_argument("--purpose", default=None, help="declared purpose (default: the start-up's)")
-    ig.add_argument("--dataspace", default=None, help="override the dataset's URL or glob")
-    ig.add_argument("--rows", type=int, default=None, help="rows to generate if seeding")
-    ig.add_argument("--quarantine", action="store_true",
-                    help="commit the good objects and list bad ones (default: strict)")  # fmt: skip
-    ig.set_defaults(func=cmd_ingest)
+    for line in manager.env_lines(_site_dir(dir)):
+        print(line)
+    return 0
 
-    ct = sub.add_parser("catalog", help="the data-space catalog: datasets, contracts, policies")
-    ct.add_argument("action", choices=["ls", "show", "validate"])
-    ct.add_argument("arg", nargs="?", help="dataset id (show) or catalog file (validate)")
-    ct.add_argument("--catalog", default=None, help="catalog file (default: the shipped one)")
-    ct.add_argument("--profile", default=None, help="use this profile's catalog")
-    ct.set_defaults(func=cmd_catalog)
 
-    dp = sub.add_parser("deploy", help="deploy the nightly pipelines (deployments/prefect.yaml), "
-                        "the crashed-run detector and notifications")  # fmt: skip
-    dp.add_argument("--profile", default=None, help="default: site (a project's deploy.profile)")
-    dp.add_argument("--project", default=None,
-                    help="deploy this project (default: ./aifactory.yaml if any) at its "
-                    "current git commit instead of the platform's deployments")  # fmt: skip
-    dp.add_argument("--no-notifications", action="store_true",
-                    help="do not create the webhook notifications")  # fmt: skip
-    dp.set_defaults(func=cmd_deploy)
+@site_app.command("down")
+def site_down(dir: SiteDirOpt = None) -> int:
+    """Stop exactly the processes the site started; keep its data."""
+    from aifactory.infra.site import manager
 
-    sw = sub.add_parser("sweep", help="hyperparameter search as one job array")
-    sw.add_argument("--profile", default=None, help="default: site")
-    sw.add_argument("--startup", default=None)
-    sw.add_argument("--project", default=None,
-                    help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
-    sw.add_argument("--grid", action="append", metavar="NAME=V1,V2",
-                    help="grid values (lr, batch_size, hidden as 64x32, epochs, seed; a "
-                         "project's: any train.config key)")  # fmt: skip
-    sw.add_argument("--random", type=int, default=0, metavar="N", help="N random trials")
-    sw.add_argument("--space", action="append", metavar="NAME=LOW:HIGH",
-                    help="random-search range (lr log-uniform; batch_size, epochs)")  # fmt: skip
-    sw.add_argument("--seed", type=int, default=0, help="random-search seed")
-    sw.add_argument("--max-parallel", type=int, default=2, help="array tasks running at once")
-    sw.add_argument("--metric", default=None,
-                    help="metric to compare (default: val_rmse, lower is better; a "
-                         "project's: its model.metric and direction)")  # fmt: skip
-    sw.add_argument("--epochs", type=int, default=None, help="override training.epochs")
-    sw.set_defaults(func=cmd_sweep)
+    stopped = manager.down(_site_dir(dir))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
 
-    rl = sub.add_parser("replay", help="rebuild a registered model and compare its weights")
-    rl.add_argument("uri", help="models:/NAME/VERSION")
-    rl.add_argument("--profile", default=None, help="where the registry and lake are")
-    rl.add_argument("--allow-dirty", action="store_true",
-                    help="replay with uncommitted changes in the working tree")  # fmt: skip
-    rl.set_defaults(func=cmd_replay)
 
-    sn = sub.add_parser("snapshot", help="committed data snapshots in the lake")
-    sn.add_argument("action", choices=["ls", "show"])
-    sn.add_argument("id", nargs="?", help="snapshot id (for show)")
-    sn.add_argument("--profile", default=None)
-    sn.add_argument("--startup", default=None, help="whose lake prefix (default: the profile's)")
-    sn.add_argument("--dataset", default=None, help="default: the profile's dataset")
-    sn.set_defaults(func=cmd_snapshot)
+def _managed(profile: str | None) -> Any:
+    cfg = _load(profile)
+    if cfg.prefect.api_url != "managed":
+        raise ConfigError(f"profile {cfg.name}: prefect.api_url is {cfg.prefect.api_url}, "
+                          "not a server aif manages (nothing to start or stop)")  # fmt: skip
+    return cfg
 
-    md = sub.add_parser("model", help="promote the candidate to champion, or roll back")
-    md.add_argument("action", choices=["promote", "rollback"])
-    md.add_argument("--profile", default=None)
-    md.add_argument("--version", default=None, help="default: the 'candidate' alias")
-    md.add_argument("--project", default=None,
-                    help="a project folder or file (default: ./aifactory.yaml if any)")  # fmt: skip
-    md.add_argument("--approved-by", default=None, metavar="NAME",
-                    help="who approves (required for a high-risk start-up's model)")  # fmt: skip
-    md.add_argument("--metric", default=None,
-                    help="held-out metric (default: the profile's promotion.metric)")  # fmt: skip
-    md.add_argument("--margin", type=float, default=None,
-                    help="relative improvement needed over the champion (0.02 = 2%%; default: "
-                    "the profile's promotion.margin)")  # fmt: skip
-    md.set_defaults(func=cmd_model)
 
-    from aifactory.tasks.jobs.usage import CLOUD_GPU_RATE, HPC_CPU_RATE, HPC_GPU_RATE
+@server_app.command("status")
+def server_status(profile: ProfileOpt = None) -> int:
+    """Whether this home's local Prefect server (and worker) runs."""
+    from aifactory.tasks.control import prefect_server as ps
+    from aifactory.tasks.control.worker import worker_running
 
-    rp = sub.add_parser("report", help="reports from Slurm accounting")
-    rp.add_argument("what", choices=["usage"])
-    rp.add_argument("--profile", default=None)
-    rp.add_argument("--startup", default=None, help="one start-up (default: all accounts)")
-    rp.add_argument("--since", default="now-30days", help="sacct --starttime (default 30 days)")
-    rp.add_argument("--gpu-rate", type=float, default=HPC_GPU_RATE, help="HPC EUR per GPU-hour")
-    rp.add_argument("--cpu-rate", type=float, default=HPC_CPU_RATE, help="HPC EUR per CPU-hour")
-    rp.add_argument(
-        "--cloud-gpu-rate",
-        type=float,
-        default=CLOUD_GPU_RATE,
-        help="cloud list price, EUR per GPU-hour, for comparison",
-    )
-    rp.add_argument("--no-artifact", dest="artifact", action="store_false",
-                    help="do not publish the table as Prefect artifact usage-report")  # fmt: skip
-    rp.set_defaults(func=cmd_report)
+    cfg = _managed(profile)
+    where = ps.state_dir(cfg.home_dir)
+    rec = ps.running(cfg.home_dir)
+    if not rec:
+        print(f"not running (state in {where}; `aif run` starts it)")
+        return 1
+    print(f"running: {rec['api_url']} (pid {rec['pid']}, state in {where})")
+    w = worker_running(cfg.home_dir)
+    if w:
+        print(f"worker: pool {w['pool']}, pid {w['pid']}, log {w['log']}")
+    return 0
 
-    s = sub.add_parser("site", help="the local AI-factory site (Slurm, S3, Prefect, MLflow)")
-    s.add_argument("action", choices=["up", "status", "env", "down"])
-    s.add_argument("--dir", default=None, help=f"state folder (default {DEFAULT_SITE_DIR})")
-    s.set_defaults(func=cmd_site)
 
-    sv = sub.add_parser("server", help="the local Prefect server this home manages "
-                        "(profile local): status, start, stop")  # fmt: skip
-    sv.add_argument("action", choices=["status", "start", "stop"])
-    sv.add_argument("--profile", default=None, help="local (default) or a YAML file")
-    sv.set_defaults(func=cmd_server)
+@server_app.command("start")
+def server_start(profile: ProfileOpt = None) -> int:
+    """Start this home's local Prefect server (aif run does it on first use)."""
+    from aifactory.tasks.control import prefect_server as ps
 
-    pr = sub.add_parser("profile", help="check or show a profile")
-    pr.add_argument("action", choices=["validate", "show"])
-    pr.add_argument("profile", help="profile name or YAML file")
-    pr.set_defaults(func=cmd_profile)
-    return p
+    cfg = _managed(profile)
+    print(ps.ensure_managed_server(cfg.home_dir, cfg.prefect.managed_port))
+    return 0
+
+
+@server_app.command("stop")
+def server_stop(profile: ProfileOpt = None) -> int:
+    """Stop this home's local Prefect server and its worker."""
+    from aifactory.tasks.control import prefect_server as ps
+    from aifactory.tasks.control.worker import stop_worker
+
+    cfg = _managed(profile)
+    where = ps.state_dir(cfg.home_dir)
+    if stop_worker(cfg.home_dir):
+        print(f"stopped the local worker of {where}")
+    done = ps.stop_managed_server(cfg.home_dir)
+    print(f"stopped the local Prefect server of {where}" if done
+          else f"no local Prefect server of {where} was running")  # fmt: skip
+    return 0
+
+
+ProfileArg = Annotated[str, typer.Argument(metavar="PROFILE", help="profile name or YAML file")]
+
+
+@profile_app.command("validate")
+def profile_validate(profile: ProfileArg) -> int:
+    """Check a profile (with the AIF_* environment it would run with)."""
+    cfg = _load(profile)
+    print(f"profile {profile}: ok ({cfg.name}, {len(cfg.startups)} start-ups)")
+    return 0
+
+
+@profile_app.command("show")
+def profile_show(profile: ProfileArg) -> int:
+    """The resolved profile, secrets masked, as JSON."""
+    _json(_load(profile).public_dict())
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _usage_error(err: Any) -> int:
+    """One line for a bad command line (an unknown option, a bad value): the command, what
+    is wrong, where to look; exit 2. With no command at all: the help, exit 2."""
+    ctx = getattr(err, "ctx", None)
+    if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        print(ctx.get_help())
+        return 2
+    path = str(getattr(ctx, "command_path", "") or "aif").split(" ", 1)
+    where = f"aif {path[1]}" if len(path) > 1 else "aif"
+    msg = " ".join(str(err.format_message()).split())
+    print(f"aif: error: {where}: {msg[:300]} (see {where} --help)", file=sys.stderr)
+    return int(getattr(err, "exit_code", 2) or 2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    verbose = args.verbose or getattr(args, "verbose_sub", False)
+    command = typer.main.get_command(app)
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    _STATE.verbose = False
     try:
-        return int(args.func(args))
+        rv = command.main(args=argv, prog_name="aif", standalone_mode=False)
+        return int(rv or 0)
+    except typer.Abort:
+        print("aif: interrupted", file=sys.stderr)
+        return 130
+    except typer.Exit as err:
+        return int(err.exit_code)
+    except typer.TyperException as err:  # typer's own click: a usage error, a bad value
+        return _usage_error(err)
     except AifError as err:
-        if verbose:
+        if verbose or _STATE.verbose:
             traceback.print_exc()
         print(f"aif: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -662,10 +1272,10 @@ def main(argv: list[str] | None = None) -> int:
             print("aif: error: the run was cancelled (in the Prefect UI or API); every Slurm "
                   "job it had started was cancelled with it", file=sys.stderr)  # fmt: skip
             return 130
-        if verbose:
+        if verbose or _STATE.verbose:
             traceback.print_exc()
         msg = " ".join(str(err).split()) or "no message"
-        print(f"aif: error: {type(err).__name__}: {msg}", file=sys.stderr)
+        print(f"aif: error: {type(err).__name__}: {msg[:500]}", file=sys.stderr)
         return 1
 
 

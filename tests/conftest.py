@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+# The suite keeps its state (lake, MLflow, the local Prefect server, the site) in the
+# clone's own .aif, never in the user's home (~/.aif, the default outside the suite); a
+# test of the default home (test_readme_command.py) sets HOME instead.
+os.environ.setdefault("AIF_HOME", str(Path(__file__).resolve().parents[1] / ".aif"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -41,6 +41,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
+    # Seeds the fresh home's demo data space with 20000 rows; the later runs reuse it, without
+    # --rows (refused once the data space has objects: nothing would be generated).
     first = _run(home, "--rows", "20000", "--epochs", "2")
     assert first.returncode == 0, first.stdout + first.stderr
     lines = first.stdout.strip().splitlines()
@@ -54,7 +56,7 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
 
     _check_documents(home)
 
-    again = _run(home, "--rows", "20000", "--epochs", "2")
+    again = _run(home, "--epochs", "2")
     assert again.returncode == 0, again.stderr
     out = again.stdout
     assert "nothing changed, no object read" in out
@@ -159,7 +161,7 @@ def test_promote_and_rollback(home: Path) -> None:
     assert none_before.returncode == 1
     assert "champion version 1 replaced no earlier champion" in none_before.stderr
 
-    run2 = _run(home, "--rows", "20000", "--epochs", "3")  # a new candidate: version 2
+    run2 = _run(home, "--epochs", "3")  # a new candidate: version 2
     assert run2.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/2"
     assert "summary: Ran: train, register." in run2.stdout  # only what is downstream of epochs
     kept = aif("model", "promote", "--margin", "0.99")  # needs a 99% better RMSE
@@ -192,7 +194,7 @@ def test_promote_and_rollback(home: Path) -> None:
     )
 
     # Version 1's inputs again: nothing registered, and no alias moves (candidate stays 2).
-    again = _run(home, "--rows", "20000", "--epochs", "2")
+    again = _run(home, "--epochs", "2")
     assert again.returncode == 0 and "Nothing changed" in again.stdout, again.stderr[-2000:]
     assert again.stdout.strip().splitlines()[-1] == "models:/mobility-trip-duration/1"
     aliases = client.get_registered_model("mobility-trip-duration").aliases
@@ -201,7 +203,7 @@ def test_promote_and_rollback(home: Path) -> None:
 
 def test_changed_feature_config_reruns_from_preprocess(home: Path) -> None:
     split = '{"train": 70, "val": 15, "test": 15}'
-    res = _run(home, "--rows", "20000", "--epochs", "2", env={"AIF_FEATURES__SPLIT": split})
+    res = _run(home, "--epochs", "2", env={"AIF_FEATURES__SPLIT": split})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "summary: Ran: preprocess, train, register." in res.stdout
     assert "nothing changed, no object read" in res.stdout  # the snapshot is reused
@@ -248,3 +250,42 @@ def test_replay_matches_then_refuses_a_changed_object(home: Path) -> None:
     assert (
         bad.returncode == 2 and "no model version models:/mobility-trip-duration/99" in bad.stderr
     )
+
+
+def test_status_runs_ls_and_logs_of_a_run(home: Path, tmp_path: Path) -> None:
+    """`aif status`, `aif runs ls --json` and `aif logs RUN` (by an id prefix), from another
+    folder: the home is found the same way from anywhere."""
+    env = {**os.environ, "AIF_HOME": str(home)}
+
+    def aif(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([AIF, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=env, timeout=600)  # fmt: skip
+
+    ls = aif("runs", "ls", "--json")
+    assert ls.returncode == 0, ls.stderr
+    runs = json.loads(ls.stdout)
+    assert runs and all(r["startup"] == "startup-a" for r in runs), runs
+    done = [r for r in runs if r["flow"] == "aif-pipeline" and r["state"] == "Completed"]
+    assert done and done[-1]["model"] == "models:/mobility-trip-duration/1", runs
+    status = aif("status")
+    assert status.returncode == 0, status.stderr
+    assert f"home {home}" in status.stdout and "Prefect: http://127.0.0.1:" in status.stdout
+    assert done[0]["id"][:8] in status.stdout and "Completed" in status.stdout
+    logs = aif("logs", done[-1]["id"][:8])
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.startswith(f"# Prefect logs of run {done[-1]['name']}"), logs.stdout[:500]
+    assert "[ingest" in logs.stdout or "ingest" in logs.stdout
+    assert "/local.out" in logs.stdout  # the training process's own log, after Prefect's
+    missing = aif("logs", "ffffffff")
+    assert missing.returncode == 1 and missing.stderr.startswith("aif: error: run ffffffff")
+    assert not (tmp_path / ".aif").exists()  # nothing started in the working folder
+
+
+def test_snapshot_show_takes_a_short_id(home: Path) -> None:
+    env = {**os.environ, "AIF_HOME": str(home)}
+    ls = subprocess.run([AIF, "snapshot", "ls", "--json"], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=120)  # fmt: skip
+    sid = json.loads(ls.stdout)[0]["snapshot"]
+    show = subprocess.run([AIF, "snapshot", "show", sid[:6]], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)  # fmt: skip
+    assert show.returncode == 0 and json.loads(show.stdout)["snapshot_id"] == sid, show.stderr

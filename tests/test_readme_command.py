@@ -1,10 +1,11 @@
 """The README's first command, exactly as written: ``infra/dev.sh run`` from a fresh clone.
 
-Default profile, default home (no AIF_HOME or other AIF_* variable), run from the clone's
-root, the clone placed under a dotted folder whose own name has a space, with a quote and
-non-ASCII letters in the clone's folder name (issue 13: a data space under ``.aif/`` listed
-no object, and only a test with its own AIF_HOME ran). Slow (it builds the clone's own
-virtual environment, from pip's cache after the first time), so it runs once per suite.
+Default profile, default home (no AIF_HOME or other AIF_* variable: ~/.aif, of a HOME of
+the test's own), run from the clone's root, the clone placed under a dotted folder whose
+own name has a space, with a quote and non-ASCII letters in the clone's folder name
+(issue 13: a data space under ``.aif/`` listed no object, and only a test with its own
+AIF_HOME ran; issue 16: the home depended on the folder it ran from). Slow (it builds the
+clone's own virtual environment, from pip's cache after the first time): once per suite.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def test_readme_first_command_from_a_fresh_clone_under_a_dotted_folder(
     _fresh_clone(clone)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIF_", "PREFECT_", "MLFLOW_", "VIRTUAL_ENV"))}  # fmt: skip
+    # The default home is ~/.aif: a home of the test's own (HOME), with pip's own settings
+    # and cache kept (they are found under the real HOME).
+    user = tmp_path_factory.mktemp("user home")
+    env["HOME"] = str(user)
+    env.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+    if (Path.home() / ".config" / "pip" / "pip.conf").is_file():
+        env.setdefault("PIP_CONFIG_FILE", str(Path.home() / ".config" / "pip" / "pip.conf"))
     try:
         res = subprocess.run(["infra/dev.sh", "run"], cwd=clone, env=env, capture_output=True,
                              text=True, timeout=1500)  # fmt: skip
@@ -57,11 +65,12 @@ def test_readme_first_command_from_a_fresh_clone_under_a_dotted_folder(
         assert res.returncode == 0, out[-4000:]
         last = res.stdout.strip().splitlines()[-1]
         assert re.fullmatch(r"models:/mobility-trip-duration/\d+", last), out[-4000:]
-        assert (clone / ".aif" / "local" / "lake").is_dir()  # the default home, in the clone
+        assert (user / ".aif" / "local" / "lake").is_dir()  # the default home: ~/.aif
+        assert not (clone / ".aif" / "local").exists()  # not the folder it ran in
     finally:
         aif = clone / ".venv" / "bin" / "aif"
         if aif.exists():
             subprocess.run([str(aif), "server", "stop"], cwd=clone, env=env, timeout=120,
                            capture_output=True)  # fmt: skip
-    assert not prefect_servers_under(clone), "the clone's Prefect server outlived `aif server stop`"
+    assert not prefect_servers_under(user), "the home's Prefect server outlived `aif server stop`"
     shutil.rmtree(clone, ignore_errors=True)  # its virtual environment is a few GB

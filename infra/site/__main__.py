@@ -8,14 +8,16 @@ from pathlib import Path
 
 from aifactory.infra.site import manager
 from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.home import site_dir as default_site_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m aifactory.infra.site", description=__doc__)
     ap.add_argument("action", choices=("up", "status", "env", "down"))
-    ap.add_argument("--dir", default=".aif/site", help="site directory (default .aif/site)")
+    ap.add_argument("--dir", default=None, help="site directory (default: $AIF_SITE_DIR, else "
+                    "<home>/site, the home being $AIF_HOME or ~/.aif)")  # fmt: skip
     args = ap.parse_args(argv)
-    site_dir = Path(args.dir).resolve()
+    site_dir = Path(args.dir).resolve() if args.dir else default_site_dir()
     try:
         if args.action == "env":
             print("\n".join(manager.env_lines(site_dir)))

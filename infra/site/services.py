@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 from aifactory.infra.site import procs
 from aifactory.infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
 from aifactory.tasks.core.errors import SiteError
+from aifactory.tasks.core.home import aif_home
 
 DATASPACE_ROOT = "s3://aif-dataspace"
 
@@ -164,8 +164,7 @@ def prefect_ok(site: Site) -> bool:
     return procs.http_ok(f"{site.prefect_api}/health", b"true")
 
 
-WORK_POOL = "aif-site"  # deployments/prefect.yaml sends its deployments here
-REPO = Path(__file__).resolve().parents[2]
+WORK_POOL = "aif-site"  # prefect.yaml (the repository root's) sends its deployments here
 
 
 def worker_argv(site: Site) -> list[str]:
@@ -182,11 +181,10 @@ def worker_env(site: Site) -> dict[str, str]:
         # (aif deploy) marks a run Crashed when they stop.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "AIF_REPO": str(REPO),  # the deployments' pull step works from the checkout
-        # A project's deployment works from its own clone: the site profile's relative
-        # paths (home, site folder) must not resolve against it.
+        # A deployment's run (in the platform's checkout or a project's clone) uses the
+        # home and the site of whoever started the site, wherever it runs.
         "AIF_SITE_DIR": str(site.root),
-        "AIF_HOME": os.path.abspath(os.environ.get("AIF_HOME") or str(REPO / ".aif")),
+        "AIF_HOME": str(aif_home()),
     }
 
 

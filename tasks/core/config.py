@@ -1,28 +1,40 @@
 """One typed config: profile YAML + AIF_* environment + CLI flags (explicit wins).
 
-A profile is a YAML file (``infra/profiles/<name>.yaml`` or any path). Values may
-reference the environment as ``${VAR}`` or ``${VAR:-default}``. Relative paths in
-``*_dir`` keys and ``file://`` URLs are made absolute against the working directory so
-that Slurm jobs and Dask workers see the same paths as the flow.
+A profile is a YAML file (``infra/profiles/<name>.yaml`` or any path). It may start with
+``extends: <profile or path>`` and give only the keys it changes: it is merged over its
+parent (recursively; chains allowed). Values may reference the environment as ``${VAR}`` or
+``${VAR:-default}``; ``AIF_HOME`` and ``AIF_SITE_DIR`` are always set (tasks/core/home.py:
+the state home is ``$AIF_HOME`` or ``~/.aif``, never the current folder). Relative paths in
+``*_dir`` keys and ``file://`` URLs are made absolute against the working directory so that
+Slurm jobs and Dask workers see the same paths as the flow.
 
-Precedence, lowest first: profile file < ``AIF_<SECTION>__<KEY>`` environment variables
-< explicit overrides (CLI flags). The resolved config is saved in every run manifest.
+Precedence, lowest first: profile file(s) < ``AIF_<SECTION>__<KEY>`` environment variables
+< explicit overrides (CLI flags, a project's file). A bad value is reported against the
+source that gave it (the file that set the key, the variable, the flag). The resolved
+config is saved in every run manifest, secrets masked (they are SecretStr).
 A start-up's tenancy (``startups``: account, prefix, partitions, QoS, ...) comes only from
 the file: an override of it is refused (TenancyError, ``isolation.overrides``).
+
+Every key is documented in docs/profile-reference.md, generated from the models below:
+    .venv/bin/python -m aifactory.tasks.core.config > docs/profile-reference.md
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
 import re
+import sys
 import threading
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -30,12 +42,17 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from aifactory.tasks.core.errors import ConfigError
+from aifactory.tasks.core.home import aif_home, site_dir
+from aifactory.tasks.core.home import stray_state_hint as stray_state_hint  # for the CLI
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "infra" / "profiles"
 # Sections an override replaces whole instead of merging into (a project's feature section
@@ -43,26 +60,41 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "infra" / "profiles"
 REPLACED_SECTIONS = ("features", "training.config")
 # ${VAR} or ${VAR:-default}; defaults may nest (innermost first).
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
+# Secrets given by reference (resolved when used) are not masked in manifests.
+SECRET_REFERENCES = ("file:", "env:", "prefect-secret:")
+# The longest configuration error the CLI prints (one line).
+MAX_ERROR_CHARS = 1200
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class ObjectStore(_Model):
-    """Credentials and endpoint for s3:// URLs (None: the default AWS chain)."""
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
-    endpoint_url: str | None = None
-    key: str | None = None
-    secret: str | None = None
-    region: str = "us-east-1"
+
+class ObjectStore(_Model):
+    """Credentials and endpoint for s3:// URLs (null: the default AWS chain)."""
+
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint URL (null: AWS's default endpoint)"
+    )
+    key: SecretStr | None = Field(
+        default=None, description="Access key id (a secret: masked in manifests and logs)"
+    )
+    secret: SecretStr | None = Field(
+        default=None, description="Secret access key (a secret: masked in manifests and logs)"
+    )
+    region: str = Field(default="us-east-1", description="Region of the object store")
 
     def storage_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        if self.key:
-            opts["key"] = self.key
-        if self.secret:
-            opts["secret"] = self.secret
+        key, secret = _secret(self.key), _secret(self.secret)
+        if key:
+            opts["key"] = key
+        if secret:
+            opts["secret"] = secret
         client_kwargs: dict[str, Any] = {"region_name": self.region}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
@@ -74,13 +106,14 @@ class ObjectStore(_Model):
     def env(self) -> dict[str, str]:
         """Environment for child processes (Slurm jobs inherit it; never written to scripts)."""
         out: dict[str, str] = {"AWS_DEFAULT_REGION": self.region}
+        key, secret = _secret(self.key), _secret(self.secret)
         if self.endpoint_url:
             out["AWS_ENDPOINT_URL"] = self.endpoint_url
             out["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
-        if self.key:
-            out["AWS_ACCESS_KEY_ID"] = self.key
-        if self.secret:
-            out["AWS_SECRET_ACCESS_KEY"] = self.secret
+        if key:
+            out["AWS_ACCESS_KEY_ID"] = key
+        if secret:
+            out["AWS_SECRET_ACCESS_KEY"] = secret
         return out
 
 
@@ -88,68 +121,146 @@ class Generator(_Model):
     """Deterministic seeding of the data space when it is empty (local and site); unset
     fields take the catalog entry's generator settings."""
 
-    seed: int | None = None
-    rows: int | None = Field(default=None, ge=1)
-    objects: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(
+        default=None, description="Seed of the generated data (null: the catalog entry's)"
+    )
+    rows: int | None = Field(
+        default=None, ge=1, description="Rows to generate (null: the catalog entry's)"
+    )
+    objects: int | None = Field(
+        default=None, ge=1, description="Objects (files) to write (null: the catalog entry's)"
+    )
 
 
 class Dataspace(_Model):
-    # Root of the data spaces: catalog distributions without a scheme are relative to it.
-    root: str | None = None
-    # fsspec URL or glob of the dataset's objects, overriding the catalog's distribution.
-    url: str | None = None
-    dataset: str = "mobility-trips"
-    catalog: str | None = None  # catalog YAML (default: infra/catalog/catalog.yaml)
-    purpose: str | None = None  # default: the start-up's first declared purpose
-    generate: Generator | None = None  # seed it if the prefix holds no objects
-    quarantine: bool = False  # commit good objects, list bad ones (default: strict)
-    # Secret for pseudonymising personal-data columns: file:PATH (created 0600 when
-    # missing), env:VAR, prefect-secret:BLOCK, or the value itself. Never logged.
-    pseudonymisation_key: str | None = None
-    ingest_workers: int = Field(default=2, ge=1)
+    """Where a run's input dataset comes from, and how it is ingested."""
+
+    root: str | None = Field(
+        default=None,
+        description="Root of the data spaces: catalog distributions without a scheme are "
+        "relative to it",
+    )
+    url: str | None = Field(
+        default=None,
+        description="fsspec URL or glob of the dataset's objects, overriding the catalog's "
+        "distribution",
+    )
+    dataset: str = Field(default="mobility-trips", description="Catalog id of the dataset")
+    catalog: str | None = Field(
+        default=None, description="Catalog YAML file (null: infra/catalog/catalog.yaml)"
+    )
+    purpose: str | None = Field(
+        default=None,
+        description="Purpose a run declares (null: the start-up's first declared purpose)",
+    )
+    generate: Generator | None = Field(
+        default=None,
+        description="Seed the data space from the catalog's generator when its prefix holds "
+        "no objects ({} for the catalog's settings; null: never)",
+    )
+    seed: bool = Field(
+        default=False,
+        description="Seed the data space from the catalog's generator when it holds no "
+        "objects even where it is not the profile's own demo data space (the CLI's "
+        "--seed-demo-data; tasks/data/seeding.py)",
+    )
+    quarantine: bool = Field(
+        default=False,
+        description="Commit the good objects and list the bad ones (false: the first bad "
+        "object fails the ingest)",
+    )
+    pseudonymisation_key: SecretStr | None = Field(
+        default=None,
+        description="Secret for pseudonymising personal-data columns: file:PATH (created, "
+        "0600, when missing), env:VAR, prefect-secret:BLOCK, or the value itself (masked); "
+        "never logged",
+    )
+    ingest_workers: int = Field(default=2, ge=1, description="Objects ingested in parallel")
 
 
 class Lake(_Model):
-    url: str  # fsspec URL of the lake root
+    """The lake: ingested snapshots, features and run outputs."""
+
+    url: str = Field(
+        description="fsspec URL of the lake root (a start-up's runs use its s3_prefix under it)"
+    )
 
 
 class DaskSpec(_Model):
-    kind: Literal["local", "slurm"] = "local"
-    # Where the Dask scheduler runs (kind slurm): "flow-host" (the flow's process; each
-    # worker is its own Slurm job, replaced before its walltime) or "allocation" (scheduler
-    # and workers in one Slurm job; for sites whose compute nodes cannot reach the login
-    # node, or that forbid services there; the stage must fit that job's walltime).
-    scheduler: Literal["flow-host", "allocation"] = "flow-host"
-    workers: int = Field(default=2, ge=1)
-    cores: int = Field(default=1, ge=1)  # per worker job
-    processes: int = Field(default=1, ge=1)
-    memory: str = "2GiB"  # per worker job
-    walltime: str = "00:30:00"
-    partition: str = "cpu"
-    qos: str | None = None
-    job_extra_directives: list[str] = Field(default_factory=list)
-    job_script_prologue: list[str] = Field(default_factory=list)  # module loads, venv activation
-    interface: str | None = None
-    scheduler_host: str = "127.0.0.1"
-    partitions_per_task: int = 1
-    # Adaptive scaling between these numbers of worker jobs (None: fixed ``workers``).
-    adaptive_min: int | None = Field(default=None, ge=0)
-    adaptive_max: int | None = Field(default=None, ge=1)
-    # Walltime safety: workers retire this long after start (before the job's walltime),
-    # staggered so they do not all leave at once, handing their data to the others;
-    # adaptive scaling submits replacements. Dask's duration syntax ("25m", "1h").
-    lifetime: str | None = None
-    lifetime_stagger: str = "2m"
-    # A worker gets no new partition when less than this, plus the slowest partition so far
-    # (x1.5), is left before its deadline (lifetime or Slurm EndTime): it is drained, retired
-    # and replaced, so no partition is cut off by a walltime and none runs twice.
-    drain_margin: str = "10s"
-    # glibc's top pad for worker processes (MALLOC_TOP_PAD_); null leaves glibc's and Dask's
-    # defaults. Dask's nanny sets MALLOC_TRIM_THRESHOLD_=64 KiB so that freed memory goes
-    # back to the OS at once; then every large pandas temporary gets fresh pages from the
-    # kernel (page faults, about 20% of this transform's time). The pad keeps this much of
-    # freed heap for reuse; memory above it is still given back.
-    malloc_top_pad: str | None = "64MiB"
+    """The Dask cluster of the preprocessing stage."""
+
+    kind: Literal["local", "slurm"] = Field(
+        default="local",
+        description="Where the workers run: a LocalCluster on this machine, or Slurm jobs",
+    )
+    scheduler: Literal["flow-host", "allocation"] = Field(
+        default="flow-host",
+        description="Where the scheduler runs (kind slurm): flow-host (the flow's process; "
+        "each worker is its own Slurm job, replaced before its walltime) or allocation "
+        "(scheduler and workers in one Slurm job, for sites whose compute nodes cannot reach "
+        "the login node; the stage must fit that job's walltime)",
+    )
+    workers: int = Field(
+        default=2, ge=1, description="Worker jobs (fixed size; see adaptive_min/adaptive_max)"
+    )
+    cores: int = Field(default=1, ge=1, description="Cores per worker job")
+    processes: int = Field(default=1, ge=1, description="Worker processes per worker job")
+    memory: str = Field(default="2GiB", description="Memory per worker job (e.g. 2GiB)")
+    walltime: str = Field(default="00:30:00", description="Time limit of a worker job (HH:MM:SS)")
+    partition: str = Field(default="cpu", description="Slurm partition of the worker jobs")
+    qos: str | None = Field(
+        default=None, description="Slurm QoS of the worker jobs (null: the account's default)"
+    )
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="Extra #SBATCH directives of the worker jobs"
+    )
+    job_script_prologue: list[str] = Field(
+        default_factory=list,
+        description="Shell lines before a worker starts (module loads, venv activation)",
+    )
+    interface: str | None = Field(
+        default=None,
+        description="Network interface of the scheduler and workers (e.g. ib0; null: the default)",
+    )
+    scheduler_host: str = Field(
+        default="127.0.0.1", description="Address the scheduler listens on (flow-host)"
+    )
+    partitions_per_task: int = Field(
+        default=1, description="Not used at present; accepted so that profiles setting it load"
+    )
+    adaptive_min: int | None = Field(
+        default=None,
+        ge=0,
+        description="Adaptive scaling: fewest worker jobs (set both bounds or neither; null: "
+        "a fixed number, workers)",
+    )
+    adaptive_max: int | None = Field(
+        default=None, ge=1, description="Adaptive scaling: most worker jobs"
+    )
+    lifetime: str | None = Field(
+        default=None,
+        description="Walltime safety: workers retire this long after they start (Dask "
+        "duration, e.g. 25m), staggered, handing their data to the others; adaptive scaling "
+        "submits replacements (null: never)",
+    )
+    lifetime_stagger: str = Field(
+        default="2m", description="Spread of the workers' retirement times (Dask duration)"
+    )
+    drain_margin: str = Field(
+        default="10s",
+        description="A worker gets no new partition when less than this, plus 1.5 times the "
+        "slowest partition so far, is left before its deadline: it is drained, retired and "
+        "replaced, so no partition is cut off by a walltime",
+    )
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=64 KiB so that freed memory goes back to the
+    # OS at once; then every large pandas temporary gets fresh pages from the kernel (page
+    # faults, about 20% of this transform's time). The pad keeps this much of freed heap
+    # for reuse; memory above it is still given back.
+    malloc_top_pad: str | None = Field(
+        default="64MiB",
+        description="glibc's top pad (MALLOC_TOP_PAD_) of worker processes: freed heap kept "
+        "for reuse instead of fresh pages from the kernel (null: glibc's and Dask's defaults)",
+    )
 
     @field_validator("malloc_top_pad")
     @classmethod
@@ -174,43 +285,74 @@ class DaskSpec(_Model):
 
 
 class TrainingSpec(_Model):
-    """Generic resource names; translated to Slurm's names in tasks/stages/training.py."""
+    """The training job. Generic resource names; translated to Slurm's names in
+    tasks/stages/training.py."""
 
-    executor: Literal["local", "slurm"] = "local"
-    payload: Literal["tabular", "lm"] = "tabular"
-    # A project's own training script (path to a .py file; its folder is the project's code,
-    # copied into the run directory and hashed into the run key). Replaces the reference
-    # payload; ``config`` is what the script gets as ``job.config``.
-    script: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-    partition: str = "gpu"
-    gpus_per_node: int = Field(default=1, ge=0)
-    nodes: int = Field(default=1, ge=1)
-    cpus_per_task: int = Field(default=1, ge=1)
-    mem_gb: float = Field(default=2.0, gt=0)
-    timeout_min: int = Field(default=20, ge=1)
-    qos: str | None = None
-    constraint: str | None = None
-    modules: list[str] = Field(default_factory=list)
-    setup: list[str] = Field(default_factory=list)  # shell lines before the payload
-    env: dict[str, str] = Field(default_factory=dict)
-    poll_seconds: float = Field(default=1.0, gt=0)
-    # Resubmissions after TIMEOUT, PREEMPTED or NODE_FAIL (the payload resumes from its
-    # checkpoint); out of memory, failures and cancellations are never retried.
-    max_resubmits: int = Field(default=2, ge=0)
-    # Slurm warns the job this long before its time limit (--signal=B:USR1@N): the payload
-    # checkpoints and is requeued.
-    signal_before_end_s: int = Field(default=60, ge=5)
-    # An Apptainer image (path or URI) to run the payload in (`apptainer exec [--nv]`); the
-    # run directory is bound into it.
-    container: str | None = None
-    container_options: list[str] = Field(default_factory=list)  # e.g. ["--bind", "/scratch"]
-    # Hyperparameters of the reference payload.
-    epochs: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=512, ge=1)
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])
-    lr: float = Field(default=2e-3, gt=0)
-    seed: int = 1234
+    executor: Literal["local", "slurm"] = Field(
+        default="local", description="Where training runs: a local process or a Slurm job"
+    )
+    payload: Literal["tabular", "lm"] = Field(
+        default="tabular",
+        description="The reference trainer: tabular (an MLP on the features) or lm (a small "
+        "language model)",
+    )
+    script: str | None = Field(
+        default=None,
+        description="A project's own training script (.py; its folder is the project's code, "
+        "copied into the run directory and hashed into the run key); replaces the reference "
+        "payload",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="What a project's script gets as job.config"
+    )
+    partition: str = Field(default="gpu", description="Slurm partition of the training job")
+    gpus_per_node: int = Field(default=1, ge=0, description="GPUs per node")
+    nodes: int = Field(default=1, ge=1, description="Nodes")
+    cpus_per_task: int = Field(default=1, ge=1, description="CPUs per task")
+    mem_gb: float = Field(default=2.0, gt=0, description="Memory per node, GB")
+    timeout_min: int = Field(default=20, ge=1, description="Time limit, minutes")
+    qos: str | None = Field(default=None, description="Slurm QoS (null: the account's default)")
+    constraint: str | None = Field(
+        default=None, description="Slurm node constraint (--constraint; null: any node)"
+    )
+    modules: list[str] = Field(
+        default_factory=list, description="Environment modules loaded before the payload"
+    )
+    setup: list[str] = Field(default_factory=list, description="Shell lines before the payload")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the training job"
+    )
+    poll_seconds: float = Field(
+        default=1.0, gt=0, description="Seconds between checks of the job's state"
+    )
+    max_resubmits: int = Field(
+        default=2,
+        ge=0,
+        description="Resubmissions after TIMEOUT, PREEMPTED or NODE_FAIL (the payload resumes "
+        "from its checkpoint); out of memory, failures and cancellations are never retried",
+    )
+    signal_before_end_s: int = Field(
+        default=60,
+        ge=5,
+        description="Slurm warns the job this many seconds before its time limit "
+        "(--signal=B:USR1@N): the payload checkpoints and is requeued",
+    )
+    container: str | None = Field(
+        default=None,
+        description="Apptainer image (path or URI) to run the payload in (apptainer exec "
+        "[--nv]); the run directory is bound into it (null: no container)",
+    )
+    container_options: list[str] = Field(
+        default_factory=list, description="Extra apptainer options, e.g. [--bind, /scratch]"
+    )
+    epochs: int = Field(default=8, ge=1, description="Epochs (reference payload)")
+    batch_size: int = Field(default=512, ge=1, description="Batch size (reference payload)")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 32],
+        description="Hidden layer sizes of the MLP (reference payload)",
+    )
+    lr: float = Field(default=2e-3, gt=0, description="Learning rate (reference payload)")
+    seed: int = Field(default=1234, description="Random seed of training")
 
     @model_validator(mode="after")
     def _signal_before_limit(self) -> TrainingSpec:
@@ -223,19 +365,36 @@ class TrainingSpec(_Model):
 
 
 class MlflowSpec(_Model):
-    tracking_uri: str
-    registry_uri: str | None = None
-    artifact_location: str | None = None  # for a local file/sqlite store
-    experiment: str = "aifactory"
-    model_name: str = "mobility-trip-duration"
-    # How the trained model is saved and loaded (tasks/models/flavours.py): "tabular" (the reference
-    # MLP), "pytorch" (a state dict in model.pt and ``model_class``, FILE.py:CLASS, built with
-    # the keyword arguments in model_init.json), "sklearn" (a pickled estimator in model.pkl)
-    # or "pyfunc" (``python_model``, FILE.py:CLASS, an mlflow.pyfunc.PythonModel loading the
-    # run's outputs). Each registers as one pyfunc that featurises raw rows.
-    flavour: Literal["tabular", "pytorch", "sklearn", "pyfunc"] = "tabular"
-    model_class: str | None = None
-    python_model: str | None = None
+    """Tracking and model registry (tasks/models/flavours.py saves and loads the model)."""
+
+    tracking_uri: str = Field(
+        description="MLflow tracking URI (sqlite:///PATH, http://HOST:PORT, ...)"
+    )
+    registry_uri: str | None = Field(
+        default=None, description="Model registry URI (null: the tracking URI)"
+    )
+    artifact_location: str | None = Field(
+        default=None, description="Artifact root of the experiment (for a local store)"
+    )
+    experiment: str = Field(default="aifactory", description="Experiment name")
+    model_name: str = Field(default="mobility-trip-duration", description="Registered model")
+    flavour: Literal["tabular", "pytorch", "sklearn", "pyfunc"] = Field(
+        default="tabular",
+        description="How the trained model is saved and loaded: tabular (the reference MLP), "
+        "pytorch (a state dict in model.pt, built by model_class), sklearn (a pickled "
+        "estimator in model.pkl) or pyfunc (python_model); each registers as one pyfunc that "
+        "featurises raw rows",
+    )
+    model_class: str | None = Field(
+        default=None,
+        description="Flavour pytorch: FILE.py:CLASS or module:CLASS, built with the keyword "
+        "arguments in model_init.json",
+    )
+    python_model: str | None = Field(
+        default=None,
+        description="Flavour pyfunc: FILE.py:CLASS or module:CLASS, an "
+        "mlflow.pyfunc.PythonModel loading the run's outputs",
+    )
 
     @model_validator(mode="after")
     def _flavour_needs(self) -> MlflowSpec:
@@ -247,9 +406,11 @@ class MlflowSpec(_Model):
 
 
 class MetricCheck(_Model):
-    metric: str
-    min: float | None = None
-    max: float | None = None
+    """One check of a candidate model's metric."""
+
+    metric: str = Field(description="Metric name, as training logs it")
+    min: float | None = Field(default=None, description="Lowest allowed value (null: none)")
+    max: float | None = Field(default=None, description="Highest allowed value (null: none)")
 
     @model_validator(mode="after")
     def _a_bound(self) -> MetricCheck:
@@ -262,86 +423,158 @@ class PromotionSpec(_Model):
     """When `champion` may move (aif model promote): the candidate must beat the champion
     on ``metric`` by ``margin`` (relative) and pass every check."""
 
-    metric: str = "test_rmse"
-    higher_is_better: bool = False
-    margin: float = 0.0
-    checks: list[MetricCheck] = Field(default_factory=list)
-    require_documents: bool = True  # model card, data summary and RO-Crate attached
-    require_clean_code: bool = False  # trained from a committed tree
-    require_approved_declaration: bool = True  # the start-up's declaration is approved
+    metric: str = Field(
+        default="test_rmse", description="Metric the candidate must beat the champion on"
+    )
+    higher_is_better: bool = Field(default=False, description="Whether larger metric is better")
+    margin: float = Field(
+        default=0.0, description="Relative improvement over the champion needed (0.05: 5%)"
+    )
+    checks: list[MetricCheck] = Field(
+        default_factory=list, description="Checks every candidate must pass"
+    )
+    require_documents: bool = Field(
+        default=True, description="Model card, data summary and RO-Crate attached"
+    )
+    require_clean_code: bool = Field(
+        default=False, description="Trained from a committed tree (no uncommitted changes)"
+    )
+    require_approved_declaration: bool = Field(
+        default=True, description="The start-up's responsible-AI declaration is approved"
+    )
 
 
 class PrefectSpec(_Model):
-    # "managed": aif starts a local Prefect server (state in home_dir/prefect) and reuses it.
-    api_url: str = "managed"
-    managed_port: int = 4210
+    """The Prefect API the flows report to."""
+
+    api_url: str = Field(
+        default="managed",
+        description="Prefect API URL, or managed: aif starts a local Prefect server (state "
+        "under home_dir) and reuses it",
+    )
+    managed_port: int = Field(default=4210, description="Port of the managed Prefect server")
 
 
 class SlurmSpec(_Model):
-    conf: str | None = None  # SLURM_CONF for every Slurm command; None: the site default
-    bin_dir: str | None = None
-    # Environment variables jobs get besides the base set (tasks/doors/slurm.py: JOB_ENV)
-    # and the object store's: names only, values from the submitting environment.
-    export: list[str] = Field(default_factory=list)
+    """How aif calls Slurm."""
+
+    conf: str | None = Field(
+        default=None, description="SLURM_CONF of every Slurm command (null: the site default)"
+    )
+    bin_dir: str | None = Field(
+        default=None, description="Folder of the Slurm commands (null: from PATH)"
+    )
+    export: list[str] = Field(
+        default_factory=list,
+        description="Names of environment variables jobs get besides the base set "
+        "(tasks/doors/slurm.py: JOB_ENV) and the object store's; values from the submitting "
+        "environment",
+    )
 
 
 class Declaration(_Model):
     """A project's responsible-AI declaration (shown in every model card)."""
 
-    intended_purpose: str
-    # Self-assessment against the EU AI Act's prohibited practices (Art. 5).
-    prohibited_practices: str
-    risk_class: Literal["minimal", "limited", "high"] = "minimal"
-    approved_by: str | None = None
-    approved_on: dt.date | None = None
+    intended_purpose: str = Field(description="What the model is for")
+    prohibited_practices: str = Field(
+        description="Self-assessment against the EU AI Act's prohibited practices (Art. 5)"
+    )
+    risk_class: Literal["minimal", "limited", "high"] = Field(
+        default="minimal", description="Risk class"
+    )
+    approved_by: str | None = Field(default=None, description="Who approved the declaration")
+    approved_on: dt.date | None = Field(default=None, description="When (YYYY-MM-DD)")
 
 
 class Startup(_Model):
-    account: str
-    project: str = "default"
-    title: str = ""
-    s3_prefix: str | None = None
-    # Slurm partitions and QoS its runs may use (None: any); tasks/core/tenancy.py checks them.
-    partitions: list[str] | None = None
-    qos: list[str] | None = None
-    # Intended purposes the start-up declared for its project; data-space policies are
-    # checked against the purpose a run gives (the first one by default).
-    purposes: list[str] = Field(default_factory=list)
-    declaration: Declaration | None = None
-    # GPU-hours the start-up may use (sacct's allocations since budget_since); None: no cap.
-    gpu_hours_budget: float | None = Field(default=None, ge=0)
-    budget_since: str = "now-365days"  # sacct --starttime syntax
+    """A start-up (tenant), by its id: its runs use only its own lake prefix and Slurm
+    account (tasks/core/tenancy.py). Only gpu_hours_budget, budget_since and declaration
+    may be changed by the environment or a run's overrides."""
+
+    account: str = Field(description="Slurm account of its jobs")
+    project: str = Field(default="default", description="Project name")
+    title: str = Field(default="", description="Human-readable name")
+    s3_prefix: str | None = Field(
+        default=None, description="Its own prefix under lake.url (null: the lake's root)"
+    )
+    partitions: list[str] | None = Field(
+        default=None, description="Slurm partitions its runs may use (null: any)"
+    )
+    qos: list[str] | None = Field(default=None, description="Slurm QoS it may use (null: any)")
+    purposes: list[str] = Field(
+        default_factory=list,
+        description="Intended purposes it declared; data-space policies are checked against "
+        "the purpose a run gives (the first one by default)",
+    )
+    declaration: Declaration | None = Field(
+        default=None, description="Its responsible-AI declaration"
+    )
+    gpu_hours_budget: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPU-hours it may use (sacct's allocations since budget_since; null: no cap)",
+    )
+    budget_since: str = Field(
+        default="now-365days", description="Start of the budget window (sacct --starttime)"
+    )
 
 
 class NotificationsSpec(_Model):
-    """Where `aif deploy` sends failure and promotion notifications: a webhook URL given as
-    ``env:VAR``, ``prefect-secret:BLOCK`` or ``file:PATH`` (it is a secret: it goes into a
-    Prefect webhook block's secrets, never into parameters, logs or job scripts)."""
+    """Where `aif deploy` sends failure and promotion notifications. The webhook's URL is a
+    secret: the profile names where it is (it goes into a Prefect webhook block's secrets,
+    never into parameters, logs or job scripts), never the URL itself."""
 
-    webhook: str | None = None
+    webhook: str | None = Field(
+        default=None,
+        description="Webhook URL given as env:VAR, prefect-secret:BLOCK or file:PATH (null: "
+        "no notifications)",
+    )
+
+
+def _default_runs_dir(data: dict[str, Any]) -> str:
+    return f"{data.get('home_dir') or aif_home()}/runs"
 
 
 class Profile(_Model):
-    name: str
-    description: str = ""
-    home_dir: str = ".aif"  # run directories, managed services' state
-    runs_dir: str = ".aif/runs"  # shared filesystem visible from compute nodes
-    default_startup: str
-    startups: dict[str, Startup]
-    object_store: ObjectStore | None = None
-    dataspace: Dataspace
-    lake: Lake
-    dask: DaskSpec = Field(default_factory=DaskSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    mlflow: MlflowSpec
-    prefect: PrefectSpec = Field(default_factory=PrefectSpec)
-    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
-    notifications: NotificationsSpec = Field(default_factory=NotificationsSpec)
-    # Feature engineering (tasks/stages/features.py): the feature function and the platform's keys
-    # (function, key, target, split, params, text), checked by features.resolve_config.
-    # The embedded default is the bundled mobility project's (examples/mobility-trips).
-    features: dict[str, Any] = Field(default_factory=lambda: default_features())
+    """The top level of a profile file."""
+
+    name: str = Field(description="Profile name (in run records and messages)")
+    description: str = Field(default="", description="One line about the profile")
+    home_dir: str = Field(
+        default_factory=lambda: str(aif_home()),
+        description="State home: managed services' state (the local Prefect server)",
+    )
+    runs_dir: str = Field(
+        default_factory=_default_runs_dir,
+        description="Run directories; a shared filesystem visible from compute nodes",
+    )
+    default_startup: str = Field(description="Start-up of a run that names none")
+    startups: dict[str, Startup] = Field(description="The start-ups (tenants), by id")
+    object_store: ObjectStore | None = Field(
+        default=None, description="Credentials and endpoint for s3:// URLs"
+    )
+    dataspace: Dataspace = Field(description="The input dataset")
+    lake: Lake = Field(description="The lake")
+    dask: DaskSpec = Field(default_factory=DaskSpec, description="Preprocessing's Dask cluster")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training")
+    mlflow: MlflowSpec = Field(description="Tracking and model registry")
+    prefect: PrefectSpec = Field(default_factory=PrefectSpec, description="Prefect API")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec, description="When a model may become champion"
+    )
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Slurm commands")
+    notifications: NotificationsSpec = Field(
+        default_factory=NotificationsSpec, description="aif deploy's notifications"
+    )
+    # Feature engineering (tasks/stages/features.py): the feature function and the
+    # platform's keys, checked by features.resolve_config. The embedded default is the
+    # bundled mobility project's (examples/mobility-trips).
+    features: dict[str, Any] = Field(
+        default_factory=lambda: default_features(),
+        description="Feature engineering: function (FILE.py:NAME or module:NAME) and the "
+        "platform's keys key, target, split, params, text (tasks/stages/features.py); a "
+        "partial section refines the default",
+    )
     # lake.url as the profile file gives it, before AIF_* and CLI overrides (load_profile
     # sets it): the start-ups' prefixes are also guarded under it (tasks/core/tenancy.py).
     _file_lake_url: str | None = PrivateAttr(default=None)
@@ -458,17 +691,16 @@ class Profile(_Model):
         return sid, self.startups[sid]
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved config with secrets masked: safe for manifests, logs and tags."""
-        data = self.model_dump(mode="json")
-        store = data.get("object_store")
-        if store:
+        """The resolved config with secrets masked (``***``; a secret given by reference,
+        file:/env:/prefect-secret:, is shown as such): safe for manifests, logs and tags."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as "**********" (or "")
+        if self.object_store is not None:
             for k in ("key", "secret"):
-                if store.get(k):
-                    store[k] = "***"
-        ds = data.get("dataspace") or {}
-        key = ds.get("pseudonymisation_key")
-        if key and not str(key).startswith(("file:", "env:", "prefect-secret:")):
-            ds["pseudonymisation_key"] = "***"
+                value = _secret(getattr(self.object_store, k))
+                data["object_store"][k] = "***" if value else value
+        key = _secret(self.dataspace.pseudonymisation_key)
+        masked = key and not key.startswith(SECRET_REFERENCES)
+        data["dataspace"]["pseudonymisation_key"] = "***" if masked else key
         return data
 
     def config_hash(self) -> str:
@@ -477,7 +709,8 @@ class Profile(_Model):
 
 
 # ---------------------------------------------------------------------------------------
-def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
+def _interpolate(value: Any, env: dict[str, str], label: str, path: tuple[str, ...] = ()) -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` in every string of ``value`` (a file's data)."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -486,8 +719,9 @@ def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
                 return env[name]
             if default is not None:
                 return default
+            where = ".".join(path) or "value"
             raise ConfigError(
-                f"{where}: environment variable ${{{name}}} is not set and has no default"
+                f"{label}: {where}: environment variable ${{{name}}} is not set and has no default"
             )
 
         prev = None
@@ -495,9 +729,9 @@ def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
             prev, value = value, _VAR.sub(sub, value)
         return value
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{where}.{k}") for k, v in value.items()}
+        return {k: _interpolate(v, env, label, (*path, str(k))) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_interpolate(v, env, label, (*path, str(i))) for i, v in enumerate(value)]
     return value
 
 
@@ -554,42 +788,129 @@ def _absolutise(data: dict[str, Any], base: Path) -> None:
     walk(data)
 
 
-def _set_path(data: dict[str, Any], dotted: list[str], value: Any) -> None:
+def _set_path(data: dict[str, Any], dotted: list[str], value: Any, label: str = "") -> None:
     node = data
     for part in dotted[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(dotted)}: {part} is not a section")
+            where = label or f"override {'.'.join(dotted)}"
+            raise ConfigError(f"{where}: {part} is not a section")
     node[dotted[-1]] = value
 
 
-def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
-    """AIF_TRAINING__EPOCHS=3 -> {"training": {"epochs": 3}} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for key, raw in env.items():
-        if not key.startswith("AIF_") or "__" not in key:
-            continue
-        path = [p.lower() for p in key[len("AIF_") :].split("__")]
-        _set_path(out, path, yaml.safe_load(raw) if raw != "" else None)
+# -- AIF_<SECTION>__<KEY> environment variables -----------------------------------------
+ENV_PREFIX = "AIF_"
+ENV_DELIMITER = "__"
+
+
+def _sections() -> list[str]:
+    """Profile keys that are sections (a model or a mapping): the keys that
+    ``AIF_<SECTION>__<KEY>`` variables can reach."""
+    out = []
+    for name, field in Profile.model_fields.items():
+        inner = _unwrap(field.annotation)
+        if (isinstance(inner, type) and issubclass(inner, BaseModel)) or get_origin(
+            field.annotation
+        ) is dict:
+            out.append(name)
     return out
 
 
-def _hyphenated_ids(over: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+class _EnvLayerBase(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+
+@functools.cache
+def _env_source() -> tuple[EnvSettingsSource, type[BaseSettings]]:
+    """pydantic-settings' reader of ``AIF_<SECTION>__<KEY>`` variables: prefix, nesting
+    delimiter and case-insensitivity are its (EnvSettingsSource.explode_env_vars).
+
+    Only that part of pydantic-settings is used, not a validated BaseSettings object: the
+    environment is the middle layer (over the profile file, under flags), so it cannot be
+    validated alone (the required keys are in the file); a bad value must be blamed on its
+    variable, which a validated settings object no longer knows; load_profile reads a given
+    mapping (``env=``), not only os.environ; and values keep today's YAML parsing
+    (``[cpu, gpu]``, ``null``), which its JSON decoding does not do. So each section is an
+    untyped mapping here and the merged profile is validated once, by Profile."""
+    fields: dict[str, Any] = {name: (dict[str, Any] | None, None) for name in _sections()}
+    layer = cast(
+        "type[BaseSettings]",
+        create_model("ProfileEnvironment", __base__=_EnvLayerBase, **fields),
+    )
+    return EnvSettingsSource(layer), layer
+
+
+def _parse_env_value(raw: Any) -> Any:
+    """A variable's value as YAML (``3``, ``true``, ``[cpu, gpu]``, ``{a: 1}``, JSON); an
+    empty one is null; one that is not valid YAML stays a string."""
+    if not isinstance(raw, str):
+        return raw
+    if raw == "":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _raw_leaves(tree: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _raw_leaves(v, [*path, str(k)])
+    else:
+        yield path, tree
+
+
+def _hyphenated_ids(path: list[str], data: dict[str, Any]) -> list[str]:
     """``AIF_STARTUPS__STARTUP_A__…`` names start-up ``startup-a``: a variable name with a
     hyphen is not portable (POSIX shells cannot set it, and /bin/sh drops it, as in the
     launcher pip writes when the virtual environment's path has a space)."""
-    env_ids = over.get("startups")
     known = data.get("startups")
-    if isinstance(env_ids, dict) and isinstance(known, dict):
-        over["startups"] = {
-            (k.replace("_", "-") if k not in known and k.replace("_", "-") in known else k): v
-            for k, v in env_ids.items()
-        }
-    return over
+    if len(path) > 1 and path[0] == "startups" and isinstance(known, dict):
+        sid = path[1]
+        if sid not in known and sid.replace("_", "-") in known:
+            return [path[0], sid.replace("_", "-"), *path[2:]]
+    return path
 
 
-def _tenancy_overrides(env: dict[str, str], overrides: dict[str, Any] | None,
-                       data: dict[str, Any]) -> list[tuple[str, str]]:  # fmt: skip
+EnvEntry = tuple[str, list[str], Any]  # (variable, dotted path, parsed value)
+
+
+def _env_entries(env: dict[str, str], data: dict[str, Any]) -> list[EnvEntry]:
+    """Every ``AIF_<SECTION>__<KEY>`` variable of ``env`` as (its name, the path it sets,
+    its value), by name. Variables without ``__`` (AIF_HOME, AIF_PROFILE, ...) are not
+    keys; one naming no section is an error naming it."""
+    names = {k.lower(): k for k in env if k.upper().startswith(ENV_PREFIX) and ENV_DELIMITER in k}
+    if not names:
+        return []
+    source, layer = _env_source()
+    sections = set(layer.model_fields)
+    for low in sorted(names):
+        head = low[len(ENV_PREFIX) :].split(ENV_DELIMITER)[0]
+        if head not in sections:
+            raise ConfigError(
+                f"environment variable {names[low]}: {head}: unknown key (valid keys: "
+                f"{', '.join(sorted(sections))}; AIF_<SECTION>__<KEY> sets section.key)"
+            )
+    lowered = {low: env[name] for low, name in names.items()}
+    out: list[EnvEntry] = []
+    for section, field in layer.model_fields.items():
+        tree = source.explode_env_vars(section, field, lowered)
+        for path, raw in _raw_leaves(tree, [section]):
+            low = ENV_PREFIX.lower() + ENV_DELIMITER.join(path)
+            name = names.get(low) or low.upper()
+            out.append((name, _hyphenated_ids(path, data), _parse_env_value(raw)))
+    return sorted(out, key=lambda e: e[0])
+
+
+def _tenancy_overrides(env_entries: list[EnvEntry], overrides: dict[str, Any] | None,
+                       data: dict[str, Any], origins: dict[str, str] | None = None,
+                       ) -> list[tuple[str, str]]:  # fmt: skip
     """(variable or override, ``startups.<id>.<key>``) of every ``AIF_STARTUPS__…`` variable
     and ``startups…`` override that would change a start-up's tenancy: any key but
     tenancy.RUN_OVERRIDABLE's, a start-up the file does not have, or a whole start-up or
@@ -598,20 +919,17 @@ def _tenancy_overrides(env: dict[str, str], overrides: dict[str, Any] | None,
 
     startups = data.get("startups")
     known: dict[str, Any] = startups if isinstance(startups, dict) else {}
-    sources: list[tuple[str, list[str], Any]] = []
-    for name, raw in sorted(env.items()):
-        path = [p.lower() for p in name[len("AIF_") :].split("__")]
-        if name.startswith("AIF_") and "__" in name and path[0] == "startups":
-            sources.append((name, path, yaml.safe_load(raw) if raw != "" else None))
+    sources: list[tuple[str, list[str], Any]] = [
+        (name, path, value) for name, path, value in env_entries if path[0] == "startups"
+    ]
     for dotted, value in (overrides or {}).items():
         if dotted.split(".")[0] == "startups" and value is not None:
-            sources.append((f"override {dotted}", dotted.split("."), value))
+            label = (origins or {}).get(dotted) or f"override {dotted}"
+            sources.append((label, dotted.split("."), value))
     found = []
     for where, path, value in sources:
         for leaf in _leaves(value, path):
             sid = leaf[1] if len(leaf) > 1 else ""
-            if where.startswith("AIF_") and sid not in known and sid.replace("_", "-") in known:
-                sid = sid.replace("_", "-")  # as _hyphenated_ids reads it
             if len(leaf) < 3 or sid not in known or leaf[2] not in RUN_OVERRIDABLE:
                 key = ["startups", sid, *leaf[2:3]] if len(leaf) > 1 else ["startups"]
                 found.append((where, ".".join(key)))
@@ -636,21 +954,127 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+# -- errors: one line, blaming the source of the bad value --------------------------------
+ENV_RANK, OVERRIDE_RANK = 1000, 2000  # files rank 0, 1, ... from the root of `extends`
+_KINDS = ("environment variable ", "flag ", "override ", "profile ", "project ")
+
+
+class _Blame:
+    """Which source gave each key of the merged data: dotted path -> (rank, order, label).
+    Sources are applied lowest precedence first, so a later one replaces an earlier one's
+    entry for the same key."""
+
+    def __init__(self, root_label: str) -> None:
+        self.root = root_label
+        self.by_path: dict[tuple[str, ...], tuple[int, int, str]] = {}
+        self._order = 0
+
+    def record(self, path: list[str] | tuple[str, ...], value: Any, label: str, rank: int,
+               replace: bool = False) -> None:  # fmt: skip
+        """``value`` set at ``path`` by ``label``; ``replace``: it replaced the section."""
+        at = tuple(path)
+        if replace or not isinstance(value, dict):
+            for p in [p for p in self.by_path if len(p) > len(at) and p[: len(at)] == at]:
+                del self.by_path[p]
+        for leaf in self._paths(value, at):
+            self._order += 1
+            self.by_path[leaf] = (rank, self._order, label)
+
+    def _paths(self, value: Any, at: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                yield from self._paths(v, (*at, str(k)))
+        elif at:
+            yield at
+
+    def label(self, loc: tuple[Any, ...], msg: str) -> str:
+        """The source(s) of the error at ``loc``: the one that set that key (or a section
+        above it); for an error of a section, those of its keys the message names (else
+        all), of the highest precedence; the profile file when no source set any."""
+        at = tuple(str(x) for x in loc)
+        above = [v for p, v in self.by_path.items() if at[: len(p)] == p]
+        if above:
+            return max(above)[2]
+        below = {p[len(at) :]: v for p, v in self.by_path.items() if p[: len(at)] == at}
+        named = {p: v for p, v in below.items()
+                 if _mentions(msg, ".".join(p)) or _mentions(msg, ".".join(at + p))}  # fmt: skip
+        pick = list((named or below).values())
+        if not pick:
+            return self.root
+        top = max(v[0] for v in pick)
+        return _join_labels([v[2] for v in sorted(pick) if v[0] == top])
+
+
+def _mentions(msg: str, dotted: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(dotted)}(?![\w-])", msg) is not None
+
+
+def _join_labels(labels: list[str]) -> str:
+    labels = list(dict.fromkeys(labels))
+    if len(labels) > 1:
+        for kind in _KINDS:
+            if all(lb.startswith(kind) for lb in labels):
+                return kind.rstrip() + "s " + ", ".join(lb[len(kind) :] for lb in labels)
+    return ", ".join(labels)
+
+
+def _cap(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def _problem(e: Any, root: type[BaseModel], plain: bool = False,
+             listed: set[str] | None = None) -> str:  # fmt: skip
+    """``loc: message`` of one validation error; an unknown key names the valid ones (once
+    per section when ``listed`` keeps track); ``plain``: without pydantic's "Value error, "
+    before a validator's own message."""
+    loc = ".".join(str(x) for x in e["loc"])
+    msg = str(e["msg"]).removeprefix("Value error, ") if plain else e["msg"]
+    if e["type"] == "extra_forbidden":
+        section = ".".join(str(x) for x in e["loc"][:-1])
+        if listed is not None:
+            if section in listed:
+                return f"{loc}: unknown key"
+            listed.add(section)
+        parent = _model_at(root, list(e["loc"][:-1]))
+        fields = parent.model_fields.items() if parent else []
+        valid = ", ".join(sorted(f.alias or n for n, f in fields)) if parent else "?"
+        return f"{loc}: unknown key (valid keys: {valid})"
+    return f"{loc}: {msg}" if loc else str(msg)
+
+
 def fmt_validation(err: ValidationError, label: str, root: type[BaseModel] | None = None,
                     most: int | None = None) -> str:  # fmt: skip
     """One line for a validation error of ``root`` (default: Profile), its first ``most``
     problems: an unknown key names the valid ones (by their alias, as a file spells them)."""
-    parts = []
-    for e in err.errors()[:most]:
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parent = _model_at(root or Profile, list(e["loc"][:-1]))
-            fields = parent.model_fields.items() if parent else []
-            valid = ", ".join(sorted(f.alias or n for n, f in fields)) if parent else "?"
-            parts.append(f"{loc}: unknown key (valid keys: {valid})")
-        else:
-            parts.append(f"{loc}: {e['msg']}")
+    parts = [_problem(e, root or Profile) for e in err.errors()[:most]]
     return f"{label}: " + "; ".join(parts)
+
+
+def _blamed(err: ValidationError, blame: _Blame, partial_hint: bool, most: int = 3) -> str:
+    """One line for a profile's validation error: each problem after the source that gave
+    the value. Unknown keys come first and hide the ``Field required`` errors they cause
+    (a typo of a key is both); at most ``most`` problems, then a count of the rest."""
+    errors = err.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    rest = [e for e in errors if e["type"] not in ("extra_forbidden", "missing")]
+    shown = unknown + rest if unknown else errors
+    hidden = len(errors) - len(shown[:most])
+    segments: list[tuple[str, list[str]]] = []
+    listed: set[str] = set()
+    for e in shown[:most]:
+        problem = _cap(_problem(e, Profile, plain=True, listed=listed), 700)
+        label = blame.label(tuple(e["loc"]), str(e["msg"]))
+        if segments and segments[-1][0] == label:
+            segments[-1][1].append(problem)
+        else:
+            segments.append((label, [problem]))
+    text = "; ".join(f"{label}: {'; '.join(problems)}" for label, problems in segments)
+    if hidden:
+        text += f" (and {hidden} more problem{'s' if hidden > 1 else ''})"
+    missing = [e for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    if partial_hint and len(missing) > 1:
+        text += " (a file that changes only some keys of a profile starts with: extends: local)"
+    return _cap(text, MAX_ERROR_CHARS)
 
 
 def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
@@ -681,6 +1105,7 @@ def _unwrap(ann: Any) -> Any:
     return ann
 
 
+# -- profile files and `extends` ------------------------------------------------------------
 def profile_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
@@ -689,11 +1114,75 @@ def profile_path(name_or_path: str) -> Path:
         return p
     candidate = PROFILES_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        known = ", ".join(sorted(q.stem for q in PROFILES_DIR.glob("*.yaml")))
         raise ConfigError(
-            f"unknown profile {name_or_path!r}: use one of {known}, or a path to a YAML file"
+            f"unknown profile {name_or_path!r}: use one of {_known_profiles()}, or a path to a "
+            "YAML file"
         )
     return candidate
+
+
+def _known_profiles() -> str:
+    return ", ".join(sorted(q.stem for q in PROFILES_DIR.glob("*.yaml")))
+
+
+def _read_profile_file(path: Path) -> dict[str, Any]:
+    label = f"profile {path}"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"{label}: cannot be read ({why})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        msg = _cap(" ".join(str(exc).split()), 300)
+        raise ConfigError(f"{label}: invalid YAML at {where}: {msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _extends_path(ref: Any, child: Path) -> Path:
+    """The parent of ``child``: a shipped profile's name, or a path relative to ``child``."""
+    label = f"profile {child}: extends"
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{label}: give a profile name ({_known_profiles()}) or a path to a "
+                          f"YAML file relative to this one, not {ref!r}")  # fmt: skip
+    if ref.endswith((".yaml", ".yml")) or "/" in ref or os.sep in ref:
+        p = Path(ref).expanduser()
+        p = Path(os.path.normpath(p if p.is_absolute() else child.parent / p))
+        if not p.is_file():
+            raise ConfigError(f"{label} {ref}: no such file {p}")
+        return p
+    p = PROFILES_DIR / f"{ref}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"{label} {ref}: unknown profile (use one of {_known_profiles()}, "
+                          "or a path to a YAML file relative to this one)")  # fmt: skip
+    return p
+
+
+def _profile_chain(path: Path, env: dict[str, str]) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, its interpolated data) from the root of ``path``'s ``extends`` chain to
+    ``path`` itself; a cycle is an error naming the files."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: list[Path] = []
+    current: Path | None = path
+    while current is not None:
+        key = current.resolve()
+        if key in seen:
+            cycle = " -> ".join(str(p) for p in [*seen, key])
+            raise ConfigError(f"profile {path}: extends makes a cycle: {cycle}")
+        seen.append(key)
+        raw = _read_profile_file(current)
+        label = f"profile {current}"
+        parent = raw.pop("extends", None)
+        chain.append((current, _interpolate(raw, env, label)))
+        if parent is not None:
+            parent = _interpolate(parent, env, label, ("extends",))
+        current = None if parent is None else _extends_path(parent, current)
+    return chain[::-1]
 
 
 # Profiles resolved once for a run (run_scope): (profile, overrides) -> [Profile, users].
@@ -708,7 +1197,7 @@ def _scope_key(name_or_path: str | None,
 
 @contextlib.contextmanager
 def run_scope(name_or_path: str | None, overrides: dict[str, Any] | None = None,
-              ) -> Iterator[Profile]:  # fmt: skip
+              origins: dict[str, str] | None = None) -> Iterator[Profile]:  # fmt: skip
     """Resolve a run's profile once: inside, every ``load_profile(name, overrides)`` of this
     process with the same arguments (the run's subflows and tasks, in any thread) returns
     this same object instead of reading the profile file, the environment and the project's
@@ -717,7 +1206,7 @@ def run_scope(name_or_path: str | None, overrides: dict[str, Any] | None = None,
     with _SCOPES_LOCK:
         entry = _SCOPES.get(key)
     if entry is None:
-        prof = load_profile(name_or_path, overrides)
+        prof = load_profile(name_or_path, overrides, origins=origins)
         with _SCOPES_LOCK:
             entry = _SCOPES.setdefault(key, [prof, 0])
     with _SCOPES_LOCK:
@@ -736,7 +1225,15 @@ def load_profile(
     overrides: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     base_dir: Path | None = None,
+    *,
+    origins: dict[str, str] | None = None,
 ) -> Profile:
+    """The profile ``name_or_path`` (default ``$AIF_PROFILE``, else ``local``) with its
+    ``extends`` chain, ``env``'s ``AIF_<SECTION>__<KEY>`` variables (default os.environ)
+    and ``overrides`` (dotted key -> value) applied, relative paths made absolute against
+    ``base_dir`` (default the current folder). ``origins`` names where each override came
+    from, for errors (dotted key -> label, e.g. ``flag --epochs``; default ``override
+    <key>``). Raises ConfigError (one line: the source, the key, why) or TenancyError."""
     if env is None and base_dir is None and _SCOPES:
         with _SCOPES_LOCK:
             entry = _SCOPES.get(_scope_key(name_or_path, overrides))
@@ -745,39 +1242,64 @@ def load_profile(
     env = dict(os.environ if env is None else env)
     name_or_path = name_or_path or env.get("AIF_PROFILE") or "local"
     path = profile_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "?"
-        raise ConfigError(f"profile {path}: invalid YAML at {where}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"profile {path}: top level must be a mapping, got {type(raw).__name__}")
-    data = _interpolate(raw, env, path.name)
+    base = base_dir or Path.cwd()
+    # The state home, whatever the current folder: profiles read it as ${AIF_HOME}.
+    home = aif_home(env, cwd=base)
+    env["AIF_SITE_DIR"] = str(site_dir(env, cwd=base))
+    env["AIF_HOME"] = str(home)
+
+    chain = _profile_chain(path, env)
+    blame = _Blame(f"profile {path}")
+    data: dict[str, Any] = {}
+    for rank, (file, part) in enumerate(chain):
+        _merge(data, part)
+        blame.record((), part, f"profile {file}", rank)
+    data.setdefault("home_dir", str(home))
     file_lake = {"lake": {"url": (data.get("lake") or {}).get("url")}}
-    tenancy = _tenancy_overrides(env, overrides, data)
-    _merge(data, _hyphenated_ids(_env_overrides(env), data))
+
+    entries = _env_entries(env, data)
+    tenancy = _tenancy_overrides(entries, overrides, data, origins)
+    for var, keys, value in entries:
+        label = f"environment variable {var}"
+        one: dict[str, Any] = {}
+        _set_path(one, keys, value, label)
+        _merge(data, one)
+        blame.record(keys, value, label, ENV_RANK)
     for dotted, value in (overrides or {}).items():
-        if dotted in REPLACED_SECTIONS and value is not None:  # a project's own, whole
-            _set_path(data, dotted.split("."), value)
-        elif value is not None:  # a dict value merges into its section, never replaces it
-            one: dict[str, Any] = {}
-            _set_path(one, dotted.split("."), value)
+        if value is None:
+            continue
+        label = (origins or {}).get(dotted) or f"override {dotted}"
+        keys = dotted.split(".")
+        if dotted in REPLACED_SECTIONS:  # a project's own, whole
+            _set_path(data, keys, value, label)
+            blame.record(keys, value, label, OVERRIDE_RANK, replace=True)
+        else:  # a dict value merges into its section, never replaces it
+            one = {}
+            _set_path(one, keys, value, label)
             _merge(data, one)
+            blame.record(keys, value, label, OVERRIDE_RANK)
     feats = data.get("features")
     if isinstance(feats, dict) and feats and "function" not in feats:
         # A partial section (a profile's split, AIF_FEATURES__SPLIT) refines the default's.
         data["features"] = {**default_features(), **feats}
-    _absolutise(data, base_dir or Path.cwd())
-    _absolutise(file_lake, base_dir or Path.cwd())
+    _absolutise(data, base)
+    _absolutise(file_lake, base)
     try:
         prof = Profile.model_validate(data)
+    except ConfigError as err:  # the features section's checks (features.resolve_config)
+        if tenancy:
+            from aifactory.tasks.core.tenancy import refuse_overrides
+
+            raise refuse_overrides(None, tenancy, str(path)) from None
+        if not str(err).startswith("features"):
+            raise
+        raise ConfigError(f"{blame.label(('features',), str(err))}: {err}") from None
     except ValidationError as err:
         if tenancy:  # a run's overrides of tenancy: refused whatever else is wrong
             from aifactory.tasks.core.tenancy import refuse_overrides
 
             raise refuse_overrides(None, tenancy, str(path)) from None
-        raise ConfigError(fmt_validation(err, f"profile {path}")) from None
+        raise ConfigError(_blamed(err, blame, partial_hint=len(chain) == 1)) from None
     if tenancy:
         from aifactory.tasks.core.tenancy import refuse_overrides
 
@@ -785,3 +1307,194 @@ def load_profile(
     url = file_lake["lake"]["url"]
     prof._file_lake_url = url if isinstance(url, str) else None
     return prof
+
+
+# -- the reference of every key: docs/profile-reference.md --------------------------------
+REFERENCE_COMMAND = ".venv/bin/python -m aifactory.tasks.core.config > docs/profile-reference.md"
+# Defaults that are not a constant.
+_DOC_DEFAULTS = {
+    "home_dir": "`$AIF_HOME`, else `~/.aif`",
+    "runs_dir": "home_dir + `/runs`",
+    "features": "the mobility example's",
+}
+_ENV_DOC = (
+    ("AIF_PROFILE", "The profile of a command that names none (`--profile`): a name in "
+     "infra/profiles/ or a path to a YAML file. Default: `local`."),
+    ("AIF_HOME", "The state home, made absolute: the lake and data space of profile local, "
+     "the MLflow database, the pseudonymisation key, run directories, the managed Prefect "
+     "server. Default: `~/.aif`, whatever the current folder. Profiles read it as "
+     "`${AIF_HOME}` (always set)."),
+    ("AIF_SITE_DIR", "The local site's folder (`aif site up`: Slurm, object store, MLflow, "
+     "Prefect), made absolute. Default: `$AIF_HOME/site`. Profiles read it as "
+     "`${AIF_SITE_DIR}` (always set)."),
+    ("AIF_SECTION__KEY", "Sets `section.key` (nested keys: more `__`, e.g. "
+     "`AIF_DATASPACE__GENERATE__ROWS`); see the tables below."),
+)  # fmt: skip
+_SCALARS: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
+                            SecretStr: "secret string", dt.date: "date"}  # fmt: skip
+
+
+def _type_text(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if ann is type(None):
+        return "null"
+    if ann is Any:
+        return "any"
+    if origin is Literal:
+        names = [f"`{a}`" for a in args]
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    if origin in (types.UnionType, typing.Union):
+        text = " or ".join(_type_text(a) for a in args if a is not type(None))
+        return f"{text} or null" if type(None) in args else text
+    if origin is list:
+        inner = args[0]
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return "list of mappings"
+        return f"list of {_type_text(inner)}"
+    if origin is dict:
+        return f"mapping of {_type_text(args[0])} to {_type_text(args[1])}"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "section"
+    return _SCALARS.get(ann, getattr(ann, "__name__", str(ann)))
+
+
+def _default_text(key: str, field: Any) -> str:
+    if key in _DOC_DEFAULTS:
+        return _DOC_DEFAULTS[key]
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(its defaults)"
+    if value is None:
+        return "`null`"
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return f"`{json.dumps(value)}`"
+
+
+def _model_doc(model: type[BaseModel]) -> str:
+    return " ".join((model.__dict__.get("__doc__") or "").split())
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _key_rows(model: type[BaseModel], prefix: str, env: str | None) -> Iterator[list[str]]:
+    """Rows (key, type, default, meaning, variable) of ``model``'s fields, nested sections
+    flattened; ``env``: the variable of ``prefix`` (None: the environment cannot set it)."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        var = f"`{env}__{name.upper()}`" if env else "—"
+        yield [f"`{key}`", _type_text(field.annotation), _default_text(name, field),
+               field.description or "", var]  # fmt: skip
+        inner = _unwrap(field.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            if get_origin(field.annotation) is list:  # a list of items: set whole
+                yield from _key_rows(inner, f"{key}[].", None)
+            elif get_origin(field.annotation) is not dict:
+                yield from _key_rows(inner, f"{key}.", f"{env}__{name.upper()}" if env else None)
+
+
+def _table(rows: Iterator[list[str]]) -> list[str]:
+    out = ["| Key | Type | Default | Meaning | Environment variable |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _section_var(name: str) -> str:
+    ident = "__ID" if name == "startups" else ""
+    return f"`{ENV_PREFIX}{name.upper()}{ident}__KEY`"
+
+
+def reference_markdown() -> str:
+    """docs/profile-reference.md: every profile key (type, default, meaning, variable),
+    from the models' Field descriptions."""
+    from aifactory.tasks.core.tenancy import RUN_OVERRIDABLE
+
+    sections = _sections()
+    lines = [
+        "# Profile reference",
+        "",
+        "<!-- Generated from the models in tasks/core/config.py (reference_markdown): do not "
+        "edit. Regenerate with:",
+        f"     {REFERENCE_COMMAND} -->",
+        "",
+        "A profile is a YAML file: `--profile NAME` (or `AIF_PROFILE`) names "
+        "`infra/profiles/NAME.yaml` (shipped: local, site, eurohpc-example), or give a path. "
+        "Values may use `${VAR}` and `${VAR:-default}` of the environment. Relative `*_dir` "
+        "paths, `file://` URLs and `file:` keys are made absolute against the current folder; "
+        "the shipped profiles keep all state under `${AIF_HOME}`, so they do not depend on it.",
+        "",
+        "Precedence, lowest first: the profile file (and the files it extends) < "
+        "`AIF_SECTION__KEY` environment variables < explicit overrides (command-line flags, a "
+        "project's aifactory.yaml). An error names the source of the bad value (the file "
+        "that set the key, the variable, the flag), the key and why, on one line.",
+        "",
+        "Environment variables: names are case-insensitive; values are read as YAML (`3`, "
+        "`true`, `null`, `[cpu, gpu]`, `{a: 1}`; empty is null); a start-up id's hyphens may "
+        "be written as underscores (`AIF_STARTUPS__STARTUP_A__GPU_HOURS_BUDGET` sets "
+        "`startups.startup-a.gpu_hours_budget`). Only keys inside a section can be set this "
+        "way; a variable naming no section is an error. A start-up's tenancy (every "
+        "`startups` key but " + ", ".join(sorted(RUN_OVERRIDABLE)) + ") comes only from the "
+        "file.",
+        "",
+        "Secrets (`object_store.key`, `object_store.secret`, a literal "
+        "`dataspace.pseudonymisation_key`) are masked in run records, logs and `aif profile "
+        "show`.",
+        "",
+        "## `extends`",
+        "",
+        "A profile may start with `extends: local` (a shipped profile's name, or a path "
+        "relative to the file) and give only the keys it changes: it is merged over its "
+        "parent, section by section (lists are replaced). Chains are allowed; a cycle is an "
+        "error. Without its own `name`, it keeps the parent's. For example:",
+        "",
+        "```yaml",
+        "extends: local",
+        "name: local-short",
+        "training:",
+        "  epochs: 3",
+        "```",
+        "",
+        "## Environment variables that are not keys",
+        "",
+        "| Variable | Meaning |",
+        "|---|---|",
+        *[f"| `{name}` | {_cell(text)} |" for name, text in _ENV_DOC],
+        "",
+        "## Top level",
+        "",
+        *_table(
+            [
+                f"`{name}`",
+                _type_text(f.annotation),
+                _default_text(name, f),
+                f.description or "",
+                _section_var(name) if name in sections else "— (the file only)",
+            ]
+            for name, f in Profile.model_fields.items()
+        ),
+    ]
+    for name, field in Profile.model_fields.items():
+        inner = _unwrap(field.annotation)
+        var = f"{ENV_PREFIX}{name.upper()}"
+        if name == "startups":
+            lines += ["", "## `startups.ID`", "", _model_doc(Startup), ""]
+            rows = list(_key_rows(Startup, "startups.ID.", f"{var}__ID"))
+            for row in rows:
+                leaf = row[0].strip("`").split(".")[2]
+                if leaf not in RUN_OVERRIDABLE:
+                    row[4] = "— (tenancy: the file only)"
+            lines += _table(iter(rows))
+        elif isinstance(inner, type) and issubclass(inner, BaseModel):
+            lines += ["", f"## `{name}`", "", _model_doc(inner), ""]
+            lines += _table(_key_rows(inner, f"{name}.", var))
+        elif get_origin(field.annotation) is dict:
+            lines += ["", f"## `{name}`", "", f"{field.description}. Its keys: `{var}__KEY`."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

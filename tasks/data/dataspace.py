@@ -18,6 +18,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
@@ -141,10 +142,48 @@ def is_connection_error(exc: BaseException) -> bool:
         boto: tuple[type[BaseException], ...] = ()
     else:
         boto = (BotoConnectionError, ConnectTimeoutError, EndpointConnectionError)
-    if isinstance(exc, (*boto, ConnectionError, TimeoutError)):
+    try:  # fsspec's HTTP filesystem (and s3fs underneath) speak aiohttp
+        from aiohttp import ClientConnectionError
+    except ImportError:  # pragma: no cover
+        web: tuple[type[BaseException], ...] = ()
+    else:
+        web = (ClientConnectionError,)
+    if isinstance(exc, (*boto, *web, ConnectionError, TimeoutError)):
         return True
     text = str(exc).lower()
-    return any(m in text for m in ("could not connect", "connect timeout", "connection refused"))
+    return any(m in text for m in ("could not connect", "cannot connect", "connect timeout",
+                                   "connection refused"))  # fmt: skip
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (fsspec's HTTP filesystem turns a
+    failed connection into a FileNotFoundError raised from the aiohttp error)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def http_error(where: str, url: str, exc: BaseException) -> StorageError:
+    """One line for a failed HTTP(S) listing or read: the host unreachable (with the
+    connection error's class), an HTTP status, or a missing path."""
+    host = urlsplit(url).netloc or url
+    for cause in _causes(exc):
+        if is_connection_error(cause):
+            return StorageError(
+                f"{where}: host {host} unreachable ({type(cause).__name__}: {_one_line(cause)})"
+            )
+        status = getattr(cause, "status", None)
+        if isinstance(status, int) and status >= 400:
+            if status == 404:
+                return StorageError(f"{where}: path does not exist (HTTP 404 from {host})")
+            reason = getattr(cause, "message", "") or ""
+            return StorageError(f"{where}: HTTP {status} {reason} from {host}".replace("  ", " "))
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{where}: path does not exist")
+    return storage_error(where, exc)
 
 
 def storage_error(
@@ -236,12 +275,14 @@ def list_objects(
             found = fs.find(root, detail=True)
     except StorageError:
         raise
-    except FileNotFoundError:
+    except Exception as exc:
+        if protocol in ("http", "https"):
+            raise http_error(where, url, exc) from None
+        if not isinstance(exc, FileNotFoundError):
+            raise storage_error(where, exc, storage_options) from None
         bucket = root.split("/", 1)[0]
         why = f"bucket {bucket!r} does not exist" if protocol != "file" else "path does not exist"
         raise StorageError(f"{where}: {why}") from None
-    except Exception as exc:
-        raise storage_error(where, exc, storage_options) from None
     objs = []
     for path, info in sorted(found.items()):
         if info.get("type") == "directory" or not path.endswith(extension):
@@ -252,7 +293,7 @@ def list_objects(
             try:  # an HTML index gives names only: ask the server for size and validators
                 info = fs.info(path)
             except Exception as exc:
-                raise storage_error(f"{where}: {path}", exc, storage_options) from None
+                raise http_error(f"{where}: {path}", url, exc) from None
         full = path if "://" in path else f"{protocol}://{path}"
         objs.append(_to_object(path, full, info))
     if not objs:
@@ -308,3 +349,36 @@ def has_objects(
     except DataError:
         return False
     return True
+
+
+def display_url(url: str) -> str:
+    """``url`` as an error line names it: a local path as an absolute ``file://`` URL
+    (``~/trips`` -> ``file:///root/trips``); any other URL as it is."""
+    if "://" in url or "::" in url:
+        if url.startswith("file://"):
+            return "file://" + os.path.abspath(os.path.expanduser(url[len("file://") :]))
+        return url
+    return "file://" + os.path.abspath(os.path.expanduser(url))
+
+
+def why_empty(url: str, storage_options: dict[str, Any] | None = None,
+              extension: str = ".parquet") -> str:  # fmt: skip
+    """Why ``url`` holds no object to ingest, in a few words, e.g. ``no objects match
+    *.parquet (missing folder)`` or ``no objects match *.csv (2 other files)``. A listing
+    only; for the error line of a data space that :func:`has_objects` found empty."""
+    base = glob_base(url)
+    pattern = url[len(base) :].lstrip("/") if base != url else f"*{extension}"
+    local = protocol_of(url) == "file"
+    note = "empty folder" if local else "empty prefix"
+    try:
+        fs, path = filesystem(base, storage_options)
+        if local and not os.path.isdir(path):
+            note = "not a folder" if os.path.exists(path) else "missing folder"
+        else:
+            n = sum(1 for p, i in fs.find(path, detail=True).items()
+                    if i.get("type") != "directory" and not is_staging(p))  # fmt: skip
+            if n:
+                note = f"{n} other {'file' if local else 'object'}{'s' if n > 1 else ''}"
+    except Exception:  # the note only explains an emptiness already found
+        pass
+    return f"no objects match {pattern} ({note})"

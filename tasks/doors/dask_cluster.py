@@ -2,14 +2,23 @@
 
 ``open_cluster`` is a context manager. On exit, by success, failure or cancellation, every
 worker job it asked for is cancelled and awaited: none is left in squeue.
+
+Ctrl-C: a LocalCluster's worker processes share the terminal's process group, so the
+terminal's SIGINT reached them too, and each printed a 30-line KeyboardInterrupt
+traceback. They now ignore SIGINT (inherited from their start, and set again by this
+module's worker preload for a worker the nanny restarts); the flow's process gets the
+KeyboardInterrupt and closes the cluster with Dask's logging silenced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -78,6 +87,77 @@ def door_cluster_class(slurm: SlurmClient, chdir: str | None = None) -> Any:
         job_cls = DoorJob
 
     return DoorSLURMCluster
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+WORKER_PRELOAD = __name__  # a LocalCluster's workers run this module's dask_setup
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask worker preload of a LocalCluster's workers (run in each worker process): ignore
+    SIGINT (the flow's process handles Ctrl-C and closes the cluster), and say nothing
+    while closing (the partitions it cancels, a heartbeat cut short by the close)."""
+    with contextlib.suppress(ValueError):  # only the main thread may set a handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet = _WhileClosing(worker)
+    for handler in logging.getLogger("distributed").handlers:
+        handler.addFilter(quiet)
+
+
+class _WhileClosing(logging.Filter):
+    """Drops the log records of a worker that is closing."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        status = getattr(getattr(self.worker, "status", None), "name", "")
+        return status not in ("closing", "closed", "closing_gracefully")
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (in the main thread; elsewhere nothing changes):
+    processes spawned meanwhile ignore it from their start (an ignored signal stays
+    ignored across exec, and Python keeps it so). A Ctrl-C inside the block is lost, so
+    keep it to the spawning of the workers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+DASK_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+@contextlib.contextmanager
+def dask_logs_silenced() -> Iterator[None]:
+    """No log line from Dask, Tornado or asyncio in this process inside the block: closing
+    a cluster on Ctrl-C (busy workers killed, connections dropped, futures cancelled)."""
+    known = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in DASK_LOGGERS]
+    loggers = [logging.getLogger(n) for n in {*DASK_LOGGERS, *known}]
+    saved = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, saved, strict=True):
+            lg.disabled = was
+
+
+async def _close_nannies(nannies: list[Any], timeout: float = 1.0) -> None:
+    """Close a LocalCluster's nannies at once: each asks its worker to stop and kills it
+    after ``0.8 * timeout`` s if it is busy in a partition."""
+    import asyncio
+
+    await asyncio.gather(*(n.close(timeout=timeout) for n in nannies), return_exceptions=True)
 
 
 @contextlib.contextmanager
@@ -187,8 +267,10 @@ def open_cluster(
         # (re)start.
         spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
                      **worker_env(spec)}  # fmt: skip
-        config = {**SCHEDULER_CONFIG, "distributed.nanny.pre-spawn-environ": spawn_env}
-        with _environ_kept(), dask.config.set(config):
+        preload = [*(dask.config.get("distributed.worker.preload", None) or []), WORKER_PRELOAD]
+        config = {**SCHEDULER_CONFIG, "distributed.nanny.pre-spawn-environ": spawn_env,
+                  "distributed.worker.preload": preload}  # fmt: skip
+        with _environ_kept(), dask.config.set(config), sigint_ignored():
             local_cluster = LocalCluster(
                 n_workers=spec.workers,
                 threads_per_worker=spec.cores,
@@ -203,9 +285,21 @@ def open_cluster(
         )
         try:
             yield local_client, info
-        finally:
+        except KeyboardInterrupt:
+            # Quietly and at once (busy workers are killed after a second, not Dask's 4 s),
+            # and a second Ctrl-C does not break off the close.
+            with dask_logs_silenced(), sigint_ignored():
+                with contextlib.suppress(Exception):
+                    local_cluster.sync(_close_nannies, list(local_cluster.workers.values()))
+                local_client.close()
+                local_cluster.close()
+            raise
+        except BaseException:
             local_client.close()
             local_cluster.close()
+            raise
+        local_client.close()
+        local_cluster.close()
         return
 
     if slurm is None:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import tempfile
 import urllib.error
 import urllib.parse
@@ -40,6 +41,25 @@ def _check_reachable(tracking_uri: str) -> None:
     raise RegistryError(
         f"MLflow tracking server {tracking_uri} is not reachable: is the site up? (aif site status)"
     )
+
+
+def ui_url(tracking_uri: str, name: str, version: str) -> str | None:
+    """The version's page in the MLflow UI of an HTTP tracking server; None for a local
+    store (sqlite, file), which has no UI until one is started on it."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
+
+
+def version_markdown(tracking_uri: str, name: str, version: str) -> str:
+    """The version for a Prefect artifact: a link to its MLflow page, or, for a local store,
+    its model URI and the command that opens the MLflow UI on the store (no URL exists)."""
+    uri = f"models:/{name}/{version}"
+    url = ui_url(tracking_uri, name, version)
+    if url is not None:
+        return f"[{uri}]({url})"
+    return (f"`{uri}` in the local MLflow store `{tracking_uri}` (to browse it: "
+            f"`mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}`)")  # fmt: skip
 
 
 def fingerprint(trained: TrainedModel, model_name: str, flavour: str = "tabular") -> str:
@@ -95,10 +115,6 @@ def register_model(
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
     from aifactory.tasks.models.pyfunc_model import TabularPyfunc
 
-    if flavour != "tabular":
-        from aifactory.tasks.models.flavours import load_trained
-
-        load_trained(flavour, trained.run_dir, model_ref, source_dir or ".")  # nothing logged yet
     _check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -112,8 +128,13 @@ def register_model(
         # alias (the model has none) gets it here.
         if "candidate" not in (client.get_registered_model(model_name).aliases or {}):
             client.set_registered_model_alias(model_name, "candidate", mv.version)
+        mv = client.get_model_version(model_name, mv.version)  # its aliases as they are now
         return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
 
+    if flavour != "tabular":  # a new version: its model must load (a cache hit loads nothing)
+        from aifactory.tasks.models.flavours import load_trained
+
+        load_trained(flavour, trained.run_dir, model_ref, source_dir or ".")  # nothing logged yet
     exp_id = _experiment_id(client, experiment, artifact_location)
     tags = {
         FINGERPRINT_TAG: fp,
@@ -232,8 +253,9 @@ def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None
 
 def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelVersion | None:
     """The version already registered with fingerprint ``fp``, found through the tracking
-    server's REST API (and alias ``candidate`` moved to it); None when there is none or the
-    registry is not an HTTP server, so that the full MLflow client path decides."""
+    server's REST API; None when there is none or the registry is not an HTTP server, so
+    that the full MLflow client path decides. As there, registering nothing moves no alias:
+    ``candidate`` is set only when the model has none (a registration cut off before it)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
     try:
@@ -246,13 +268,19 @@ def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelV
         if not same:
             return None
         mv = min(same, key=lambda v: int(v["version"]))
-        alias = {"name": model_name, "alias": "candidate", "version": str(mv["version"])}
-        _rest(tracking_uri, "POST", "registered-models/alias", alias)
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        version = str(mv["version"])
+        get = urllib.parse.urlencode({"name": model_name})
+        model = _rest(tracking_uri, "GET", f"registered-models/get?{get}")["registered_model"]
+        aliases = {a.get("alias"): str(a.get("version")) for a in model.get("aliases") or []}
+        if "candidate" not in aliases:
+            alias = {"name": model_name, "alias": "candidate", "version": version}
+            _rest(tracking_uri, "POST", "registered-models/alias", alias)
+            aliases["candidate"] = version
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
         return None
     tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
-    return _version_manifest(model_name, fp, tracking_uri, str(mv["version"]),
-                             mv.get("run_id") or "", list(mv.get("aliases") or []),
+    own = sorted(a for a, v in aliases.items() if v == version)
+    return _version_manifest(model_name, fp, tracking_uri, version, mv.get("run_id") or "", own,
                              tags).model_copy(update={"reused": True})  # fmt: skip
 
 
@@ -313,14 +341,14 @@ def _manifest(mv: Any, name: str, fp: str, tracking_uri: str) -> ModelVersion:
 
 def _version_manifest(name: str, fp: str, tracking_uri: str, version: str, run_id: str,
                       aliases: list[str], tags: dict[str, str]) -> ModelVersion:  # fmt: skip
-    """A registered version as a manifest; it carries the alias candidate just set."""
+    """A registered version as a manifest, with the aliases that point at it."""
     return ModelVersion(
         name=name,
         version=version,
         uri=f"models:/{name}/{version}",
         run_id=run_id,
         fingerprint=fp,
-        aliases=aliases if "candidate" in aliases else [*aliases, "candidate"],
+        aliases=list(aliases),
         tags=tags,
         tracking_uri=tracking_uri,
         created_at=now_iso(),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from aifactory.tasks.core.errors import AifError
 
 
 def quick_heartbeat_shutdown() -> bool:
@@ -172,3 +175,33 @@ def flow_run_id() -> str:
 
         return str(flow_run.root_flow_run_id or flow_run.id or "")
     return ""
+
+
+class OneLineRefusals(logging.Filter):
+    """An AifError (a refusal by policy, admission, tenancy, a bad config: tasks/core/errors.py)
+    is expected: the Prefect run log gets its one line, not its traceback.
+
+    Prefect's task and flow engines log a failing run's exception with ``exc_info`` (tens of
+    lines per run level). This filter, on Prefect's run loggers, drops the traceback of an
+    AifError and writes the error as ``Type: message``; the run still ends Failed with the
+    message, and the exception still reaches ``state.result()`` (the CLI's one line and
+    exit code). Any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, AifError):
+            text = record.getMessage().replace(repr(exc), f"{type(exc).__name__}: {exc}")
+            record.msg, record.args = text, ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def one_line_refusals() -> None:
+    """Install :class:`OneLineRefusals` on Prefect's run loggers (once)."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineRefusals) for f in logger.filters):
+            logger.addFilter(OneLineRefusals())

@@ -21,7 +21,10 @@ caller decides what a failed trial means.
 Either way one process owns a run directory at a time: ``owner()`` takes an exclusive lock
 on ``<run_dir>/.owner.lock`` (released when the owner ends, however it ends), so a second
 run of the same key waits and then collects the first one's result instead of training a
-second time into the same folder.
+second time into the same folder. Locally the training process shares that lock (it
+inherits the locked file): the lock lasts as long as the owner or its training process, so
+a flow killed mid-training does not let a second run train beside its orphaned payload.
+On Slurm the job's name gives the run its one owner.
 """
 
 from __future__ import annotations
@@ -99,7 +102,11 @@ class LocalExecutor:
 
     def run(self, req: JobRequest) -> JobResult:
         req.log(f"running {req.name} locally in {req.run_dir}")
-        run_local(list(req.command), str(req.run_dir), req.env, req.log, req.cancel_event)
+        # The run directory's owner lock goes with the process: held while it trains, even
+        # if this (owning) process dies first.
+        lock = held_lock(req.run_dir)
+        run_local(list(req.command), str(req.run_dir), req.env, req.log, req.cancel_event,
+                  keep_fds=() if lock is None else (lock,))  # fmt: skip
         return JobResult(self.kind, [], {})
 
     def run_array(self, req: JobRequest, n: int, max_parallel: int) -> ArrayResult:
@@ -197,10 +204,21 @@ def executor_for(
     raise TrainingError(f"training.executor {kind!r}: expected local or slurm")
 
 
+_HELD: dict[str, int] = {}  # run directory -> the file descriptor of its owner lock, held here
+
+
+def held_lock(run_dir: Path) -> int | None:
+    """The descriptor of ``run_dir``'s owner lock if this process holds it (``owner()``)."""
+    return _HELD.get(str(Path(run_dir).resolve()))
+
+
 @contextlib.contextmanager
 def owner(run_dir: Path, log: Callable[[str], None] = print,
-          doing: str = "trained") -> Iterator[None]:  # fmt: skip
-    """Hold the run directory's owner lock; wait (saying so) while another process has it."""
+          doing: str = "trained") -> Iterator[int]:  # fmt: skip
+    """Hold the run directory's owner lock; wait (saying so) while another process has it.
+
+    Yields the lock file's descriptor: a child process given it (``run_local``'s
+    ``keep_fds``) holds the same lock, so it stays taken until the child ends too."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK_NAME, "a+") as fh:
         try:
@@ -218,25 +236,30 @@ def owner(run_dir: Path, log: Callable[[str], None] = print,
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         fh.flush()
+        key = str(run_dir.resolve())
+        _HELD[key] = fh.fileno()
         try:
-            yield
+            yield fh.fileno()
         finally:
+            _HELD.pop(key, None)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_local(cmd: list[str], run_dir: str, env: Mapping[str, str],
               log: Callable[[str], None],
-              cancel_event: threading.Event | None = None) -> None:  # fmt: skip
+              cancel_event: threading.Event | None = None,
+              keep_fds: Sequence[int] = ()) -> None:  # fmt: skip
     """Run the job's command as a local process, streaming its output to ``log`` and local.out.
 
     Raises TrainingError with the exit code and the log tail on failure. Interrupted (or
     ``cancel_event`` set), it sends the payload SIGTERM (it checkpoints and exits 99).
+    ``keep_fds`` stay open in the process (the run directory's owner lock).
     """
     lines: list[str] = []
     with open(Path(run_dir) / "local.out", "a") as out:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **env}, cwd=run_dir,
+            env={**os.environ, **env}, cwd=run_dir, pass_fds=tuple(keep_fds),
         )  # fmt: skip
         if cancel_event is not None:
 

@@ -108,6 +108,27 @@ def training_data_summary(snap: DataSnapshot, entry: Any, ranges: dict[str, str]
     )
 
 
+SLURM_PARAMS = ("partition", "gpus_per_node")  # a Slurm job's resources, not a local run's
+DEVICES = {"cpu": "CPU", "cuda": "GPU", "mps": "Apple GPU"}
+
+
+def where_trained(trained: TrainedModel) -> str:
+    """Where the model was trained, in words: ``local (this machine, CPU)``, or ``slurm
+    (partition gpu, 1 GPU per node, job(s) 12, 13)``. A local run names no partition."""
+    device = str(trained.params.get("device", "?"))
+    device = DEVICES.get(device, device)
+    if trained.executor != "slurm":
+        return f"{trained.executor} (this machine, {device})"
+    parts = [f"partition {trained.params.get('partition', '?')}"]
+    gpus = trained.params.get("gpus_per_node")
+    if gpus:
+        parts.append(f"{gpus} GPU{'s' if str(gpus) != '1' else ''} per node")
+    parts.append(f"device {device}")
+    if trained.slurm_job_ids:
+        parts.append(f"job(s) {', '.join(trained.slurm_job_ids)}")
+    return f"slurm ({', '.join(parts)})"
+
+
 def model_card(
     *, name: str, version: str, trained: TrainedModel, fset: FeatureSet, snap: DataSnapshot,
     entry: Any, startup: str, startup_cfg: Any, lineage: dict[str, str],
@@ -139,7 +160,9 @@ def model_card(
     else:
         declaration = "_No responsible-AI declaration is recorded for this start-up._\n"
     metrics = "\n".join(f"| {k} | {v:.5g} |" for k, v in sorted(trained.metrics.items()))
-    params = ", ".join(f"{k}={v}" for k, v in sorted(trained.params.items()))
+    shown = {k: v for k, v in trained.params.items()
+             if trained.executor == "slurm" or k not in SLURM_PARAMS}  # fmt: skip
+    params = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
     dropped = ", ".join(f"{k}: {v:,}" for k, v in sorted(fset.rows_dropped.items())) or "none"
     splits = ", ".join(f"{k} {s.rows:,}" for k, s in sorted(fset.splits.items()))
     return (
@@ -154,8 +177,7 @@ def model_card(
         f"`{fset.featureset_id}`: {len(fset.feature_columns)} features; splits by a stable "
         f"hash of `{fset.key_column}`: {splits}; rows dropped by cleaning: {dropped}. See "
         "`training_data_summary.md`.\n\n"
-        f"## Training\n\nRun `{trained.run_key}` on executor `{trained.executor}`"
-        + (f", Slurm job(s) {', '.join(trained.slurm_job_ids)}" if trained.slurm_job_ids else "")
+        f"## Training\n\nRun `{trained.run_key}`, executor: {where_trained(trained)}"
         + f". Parameters: {params}. Weights sha256 `{trained.weights_sha256[:16]}`; "
         f"environment hash `{trained.environment_hash}`; code commit "
         f"`{lineage.get('aif.git_commit', 'unknown')[:12]}` (dirty: "

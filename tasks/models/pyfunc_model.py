@@ -8,21 +8,19 @@ model) or on already-featurised rows.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pandas as pd
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
-# MLflow warns "Add type hints to the `predict` method" whenever a PythonModel subclass
-# without them is defined, under its own warnings.simplefilter("once") (so no filter of
-# ours can hide it). Ours take any frame on purpose; MLflow's own attribute for classes
-# that skip type-hint validation says so (tests/unit/test_project.py fails if it stops
-# working).
+# Typed as MLflow asks ("Add type hints to the `predict` method", its warning for a
+# PythonModel without them): the input is a pandas DataFrame, a hint MLflow accepts without
+# deriving a column schema from it, as both models take either raw data-space rows or
+# already-featurised rows. (tests/unit/test_registry_mlflow.py: registering warns nothing.)
 
 
 class TabularPyfunc(PythonModel):
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):  # type: ignore[no-untyped-def]
+    def load_context(self, context: PythonModelContext) -> None:
         from aifactory.tasks.payloads.tabular_model import load_model
 
         self.module, self.meta = load_model(context.artifacts["model"])
@@ -30,8 +28,8 @@ class TabularPyfunc(PythonModel):
             self.feature_config = json.load(fh)
         self.code = context.artifacts.get("code")  # the feature function's folder, carried
 
-    # No type hints on predict: MLflow would try to derive a schema from them.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> Any:  # fmt: skip
         from aifactory.tasks.models.flavours import absolute_ref
         from aifactory.tasks.payloads.tabular_model import predict
         from aifactory.tasks.stages.features import call_features, load_function
@@ -50,9 +48,7 @@ class ProjectPyfunc(PythonModel):
     """A project's model as one MLflow pyfunc: raw rows -> the project's features ->
     standardised as in training -> the model's predictions."""
 
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):  # type: ignore[no-untyped-def]
+    def load_context(self, context: PythonModelContext) -> None:
         from aifactory.tasks.models.flavours import absolute_ref, load_model
 
         with open(context.artifacts["spec"]) as fh:
@@ -62,9 +58,9 @@ class ProjectPyfunc(PythonModel):
         self.model = load_model(self.spec["flavour"], context.artifacts["model"], ref,
                                 context.artifacts.get("init"))  # fmt: skip
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> Any:  # fmt: skip
         import numpy as np
-        import pandas as pd
 
         from aifactory.tasks.models.flavours import absolute_ref
         from aifactory.tasks.stages.features import call_features, load_ref

@@ -49,6 +49,26 @@ DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+COUNTS = ("steps", "layers", "d_model", "heads", "context", "batch_size", "threads")
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """Refuse, before any data is read or any step trained, a config that cannot train: one
+    line naming the key (``steps`` 0 trained nothing and reported loss nan before)."""
+    for key in COUNTS:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PayloadError(f"config {key}={v!r}: must be a whole number of at least 1")
+    lr = cfg["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < lr < math.inf):
+        raise PayloadError(f"config lr={lr!r}: must be a positive finite number")
+    if cfg["d_model"] % cfg["heads"]:
+        raise PayloadError(f"config d_model={cfg['d_model']} must be a multiple of "
+                           f"heads={cfg['heads']}")  # fmt: skip
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
+        raise PayloadError(f"config seed={cfg['seed']!r}: must be a whole number")
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -151,6 +171,7 @@ def train(job: Job) -> dict[str, Any]:
     if unknown:
         raise PayloadError(f"config has unknown keys {unknown} (valid: {sorted(DEFAULTS)})")
     cfg = {**DEFAULTS, **job.config}
+    check_config(cfg)  # before any data is read or any step trained
     job.deterministic()  # on a GPU too: before, cuBLAS refused without its workspace setting
     torch.set_num_threads(job.cpus(int(cfg["threads"])))
     device = job.device
@@ -205,6 +226,10 @@ def train(job: Job) -> dict[str, Any]:
             upcoming = prefetch.submit(loader.get, step + 1)
         loss = one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         step += 1
+        if not math.isfinite(loss):  # diverged: no later step recovers, nothing is committed
+            prefetch.shutdown(wait=False, cancel_futures=True)
+            raise PayloadError(f"training diverged: loss {loss} at step {step}/{cfg['steps']} "
+                               f"(lr {cfg['lr']}): the run is not committed")  # fmt: skip
         tokens += x.numel()
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"]:
             job.log(f"step {step}/{cfg['steps']} loss={loss:.4f}")

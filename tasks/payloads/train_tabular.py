@@ -67,6 +67,20 @@ def check_inputs(fset: dict[str, Any], cfg: dict[str, Any]) -> None:
     absent = [k for k in CONFIG_KEYS if k not in cfg]
     if absent:
         raise PayloadError(f"training config lacks {absent} (needs {list(CONFIG_KEYS)})")
+    for key in ("epochs", "batch_size"):  # before any training: one line naming the key
+        if not _count(cfg[key]):
+            raise PayloadError(f"config {key}={cfg[key]!r}: must be a whole number of at least 1")
+    hidden = cfg["hidden"]
+    if not isinstance(hidden, list) or not all(_count(h) for h in hidden):
+        raise PayloadError(f"config hidden={hidden!r}: must be a list of layer widths, each at "
+                           "least 1")  # fmt: skip
+    lr = cfg["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+        raise PayloadError(f"config lr={lr!r}: must be a positive finite number")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, t_mean: float,
@@ -268,7 +282,8 @@ def train(job: Job) -> dict[str, Any]:
         "world_size": float(world),
     }  # fmt: skip
     job.save("weights.sha256", digest + "\n")
-    job.commit(metrics, device.type)  # environment.json, then metrics.json: the commit
+    # environment.json, then metrics.json: the commit; a diverged run (nan) is not committed
+    job.commit(metrics, device.type, finite=["val_rmse", "test_rmse"])
     job.log(f"done: test_rmse={test['rmse']:.3f} test_r2={test['r2']:.3f} weights {digest[:12]}")
     return metrics
 

@@ -84,6 +84,7 @@ from aifactory.tasks.data.policy import (
     key_fingerprint,
     pseudonymise_batch,
 )
+from aifactory.tasks.data.progress import Tracker
 from aifactory.tasks.doors.lake import (
     atomic_write_bytes,
     exists,
@@ -368,11 +369,26 @@ class _HashSpill:
 
 # -- one object ---------------------------------------------------------------------------
 class _Reader:
-    """Streams one source object into a staged lake file; counts bytes handed to Arrow."""
+    """Streams one source object into a staged lake file; ``advance(n)`` is told of each
+    ``n`` bytes of the object read so far (the file's position after each batch)."""
 
     def __init__(self, fs: Any, obj: SourceObject, dc: DatasetContract, personal: list[str],
-                 key: bytes | None) -> None:  # fmt: skip
+                 key: bytes | None,
+                 advance: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.fs, self.obj, self.dc, self.personal, self.key = fs, obj, dc, personal, key
+        self.advance = advance
+        self.reported = 0  # bytes of the object told to ``advance``
+
+    def _read_up_to(self, fh: Any) -> None:
+        if self.advance is None:
+            return
+        try:
+            pos = min(int(fh.tell()), self.obj.size)
+        except Exception:  # a position is only for the progress bar
+            return
+        if pos > self.reported:
+            self.advance(pos - self.reported)
+            self.reported = pos
 
     def copy(self, local_parquet: str, local_pk: str) -> int:
         spill = _HashSpill()
@@ -410,6 +426,7 @@ class _Reader:
                 hashes.add(key_hashes(batch.column(self.dc.primary_key)))
                 pending.append(batch)
                 rows += batch.num_rows
+                self._read_up_to(fh)
                 if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
                     flush()
             flush()
@@ -441,9 +458,10 @@ def _changed(before: SourceObject, now: SourceObject | None) -> str | None:
 def _ingest_object(
     o: SourceObject, address: str, src_fs: Any, lake_fs: Any, objects_root: str,
     objects_root_url: str, dc: DatasetContract, personal: list[str], key: bytes | None,
-    decision: str, storage_options_lake: dict[str, Any] | None,
+    decision: str, storage_options_lake: dict[str, Any] | None, tracker: Tracker | None = None,
 ) -> _Outcome:  # fmt: skip
     out = _Outcome(obj=o, read=True)
+    reader = _Reader(src_fs, o, dc, personal, key, tracker.advance if tracker else None)
     base = f"{objects_root}/{address}"
     fd, local_pk = tempfile.mkstemp(prefix="aif-pk-", suffix=".bin")
     os.close(fd)
@@ -451,7 +469,7 @@ def _ingest_object(
     try:
         with staged_file(lake_fs, f"{base}.parquet") as local:
             try:
-                rows = _Reader(src_fs, o, dc, personal, key).copy(local, local_pk)
+                rows = reader.copy(local, local_pk)
             except ObjectBad:
                 raise
             except Exception as exc:
@@ -493,6 +511,8 @@ def _ingest_object(
         if local_pk:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(local_pk)
+        if tracker is not None:  # the object is done with, read whole or not
+            tracker.advance(o.size - reader.reported)
     return out
 
 
@@ -651,11 +671,13 @@ def ingest(
     done_lock = threading.Lock()
     done = [0, 0]  # objects, bytes
     t_read = time.monotonic()
+    # The terminal's progress bar (tasks/data/progress.py): bytes of the objects to read.
+    tracker = Tracker("ingest", total_bytes, "B") if to_read else None
 
     def work(o: SourceObject) -> _Outcome:
         res = _ingest_object(
             o, addresses[o.key], src_fs, lake_fs, obj_root, obj_root_url, dc, personal,
-            opts.pseudonymisation_key, decision.rule, storage_options_lake,
+            opts.pseudonymisation_key, decision.rule, storage_options_lake, tracker,
         )  # fmt: skip
         with done_lock:
             # Recorded at once, not when the pool's results are read: if another object

@@ -13,6 +13,7 @@ import fsspec
 from aifactory.tasks.core.errors import AifError, DataError
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, SplitFiles
 from aifactory.tasks.core.provenance import now_iso
+from aifactory.tasks.data.progress import report
 from aifactory.tasks.doors.dask_dispatch import dispatch
 from aifactory.tasks.doors.lake import read_json, write_json_atomic
 from aifactory.tasks.stages import features as F
@@ -70,8 +71,10 @@ def run_preprocess(
         for i, url in enumerate(files)
     ]
     step = max(1, len(calls) // 4)
+    report("preprocess", 0, len(calls), "partitions")  # the terminal's bar (data/progress.py)
 
     def on_result(n: int, total: int) -> None:
+        report("preprocess", n, total, "partitions")
         if n == total or n % step == 0:
             progress(f"featurised {n}/{total} partitions")
 

@@ -202,7 +202,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     # The recorded config, with this machine's secrets (masked in the record).
     data = json.loads(json.dumps(recorded_cfg))
     if data.get("object_store") and cfg.object_store is not None:
-        data["object_store"] = cfg.object_store.model_dump(mode="json")
+        data["object_store"] = cfg.object_store.model_dump()  # SecretStr kept, not masked
     ds = data.get("dataspace") or {}
     if ds.get("pseudonymisation_key") == "***":
         ds["pseudonymisation_key"] = cfg.dataspace.pseudonymisation_key

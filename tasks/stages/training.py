@@ -280,6 +280,7 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
     env: dict[str, Any] = json.loads(env_path.read_text()) if env_path.exists() else {}
     # The software, not the host or the job: the same packages give the same hash anywhere.
     software: dict[str, Any] = {k: env[k] for k in ("python", "packages") if k in env}
+    slurm_resources = {"partition": spec.partition, "gpus_per_node": spec.gpus_per_node}
     trained = TrainedModel(
         run_key=run_key,
         featureset_id=fset.featureset_id,
@@ -293,10 +294,11 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
         },
         params={
             **params,
-            "partition": spec.partition,
-            "gpus_per_node": spec.gpus_per_node,
+            # Where it ran: Slurm's partition and GPUs only for a Slurm job (a local run
+            # used neither, whatever the profile's training section says).
+            **(slurm_resources if executor == "slurm" else {}),
             "payload": spec.payload,
-            "device": str(metrics.get("device", env.get("device", "?"))),
+            "device": _device(env.get("device"), metrics.get("device")),
         },
         executor=executor,
         slurm_job_ids=job_ids,
@@ -308,6 +310,16 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
     )
     write_text_local(run_dir / "trained.json", trained.to_json())  # the stage's manifest
     return trained
+
+
+def _device(recorded: Any, metric: Any) -> str:
+    """The device the job trained on: environment.json's (cpu, cuda), else the metrics'
+    (a name, or the LM payload's 1.0 for a GPU and 0.0 for a CPU)."""
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    if isinstance(metric, int | float) and not isinstance(metric, bool):
+        return "cuda" if metric else "cpu"
+    return str(metric) if metric else "?"
 
 
 def train(

@@ -121,9 +121,13 @@ def test_cancelling_during_preprocessing_gives_back_every_worker_job(
         site_profile,
         {
             "AIF_DATASPACE__URL": "s3://aif-dataspace/test/cancel-preprocess",
+            # Seeded there once (not the profile's demo data space: asked for), 8 M rows;
+            # --rows would be refused on the next run, when the prefix has its objects.
+            "AIF_DATASPACE__SEED": "true",
+            "AIF_DATASPACE__GENERATE__ROWS": "8000000",
             "AIF_DASK__WORKERS": "1",
         },
-        ["--profile", "site", "--rows", "8000000"],
+        ["--profile", "site"],
         lambda line: "[preprocess] Dask workers up" in line,
         "aif-dask-",
         "Dask workers came up",

@@ -63,7 +63,7 @@ def deployed(site_profile: Profile) -> Receiver:
     rec = Receiver()
     env = {"AIF_NOTIFY_WEBHOOK": rec.url}
     for _ in range(2):  # a redeploy must not duplicate deployments, runs or automations
-        res = aif("deploy", env=env, timeout=600)
+        res = aif("deploy", "--profile", "site", env=env, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
     want = "deployment startup-a-nightly: pool aif-site, schedule 0 2 * * * Europe/Brussels, "
     assert want + "concurrency 1" in res.stdout, res.stdout

@@ -27,9 +27,11 @@ pytestmark = pytest.mark.site
 
 
 def _fresh(tag: str) -> dict[str, str]:
-    """A data-space prefix and seed no other run used: every stage runs."""
+    """A data-space prefix and seed no other run used: every stage runs. The prefix is
+    seeded on request (AIF_DATASPACE__SEED): it is not the profile's demo data space."""
     t = int(time.time())
     return {"AIF_DATASPACE__URL": f"s3://aif-dataspace/test/{tag}-{t}",
+            "AIF_DATASPACE__SEED": "true",
             "AIF_TRAINING__SEED": str(t % 100_000 + 7)}  # fmt: skip
 
 
@@ -43,11 +45,13 @@ def _train_jobs(out: str) -> set[str]:
 
 
 def test_two_runs_at_once_train_once_and_register_one_version(site_profile: Profile) -> None:
-    env = _fresh("twice")
+    # The rows as configuration, not --rows: the run that finds the other's objects in the
+    # prefix would refuse --rows (nothing left to generate).
+    env = {**_fresh("twice"), "AIF_DATASPACE__GENERATE__ROWS": "20000"}
     runs: list[object] = [None, None]
 
     def go(i: int) -> None:
-        runs[i] = aif("run", "--profile", "site", "--rows", "20000", "--epochs", "2", env=env)
+        runs[i] = aif("run", "--profile", "site", "--epochs", "2", env=env)
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:

@@ -25,8 +25,11 @@ pytestmark = pytest.mark.site
 def _s3(profile: Profile) -> Any:
     store = profile.object_store
     assert store is not None
-    return boto3.client("s3", endpoint_url=store.endpoint_url, aws_access_key_id=store.key,
-                        aws_secret_access_key=store.secret, region_name=store.region)  # fmt: skip
+    key, secret = store.key, store.secret  # SecretStr
+    return boto3.client("s3", endpoint_url=store.endpoint_url,
+                        aws_access_key_id=key.get_secret_value() if key else None,
+                        aws_secret_access_key=secret.get_secret_value() if secret else None,
+                        region_name=store.region)  # fmt: skip
 
 
 def _fs(profile: Profile) -> Any:

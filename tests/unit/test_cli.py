@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from aifactory.tasks.cli import main
@@ -27,5 +30,86 @@ def test_bad_profile_value_is_one_line(
     monkeypatch.setenv("AIF_DASK__ADAPTIVE_MAX", "1")
     assert main(["run", "--profile", "site", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("aif: error: profile ") and "adaptive_min is larger" in err
+    assert err.startswith("aif: error: environment variables AIF_DASK__ADAPTIVE_MAX, "
+                          "AIF_DASK__ADAPTIVE_MIN: dask: adaptive_min is larger")  # fmt: skip
     assert "\n" not in err
+
+
+def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_flag_value_blames_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--epochs", "-1", "--dry-run"]) == 2
+    err = _err_line(capsys)
+    assert err.startswith("aif: error: aif run: ") and "'--epochs'" in err
+    assert main(["train-lm", "--steps", "0"]) == 2
+    assert "'--steps'" in _err_line(capsys)
+    assert main(["run", "--epochz", "3"]) == 2
+    assert "No such option: --epochz" in _err_line(capsys)
+
+
+def test_bad_environment_value_blames_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIF_TRAINING__EPOCHZ", "3")
+    assert main(["run", "--dry-run"]) == 2
+    err = _err_line(capsys)
+    assert "AIF_TRAINING__EPOCHZ" in err and "local.yaml" not in err, err
+
+
+def test_verbose_flag_after_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--profile", "site", "--dry-run", "-v"]) == 0
+    assert main(["-v", "run", "--profile", "site", "--dry-run"]) == 0
+
+
+def test_slurm_only_commands_refuse_at_once_on_local(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AIF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("aifactory.tasks.cli._use_prefect", _no_service)
+    assert main(["report", "usage"]) == 2
+    assert "no Slurm accounting" in _err_line(capsys)
+    assert not (tmp_path / "home" / "local").exists()  # nothing ingested, nothing started
+    # (a sweep runs on local too: the job layer's local array; tests/test_examples.py)
+
+
+def _no_service(*args: object, **kwargs: object) -> str:
+    raise AssertionError("a refused command must not reach Prefect")
+
+
+def test_json_listings(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                       tmp_path: Path) -> None:  # fmt: skip
+    monkeypatch.setenv("AIF_HOME", str(tmp_path / "home"))
+    assert main(["catalog", "ls", "--json"]) == 0
+    ids = [d["id"] for d in json.loads(capsys.readouterr().out)]
+    assert "mobility-trips" in ids and "health-records" in ids
+    assert main(["snapshot", "ls", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["status", "--json"]) == 0  # starts nothing: no server, no runs yet
+    info = json.loads(capsys.readouterr().out)
+    assert info["profile"] == "local" and info["runs"] == [] and not info["prefect"]["running"]
+    assert info["home"] == str(tmp_path / "home")
+
+
+def test_table_output_is_not_cut_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["catalog", "ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["dataset", "data", "space"]
+    assert all("…" not in ln for ln in lines)
+
+
+def test_shell_completion_script(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:  # typer's completion option exits by itself
+        main(["--show-completion", "bash"])
+    assert done.value.code == 0
+    assert "complete" in capsys.readouterr().out
+
+
+def test_help_lists_the_new_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "status", "runs", "logs", "deploy", "server", "site", "snapshot"):
+        assert cmd in out, cmd

@@ -42,7 +42,8 @@ def test_bad_pad_is_one_line(
     monkeypatch.setenv("AIF_DASK__MALLOC_TOP_PAD", "lots")
     assert main(["run", "--profile", "site", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("aif: error: profile ") and "malloc_top_pad" in err
+    assert err.startswith("aif: error: environment variable AIF_DASK__MALLOC_TOP_PAD: "
+                          "dask.malloc_top_pad: ")  # fmt: skip
     assert "not a size such as 64MiB (got 'lots')" in err and "\n" not in err
 
 

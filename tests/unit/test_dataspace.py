@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,57 @@ def test_is_staging_reads_the_own_name_only() -> None:
     assert not is_staging("/home/me/.work/aif/.aif/lake/objects/ds/abc.parquet")
     assert not is_staging("s3://.hidden-bucket/a/.b/c.parquet")
     assert not is_staging("/x/.snapshots/sid/")
+
+
+# -- issue 16: an unreachable HTTP(S) data space; why a data space is empty ----------------
+@pytest.mark.parametrize("path", ["trips/", "trips/part-00000.parquet", "health/*.jsonl"])
+def test_unreachable_http_data_space_names_the_host(path: str) -> None:
+    """It was `bucket 'http:' does not exist`."""
+    url = f"http://127.0.0.1:9/{path}"  # nothing listens on the discard port
+    for call in (lambda: list_objects(url, {}), lambda: has_objects(url, {})):
+        with pytest.raises(StorageError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"data space {url}: host 127.0.0.1:9 unreachable (Client"), msg
+        assert "Error: " in msg and "bucket" not in msg and "\n" not in msg
+
+
+def test_missing_http_path_is_a_404_not_a_bucket() -> None:
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *_a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory="/"))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/no/such/trips/part-0.parquet"
+        with pytest.raises(StorageError) as e:
+            list_objects(url, {})
+        host = f"127.0.0.1:{srv.server_address[1]}"
+        assert str(e.value) == f"data space {url}: path does not exist (HTTP 404 from {host})"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_why_empty_names_the_pattern_and_what_is_there(store: Store, tmp_path: Path) -> None:
+    from aifactory.tasks.data.dataspace import display_url, why_empty
+
+    so = store.storage_options
+    kind = "folder" if store.kind == "file" else "prefix"
+    assert why_empty(store.url, so) == f"no objects match *.parquet (empty {kind})"
+    store.fs.makedirs(f"{store.path}/a", exist_ok=True)
+    store.fs.pipe_file(f"{store.path}/a/notes.txt", b"x")
+    store.fs.pipe_file(f"{store.path}/b.csv", b"x")
+    other = "files" if store.kind == "file" else "objects"
+    assert why_empty(store.url, so) == f"no objects match *.parquet (2 other {other})"
+    assert why_empty(f"{store.url}/a/*.jsonl", store.storage_options).startswith(
+        "no objects match *.jsonl (1 other"
+    )
+    assert why_empty(f"file://{tmp_path}/gone") == "no objects match *.parquet (missing folder)"
+    assert display_url("~/nothing") == f"file://{os.path.expanduser('~')}/nothing"
+    assert display_url("s3://b/x") == "s3://b/x"

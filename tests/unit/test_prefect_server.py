@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aifactory.infra.site import procs
-from aifactory.tasks.doors import prefect_server as ps
+from aifactory.tasks.control import prefect_server as ps
 
 # /bin/sh runs the second line (a no-op string expression to Python): a shebang line cannot
 # hold an interpreter path with a space, as a clone under "ci final/" has.
@@ -91,3 +91,34 @@ def test_a_dead_record_starts_a_fresh_server(fake_prefect: Path, tmp_path: Path)
         assert url2 == url
     finally:
         ps.stop_managed_server(home)
+
+
+def test_use_server_points_an_already_imported_prefect_at_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`aif model promote` and `aif train-lm` sent events to a temporary server when prefect
+    had read its settings before PREFECT_API_URL was set (issue 16): after use_server, the
+    process's settings, API client and events client all name the server, and the temporary
+    server is off, so nothing silently falls back to one."""
+    import prefect.context
+    from prefect.client.orchestration import get_client
+    from prefect.events.clients import PrefectEventsClient, get_events_client
+    from prefect.settings import get_current_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", raising=False)
+    prefect.context.refresh_global_settings_context()  # prefect has read its settings
+    before = get_current_settings()
+    url = "http://127.0.0.1:4299/api"
+    try:
+        assert ps.use_server(url) == url
+        now = get_current_settings()
+        assert now.api.url == url and before.api.url != url
+        assert now.server.ephemeral.enabled is False
+        assert str(get_client(sync_client=True).api_url).rstrip("/") == url
+        events = get_events_client()
+        assert isinstance(events, PrefectEventsClient)
+        assert "127.0.0.1:4299" in events._events_socket_url
+    finally:
+        monkeypatch.undo()  # the environment as it was, then the settings read from it
+        prefect.context.refresh_global_settings_context()

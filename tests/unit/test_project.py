@@ -257,9 +257,10 @@ def test_profile_refuses_a_script_with_the_reference_flavour(tmp_path: Path) -> 
                                "training.script": str(tmp_path / "t.py")}, env=env)  # fmt: skip
 
 
-def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
-    """Our pyfunc classes rely on MLflow's ``_skip_type_hint_validation``: MLflow shows the
-    warning under its own simplefilter("once"), which no filter of ours overrides."""
+def test_our_pyfunc_classes_are_typed_so_mlflow_does_not_warn() -> None:
+    """MLflow warns "Add type hints to the predict method" (under its own simplefilter
+    "once", which no filter of ours overrides) for an untyped predict; ours are typed
+    (issue 16: the coloured warning landed in every registration's log)."""
     import warnings
 
     from mlflow.pyfunc import PythonModel
@@ -282,7 +283,11 @@ def test_mlflows_skip_attribute_silences_its_type_hint_warning() -> None:
 
     hints = [w for w in seen if "Add type hints" in str(w.message)]
     assert len(hints) == 1  # Plain's; none for Skips
-    assert TabularPyfunc._skip_type_hint_validation and ProjectPyfunc._skip_type_hint_validation
+    # Ours are typed (no warning, no private MLflow switch): predict takes a DataFrame.
+    import pandas as pd
+
+    for cls in (TabularPyfunc, ProjectPyfunc):
+        assert cls().predict_type_hints.input is pd.DataFrame
 
 
 def test_the_embedded_default_is_the_mobility_project() -> None:

@@ -349,3 +349,64 @@ def test_a_slurm_run_without_any_job_id_is_not_collected(tmp_path: Path) -> None
     run_dir, fset, spec = _finished_run(tmp_path)
     with pytest.raises(TrainingError, match="names its Slurm job: its lineage is lost"):
         _collect_finished(run_dir, "k1", fset, spec, RecordingExecutor(), print, 0.0, "tabular")  # type: ignore[arg-type]
+
+
+# -- one owner per local run, for the life of its training process (issue 16) --------------
+_FLOW = """
+import sys
+from pathlib import Path
+from aifactory.tasks.jobs.executors import JobRequest, LocalExecutor, owner
+run = Path(sys.argv[1])
+payload = [sys.executable, "-c", "import os, time; "
+           "open('payload.pid', 'w').write(str(os.getpid())); "
+           "print('training', flush=True); time.sleep(120)"]
+with owner(run):
+    LocalExecutor().run(JobRequest("aif-train-k1", run, run / "train.sbatch", payload))
+"""
+
+
+def _lock_free(lock: Path) -> bool:
+    import fcntl
+
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_local_payload_holds_the_owner_lock_after_its_flow_died(tmp_path: Path) -> None:
+    """The flow process that owns a local run is killed (SIGKILL: no cleanup) while its
+    payload trains on: the run directory stays owned until the payload ends, so a second
+    run waits for it instead of training beside it in the same folder. Before, the lock
+    went with the flow process and a re-run resumed from the orphan's checkpoint."""
+    import contextlib
+    import signal
+    import sys
+    import time
+
+    run = tmp_path / "train" / "k1"
+    flow = subprocess.Popen([sys.executable, "-c", _FLOW, str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pid_file, payload = run / "payload.pid", 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and flow.poll() is None, "the payload never started"
+            time.sleep(0.05)
+        payload = int(pid_file.read_text())
+        flow.kill()
+        flow.wait(timeout=30)
+        time.sleep(0.2)
+        assert not _lock_free(run / ".owner.lock"), "the orphaned payload does not hold the lock"
+    finally:
+        flow.kill()
+        if payload:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(payload, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the payload's end releases it
+    while not _lock_free(run / ".owner.lock"):
+        assert time.monotonic() < deadline, "the lock outlived the payload"
+        time.sleep(0.05)

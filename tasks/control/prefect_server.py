@@ -5,9 +5,11 @@ in ``<home_dir>/prefect-local/server.json`` (pid, command line, start time, addr
 reused only while that very process runs and answers. A server of another home (another
 clone, another user) on the preferred port is never reused: its database is not ours. Then
 aif starts its own, on ``managed_port`` if free, else on a free loopback port, and says so.
-``aif server status|stop`` shows and stops it. Prefect's ephemeral mode is avoided on
-purpose (slow first start, SQLite lock errors). Processes are started, awaited and
-stopped by the same helpers as the site's daemons (infra/site/procs.py).
+``aif server status|stop`` shows and stops it (and the home's worker, tasks/control/worker.py).
+Prefect's ephemeral mode is avoided on purpose (slow first start, SQLite lock errors):
+:func:`use_server` points this process at the chosen server and turns that mode off.
+Processes are started, awaited and stopped by the same helpers as the site's daemons
+(infra/site/procs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -97,6 +100,9 @@ def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[st
         return str(old["api_url"])
     if old:  # recorded but not answering: stop whatever of it is left, then start afresh
         procs.stop(old, "prefect")
+        from aifactory.tasks.control.worker import stop_worker
+
+        stop_worker(home_dir)  # a worker of the old server: its pool and runs are gone
     if not _port_free(port):
         chosen = _free_port()
         progress(f"port {port} is in use by another program (not this home's Prefect server);"
@@ -127,7 +133,11 @@ def _ensure_locked(home_dir: str, state: Path, port: int, progress: Callable[[st
 
 
 def stop_managed_server(home_dir: str) -> bool:
-    """Stop this home's server (only the process it recorded); True if one was running."""
+    """Stop this home's server (only the process it recorded) and its worker, if any; True
+    if the server was running."""
+    from aifactory.tasks.control.worker import stop_worker
+
+    stop_worker(home_dir)
     rec = record(home_dir)
     if not rec:
         return False
@@ -147,4 +157,33 @@ def resolve_api_url(
             f"Prefect API {api_url} is not reachable: is the site up? "
             "(aif site up; aif site status)"
         )
+    return api_url
+
+
+def use_server(api_url: str) -> str:
+    """Point this process's Prefect (API client, events, flow runs) at ``api_url``; return it.
+
+    Setting ``PREFECT_API_URL`` in the environment is not enough once prefect was imported:
+    its process-wide settings were read then (a run of aif in a process that imported
+    prefect before, e.g. tests, or a second server in one process), and with no API URL the
+    events client, like the API client, silently starts a temporary server of its own
+    (``aif.model.promoted`` then lands in ~/.prefect). So this sets the environment (also
+    for child processes), turns the temporary server mode off (the API client then refuses
+    an unset URL instead of starting one), refreshes prefect's global settings, and drains
+    any events worker that was started for another server. Any other ``PREFECT_*`` variable
+    set before the call takes effect with it. Settings entered with ``temporary_settings``
+    keep their own values inside their block."""
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    if "prefect.context" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+
+        # Events (and API log) workers already running send to the server of then: drain
+        # and stop them; the next event starts one for this server.
+        if getattr(EventsWorker, "_instances", None):
+            EventsWorker.drain_all(timeout=10)
     return api_url
