@@ -127,8 +127,11 @@ def _console() -> Console:
 def _table(columns: list[str], rows: list[dict[str, Any]], right: tuple[str, ...] = ()) -> None:
     """A plain table: a header line, then one line per row, columns two spaces apart."""
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for c in columns:
-        table.add_column(c, justify="right" if c in right else "left", no_wrap=True)
+    for i, c in enumerate(columns):
+        # On a narrow terminal long cells fold onto more lines; the first (the id) never.
+        widest = max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) if i == 0 else None
+        table.add_column(c, justify="right" if c in right else "left", min_width=widest,
+                         no_wrap=i == 0, overflow="fold")  # fmt: skip
     for r in rows:
         table.add_row(*(Text(str(r.get(c, ""))) for c in columns))
     _console().print(table)
@@ -280,9 +283,9 @@ def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
     cfg = inputs.load(profile)
     sid, st = cfg.startup(startup or inputs.own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
+    _check_seeding(cfg, profile, inputs)  # an empty typed data space: before any service
     if dry:
         return dry_run(cfg, sid, inputs.project, profile)
-    _check_seeding(cfg, profile, inputs)  # an empty typed data space: before any service
     api_url = _use_prefect(cfg, verbose)
     ui = _strip_api(api_url)
     what = f"project {inputs.project}, " if inputs.project else ""
@@ -335,7 +338,9 @@ def dry_run(cfg: Any, sid: str, project: str | None = None, profile: str | None 
 
     _, st = cfg.startup(sid)
     print("# plan (like `snakemake -n`: nothing is run)")
-    print(render_plan(plan(cfg, sid, project, profile=profile)))
+    steps = plan(cfg, sid, project, profile=profile)
+    print(render_plan(steps))
+    stops = any("the run would stop here" in p.reason for p in steps)
     print("\n# resolved profile (secrets masked)")
     print(json.dumps(cfg.public_dict(), indent=2))
     if cfg.dask.kind == "slurm" and cfg.dask.scheduler == "allocation":
@@ -357,7 +362,7 @@ def dry_run(cfg: Any, sid: str, project: str | None = None, profile: str | None 
                         run_dir=run_dir, python=sys.executable,
                         featureset_path=f"{run_dir}/featureset.json",
                         config_path=f"{run_dir}/config.json", run_key="<run-key>"))  # fmt: skip
-    return 0
+    return 1 if stops else 0  # a dry run is a gate: non-zero when the run would stop
 
 
 @app.command("train-lm")
@@ -406,6 +411,8 @@ def init_cmd(
     from aifactory.tasks.core.project import init_project
 
     _verbose(verbose)
+    if startup is not None:
+        _load(None).startup(startup)  # an unknown start-up fails here, not at every run
     dest = Path(dir or name).resolve()
     files = init_project(name, dest, startup)
     print(f"created project {name} in {dest}:")
@@ -694,6 +701,8 @@ def status_cmd(
     else:
         api_url = cfg.prefect.api_url
         info["prefect"] = {"api_url": api_url, "running": ps.healthy(api_url), "managed": False}
+    if not info["prefect"]["running"] and not info["prefect"]["managed"]:
+        ok = False  # a configured server that does not answer
     if info["prefect"]["running"] and api_url:
         from aifactory.tasks.control.prefect_server import use_server
 
@@ -721,7 +730,6 @@ def status_cmd(
         print("Prefect: the local server of this home is not running (aif run starts it)")
     else:
         print(f"Prefect: {pf['api_url']} does not answer")
-        ok = False
     _print_runs(info["runs"], sid, from_records=info["runs_from"] == "records")
     return 0 if ok else 1
 
@@ -735,6 +743,12 @@ def _runs(cfg: Any, api_url: str, sid: str | None, limit: int) -> list[dict[str,
         return [r.public() for r in list_runs(client, api_url, cfg.runs_dir, sid, limit)]
 
 
+def short_id(run_id: str) -> str:
+    """A run's short id: the end of its id (Prefect's ids begin with their time, so runs
+    made together share a beginning); `aif logs` takes it."""
+    return run_id[-8:]
+
+
 def _print_runs(rows: list[dict[str, Any]], sid: str | None, from_records: bool) -> None:
     whose = f"start-up {sid}" if sid else "all start-ups"
     src = " (finished pipeline runs from the run records; Prefect is not running)" \
@@ -744,7 +758,7 @@ def _print_runs(rows: list[dict[str, Any]], sid: str | None, from_records: bool)
         print("  (none yet)")
         return
     _table(["run", "name", "flow", "state", "started", "seconds", "model"],
-           [{**r, "run": r["id"][:8], "seconds": "" if r["seconds"] is None else r["seconds"]}
+           [{**r, "run": short_id(r["id"]), "seconds": "" if r["seconds"] is None else r["seconds"]}
             for r in rows], right=("seconds",))  # fmt: skip
 
 
@@ -848,7 +862,7 @@ def catalog_ls(
 def _catalog(path: str | None, profile: str | None) -> Any:
     from aifactory.tasks.data.catalog import catalog_at
 
-    if path is None and profile:
+    if path is None:  # the profile's catalog ($AIF_PROFILE, else local: the shipped one)
         path = _load(profile).dataspace.catalog
     return catalog_at(path)
 
@@ -1209,21 +1223,26 @@ def server_stop(profile: ProfileOpt = None) -> int:
     return 0
 
 
-ProfileArg = Annotated[str, typer.Argument(metavar="PROFILE", help="profile name or YAML file")]
+ProfileArg = Annotated[
+    str | None,
+    typer.Argument(metavar="[PROFILE]", help="profile name or YAML file (default: --profile, "
+                   "else $AIF_PROFILE, else local)"),
+]  # fmt: skip
 
 
 @profile_app.command("validate")
-def profile_validate(profile: ProfileArg) -> int:
+def profile_validate(profile: ProfileArg = None, option: ProfileOpt = None) -> int:
     """Check a profile (with the AIF_* environment it would run with)."""
+    profile = profile or option
     cfg = _load(profile)
-    print(f"profile {profile}: ok ({cfg.name}, {len(cfg.startups)} start-ups)")
+    print(f"profile {profile or cfg.name}: ok ({cfg.name}, {len(cfg.startups)} start-ups)")
     return 0
 
 
 @profile_app.command("show")
-def profile_show(profile: ProfileArg) -> int:
+def profile_show(profile: ProfileArg = None, option: ProfileOpt = None) -> int:
     """The resolved profile, secrets masked, as JSON."""
-    _json(_load(profile).public_dict())
+    _json(_load(profile or option).public_dict())
     return 0
 
 
@@ -1244,12 +1263,39 @@ def _usage_error(err: Any) -> int:
     return int(getattr(err, "exit_code", 2) or 2)
 
 
+def _split_verbose(args: list[str]) -> tuple[list[str], bool]:
+    """``-v``/``--verbose`` anywhere before ``--`` (before or after the command), out."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a not in ("-v", "--verbose")] + args[end:]
+    return kept, len(kept) != len(args)
+
+
+def _empty_value(args: list[str]) -> str | None:
+    """An option given an empty value (``--dataspace ""``, ``--profile=``): a script's unset
+    variable, which would otherwise silently mean the default."""
+    for i, a in enumerate(args):
+        if a == "--":
+            return None
+        if a.startswith("--") and a.endswith("=") and len(a) > 3:
+            return a[:-1]
+        if a == "" and i > 0 and args[i - 1].startswith("-"):
+            return args[i - 1]
+        if a == "":
+            return "an argument"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
-    _STATE.verbose = False
+    args, verbose = _split_verbose(list(sys.argv[1:] if argv is None else argv))
+    _STATE.verbose = verbose
+    empty = _empty_value(args)
+    if empty:
+        print(f"aif: error: {empty}: empty value (leave the option out for its default)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
-        rv = command.main(args=argv, prog_name="aif", standalone_mode=False)
+        rv = command.main(args=args, prog_name="aif", standalone_mode=False)
         return int(rv or 0)
     except typer.Abort:
         print("aif: interrupted", file=sys.stderr)

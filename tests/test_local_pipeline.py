@@ -47,7 +47,8 @@ def test_local_run_registers_a_model_and_reruns_from_cache(home: Path) -> None:
     assert first.returncode == 0, first.stdout + first.stderr
     lines = first.stdout.strip().splitlines()
     assert lines[-1] == "models:/mobility-trip-duration/1", first.stdout
-    assert any(ln.startswith("Prefect UI: http://127.0.0.1:") for ln in lines)
+    ui = [i for i, ln in enumerate(lines) if ln.startswith("Prefect UI: http://127.0.0.1:")]
+    assert ui and ui[0] < lines.index("[1/4] ingest"), first.stdout  # the URL comes first
     assert "summary: Ran: ingest, preprocess, train, register." in lines
     records = list((home / "local" / "runs" / "pipeline").glob("*.json"))
     assert len(records) == 1
@@ -270,7 +271,7 @@ def test_status_runs_ls_and_logs_of_a_run(home: Path, tmp_path: Path) -> None:
     status = aif("status")
     assert status.returncode == 0, status.stderr
     assert f"home {home}" in status.stdout and "Prefect: http://127.0.0.1:" in status.stdout
-    assert done[0]["id"][:8] in status.stdout and "Completed" in status.stdout
+    assert done[0]["id"][-8:] in status.stdout and "Completed" in status.stdout
     logs = aif("logs", done[-1]["id"][:8])
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout.startswith(f"# Prefect logs of run {done[-1]['name']}"), logs.stdout[:500]

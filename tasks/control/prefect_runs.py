@@ -95,6 +95,8 @@ def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=LIST_LIMIT, offset=offset,
         )  # fmt: skip
         for fr in page:
+            if fr.state and fr.state.type.value == "SCHEDULED":
+                continue  # a nightly's future runs: not a run yet
             who = _startup_of(fr)
             if startup and who != startup:
                 continue
@@ -117,8 +119,8 @@ def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
 
 
 def find_run(client: Any, ref: str) -> Any:
-    """The flow run ``ref`` names: its id, a unique prefix of the id (as `aif runs ls`
-    prints it), or its name (e.g. ``witty-cat``). AifError when none or several match."""
+    """The flow run ``ref`` names: its id, a unique prefix or end of the id (`aif runs ls`
+    prints the end), or its name (e.g. ``witty-cat``). AifError when none or several match."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterName,
@@ -149,15 +151,20 @@ def find_run(client: Any, ref: str) -> Any:
             flow_run_filter=FlowRunFilter(
                 parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=LIST_LIMIT, offset=offset)  # fmt: skip
-        matches += [fr for fr in page if str(fr.id).startswith(ref.lower())]
+        matches += [
+            fr
+            for fr in page
+            if str(fr.id).startswith(ref.lower()) or str(fr.id).endswith(ref.lower())
+        ]
         if len(page) < LIST_LIMIT or offset >= 10 * LIST_LIMIT:
             break
         offset += LIST_LIMIT
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise AifError(f"run {ref}: no flow run id starts with it (`aif runs ls` lists them)")
-    some = ", ".join(str(m.id)[:12] for m in matches[:4])
+        raise AifError(f"run {ref}: no flow run id starts or ends with it (`aif runs ls` lists "
+                       "them)")  # fmt: skip
+    some = ", ".join(str(m.id) for m in matches[:3])
     raise AifError(f"run {ref}: {len(matches)} flow runs start with it ({some}); give more")
 
 
@@ -233,7 +240,7 @@ def records(runs_dir: str, startup: str | None, limit: int) -> list[dict[str, An
             continue
         if not isinstance(rec, dict) or (startup and rec.get("startup") != startup):
             continue
-        secs = sum((rec.get("stage_seconds") or {}).values()) or None
+        secs = round(sum((rec.get("stage_seconds") or {}).values()), 1) or None
         rows.append(RunRow(
             id=str(rec.get("flow_run_id") or path.stem), name="", flow="aif-pipeline",
             state="Completed", startup=str(rec.get("startup") or ""),

@@ -82,8 +82,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def note(message: str) -> None:
+    """A note about the server (starting it, a busy port) goes to stderr: stdout is the
+    command's own output (`--json`)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def ensure_managed_server(
-    home_dir: str, port: int, progress: Callable[[str], object] = print
+    home_dir: str, port: int, progress: Callable[[str], object] = note
 ) -> str:
     """Reuse this home's running server, or start one; return its API URL. Two commands
     of one home starting at once share one server (a lock file serialises the start)."""
@@ -148,7 +154,7 @@ def stop_managed_server(home_dir: str) -> bool:
 
 
 def resolve_api_url(
-    api_url: str, home_dir: str, port: int, progress: Callable[[str], object] = print
+    api_url: str, home_dir: str, port: int, progress: Callable[[str], object] = note
 ) -> str:
     if api_url == "managed":
         return ensure_managed_server(home_dir, port, progress)

@@ -22,6 +22,7 @@ Every key is documented in docs/profile-reference.md, generated from the models 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import functools
 import hashlib
@@ -701,11 +702,30 @@ class Profile(_Model):
         key = _secret(self.dataspace.pseudonymisation_key)
         masked = key and not key.startswith(SECRET_REFERENCES)
         data["dataspace"]["pseudonymisation_key"] = "***" if masked else key
-        return data
+        return cast(dict[str, Any], _mask_url_passwords(data))
 
     def config_hash(self) -> str:
         blob = json.dumps(self.public_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# A password written into a URL (scheme://user:password@host/...).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^@/\s]+@")
+
+
+def mask_url_password(text: str) -> str:
+    """``scheme://user:***@host`` for ``scheme://user:password@host``, anywhere in text."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def _mask_url_passwords(node: Any) -> Any:
+    if isinstance(node, str):
+        return mask_url_password(node)
+    if isinstance(node, dict):
+        return {k: _mask_url_passwords(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask_url_passwords(v) for v in node]
+    return node
 
 
 # ---------------------------------------------------------------------------------------
@@ -1240,8 +1260,14 @@ def load_profile(
         if entry is not None:
             return cast(Profile, entry[0])
     env = dict(os.environ if env is None else env)
+    from_env = not name_or_path and bool(env.get("AIF_PROFILE"))
     name_or_path = name_or_path or env.get("AIF_PROFILE") or "local"
-    path = profile_path(name_or_path)
+    try:
+        path = profile_path(name_or_path)
+    except ConfigError as err:
+        if from_env:  # say where the name came from
+            raise ConfigError(f"environment variable AIF_PROFILE: {err}") from None
+        raise
     base = base_dir or Path.cwd()
     # The state home, whatever the current folder: profiles read it as ${AIF_HOME}.
     home = aif_home(env, cwd=base)
@@ -1281,7 +1307,7 @@ def load_profile(
     feats = data.get("features")
     if isinstance(feats, dict) and feats and "function" not in feats:
         # A partial section (a profile's split, AIF_FEATURES__SPLIT) refines the default's.
-        data["features"] = {**default_features(), **feats}
+        data["features"] = _merge(copy.deepcopy(default_features()), feats)  # at every level
     _absolutise(data, base)
     _absolutise(file_lake, base)
     try:

@@ -39,6 +39,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -165,7 +166,21 @@ def object_address(o: SourceObject, dc: DatasetContract, pseudo: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(value: str, what: str) -> str:
+    """A dataset id or snapshot id as a single path segment: never ``..``, ``/`` or empty
+    (a name that climbs would read another start-up's part of the lake)."""
+    if not _NAME.fullmatch(value or "") or ".." in value:
+        raise DataError(f"{what} {value!r}: not a valid name (letters, digits, '.', '_', '-'; "
+                        "one path segment)")  # fmt: skip
+    return value
+
+
 def snapshot_url(lake_url: str, dataset: str, sid: str) -> str:
+    check_name(dataset, "dataset")
+    check_name(sid, "snapshot")
     return f"{lake_url.rstrip('/')}/snapshots/{dataset}/{sid}"
 
 
@@ -880,7 +895,7 @@ def list_snapshots(
 ) -> list[DataSnapshot]:
     """Committed snapshots of ``dataset`` (folders without a manifest are skipped), oldest
     first."""
-    url = f"{lake_url.rstrip('/')}/snapshots/{dataset}"
+    url = f"{lake_url.rstrip('/')}/snapshots/{check_name(dataset, 'dataset')}"
     fs, root = check_store(lake_url, storage_options, "lake")
     _, root = filesystem(url, storage_options)
     try:

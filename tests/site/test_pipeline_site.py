@@ -163,3 +163,20 @@ def test_usage_report_counts_the_gpu_job(site_run: dict[str, Any]) -> None:
     assert (row["project"], row["account"]) == ("mobility-eta", "startup-a"), res.stdout
     assert int(row["jobs"]) >= 3 and float(row["gpu_hours"]) > 0, res.stdout
     assert "Prefect artifact usage-report: " in res.stdout  # the same table, in the UI
+
+
+def test_status_and_logs_of_the_site_run(site_run: dict[str, Any]) -> None:
+    """`aif status --profile site` shows the site's parts and the run; `aif logs` of the run
+    gives its Prefect logs and the training job's Slurm log (issue 16)."""
+    from tests.site.conftest import aif
+
+    res = aif("status", "--profile", "site", "--json", "--limit", "50")
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads(res.stdout)
+    assert {p["part"] for p in info["site"] if p["healthy"]} >= {"slurmctld", "prefect", "s3"}
+    run = next(r for r in info["runs"] if r["id"] == site_run["flow_run_id"])
+    assert run["state"] == "Completed" and run["model"] == site_run["result"].last_line
+    logs = aif("logs", site_run["flow_run_id"][:10], "--profile", "site")
+    assert logs.returncode == 0, logs.stderr
+    job = site_run["record"]["trained"]["slurm_job_ids"][0]
+    assert f"/slurm-{job}.out" in logs.stdout and "[1/4]" not in logs.stdout.splitlines()[0]

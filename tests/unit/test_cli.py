@@ -113,3 +113,85 @@ def test_help_lists_the_new_commands(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for cmd in ("run", "status", "runs", "logs", "deploy", "server", "site", "snapshot"):
         assert cmd in out, cmd
+
+
+def test_every_profile_option_has_the_same_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: `--profile` defaulted to local in some commands and site in others. Now
+    every command's default is $AIF_PROFILE, else local."""
+    import typer
+
+    from aifactory.tasks.cli import app
+
+    def commands(cmd: object, path: str) -> list[tuple[str, object]]:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            return [c for name, sub in subs.items() for c in commands(sub, f"{path} {name}")]
+        return [(path, cmd)]
+
+    seen = 0
+    for path, cmd in commands(typer.main.get_command(app), "aif"):
+        for param in getattr(cmd, "params", []):
+            if "--profile" in getattr(param, "opts", []):
+                assert param.default is None, path
+                seen += 1
+    assert seen >= 12
+    monkeypatch.setenv("AIF_PROFILE", "site")
+    assert main(["run", "--dry-run"]) == 0
+    assert "#SBATCH --account=startup-a" in capsys.readouterr().out
+
+
+def test_hostile_inputs_are_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a hostile test of the new CLI found (issue 16's review)."""
+    monkeypatch.setenv("AIF_HOME", str(tmp_path / "home"))
+    # An empty value is an error, never "the default" (a script's unset variable).
+    assert main(["run", "--dataspace", "", "--dry-run"]) == 2
+    assert "--dataspace: empty value" in _err_line(capsys)
+    assert main(["run", "--profile=", "--dry-run"]) == 2
+    assert "--profile: empty value" in _err_line(capsys)
+    # A snapshot id or dataset that climbs out of the start-up's part of the lake.
+    assert main(["snapshot", "show", "../../../startup-b/snapshots/mobility-trips/x"]) != 0
+    assert "not a valid name" in _err_line(capsys)
+    assert main(["snapshot", "ls", "--dataset", "../../startup-b/snapshots/m"]) != 0
+    assert "not a valid name" in _err_line(capsys)
+    # An unknown start-up for a new project fails at once.
+    assert main(["init", "x", "--dir", str(tmp_path / "x"), "--startup", "nosuch"]) == 2
+    assert "nosuch" in _err_line(capsys) and not (tmp_path / "x").exists()
+    # AIF_PROFILE is named when it is wrong.
+    monkeypatch.setenv("AIF_PROFILE", "nope")
+    assert main(["status"]) == 2
+    assert "environment variable AIF_PROFILE: unknown profile 'nope'" in _err_line(capsys)
+
+
+def test_dry_run_is_a_gate_and_hides_url_passwords(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AIF_HOME", str(tmp_path / "home"))
+    assert main(["run", "--dry-run", "--purpose", "nope"]) == 1  # the run would stop
+    out = capsys.readouterr().out
+    assert "the run would stop here" in out
+    assert main(["catalog", "ls", "-v"]) == 0  # -v after any command
+    capsys.readouterr()
+    assert main(["profile", "show", "--profile", "site"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "site"
+    monkeypatch.setenv("AIF_DATASPACE__URL", "http://u:CANARY777@127.0.0.1:1/y")
+    assert main(["profile", "show"]) == 0
+    shown = capsys.readouterr().out
+    assert "CANARY777" not in shown and "u:***@127.0.0.1" in shown
+
+
+def test_partial_feature_settings_refine_the_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AIF_FEATURES__SPLIT__TRAIN=80 (the default's value) changed nothing else; it used to
+    wipe the other split keys (and PARAMS__CLEAN__... the other cleaning ranges)."""
+    from aifactory.tasks.core.config import load_profile
+
+    base = load_profile("local").public_dict()["features"]
+    monkeypatch.setenv("AIF_FEATURES__SPLIT__TRAIN", str(base["split"]["train"]))
+    monkeypatch.setenv("AIF_FEATURES__PARAMS__CLEAN__DURATION_MIN",
+                       json.dumps(base["params"]["clean"]["duration_min"]))  # fmt: skip
+    assert load_profile("local").public_dict()["features"] == base
