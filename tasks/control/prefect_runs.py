@@ -95,8 +95,9 @@ def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=LIST_LIMIT, offset=offset,
         )  # fmt: skip
         for fr in page:
-            if fr.state and fr.state.type.value == "SCHEDULED":
-                continue  # a nightly's future runs: not a run yet
+            if fr.state and fr.state.name == "Scheduled" and fr.expected_start_time and \
+                    fr.expected_start_time > dt.datetime.now(dt.UTC):  # fmt: skip
+                continue  # a nightly's future run: not a run yet (one waiting for a slot is)
             who = _startup_of(fr)
             if startup and who != startup:
                 continue
