@@ -15,7 +15,6 @@ from prefect.cache_policies import NO_CACHE
 
 from aifactory.tasks.core.config import load_profile
 from aifactory.tasks.core.manifests import FeatureSet, TrainedModel
-from aifactory.tasks.core.provenance import code_hash, environment_hash, key_of
 from aifactory.tasks.doors.runtime import (
     artifact_markdown,
     cancellation_watch,
@@ -29,16 +28,12 @@ def train_task(
     fset: FeatureSet, profile: str, startup: str | None, overrides: dict[str, Any] | None
 ) -> TrainedModel:
     from aifactory.tasks.jobs.admission import admit
-    from aifactory.tasks.stages.training import project_code_hash, train
+    from aifactory.tasks.stages.training import train, train_run_key
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
     spec = cfg.training
-    run_key = key_of(
-        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
-        st.account, code_hash("train"),
-        *([project_code_hash(spec.script), cfg.mlflow.flavour] if spec.script else []),
-    )  # fmt: skip
+    run_key = train_run_key(cfg, st.account, fset)
     slurm = cfg.slurm_client() if spec.executor == "slurm" else None
     say = stage_logger("train")
     # Cancelling the run in the UI scancels the training job (within a few seconds).

@@ -1271,6 +1271,10 @@ def load_profile(
     base = base_dir or Path.cwd()
     # The state home, whatever the current folder: profiles read it as ${AIF_HOME}.
     home = aif_home(env, cwd=base)
+    if home.exists() and not home.is_dir():
+        where = "environment variable AIF_HOME" if env.get("AIF_HOME") else "the home ~/.aif"
+        raise ConfigError(f"{where}: {home} is not a folder (aif keeps its lake, registry and "
+                          "runs there)")  # fmt: skip
     env["AIF_SITE_DIR"] = str(site_dir(env, cwd=base))
     env["AIF_HOME"] = str(home)
 

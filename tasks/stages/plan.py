@@ -235,21 +235,9 @@ def _preprocess(cfg: Any, sid: str, snap: DataSnapshot) -> tuple[StagePlan, Feat
 
 
 # -- train --------------------------------------------------------------------------------
-def train_run_key(cfg: Any, account: str, fset: FeatureSet) -> str:
-    """The training run key, as flows/train.py computes it."""
-    from aifactory.tasks.core.provenance import code_hash, environment_hash, key_of
-    from aifactory.tasks.stages.training import project_code_hash
-
-    spec = cfg.training
-    return key_of(
-        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
-        account, code_hash("train"),
-        *([project_code_hash(spec.script), cfg.mlflow.flavour] if spec.script else []),
-    )  # fmt: skip
-
-
 def _train(cfg: Any, st: Any, fset: FeatureSet) -> tuple[StagePlan, TrainedModel | None]:
     from aifactory.tasks.models.flavours import model_path
+    from aifactory.tasks.stages.training import train_run_key
 
     run_key = train_run_key(cfg, st.account, fset)
     run_dir = Path(cfg.runs_dir) / "train" / run_key

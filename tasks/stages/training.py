@@ -460,3 +460,17 @@ def _collect_finished(run_dir: Path, run_key: str, fset: FeatureSet, spec: Train
                 "of the last from the run directory and the accounting")  # fmt: skip
         _write_state(run_dir, {"executor": kind, "job_ids": job_ids, "sacct": sacct})
     return _collect(run_dir, run_key, fset, spec, kind, job_ids, sacct, t0, flavour)
+
+
+def train_run_key(cfg: Any, account: str, fset: Any) -> str:
+    """The training run's key (its folder and Slurm job name): the feature set, the training
+    spec, the environment, the account and the training code (and a project's own code and
+    flavour). The train flow and the dry run's plan both use this one."""
+    from aifactory.tasks.core.provenance import code_hash, environment_hash, key_of
+
+    spec = cfg.training
+    return key_of(
+        "train", fset.content_hash(), spec.model_dump(mode="json"), environment_hash(),
+        account, code_hash("train"),
+        *([project_code_hash(spec.script), cfg.mlflow.flavour] if spec.script else []),
+    )  # fmt: skip

@@ -43,3 +43,13 @@ def test_an_older_state_folder_is_noted_in_one_line(tmp_path: Path) -> None:
     assert str(tmp_path / ".aif" / "local") in note and str(home) in note
     assert f"AIF_HOME={tmp_path / '.aif'}" in note
     assert stray_state_hint(tmp_path, tmp_path / ".aif") is None  # it is the home
+
+
+def test_a_home_that_is_a_file_is_one_error(tmp_path: Path) -> None:
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.core.errors import ConfigError
+
+    bad = tmp_path / "home"
+    bad.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"environment variable AIF_HOME: .* is not a folder"):
+        load_profile("local", env={"AIF_HOME": str(bad), "HOME": str(tmp_path)})
