@@ -8,6 +8,7 @@ isolation, 130 when interrupted, 1 otherwise). Listings print a table, or JSON w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -283,9 +284,15 @@ def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
     cfg = inputs.load(profile)
     sid, st = cfg.startup(startup or inputs.own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
-    _check_seeding(cfg, profile, inputs)  # an empty typed data space: before any service
     if dry:
+        from aifactory.tasks.core.errors import StorageError
+
+        # A dry run refuses what the run would refuse; a store that does not answer (the
+        # site down) leaves the plan "unknown" and the scripts are still shown.
+        with contextlib.suppress(StorageError):
+            _check_seeding(cfg, profile, inputs)
         return dry_run(cfg, sid, inputs.project, profile)
+    _check_seeding(cfg, profile, inputs)  # an empty typed data space: before any service
     api_url = _use_prefect(cfg, verbose)
     ui = _strip_api(api_url)
     what = f"project {inputs.project}, " if inputs.project else ""

@@ -211,6 +211,9 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError, TypeError) as exc:
         raise StorageError(f"{url}: cannot open the filesystem: {_one_line(exc)}") from None
+    except OSError as exc:  # a filesystem that connects when made (ftp, sftp): host unknown
+        raise StorageError(f"{url}: cannot reach the store ({type(exc).__name__}: "
+                           f"{_one_line(exc)})") from None  # fmt: skip
     return fs, path.rstrip("/") or path
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.errors import AifError, SiteError, StorageError
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, TrainedModel
 
 STAGES = ("ingest", "preprocess", "train", "register")
@@ -101,6 +101,8 @@ def _guard(stage: str, fn: Callable[[], tuple[StagePlan, T | None]]) -> tuple[St
         return fn()
     except _Unknown as exc:
         return StagePlan(stage, "unknown", str(exc)), None
+    except (StorageError, SiteError) as exc:  # a service down: the input may well be fine
+        return StagePlan(stage, "unknown", f"cannot tell, a service does not answer: {exc}"), None
     except AifError as exc:
         return StagePlan(stage, "unknown", f"the run would stop here: {exc}"), None
 

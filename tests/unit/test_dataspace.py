@@ -193,3 +193,13 @@ def test_why_empty_names_the_pattern_and_what_is_there(store: Store, tmp_path: P
     assert why_empty(f"file://{tmp_path}/gone") == "no objects match *.parquet (missing folder)"
     assert display_url("~/nothing") == f"file://{os.path.expanduser('~')}/nothing"
     assert display_url("s3://b/x") == "s3://b/x"
+
+
+def test_a_store_that_connects_when_made_is_one_line() -> None:
+    """`--dataspace ftp://x/y` was `aif: error: gaierror: [Errno -2] Name or service not
+    known` (fsspec's FTP filesystem connects in its constructor)."""
+    from aifactory.tasks.core.errors import StorageError
+    from aifactory.tasks.data.dataspace import filesystem
+
+    with pytest.raises(StorageError, match=r"^ftp://nowhere\.invalid/y: cannot reach the store"):
+        filesystem("ftp://nowhere.invalid/y")
