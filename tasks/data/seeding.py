@@ -46,9 +46,6 @@ def demo_dataset_url(profile: str, entry: Any) -> str | None:
         return None
 
 
-own_dataset_url = demo_dataset_url  # its first name (tasks/stages/plan.py's _would_seed)
-
-
 def same_place(a: str, b: str) -> bool:
     """Whether two data-space URLs name the same place, in any spelling of either."""
     from aifactory.tasks.core.tenancy import reaches

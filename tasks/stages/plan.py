@@ -145,19 +145,6 @@ def _pseudo(cfg: Any, entry: Any) -> str | None:
     return f"hmac-sha256:{key_fingerprint(key)}:{','.join(personal)}"
 
 
-def _would_seed(cfg: Any, profile: str, entry: Any, url: str) -> bool:
-    """Whether the run seeds this empty data space (tasks/data/seeding.py's rule: the
-    profile's own demo data space, or dataspace.seed)."""
-    from aifactory.tasks.data.seeding import own_dataset_url, same_place
-
-    if getattr(cfg.dataspace, "seed", False):
-        return True
-    if cfg.dataspace.generate is None:
-        return False
-    own = own_dataset_url(profile, entry)
-    return own is not None and same_place(url, own)
-
-
 def _ingest(cfg: Any, sid: str, profile: str | None) -> tuple[StagePlan, DataSnapshot | None]:
     from aifactory.tasks.data.catalog import EXTENSIONS
     from aifactory.tasks.data.dataspace import filesystem, has_objects, list_objects
@@ -175,7 +162,10 @@ def _ingest(cfg: Any, sid: str, profile: str | None) -> tuple[StagePlan, DataSna
     dc = entry.contract()
     ext = EXTENSIONS[dc.format]
     if not has_objects(src, so_src, extension=ext):
-        if not _would_seed(cfg, profile or cfg.name, entry, src):
+        from aifactory.tasks.data.seeding import check_seeding
+
+        # The run's own rule (its DataError is the run's line: "the run would stop here").
+        if not check_seeding(cfg, profile or cfg.name, None, entry.id):
             raise _Unknown(f"the run would stop here: the data space {src} holds no object of "
                            f"{entry.id} and seeding is not allowed there")  # fmt: skip
         return StagePlan("ingest", "run", f"the data space {src} is empty: the run seeds it "
