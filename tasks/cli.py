@@ -299,25 +299,33 @@ def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
     print(f"aif run: {what}profile {cfg.name}, start-up {sid} (account {st.account}), "
           f"Prefect {ui}", flush=True)  # fmt: skip
 
-    from prefect import tags
-
     from aifactory.flows.pipeline import pipeline
-    from aifactory.tasks.control.prefect_runs import run_tags
 
-    def announce(flow: Any, flow_run: Any, state: Any) -> None:
-        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run.id}", flush=True)
-
-    with tags(*run_tags(sid, cfg.name)), _progress(verbose):
-        state = pipeline.with_options(on_running=[announce])(
-            profile=profile or cfg.name, startup=sid, overrides=inputs.flags or None,
-            project=inputs.project, return_state=True,
-        )  # fmt: skip
+    state = _run_flow(
+        pipeline, cfg, sid, ui, verbose, profile=profile or cfg.name, startup=sid,
+        overrides=inputs.flags or None, project=inputs.project,
+    )  # fmt: skip
     uri = state.result()  # raises the stage's error if the run failed
     print(f"Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}", flush=True)
     print(f"MLflow: {_mlflow_where(cfg.mlflow.tracking_uri, uri)}  "
           f"(alias {cfg.mlflow.model_name}@candidate)")  # fmt: skip
     print(uri)
     return 0
+
+
+def _run_flow(flow: Any, cfg: Any, sid: str, ui: str, verbose: bool, **params: Any) -> Any:
+    """Run ``flow`` in this process as one of the start-up's runs: tagged (``aif``,
+    ``startup:<id>``, ``profile:<name>``), its Prefect URL printed when it starts, progress
+    bars on a terminal; return its final state."""
+    from prefect import tags
+
+    from aifactory.tasks.control.prefect_runs import run_tags
+
+    def announce(flow: Any, flow_run: Any, state: Any) -> None:
+        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run.id}", flush=True)
+
+    with tags(*run_tags(sid, cfg.name)), _progress(verbose):
+        return flow.with_options(on_running=[announce])(**params, return_state=True)
 
 
 def _check_seeding(cfg: Any, profile: str | None, inputs: _Inputs) -> None:
@@ -458,20 +466,12 @@ def ingest_cmd(
     check_run(cfg, sid)  # isolation.* (exit 6)
     _check_seeding(cfg, profile, inputs)
     api_url = _use_prefect(cfg, verbose)
-    from prefect import tags
-
     from aifactory.flows.ingest import ingest_flow
-    from aifactory.tasks.control.prefect_runs import run_tags
 
-    ui = _strip_api(api_url)
-
-    def announce(flow: Any, flow_run: Any, state: Any) -> None:
-        print(f"Prefect UI: {ui}/runs/flow-run/{flow_run.id}", flush=True)
-
-    with tags(*run_tags(sid, cfg.name)), _progress(verbose):
-        state = ingest_flow.with_options(on_running=[announce])(
-            profile=profile or cfg.name, startup=sid, overrides=inputs.flags or None,
-            return_state=True)  # fmt: skip
+    state = _run_flow(
+        ingest_flow, cfg, sid, _strip_api(api_url), verbose, profile=profile or cfg.name,
+        startup=sid, overrides=inputs.flags or None,
+    )  # fmt: skip
     snap = state.result()
     q = f", {len(snap.quarantined)} quarantined" if snap.quarantined else ""
     print(f"snapshot {snap.snapshot_id} of {snap.dataset}: {len(snap.objects)} objects, "
