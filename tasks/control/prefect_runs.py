@@ -10,10 +10,11 @@ the process at the profile's API first.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,22 @@ def ui_base(api_url: str) -> str:
     return api_url[: -len("/api")] if api_url.endswith("/api") else api_url
 
 
-def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
-              limit: int = 20) -> list[RunRow]:  # fmt: skip
-    """The newest ``limit`` top-level aif runs (of ``startup`` if given), newest first."""
+def _paged(read: Callable[..., list[Any]], pages: int | None = None,
+           **query: Any) -> Iterator[Any]:  # fmt: skip
+    """Every item ``read(**query)`` gives, page by page (the API's pages are at most
+    LIST_LIMIT long); at most ``pages`` pages."""
+    offset = 0
+    for _ in itertools.count() if pages is None else range(pages):
+        page = read(**query, limit=LIST_LIMIT, offset=offset)
+        yield from page
+        if len(page) < LIST_LIMIT:
+            return
+        offset += LIST_LIMIT
+
+
+def _top_level_runs(client: Any, flows: tuple[str, ...] | None = None,
+                    pages: int | None = None) -> Iterator[Any]:  # fmt: skip
+    """Flow runs that are no other run's subflow (of ``flows`` if given), newest first."""
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -81,53 +95,51 @@ def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
     )
     from prefect.client.schemas.sorting import FlowRunSort
 
+    yield from _paged(
+        client.read_flow_runs, pages,
+        flow_filter=FlowFilter(name=FlowFilterName(any_=list(flows))) if flows else None,
+        flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+    )  # fmt: skip
+
+
+def list_runs(client: Any, api_url: str, runs_dir: str, startup: str | None,
+              limit: int = 20) -> list[RunRow]:  # fmt: skip
+    """The newest ``limit`` top-level aif runs (of ``startup`` if given), newest first."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
     flows = {f.id: f.name for f in client.read_flows(
         flow_filter=FlowFilter(name=FlowFilterName(any_=list(RUN_FLOWS))))}  # fmt: skip
     if not flows:
         return []
     rows: list[RunRow] = []
-    offset = 0
-    while len(rows) < limit:
-        page = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(RUN_FLOWS))),
-            flow_run_filter=FlowRunFilter(
-                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=LIST_LIMIT, offset=offset,
-        )  # fmt: skip
-        for fr in page:
-            if fr.state and fr.state.name == "Scheduled" and fr.expected_start_time and \
-                    fr.expected_start_time > dt.datetime.now(dt.UTC):  # fmt: skip
-                continue  # a nightly's future run: not a run yet (one waiting for a slot is)
-            who = _startup_of(fr)
-            if startup and who != startup:
-                continue
-            secs = fr.total_run_time.total_seconds() if fr.total_run_time else None
-            if fr.start_time and not fr.end_time and fr.state and not fr.state.is_final():
-                secs = (dt.datetime.now(dt.UTC) - fr.start_time).total_seconds()
-            rows.append(RunRow(
-                id=str(fr.id), name=fr.name, flow=flows.get(fr.flow_id, "?"),
-                state=fr.state.name if fr.state else "?", startup=who,
-                started=_iso(fr.start_time), seconds=round(secs, 1) if secs else None,
-                model=_model_of(runs_dir, str(fr.id)),
-                url=f"{ui_base(api_url)}/runs/flow-run/{fr.id}",
-            ))  # fmt: skip
-            if len(rows) >= limit:
-                break
-        if len(page) < LIST_LIMIT:
+    for fr in _top_level_runs(client, RUN_FLOWS):
+        if fr.state and fr.state.name == "Scheduled" and fr.expected_start_time and \
+                fr.expected_start_time > dt.datetime.now(dt.UTC):  # fmt: skip
+            continue  # a nightly's future run: not a run yet (one waiting for a slot is)
+        who = _startup_of(fr)
+        if startup and who != startup:
+            continue
+        secs = fr.total_run_time.total_seconds() if fr.total_run_time else None
+        if fr.start_time and not fr.end_time and fr.state and not fr.state.is_final():
+            secs = (dt.datetime.now(dt.UTC) - fr.start_time).total_seconds()
+        rows.append(RunRow(
+            id=str(fr.id), name=fr.name, flow=flows.get(fr.flow_id, "?"),
+            state=fr.state.name if fr.state else "?", startup=who,
+            started=_iso(fr.start_time), seconds=round(secs, 1) if secs else None,
+            model=_model_of(runs_dir, str(fr.id)),
+            url=f"{ui_base(api_url)}/runs/flow-run/{fr.id}",
+        ))  # fmt: skip
+        if len(rows) >= limit:
             break
-        offset += LIST_LIMIT
     return rows
 
 
 def find_run(client: Any, ref: str) -> Any:
     """The flow run ``ref`` names: its id, a unique prefix or end of the id (`aif runs ls`
     prints the end), or its name (e.g. ``witty-cat``). AifError when none or several match."""
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterName,
-        FlowRunFilterParentTaskRunId,
-    )
-    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     ref = ref.strip()
     try:
@@ -146,20 +158,11 @@ def find_run(client: Any, ref: str) -> Any:
     if not re.fullmatch(r"[0-9a-fA-F-]{4,36}", ref):
         raise AifError(f"run {ref!r}: no flow run of that name (give a run id, a prefix of "
                        "one, or a name; `aif runs ls` lists them)")  # fmt: skip
-    matches, offset = [], 0
-    while True:
-        page = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=LIST_LIMIT, offset=offset)  # fmt: skip
-        matches += [
-            fr
-            for fr in page
-            if str(fr.id).startswith(ref.lower()) or str(fr.id).endswith(ref.lower())
-        ]
-        if len(page) < LIST_LIMIT or offset >= 10 * LIST_LIMIT:
-            break
-        offset += LIST_LIMIT
+    matches = [
+        fr
+        for fr in _top_level_runs(client, pages=11)  # the newest 2,200 runs
+        if str(fr.id).startswith(ref.lower()) or str(fr.id).endswith(ref.lower())
+    ]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -193,19 +196,12 @@ def prefect_logs(client: Any, runs: list[Any]) -> Iterator[str]:
 
     names = {fr.id: fr.name for fr in runs}
     flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(names)))
-    offset = 0
-    while True:
-        page = client.read_logs(log_filter=flt, limit=LIST_LIMIT, offset=offset,
-                                sort=LogSort.TIMESTAMP_ASC)  # fmt: skip
-        for log in page:
-            level = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}.get(
-                log.level, str(log.level)
-            )
-            yield f"{_iso(log.timestamp)} {level:<7} [{names.get(log.flow_run_id, '?')}] " \
-                  f"{log.message}"  # fmt: skip
-        if len(page) < LIST_LIMIT:
-            return
-        offset += LIST_LIMIT
+    for log in _paged(client.read_logs, log_filter=flt, sort=LogSort.TIMESTAMP_ASC):
+        level = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}.get(
+            log.level, str(log.level)
+        )
+        yield f"{_iso(log.timestamp)} {level:<7} [{names.get(log.flow_run_id, '?')}] " \
+              f"{log.message}"  # fmt: skip
 
 
 def job_log_files(runs_dir: str, run_id: str, log_lines: list[str]) -> list[Path]:
