@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from aifactory.tasks.core.audit import refusals_audited
 from aifactory.tasks.core.config import Profile, load_profile
 from aifactory.tasks.core.manifests import DataSnapshot
 from aifactory.tasks.data.policy import Decision
@@ -51,6 +52,7 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
 
     say = say or stage_logger("ingest")
     sid, _ = cfg.tenant(startup)
+    cfg = cfg.for_startup(sid)  # the start-up's own object-store identity, if the site has one
     entry = cfg.dataset_entry(dataset)
     src, lake = cfg.dataset_url(entry), cfg.lake_url_for(sid)
     check_dataspace_url(cfg, sid, src, f"data space of {entry.id}")  # before a byte is read
@@ -65,6 +67,12 @@ def run_ingest(cfg: Profile, startup: str | None, dataset: str | None = None,
         artifact_markdown("ingest-policy", _decision_markdown(d), f"Usage policy of {d.dataset}")
         with contextlib.suppress(Exception):
             audit(lake, cfg.storage_options(lake), d)
+        with contextlib.suppress(OSError):  # the operators' site-wide trail too
+            from aifactory.tasks.core import audit as trail
+
+            trail.append_operator_log(cfg.runs_dir, trail.entry(
+                d.startup, f"ingest {d.dataset} for {d.purpose}", src, d.allowed,
+                f"usage-policy ({d.rule})", d.reason))  # fmt: skip
 
     opts = IngestOptions(
         startup=sid, purpose=chosen, declared_purposes=declared, pseudonymisation_key=key,
@@ -90,6 +98,12 @@ def ingest_flow(
     profile: str = "local", startup: str | None = None, overrides: dict[str, Any] | None = None
 ) -> DataSnapshot:
     cfg = load_profile(profile, overrides)
+    with refusals_audited(cfg, startup, f"ingest (profile {profile})"):
+        return _ingest_stage(cfg, profile, startup, overrides)
+
+
+def _ingest_stage(cfg: Profile, profile: str, startup: str | None,
+                  overrides: dict[str, Any] | None) -> DataSnapshot:  # fmt: skip
     sid, _ = cfg.tenant(startup)
     say = stage_logger("ingest")
     n = seed_dataspace(profile, cfg.dataspace.dataset, overrides)

@@ -19,6 +19,7 @@ from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
 from aifactory.flows.register import register_flow
 from aifactory.flows.train import train_flow
+from aifactory.tasks.core.audit import refusals_audited
 from aifactory.tasks.core.config import Profile, run_scope
 from aifactory.tasks.core.provenance import git_info, now_iso
 from aifactory.tasks.core.tenancy import check_run
@@ -62,7 +63,9 @@ def pipeline(
         startup = startup or own
         overrides = {**settings, **(overrides or {})}  # explicit flags still win
     # The run's configuration is resolved once: the stages' load_profile returns this one.
-    with run_scope(profile, overrides) as cfg:
+    # A refusal (admission, usage policy, isolation, the object store) is audited.
+    with run_scope(profile, overrides) as cfg, \
+            refusals_audited(cfg, startup, f"run aif-pipeline (profile {profile})"):  # fmt: skip
         return _stages(cfg, profile, startup, overrides, promote)
 
 

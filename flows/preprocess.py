@@ -39,7 +39,8 @@ def featurise(
     config: dict[str, Any],
 ) -> FeatureSet:
     cfg = load_profile(profile, overrides)
-    _, st = cfg.startup(startup)
+    sid, st = cfg.startup(startup)
+    cfg = cfg.for_startup(sid)  # the start-up's own object-store identity, if the site has one
     lake = cfg.lake_url_for(startup)
     say = stage_logger("preprocess")
     slurm = cfg.slurm_client() if cfg.dask.kind == "slurm" else None
@@ -85,6 +86,7 @@ def preprocess_flow(
     overrides: dict[str, Any] | None = None,
 ) -> FeatureSet:
     cfg = load_profile(profile, overrides)
+    cfg = cfg.for_startup(cfg.startup(startup)[0])
     say = stage_logger("preprocess")
     fs_id, fconfig = plan(snapshot, resolve_config(cfg.features))
     lake = cfg.lake_url_for(startup)

@@ -38,6 +38,7 @@ def register_task(
 ) -> ModelVersion:
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
+    cfg = cfg.for_startup(sid)  # the start-up's own object-store identity, if the site has one
     git = git_info()
     lineage = {
         "aif.git_commit": git["commit"],

@@ -33,6 +33,7 @@ def sweep_task(fset: FeatureSet, profile: str, startup: str | None,
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
+    cfg = cfg.for_startup(sid)  # the start-up's own object-store identity, if the site has one
     spec = cfg.training
     slurm = cfg.slurm_client() if spec.executor == "slurm" else None
     executor = executor_for(spec.executor, slurm, poll_seconds=spec.poll_seconds,
@@ -62,10 +63,12 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
                overrides: dict[str, Any] | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
                metric: str | None = None) -> dict[str, Any]:  # fmt: skip
+    from aifactory.tasks.core.audit import refusals_audited
     from aifactory.tasks.core.tenancy import check_run
     from aifactory.tasks.jobs.admission import admit_declaration
 
-    with run_scope(profile, overrides) as cfg:  # resolved once for the whole sweep
+    with run_scope(profile, overrides) as cfg, \
+            refusals_audited(cfg, startup, f"run aif-sweep (profile {profile})"):  # fmt: skip
         sid, st = cfg.startup(startup)
         check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
         print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)

@@ -32,6 +32,7 @@ def train_task(
 
     cfg = load_profile(profile, overrides)
     sid, st = cfg.tenant(startup)
+    cfg = cfg.for_startup(sid)  # the start-up's own object-store identity, if the site has one
     spec = cfg.training
     run_key = train_run_key(cfg, st.account, fset)
     slurm = cfg.slurm_client() if spec.executor == "slurm" else None

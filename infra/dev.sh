@@ -36,6 +36,18 @@ setup_site_packages() {
     apt-get update -q >/dev/null
     apt-get install -y -q "${need[@]}" >/dev/null
   fi
+  # The site's object store: Ceph's RADOS Gateway with a one-node Ceph cluster.
+  local ceph=()
+  command -v ceph-mon >/dev/null || ceph+=(ceph-mon)
+  command -v ceph-osd >/dev/null || ceph+=(ceph-osd)
+  command -v radosgw >/dev/null || ceph+=(radosgw)
+  command -v ceph >/dev/null || ceph+=(ceph-common)
+  if [ ${#ceph[@]} -gt 0 ]; then
+    echo "== installing Debian packages: ${ceph[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    [ ${#need[@]} -gt 0 ] || apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${ceph[@]}" >/dev/null
+  fi
 }
 
 typecheck() {

@@ -10,8 +10,7 @@ from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
-S3_KEY = "aif-site-key"
-S3_SECRET = "aif-site-secret"
+S3_KEY = "aif-site-key"  # the platform's access key id; its secret: Site.platform_secret()
 REGION = "us-east-1"
 BUCKETS = ("aif-dataspace", "aif-lake", "aif-mlflow")
 ACCOUNTS = ("startup-a", "startup-b", "startup-c")
@@ -26,6 +25,7 @@ class Site:
     slurmd_port: int = 6818
     dbd_port: int = 6819
     s3_port: int = 9010
+    mon_port: int = 3301  # Ceph's monitor (msgr2); OSD and gateway use 7100-7300
     prefect_port: int = 4200
     mlflow_port: int = 5050
 
@@ -82,10 +82,27 @@ class Site:
     def slurm_env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.slurm_conf)}
 
+    @property
+    def platform_secret_file(self) -> Path:
+        return self.root / "secrets" / "s3" / "platform.secret"
+
+    def platform_secret(self) -> str:
+        """The platform's secret access key on the object store: made once, random, kept
+        in a file only root reads (a start-up's code must never be able to use it)."""
+        path = self.platform_secret_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+            os.chmod(path.parent.parent, 0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(30))
+        return path.read_text().strip()
+
     def s3_env(self) -> dict[str, str]:
         return {
             "AWS_ACCESS_KEY_ID": S3_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_SECRET_ACCESS_KEY": self.platform_secret(),
             "AWS_DEFAULT_REGION": REGION,
             "AWS_ENDPOINT_URL": self.s3_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
@@ -94,7 +111,7 @@ class Site:
     def s3_storage_options(self) -> dict[str, object]:
         return {
             "key": S3_KEY,
-            "secret": S3_SECRET,
+            "secret": self.platform_secret(),
             "client_kwargs": {"endpoint_url": self.s3_url, "region_name": REGION},
         }
 

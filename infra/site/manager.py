@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,9 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aifactory.infra.site import procs, services
+from aifactory.infra.site import ceph, procs, services
 from aifactory.infra.site import slurm_parts as sp
-from aifactory.infra.site.layout import REGION, S3_KEY, S3_SECRET, Site
+from aifactory.infra.site.layout import REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
 
 Progress = Callable[[str], None]
@@ -57,9 +58,16 @@ def _after_slurmdbd(site: Site, _p: Progress) -> None:
 
 
 def _after_s3(site: Site, progress: Progress) -> None:
-    services.ensure_buckets(site)
-    services.restore_s3(site, progress)
+    _s3_setup(site, progress)
     services.seed_dataspace(site, progress)
+
+
+def _s3_setup(site: Site, progress: Progress) -> None:
+    """Identities, buckets and policies (idempotent), then the moto era's objects, once."""
+    ceph.ensure_identities(site, S3_KEY, site.platform_secret(), progress)
+    services.ensure_buckets(site)
+    services.ensure_policies(site)
+    services.import_moto_snapshot(site, progress)
 
 
 def _after_slurmctld(site: Site, _p: Progress) -> None:
@@ -73,18 +81,6 @@ def _before_stop_slurmctld(site: Site, progress: Progress) -> None:
             f"note: job(s) {', '.join(jobs)} still running: their steps keep running and are "
             "re-adopted by the next `up` (scancel them first to stop them)"
         )
-
-
-def _before_stop_s3(site: Site, progress: Progress) -> None:
-    if not services.s3_ok(site):
-        progress("warning: s3 is not answering; its objects cannot be saved")
-        return
-    try:
-        n = services.save_s3(site)
-    except Exception as exc:  # the previous snapshot stays; stopping goes on
-        progress(f"warning: saving s3 objects failed ({exc}); kept the previous snapshot")
-        return
-    progress(f"s3: saved {n} objects to {site.root / 's3'}")
 
 
 PARTS: list[Part] = [
@@ -103,8 +99,12 @@ PARTS: list[Part] = [
     Part("slurmd", "slurmd", sp.slurmd_argv, sp.slurmd_ok,
          lambda s: f"127.0.0.1:{s.slurmd_port} (2 GPUs)", env=lambda s: s.slurm_env(),
          timeout=90, port=lambda s: s.slurmd_port),
-    Part("s3", "moto.server", services.s3_argv, services.s3_ok, lambda s: s.s3_url,
-         after=_after_s3, port=lambda s: s.s3_port, before_stop=_before_stop_s3),
+    Part("ceph-mon", "ceph-mon", ceph.mon_argv, ceph.mon_ok,
+         lambda s: f"127.0.0.1:{s.mon_port}", port=lambda s: s.mon_port),
+    Part("ceph-osd", "ceph-osd", ceph.osd_argv, ceph.osd_ok, lambda s: "osd.0 (BlueStore)",
+         timeout=90),
+    Part("s3", "radosgw", ceph.rgw_argv, ceph.rgw_ok, lambda s: f"{s.s3_url} (Ceph RGW)",
+         after=_after_s3, port=lambda s: s.s3_port, timeout=90),
     Part("prefect", "prefect", services.prefect_argv, services.prefect_ok,
          lambda s: f"http://127.0.0.1:{s.prefect_port}", env=services.prefect_env,
          timeout=240, port=lambda s: s.prefect_port),
@@ -176,6 +176,29 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
         part.after(site, progress)
 
 
+def _startup_users(site: Site, progress: Progress) -> None:
+    """The start-ups' Unix users, the modes of the site's folder, and what their jobs must
+    reach: this Python, aifactory's code, the runs folder (checked by running it as one)."""
+    import aifactory.tasks
+
+    sp.ensure_unix_users(site, progress)
+    sp.close_site_folder(site)
+    opened: list[str] = []
+    for path in (
+        Path(os.path.realpath(sys.executable)),
+        Path(sys.executable),
+        Path(aifactory.tasks.__file__).resolve(),
+        site.root / "runs" / "train",
+    ):
+        opened += [p for p in sp.open_path_to_startups(path) if p not in opened]
+    if opened:
+        progress(
+            f"gave the start-ups' group {sp.STARTUPS_GROUP} traverse (x, an ACL entry) on "
+            f"{', '.join(opened)}: their jobs run this Python and reach the runs folder"
+        )
+    sp.check_startup_users_can_run(site, site.root / "runs", sys.executable)
+
+
 def site_root(site_dir: Path) -> Path:
     """The path the site's daemons are given for ``site_dir``. A folder whose path holds
     whitespace (a clone in ``~/my work/aif``) is reached through a link without any:
@@ -202,6 +225,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
     site = Site(site_root(Path(site_dir)))
     t0 = time.monotonic()
     sp.ensure_packages(progress)
+    sp.ensure_packages(progress, ceph.PACKAGES, recommends=False)
     for d in (site.root, site.logs, site.root / "pids"):
         d.mkdir(parents=True, exist_ok=True)
     sp.render(site)
@@ -246,11 +270,12 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
             procs.stop(rec, part.expect)  # leftovers of its session (e.g. worker processes)
         started.append(part)
         _start(site, part, state, progress)
-    # Links, accounts and seed data are idempotent: re-check them on every up.
+    # Links, users, accounts and seed data are idempotent: re-check them on every up.
     sp.link_default_munge_socket(site)
+    _startup_users(site, progress)
     sp.ensure_accounts(site)
     sp.ensure_budget_limits(site)
-    services.ensure_buckets(site)
+    _s3_setup(site, progress)
     services.seed_dataspace(site, progress)
     services.ensure_crash_detector(site, progress)
 
@@ -286,7 +311,7 @@ def env_lines(site_dir: Path) -> list[str]:
         "AWS_ENDPOINT_URL": site.s3_url,
         "MLFLOW_S3_ENDPOINT_URL": site.s3_url,
         "AWS_ACCESS_KEY_ID": S3_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_SECRET_ACCESS_KEY": site.platform_secret(),
         "AWS_DEFAULT_REGION": REGION,
     }
     return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]

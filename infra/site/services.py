@@ -1,16 +1,17 @@
-"""Site services: S3 endpoint (moto server), Prefect server, MLflow tracking server."""
+"""Site services: the S3 buckets on the site's RADOS Gateway (infra/site/ceph.py), the
+Prefect server and its worker, the MLflow tracking server."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from aifactory.infra.site import procs
-from aifactory.infra.site.layout import BUCKETS, REGION, S3_KEY, S3_SECRET, Site
+from aifactory.infra.site.layout import ACCOUNTS, BUCKETS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
 from aifactory.tasks.core.home import aif_home
 
@@ -22,17 +23,13 @@ def _bin(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def s3_argv(site: Site) -> list[str]:
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(site.s3_port)]
-
-
 def _s3_client(site: Site):  # type: ignore[no-untyped-def]
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3", endpoint_url=site.s3_url, aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET, region_name=REGION,
+        aws_secret_access_key=site.platform_secret(), region_name=REGION,
         config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}),
     )  # fmt: skip
 
@@ -53,6 +50,55 @@ def ensure_buckets(site: Site) -> None:
     for b in BUCKETS:
         if b not in have:
             client.create_bucket(Bucket=b)
+
+
+def site_grants() -> tuple[str, dict[str, list[str]], dict[str, list[str]]]:
+    """(lake bucket, start-up -> its lake prefix, start-up -> the data-space prefixes that
+    the catalog's usage policies allow it), from the site profile as written and the
+    default catalog. Only the site's start-ups (layout.ACCOUNTS) are object-store users."""
+    from aifactory.tasks.core.config import load_profile
+    from aifactory.tasks.data.catalog import catalog_at, resolve_distribution
+    from aifactory.tasks.data.dataspace import glob_base
+
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("AIF_") and "__" in k)}
+    cfg = load_profile("site", env=env)
+    bucket, _, base = cfg.lake.url.removeprefix("s3://").partition("/")
+    lake = {sid: ["/".join(p for p in (base.strip("/"), st.s3_prefix or sid) if p)]
+            for sid, st in cfg.startups.items() if sid in ACCOUNTS}  # fmt: skip
+    data: dict[str, list[str]] = {sid: [] for sid in ACCOUNTS}
+    for entry in catalog_at().datasets:
+        url = resolve_distribution(entry, DATASPACE_ROOT)
+        if not url.startswith(DATASPACE_ROOT + "/"):
+            continue
+        prefix = glob_base(url).removeprefix(DATASPACE_ROOT + "/").strip("/")
+        allowed = entry.policy.allowed_startups
+        for sid in ACCOUNTS:
+            if "*" in allowed or sid in allowed:
+                data[sid].append(prefix)
+    return bucket, lake, data
+
+
+def ensure_policies(site: Site) -> None:
+    """Each start-up's rights, enforced by the gateway: read and write under its own lake
+    prefix, read of the data sets its usage policy allows, temporary credentials (STS) for
+    its jobs. Rewritten on every `up`, so a catalog or profile change takes effect."""
+    import boto3
+
+    from aifactory.infra.site import ceph
+
+    bucket, lake, data = site_grants()
+    client = _s3_client(site)
+    for name, grants, actions in ((bucket, lake, ceph.WRITE),
+                                  ("aif-dataspace", data, ceph.READ),
+                                  ("aif-mlflow", {}, ceph.READ)):  # fmt: skip
+        doc = ceph.bucket_policy(name, grants, actions)
+        client.put_bucket_policy(Bucket=name, Policy=ceph.compact(doc))
+    iam = boto3.client("iam", endpoint_url=site.s3_url, aws_access_key_id=S3_KEY,
+                       aws_secret_access_key=site.platform_secret(),
+                       region_name=REGION)  # fmt: skip
+    for sid in ACCOUNTS:
+        iam.put_user_policy(UserName=sid, PolicyName="aif-sts",
+                            PolicyDocument=ceph.compact(ceph.STS_POLICY))  # fmt: skip
 
 
 def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
@@ -79,58 +125,35 @@ def seed_dataspace(site: Site, progress: Callable[[str], None]) -> None:
             raise SiteError(f"site part s3: seeding {url} failed: {exc}") from None
 
 
-# -- S3 contents across restarts --------------------------------------------------------
-# moto keeps objects in memory. ``down`` saves every object of the site's buckets under
-# <site>/s3 (index.json + one blob per object) and a fresh moto gets them back on ``up``, so
-# the lake and MLflow's artifacts survive with MLflow's SQLite registry. Objects are put
-# back whole, so single-part ETags (MD5) are unchanged.
+# -- the moto era's objects ---------------------------------------------------------------
+# Before the site ran Ceph, its S3 endpoint was moto (objects in memory), and ``down`` saved
+# every object under <site>/s3 (index.json + one blob per object). The first ``up`` with the
+# gateway imports that snapshot (objects put back whole, so single-part ETags are the same
+# MD5s that manifests recorded), then renames the folder so it is never imported twice.
 def _store(site: Site) -> Path:
     return site.root / "s3"
 
 
-def save_s3(site: Site) -> int:
-    """Snapshot all objects of the site's buckets; the previous snapshot is replaced last."""
-    client = _s3_client(site)
-    store, tmp = _store(site), site.root / "s3.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "blobs").mkdir(parents=True)
-    index: dict[str, dict[str, dict[str, object]]] = {}
-    for bucket in BUCKETS:
-        index[bucket] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            for obj in page.get("Contents", []):
-                got = client.get_object(Bucket=bucket, Key=obj["Key"])
-                blob = hashlib.sha256(f"{bucket}/{obj['Key']}".encode()).hexdigest()
-                (tmp / "blobs" / blob).write_bytes(got["Body"].read())
-                index[bucket][obj["Key"]] = {
-                    "blob": blob, "etag": got.get("ETag", ""),
-                    "content_type": got.get("ContentType", "binary/octet-stream"),
-                    "metadata": got.get("Metadata", {}),
-                }  # fmt: skip
-    (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
-    old = site.root / "s3.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if store.exists():
-        store.rename(old)
-    tmp.rename(store)
-    shutil.rmtree(old, ignore_errors=True)
-    return sum(len(v) for v in index.values())
-
-
-def restore_s3(site: Site, progress: Callable[[str], None]) -> int:
-    """Put a saved snapshot back into empty buckets (a freshly started moto)."""
+def import_moto_snapshot(site: Site, progress: Callable[[str], None]) -> int:
+    """Put the objects of an old moto snapshot into the gateway's buckets (an object that
+    is already there with the same size is skipped, so an interrupted import resumes)."""
     index_path = _store(site) / "index.json"
     if not index_path.exists():
         return 0
     client = _s3_client(site)
-    if any(client.list_objects_v2(Bucket=b, MaxKeys=1).get("KeyCount", 0) for b in BUCKETS):
-        return 0
     try:
         index = json.loads(index_path.read_text())
         n = 0
         for bucket, objects in index.items():
+            if bucket not in BUCKETS:
+                continue
             for key, meta in objects.items():
                 body = (_store(site) / "blobs" / meta["blob"]).read_bytes()
+                try:
+                    if client.head_object(Bucket=bucket, Key=key)["ContentLength"] == len(body):
+                        continue
+                except client.exceptions.ClientError:
+                    pass
                 client.put_object(
                     Bucket=bucket, Key=key, Body=body, ContentType=meta["content_type"],
                     Metadata=meta["metadata"],
@@ -138,9 +161,11 @@ def restore_s3(site: Site, progress: Callable[[str], None]) -> int:
                 n += 1
     except (OSError, ValueError, KeyError) as exc:
         raise SiteError(
-            f"site part s3: restoring objects from {_store(site)} failed: {exc}"
+            f"site part s3: importing the moto snapshot {_store(site)} failed: {exc}"
         ) from None
-    progress(f"s3: restored {n} objects saved by the last `down` ({_store(site)})")
+    done = site.root / f"s3.imported-{time.strftime('%Y%m%d-%H%M%S')}"
+    _store(site).rename(done)
+    progress(f"s3: imported {n} objects of the old moto snapshot into Ceph (kept in {done})")
     return n
 
 

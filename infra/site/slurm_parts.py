@@ -7,7 +7,7 @@ import shutil
 import stat
 import string
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aifactory.infra.site import procs
@@ -15,12 +15,14 @@ from aifactory.infra.site.layout import ACCOUNTS, CLUSTER, TEMPLATES, Site, host
 from aifactory.tasks.core.errors import SiteError
 
 PACKAGES = {"slurmctld": "slurm-wlm", "slurmdbd": "slurmdbd", "munged": "munge",
-            "mariadbd": "mariadb-server"}  # fmt: skip
+            "mariadbd": "mariadb-server", "setfacl": "acl"}  # fmt: skip
 
 
-def ensure_packages(progress: Callable[[str], None]) -> None:
-    """Install Slurm's Debian packages when missing (needs root and the Debian mirror)."""
-    missing = sorted({pkg for exe, pkg in PACKAGES.items() if shutil.which(exe) is None
+def ensure_packages(progress: Callable[[str], None], packages: Mapping[str, str] = PACKAGES,
+                    recommends: bool = True) -> None:  # fmt: skip
+    """Install the Debian packages of ``packages`` (program -> package) whose program is
+    missing (needs root and the Debian mirror)."""
+    missing = sorted({pkg for exe, pkg in packages.items() if shutil.which(exe) is None
                       and not os.path.exists(f"/usr/sbin/{exe}")})  # fmt: skip
     if not missing:
         return
@@ -29,7 +31,8 @@ def ensure_packages(progress: Callable[[str], None]) -> None:
     progress(f"installing Debian packages: {', '.join(missing)}")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     procs.run(["apt-get", "update", "-q"], env=env, timeout=600)
-    procs.run(["apt-get", "install", "-y", "-q", *missing], env=env, timeout=1200)
+    extra = [] if recommends else ["--no-install-recommends"]
+    procs.run(["apt-get", "install", "-y", "-q", *extra, *missing], env=env, timeout=1200)
 
 
 CONFS = ("slurm.conf", "gres.conf", "slurmdbd.conf")
@@ -80,7 +83,9 @@ def make_gpu_devices(site: Site) -> None:
 def munge_argv(site: Site) -> list[str]:
     m = site.munge_dir
     m.mkdir(parents=True, exist_ok=True)
-    m.chmod(0o700)
+    # Open to everyone, like /run/munge: the start-ups' jobs (srun, scontrol requeue) reach
+    # munged's socket. Its key is readable by root only.
+    m.chmod(0o755)
     key = m / "munge.key"
     if not key.exists():
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
@@ -189,11 +194,124 @@ def ensure_cluster(site: Site) -> None:
 
 
 def ensure_accounts(site: Site) -> None:
+    """One Slurm account per start-up; its Unix user is associated with it alone (so it
+    cannot submit under another's), root (the orchestrator, the operators) with all."""
     for acct in ACCOUNTS:
         sacctmgr(site, "add", "account", acct, f"Description=start-up {acct}",
                  "Organization=aifactory")  # fmt: skip
     sacctmgr(site, "add", "user", "root", f"Account={','.join(ACCOUNTS)}",
              f"DefaultAccount={ACCOUNTS[0]}")  # fmt: skip
+    for acct in ACCOUNTS:
+        sacctmgr(site, "add", "user", acct, f"Account={acct}", f"DefaultAccount={acct}")
+
+
+# -- the start-ups' Unix users ----------------------------------------------------------
+def homes(site: Site) -> Path:
+    return site.root / "homes"
+
+
+def ensure_unix_users(site: Site, progress: Callable[[str], None]) -> None:
+    """A Unix group and user per start-up (named as its account; no login shell, its home
+    under <site>/homes, mode 700): its Slurm jobs and Dask workers run as that user."""
+    import grp
+    import pwd
+
+    homes(site).mkdir(parents=True, exist_ok=True)
+    try:
+        grp.getgrnam(STARTUPS_GROUP)
+    except KeyError:
+        procs.run(["groupadd", "--system", STARTUPS_GROUP])
+    made = []
+    for name in ACCOUNTS:
+        home = homes(site) / name
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            procs.run(["groupadd", "--system", name])
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            procs.run(["useradd", "--system", "--gid", name, "--groups", STARTUPS_GROUP,
+                       "--home-dir", str(home), "--no-create-home",
+                       "--shell", "/usr/sbin/nologin", name])  # fmt: skip
+            made.append(name)
+        if name not in grp.getgrnam(STARTUPS_GROUP).gr_mem:
+            procs.run(["usermod", "--append", "--groups", STARTUPS_GROUP, name])
+        home.mkdir(exist_ok=True)
+        pw = pwd.getpwnam(name)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        os.chmod(home, 0o700)
+    if made:
+        progress(f"Unix users {', '.join(made)} (the start-ups' jobs run as them)")
+
+
+STARTUPS_GROUP = "aif-startups"  # every start-up's user is in it (supplementary)
+# What the start-ups' jobs need of the site's folder: Slurm's config (srun, scontrol
+# requeue), munged's socket, their homes, their run folders. Everything else in it (the
+# object store's disk and keys, the databases, logs, secrets) is the operators' alone.
+OPEN_TO_JOBS = {"runs": 0o711, "homes": 0o711, "slurm": 0o755, "munge": 0o755, "dev": 0o755}
+# Under runs/: the start-ups' run folders (each handed to its start-up, mode 700) sit in
+# folders they can traverse but not list; the platform's records are closed.
+RUN_AREAS = {"train": 0o711, "dask": 0o711, "sweeps": 0o711, "replay": 0o711,
+             "models": 0o700, "pipeline": 0o700, "audit": 0o700}  # fmt: skip
+
+
+def close_site_folder(site: Site) -> None:
+    """Modes of the site's folder: traversable (711) at its root, open where jobs need it,
+    closed (700 folders, 600 files) everywhere else."""
+    os.chmod(site.root, 0o711)
+    for child in site.root.iterdir():
+        if child.is_symlink():
+            continue
+        if child.name in OPEN_TO_JOBS:
+            os.chmod(child, OPEN_TO_JOBS[child.name])
+        else:
+            os.chmod(child, 0o700 if child.is_dir() else 0o600)
+    (site.root / "slurm" / "state").chmod(0o700)
+    runs = site.root / "runs"
+    for name, mode in RUN_AREAS.items():
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        os.chmod(runs / name, mode)
+
+
+def open_path_to_startups(path: Path) -> list[str]:
+    """Give the start-ups' group traverse (x) on each folder above ``path`` that denies it
+    (an ACL entry: nothing else changes); the folders opened."""
+    opened = []
+    for folder in reversed(path.resolve().parents):
+        if folder.stat().st_mode & stat.S_IXOTH:
+            continue
+        # Asked as a start-up's user: its groups and the folder's ACL decide.
+        can = procs.run(["runuser", "-u", ACCOUNTS[0], "--", "test", "-x", str(folder)],
+                        check=False)  # fmt: skip
+        if can.returncode == 0:
+            continue
+        procs.run(["setfacl", "-m", f"g:{STARTUPS_GROUP}:x", str(folder)])
+        opened.append(str(folder))
+    return opened
+
+
+def check_startup_users_can_run(site: Site, runs_dir: Path, python: str) -> None:
+    """The start-ups' users can run this installation's Python and reach the runs folder
+    (a clone or home under a folder closed to others, such as /root, would fail every
+    job with a permission error)."""
+    user = ACCOUNTS[0]
+    probe = procs.run(["runuser", "-u", user, "--", python, "-c",
+                       "import aifactory.tasks.payloads.job"], check=False, timeout=60)  # fmt: skip
+    if probe.returncode != 0:
+        tail = " ".join((probe.stderr or probe.stdout).split())[-200:]
+        raise SiteError(
+            f"site: start-up user {user} cannot run {python} ({tail}): a folder on its path "
+            "is closed to other users (e.g. /root, mode 700); put the clone where they can "
+            "read it (e.g. /srv or /opt)"
+        )
+    reach = procs.run(["runuser", "-u", user, "--", "test", "-x", str(runs_dir)], check=False)
+    if reach.returncode != 0:
+        raise SiteError(
+            f"site: start-up user {user} cannot reach the runs folder {runs_dir}: a folder "
+            "above it is closed to other users (e.g. /root, mode 700); set AIF_HOME (or "
+            "AIF_SITE_DIR) to a folder they can traverse"
+        )
 
 
 def ensure_budget_limits(site: Site) -> None:

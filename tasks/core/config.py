@@ -71,8 +71,46 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+def _walltime_s(walltime: str | None) -> int:
+    """Seconds of a Slurm time limit [D-]HH:MM:SS, MM:SS or MM (0 if unset)."""
+    if not walltime:
+        return 0
+    days, _, rest = walltime.rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        int(days or 0)
+    except ValueError:
+        return 0
+    if len(parts) > 3:
+        return 0
+    h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
+
+
+def _store_secret(value: SecretStr | None, what: str) -> str | None:
+    """An object-store credential: the value, or the content of ``file:PATH`` (the site's
+    platform secret, which only root reads)."""
+    raw = _secret(value)
+    if not raw or not raw.startswith("file:"):
+        return raw
+    from aifactory.tasks.core.errors import StorageError
+
+    path = Path(raw[5:]).expanduser()
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise StorageError(f"object_store.{what}: {path} does not exist (the local site writes "
+                           "it at `aif site up`)") from None  # fmt: skip
+    except OSError as exc:
+        raise StorageError(f"object_store.{what}: {path} is not readable "
+                           f"({exc.strerror})") from None  # fmt: skip
+    if not text:
+        raise StorageError(f"object_store.{what}: {path} is empty")
+    return text
 
 
 class ObjectStore(_Model):
@@ -88,14 +126,29 @@ class ObjectStore(_Model):
         default=None, description="Secret access key (a secret: masked in manifests and logs)"
     )
     region: str = Field(default="us-east-1", description="Region of the object store")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Session token of temporary credentials (set by aifactory for a "
+        "start-up's run when tenant_keys is set; a secret)",
+    )
+    tenant_keys: str | None = Field(
+        default=None,
+        description="Folder of the start-ups' own object-store keys (<start-up>.json, "
+        "written by `aif site up`, readable by the orchestrator only). When set, a run of "
+        "start-up X and its jobs use temporary credentials (STS) of X's identity, which "
+        "the store limits to X's lake prefix and granted data sets, never key/secret",
+    )
 
     def storage_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        key, secret = _secret(self.key), _secret(self.secret)
+        key, secret = _store_secret(self.key, "key"), _store_secret(self.secret, "secret")
+        token = _secret(self.token)
         if key:
             opts["key"] = key
         if secret:
             opts["secret"] = secret
+        if token:
+            opts["token"] = token
         client_kwargs: dict[str, Any] = {"region_name": self.region}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
@@ -107,7 +160,7 @@ class ObjectStore(_Model):
     def env(self) -> dict[str, str]:
         """Environment for child processes (Slurm jobs inherit it; never written to scripts)."""
         out: dict[str, str] = {"AWS_DEFAULT_REGION": self.region}
-        key, secret = _secret(self.key), _secret(self.secret)
+        key, secret = _store_secret(self.key, "key"), _store_secret(self.secret, "secret")
         if self.endpoint_url:
             out["AWS_ENDPOINT_URL"] = self.endpoint_url
             out["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
@@ -115,6 +168,9 @@ class ObjectStore(_Model):
             out["AWS_ACCESS_KEY_ID"] = key
         if secret:
             out["AWS_SECRET_ACCESS_KEY"] = secret
+        token = _secret(self.token)
+        if token:
+            out["AWS_SESSION_TOKEN"] = token
         return out
 
 
@@ -518,6 +574,13 @@ class Startup(_Model):
     budget_since: str = Field(
         default="now-365days", description="Start of the budget window (sacct --starttime)"
     )
+    user: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+        description="Unix user (and its group) that its Slurm jobs and Dask workers run as: "
+        "a root orchestrator submits with sbatch --uid/--gid and hands the job's folders to "
+        "it (mode 700). The site makes one per start-up; null: the submitting user",
+    )
 
 
 class NotificationsSpec(_Model):
@@ -579,6 +642,7 @@ class Profile(_Model):
     # lake.url as the profile file gives it, before AIF_* and CLI overrides (load_profile
     # sets it): the start-ups' prefixes are also guarded under it (tasks/core/tenancy.py).
     _file_lake_url: str | None = PrivateAttr(default=None)
+    _run_as: str | None = PrivateAttr(default=None)  # set by for_startup: its Unix user
 
     def risk_class(self, startup: str) -> str:
         """The start-up's declared risk class ('' without a declaration)."""
@@ -628,6 +692,31 @@ class Profile(_Model):
             return self.object_store.storage_options()
         return {}
 
+    def for_startup(self, startup_id: str) -> Profile:
+        """This profile as a run of ``startup_id`` sees it. With per-start-up identities
+        (``object_store.tenant_keys``), the start-up's temporary credentials replace the
+        platform's key, valid a while past the longest time limit of its jobs; otherwise
+        the profile itself."""
+        store = self.object_store
+        user = self.startup(startup_id)[1].user
+        if (store is None or not store.tenant_keys) and not user:
+            return self
+        out = self
+        if store is not None and store.tenant_keys:
+            from aifactory.tasks.doors.s3_identity import session
+
+            seconds = max(self.training.timeout_min * 60, _walltime_s(self.dask.walltime)) + 1800
+            s = session(store.tenant_keys, startup_id, store.endpoint_url, store.region, seconds)
+            mine = store.model_copy(update={
+                "key": SecretStr(s.access_key), "secret": SecretStr(s.secret_key),
+                "token": SecretStr(s.token), "tenant_keys": None,
+            })  # fmt: skip
+            out = self.model_copy(update={"object_store": mine})
+        elif user:
+            out = self.model_copy()
+        out._run_as = user
+        return out
+
     def child_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
         if self.object_store is not None:
@@ -641,7 +730,7 @@ class Profile(_Model):
         from aifactory.tasks.doors.slurm import SlurmClient
 
         return SlurmClient(env=self.child_env(), bin_dir=self.slurm.bin_dir,
-                           export=tuple(self.slurm.export))  # fmt: skip
+                           export=tuple(self.slurm.export), run_as=self._run_as)  # fmt: skip
 
     def dataset_entry(self, dataset: str | None = None) -> Any:
         """The catalog entry of ``dataset`` (default: dataspace.dataset)."""
@@ -696,7 +785,7 @@ class Profile(_Model):
         file:/env:/prefect-secret:, is shown as such): safe for manifests, logs and tags."""
         data = self.model_dump(mode="json")  # SecretStr dumps as "**********" (or "")
         if self.object_store is not None:
-            for k in ("key", "secret"):
+            for k in ("key", "secret", "token"):
                 value = _secret(getattr(self.object_store, k))
                 data["object_store"][k] = "***" if value else value
         key = _secret(self.dataspace.pseudonymisation_key)

@@ -199,7 +199,15 @@ def storage_error(
         "NoCredentialsError",
         "PartialCredentialsError",
     ):
-        return StorageError(f"{where}: access denied ({_one_line(exc)})")
+        why = _one_line(exc)
+        detail = f" ({why})" if why and why != "None" else ""
+        if (storage_options or {}).get("token"):
+            return StorageError(
+                f"{where}: access denied by the object store{detail}: this run's temporary "
+                "credentials are the start-up's own, which reach only its lake prefix and "
+                "the data sets that their usage policies grant it"
+            )
+        return StorageError(f"{where}: access denied{detail}")
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{where}: path does not exist")
     return StorageError(f"{where}: {name}: {_one_line(exc, 200)}")
@@ -234,6 +242,10 @@ def check_store(url: str, storage_options: dict[str, Any] | None, what: str) -> 
             fs.call_s3("head_bucket", Bucket=bucket)
         except FileNotFoundError:
             raise StorageError(f"{where}: bucket {bucket!r} does not exist") from None
+        except PermissionError:
+            # 403: the bucket exists, and this identity may only use part of it (a start-up's
+            # own prefix on a site with per-start-up identities): the store judges each access.
+            pass
         except Exception as exc:  # botocore and aiohttp raise many types
             raise storage_error(where, exc, storage_options) from None
     return fs, path

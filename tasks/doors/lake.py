@@ -68,7 +68,23 @@ def exists(fs: Any, path: str) -> bool:
         fs.info(path)
     except FileNotFoundError:
         return False
+    except PermissionError:
+        # An S3 store answers 403, not 404, for a missing key when the identity may list
+        # only part of the bucket (a start-up's own prefix on the site's gateway): a
+        # listing of that key, which its own prefix allows, tells. Denied too: raised.
+        return _listed(fs, path)
     return True
+
+
+def _listed(fs: Any, path: str) -> bool:
+    """Whether an object ``path`` or a folder of that name is in an S3 listing."""
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+    key = key.rstrip("/")
+    if not key:
+        raise PermissionError(f"access denied to bucket {bucket}")
+    got = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=2)
+    return any(o["Key"] == key or o["Key"].startswith(key + "/")
+               for o in got.get("Contents", []))  # fmt: skip
 
 
 def _write_local(path: str, fill: Callable[[BinaryIO], object]) -> None:
@@ -206,7 +222,7 @@ def remove_tree_quietly(fs: Any, path: str, prune_up_to: str | None = None) -> N
     with contextlib.suppress(Exception):
         if is_local(fs):
             shutil.rmtree(path, ignore_errors=True)
-        elif fs.exists(path):
+        elif exists(fs, path):
             fs.rm(path, recursive=True)
     with contextlib.suppress(Exception):
         fs.invalidate_cache(path)

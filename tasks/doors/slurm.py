@@ -62,6 +62,39 @@ JOB_ENV = (
 )  # fmt: skip
 
 
+def run_as_args(user: str, cmd: Sequence[str], env: dict[str, str]) -> list[str]:
+    """sbatch's --uid/--gid for ``user``; ``env`` gets the user's HOME, USER and LOGNAME;
+    the job's --chdir folder is handed to the user (owner, mode 700: no other start-up can
+    read its checkpoints, logs or outputs). Raises SlurmError if the user does not exist."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+        gid = grp.getgrnam(user).gr_gid
+    except KeyError:
+        raise SlurmError(
+            f"start-up Unix user {user!r} does not exist on this host (the site makes one per "
+            "start-up at `aif site up`; startups.<id>.user)"
+        ) from None
+    env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
+    for a in cmd:
+        if str(a).startswith("--chdir="):
+            hand_over(str(a).split("=", 1)[1], pw.pw_uid, gid)
+    return [f"--uid={user}", f"--gid={user}"]
+
+
+def hand_over(folder: str, uid: int, gid: int) -> None:
+    """Make ``folder`` and everything in it the start-up's (links are changed themselves,
+    never followed: a link planted in the folder cannot hand over what it points to)."""
+    os.makedirs(folder, exist_ok=True)
+    os.chown(folder, uid, gid, follow_symlinks=False)
+    os.chmod(folder, 0o700)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+
+
 @dataclass
 class SlurmClient:
     """Slurm commands with a fixed environment (SLURM_CONF, PATH) and timeouts.
@@ -76,6 +109,10 @@ class SlurmClient:
     bin_dir: str | None = None
     timeout: float = 60.0
     export: Sequence[str] = ()
+    # The start-up's Unix user (and group of that name) its jobs run as: sbatch gets
+    # --uid/--gid (root only), HOME/USER/LOGNAME are the user's, and the job's folder
+    # (--chdir) is handed to it, mode 700, before the job starts.
+    run_as: str | None = None
 
     def export_option(self, environ: Mapping[str, str]) -> str:
         """sbatch's ``--export`` for ``environ``: the allowed names that it sets (values
@@ -98,6 +135,8 @@ class SlurmClient:
                 "(for the local site: aif site up)"
             )
         env = {**os.environ, **self.env}
+        if cmd[0] == "sbatch" and self.run_as:
+            argv[1:1] = run_as_args(self.run_as, cmd, env)
         if cmd[0] == "sbatch" and not any(str(a).startswith("--export") for a in cmd):
             argv.insert(1, self.export_option(env))
         try:

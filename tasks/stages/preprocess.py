@@ -15,7 +15,7 @@ from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, SplitFiles
 from aifactory.tasks.core.provenance import now_iso
 from aifactory.tasks.data.progress import report
 from aifactory.tasks.doors.dask_dispatch import dispatch
-from aifactory.tasks.doors.lake import read_json, write_json_atomic
+from aifactory.tasks.doors.lake import exists, read_json, write_json_atomic
 from aifactory.tasks.stages import features as F
 
 
@@ -26,7 +26,7 @@ def featureset_url(lake_url: str, fs_id: str) -> str:
 def load_cached(lake_url: str, fs_id: str, storage_options: dict[str, Any]) -> FeatureSet | None:
     url = f"{featureset_url(lake_url, fs_id)}/manifest.json"
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    if not fs.exists(path):
+    if not exists(fs, path):
         return None
     return FeatureSet.model_validate(read_json(fs, path))
 

@@ -212,6 +212,7 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
                            f"recorded {tags.get('aif.config_hash')}")  # fmt: skip
     startup = tags.get("aif.startup") or rec.default_startup
     lake = rec.lake_url_for(startup)  # the start-up's own prefix (isolation.*, exit 6)
+    rec = rec.for_startup(startup)  # and its own object-store identity, if the site has one
     lake_so = rec.storage_options(lake)
     snap = load_snapshot(lake, tags.get("aif.dataset", rec.dataspace.dataset),
                          tags["aif.snapshot_id"], lake_so)  # fmt: skip

@@ -4,7 +4,7 @@ same work, cold, in one run of this script (issue 14's target: at most 1.05x).
 Needs the local site (aif site up). Both sides start from the same data-space objects (a
 fresh prefix seeded once with ``--rows`` trips) and do the same work at the same size:
 
-- **aif**: `aif run --profile site --epochs E` with a fresh lake prefix and runs folder
+- **aif**: `aif run --profile site --epochs E` on a fresh data set in startup-a's own area
   (policy, contract-checked ingest, snapshot, Dask-on-Slurm features, a Slurm GPU job,
   MLflow registration with lineage, model card, RO-Crate), as a user runs it.
 - **plain**: this file, written directly on pyarrow (read every object, write it to the
@@ -213,20 +213,20 @@ def main() -> int:
     from aifactory.tasks.data.generators import seed_entry
 
     cfg = load_profile("site")
-    src = f"s3://aif-dataspace/bench/overhead-{a.rows}"
-    entry = cfg.dataset_entry("mobility-trips")
-    seeded = seed_entry(entry, src, cfg.storage_options(src), rows=a.rows, objects=8)
-    print(f"data space {src}: {'seeded' if seeded else 'reused'} ({a.rows:,} trips, 8 objects)")
     tag = time.strftime("bench-%Y%m%d-%H%M%S")
-    home = tempfile.mkdtemp(prefix="aif-bench-")
-    env = {"AIF_LAKE__URL": f"s3://aif-lake/{tag}", "AIF_HOME": home,
-           "AIF_DATASPACE__URL": src}  # fmt: skip
+    # A fresh data set in startup-a's own area (the site's object store lets its runs use
+    # nothing else): every stage of the aif run is cold.
+    src = f"s3://aif-lake/startup-a/inbox/overhead-{tag}"
+    entry = cfg.dataset_entry("mobility-trips")
+    seed_entry(entry, src, cfg.storage_options(src), rows=a.rows, objects=8)
+    print(f"data space {src}: seeded ({a.rows:,} trips, 8 objects)")
+    env = {"AIF_DATASPACE__URL": src}
 
     plain_times, plain_uri = plain(cfg, src, f"s3://aif-lake/{tag}-plain", a.epochs,
                                    Path(tempfile.mkdtemp(prefix="aif-plain-")))  # fmt: skip
     plain_total = sum(plain_times.values())
     aif_total, aif_uri = aif_run(env, a.epochs)
-    stages = last_stages(home)
+    stages = last_stages()
     print(f"mobility example, {a.rows:,} trips, {a.epochs} epochs, cold")
     print(f"  plain script  : {plain_total:7.1f} s -> {plain_uri}")
     print(f"  aif run (site): {aif_total:7.1f} s -> {aif_uri}")

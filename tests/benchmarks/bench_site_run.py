@@ -1,12 +1,10 @@
 """Wall time of `aif run --profile site`: a cold run, then the unchanged re-run.
 
-Needs the local site (aif site up). A fresh lake prefix and a fresh runs folder make the
-first run cold (ingest, Dask-on-Slurm preprocessing, a Slurm GPU job, registration); the
-second run is the same command again, served from the manifests' caches (no data byte
-read, no Slurm job, no new version). Prints both, the ratio and the re-run's stages.
-
-With --rows other than the default the data space is a fresh prefix seeded with that many
-trips (kept between runs of this script).
+Needs the local site (aif site up). A fresh data set of --rows trips, seeded by the run
+into startup-a's own area, makes the first run cold (ingest, Dask-on-Slurm preprocessing,
+a Slurm GPU job, registration); the second run is the same command again, served from the
+manifests' caches (no data byte read, no Slurm job, no new version). Prints both, the
+ratio and the re-run's stages.
 
     .venv/bin/python tests/benchmarks/bench_site_run.py [--rows 200000] [--epochs 8]
 """
@@ -18,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +35,11 @@ def run(env: dict[str, str], args: list[str]) -> tuple[float, str]:
     return wall, f"{lines[-1]}  ({summary})"
 
 
-def last_stages(home: str) -> dict[str, float]:
-    """Seconds per stage of the latest pipeline run under the site profile's AIF_HOME."""
-    records = sorted(Path(home, "site", "runs", "pipeline").glob("*.json"),
+def last_stages() -> dict[str, float]:
+    """Seconds per stage of the latest pipeline run of the site profile."""
+    from aifactory.tasks.core.config import load_profile
+
+    records = sorted(Path(load_profile("site").runs_dir, "pipeline").glob("*.json"),
                      key=lambda q: q.stat().st_mtime)  # fmt: skip
     return json.loads(records[-1].read_text())["stage_seconds"] if records else {}
 
@@ -51,17 +50,15 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=8)
     a = p.parse_args()
     tag = time.strftime("bench-%Y%m%d-%H%M%S")
-    home = tempfile.mkdtemp(prefix="aif-bench-")
-    # A fresh lake prefix and AIF_HOME (hence runs folder): nothing to reuse.
-    env = {"AIF_LAKE__URL": f"s3://aif-lake/{tag}", "AIF_HOME": home}
-    args = ["--epochs", str(a.epochs)]
-    if a.rows != 200_000:
-        env["AIF_DATASPACE__URL"] = f"s3://aif-dataspace/bench/site-run-{a.rows}"
-        args += ["--rows", str(a.rows)]
-        run(env, ["--dry-run"])  # validate the profile before the long run
+    # A fresh data set in the start-up's own area (its lake prefix: the site's object store
+    # lets a start-up's run use nothing else), seeded by the run: nothing to reuse.
+    env = {"AIF_DATASPACE__URL": f"s3://aif-lake/startup-a/inbox/{tag}",
+           "AIF_DATASPACE__SEED": "true"}  # fmt: skip
+    args = ["--epochs", str(a.epochs), "--rows", str(a.rows)]
+    run(env, ["--dry-run"])  # validate the profile before the long run
     cold, uri1 = run(env, args)
-    warm, uri2 = run(env, args)
-    stages = last_stages(home)
+    warm, uri2 = run(env, ["--epochs", str(a.epochs)])
+    stages = last_stages()
     print(f"aif run --profile site ({a.rows:,} trips, {a.epochs} epochs)")
     print(f"  cold run : {cold:7.1f} s  -> {uri1}")
     print(f"  re-run   : {warm:7.1f} s  -> {uri2}")

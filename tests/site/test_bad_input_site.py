@@ -41,7 +41,7 @@ def bad_prefix(site_profile: Profile, request: pytest.FixtureRequest) -> Any:
     so = site_profile.storage_options(src)
     fs, src_path = fsspec.core.url_to_fs(src, **so)
     objs = sorted(fs.glob(f"{src_path}/*.parquet"))[:2]
-    dest = f"aif-dataspace/tests/{request.node.name}"
+    dest = f"aif-lake/startup-a/inbox/{request.node.name}"
     fs.rm(dest, recursive=True) if fs.exists(dest) else None
     for o in objs:
         fs.copy(o, f"{dest}/{o.rsplit('/', 1)[-1]}")

@@ -120,7 +120,7 @@ def test_cancelling_during_preprocessing_gives_back_every_worker_job(
     c = _cancel_mid_stage(
         site_profile,
         {
-            "AIF_DATASPACE__URL": "s3://aif-dataspace/test/cancel-preprocess",
+            "AIF_DATASPACE__URL": "s3://aif-lake/startup-a/inbox/cancel-preprocess",
             # Seeded there once (not the profile's demo data space: asked for), 8 M rows;
             # --rows would be refused on the next run, when the prefix has its objects.
             "AIF_DATASPACE__SEED": "true",

@@ -30,7 +30,7 @@ def _fresh(tag: str) -> dict[str, str]:
     """A data-space prefix and seed no other run used: every stage runs. The prefix is
     seeded on request (AIF_DATASPACE__SEED): it is not the profile's demo data space."""
     t = int(time.time())
-    return {"AIF_DATASPACE__URL": f"s3://aif-dataspace/test/{tag}-{t}",
+    return {"AIF_DATASPACE__URL": f"s3://aif-lake/startup-a/inbox/{tag}-{t}",
             "AIF_DATASPACE__SEED": "true",
             "AIF_TRAINING__SEED": str(t % 100_000 + 7)}  # fmt: skip
 

@@ -41,7 +41,7 @@ def _fs(profile: Profile) -> Any:
 @pytest.fixture()
 def prefix(site_profile: Profile, request: pytest.FixtureRequest) -> Any:
     fs = _fs(site_profile)
-    dest = f"aif-dataspace/tests/{request.node.name}"
+    dest = f"aif-lake/startup-a/inbox/{request.node.name}"
     if fs.exists(dest):
         fs.rm(dest, recursive=True)
     yield dest

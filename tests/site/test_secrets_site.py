@@ -55,7 +55,7 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
         "AIF_PSEUDONYMISATION_KEY": CANARIES["pseudonymisation key"],
         "AIF_NOTIFY_WEBHOOK": CANARIES["webhook"],
         # A fresh data-space prefix and seed: every stage runs (Dask workers, a Slurm job).
-        "AIF_DATASPACE__URL": f"s3://aif-dataspace/test/canary-{int(t0)}",
+        "AIF_DATASPACE__URL": f"s3://aif-lake/startup-a/inbox/canary-{int(t0)}",
         "AIF_DATASPACE__SEED": "true",  # seeded there: not the profile's demo data space
         "AIF_TRAINING__SEED": str(int(t0) % 100_000),
     }

@@ -23,7 +23,8 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
                       (sp, "unlink_default_munge_socket"), (sp, "ensure_accounts"),
                       (sp, "ensure_budget_limits"),
                       (services, "ensure_buckets"), (services, "seed_dataspace"),
-                      (services, "ensure_crash_detector")]:  # fmt: skip
+                      (services, "ensure_crash_detector"), (manager, "_s3_setup"),
+                      (manager, "_startup_users")]:  # fmt: skip
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
     parts = [
         manager.Part("one", "aif-site-test-daemon", lambda s: SLEEPER, lambda s: True,

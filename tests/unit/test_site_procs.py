@@ -138,10 +138,12 @@ def test_env_lines_point_clients_at_the_site(tmp_path: Path) -> None:
     assert " " not in str(site.root) and site.root.resolve() == (tmp_path / "my site").resolve()
     assert env["SLURM_CONF"] == str(site.slurm_conf)
     assert env["AIF_SITE_DIR"] == str(site.root)
+    secret = site.platform_secret()  # made by env_lines, readable by root only
+    assert oct(site.platform_secret_file.stat().st_mode & 0o777) == "0o600"
     site.root.unlink()
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5050"
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9010"
     assert env["AWS_ACCESS_KEY_ID"] == "aif-site-key"
-    assert env["AWS_SECRET_ACCESS_KEY"] == "aif-site-secret"
+    assert env["AWS_SECRET_ACCESS_KEY"] == secret and len(secret) >= 32
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
