@@ -1042,6 +1042,22 @@ def _tenancy_overrides(env_entries: list[EnvEntry], overrides: dict[str, Any] | 
             if len(leaf) < 3 or sid not in known or leaf[2] not in RUN_OVERRIDABLE:
                 key = ["startups", sid, *leaf[2:3]] if len(leaf) > 1 else ["startups"]
                 found.append((where, ".".join(key)))
+    # The start-ups' own object-store identities: a run that could drop them would use the
+    # platform's key, and hand it to the start-up's jobs.
+    store = data.get("object_store")
+    if isinstance(store, dict) and store.get("tenant_keys"):
+        for name, path, value in env_entries:
+            if path[0] == "object_store" and any(
+                    leaf[:2] == ["object_store", "tenant_keys"] for leaf in _leaves(value, path)
+                    ):  # fmt: skip
+                found.append((name, "object_store.tenant_keys"))
+        for dotted, value in (overrides or {}).items():
+            path = dotted.split(".")
+            if path[0] == "object_store" and any(
+                    leaf[:2] == ["object_store", "tenant_keys"] for leaf in _leaves(value, path)
+                    ):  # fmt: skip
+                label = (origins or {}).get(dotted) or f"override {dotted}"
+                found.append((label, "object_store.tenant_keys"))
     return found
 
 

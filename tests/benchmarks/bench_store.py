@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -109,10 +110,15 @@ def pipeline_once(endpoint: str | None, rows: int, epochs: int) -> float:
     tag = uuid.uuid4().hex[:8]
     env = {"AIF_DATASPACE__URL": f"s3://aif-lake/startup-a/inbox/bench-store-{tag}",
            "AIF_DATASPACE__SEED": "true"}  # fmt: skip
-    if endpoint:  # moto: no per-start-up identities, the platform's key
-        env |= {"AIF_OBJECT_STORE__ENDPOINT_URL": endpoint, "AIF_OBJECT_STORE__TENANT_KEYS": ""}
+    profile = "site"
+    if endpoint:  # moto: no per-start-up identities (only a profile file may drop them)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+            fh.write(
+                f"extends: site\nobject_store:\n  endpoint_url: {endpoint}\n  tenant_keys: null\n"
+            )
+        profile = fh.name
     t0 = time.perf_counter()
-    proc = subprocess.run([AIF, "run", "--profile", "site", "--rows", str(rows), "--epochs",
+    proc = subprocess.run([AIF, "run", "--profile", profile, "--rows", str(rows), "--epochs",
                            str(epochs)], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **env}, timeout=3600)  # fmt: skip
     wall = time.perf_counter() - t0

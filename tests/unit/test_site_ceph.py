@@ -157,10 +157,11 @@ def _site_like(tmp_path: Path, moto: MotoS3) -> Any:
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "startup-a.json").write_text(json.dumps({"access_key": "AKA", "secret_key": "S"}))
-    overrides = {"object_store.endpoint_url": moto.endpoint_url, "object_store.key": "PLAT",
-                 "object_store.secret": "PLATSECRET", "object_store.tenant_keys": str(keys),
-                 "training.timeout_min": 30}  # fmt: skip
-    return load_profile("site", overrides)
+    prof = tmp_path / "site-on-moto.yaml"
+    prof.write_text(f"extends: site\nobject_store:\n  endpoint_url: {moto.endpoint_url}\n"
+                    f"  key: PLAT\n  secret: PLATSECRET\n  tenant_keys: {keys}\n"
+                    "training:\n  timeout_min: 30\n")  # fmt: skip
+    return load_profile(str(prof))
 
 
 def test_a_startups_run_uses_its_temporary_credentials(tmp_path: Path,
@@ -199,3 +200,24 @@ def test_a_startup_without_an_identity_is_refused(tmp_path: Path, moto_s3: MotoS
 ])  # fmt: skip
 def test_walltime_seconds(walltime: str | None, seconds: int) -> None:
     assert _walltime_s(walltime) == seconds
+
+
+@pytest.mark.parametrize("how", ["env", "dotted", "section"])
+def test_a_run_cannot_drop_the_startups_own_identities(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without object_store.tenant_keys a run would use the platform's key, and hand it
+    to the start-up's jobs: only the profile file may set it."""
+    from aifactory.tasks.core.errors import TenancyError
+
+    overrides: dict[str, Any] | None = None
+    if how == "env":
+        monkeypatch.setenv("AIF_OBJECT_STORE__TENANT_KEYS", "")
+    elif how == "dotted":
+        overrides = {"object_store.tenant_keys": "/tmp/my-keys"}
+    else:
+        overrides = {"object_store": {"tenant_keys": None}}
+    with pytest.raises(TenancyError) as err:
+        load_profile("site", overrides)
+    assert str(err.value).startswith("isolation.overrides: ")
+    assert "may not change object_store.tenant_keys" in str(err.value)

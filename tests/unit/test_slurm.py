@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,64 @@ def test_timeout_is_reported(tmp_path: Path) -> None:
     _fake(tmp_path, "squeue", "sleep 5")
     with pytest.raises(SlurmCommandError, match="timed out"):
         SlurmClient(bin_dir=str(tmp_path), timeout=0.3).run(["squeue"])
+
+
+def _nobody(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """A start-up user for the test: the system's ``nobody``, its group ``nogroup`` looked
+    up under the user's name (the site names each start-up's group after its user)."""
+    import grp
+    import pwd
+
+    uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    real = grp.getgrnam
+    monkeypatch.setattr(grp, "getgrnam", lambda n: real("nogroup") if n == "nobody" else real(n))
+    return uid, gid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a folder to another user needs root")
+def test_a_startups_job_runs_as_its_user_in_a_folder_handed_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: every job ran as root and every run folder was readable by every job."""
+    uid, gid = _nobody(monkeypatch)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "sbatch", 'for a in "$@"; do echo "$a"; done > "$(dirname "$0")/argv"; '
+          'echo "$HOME $USER $LOGNAME" > "$(dirname "$0")/who"; echo 7')  # fmt: skip
+    run_dir = tmp_path / "runs" / "train" / "k"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "train.sbatch").write_text("#!/bin/bash\n")
+    secret = tmp_path / "platform.secret"
+    secret.write_text("s")
+    (run_dir / "planted").symlink_to(secret)  # a link the start-up planted in its folder
+    client = SlurmClient(bin_dir=str(bin_dir), run_as="nobody")
+    assert client.submit(str(run_dir / "train.sbatch")) == "7"
+    argv = (bin_dir / "argv").read_text().splitlines()
+    assert "--uid=nobody" in argv and "--gid=nobody" in argv
+    assert (bin_dir / "who").read_text().split() == ["/nonexistent", "nobody", "nobody"]
+    for p in (run_dir, run_dir / "checkpoints", run_dir / "train.sbatch"):
+        assert (p.stat().st_uid, p.stat().st_gid) == (uid, gid), p
+    assert oct(run_dir.stat().st_mode & 0o777) == "0o700"
+    assert (run_dir / "planted").lstat().st_uid == uid
+    assert secret.stat().st_uid == os.geteuid()  # what the link points at is not handed over
+
+
+def test_an_unknown_startup_user_is_one_line(tmp_path: Path) -> None:
+    _fake(tmp_path, "sbatch", "echo 7")
+    client = SlurmClient(bin_dir=str(tmp_path), run_as="no-such-aif-user")
+    with pytest.raises(SlurmError) as err:
+        client.submit(str(tmp_path / "job.sh"))
+    assert "start-up Unix user 'no-such-aif-user' does not exist" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_startups_profile_submits_as_its_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aifactory.tasks.doors.s3_identity as ident
+    from aifactory.tasks.core.config import load_profile
+
+    monkeypatch.setattr(ident, "session", lambda *a, **k: ident.Session(
+        "startup-b", "AK", "SK", "TOKEN", ident.dt.datetime.now(ident.dt.UTC)))  # fmt: skip
+    cfg = load_profile("site")
+    assert cfg.slurm_client().run_as is None  # the platform's own commands
+    assert cfg.for_startup("startup-b").slurm_client().run_as == "startup-b"
+    assert load_profile("local").slurm_client().run_as is None
