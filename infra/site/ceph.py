@@ -192,8 +192,15 @@ def _user(site: Site, uid: str) -> dict[str, Any] | None:
     return dict(json.loads(proc.stdout)) if proc.returncode == 0 else None
 
 
-def _ensure_user(site: Site, uid: str, access: str, secret: str, *extra: str) -> None:
-    """The RGW user ``uid`` exists and holds the key ``access``/``secret``."""
+Settled = Callable[[dict[str, Any]], bool]
+
+
+def _ensure_user(site: Site, uid: str, access: str, secret: str, *extra: str,
+                 settled: Settled = lambda info: True) -> None:  # fmt: skip
+    """The RGW user ``uid`` exists and holds the key ``access``/``secret``; ``extra``
+    (`user modify` options) is applied only when ``settled(info)`` says it is not yet:
+    `radosgw-admin user modify` drops the user's policies (the start-ups' right to ask
+    for temporary credentials), so an `up` must not rewrite a user that is already right."""
     info = _user(site, uid)
     if info is None:
         rgw_admin(site, "user", "create", "--uid", uid, "--display-name", uid,
@@ -208,7 +215,7 @@ def _ensure_user(site: Site, uid: str, access: str, secret: str, *extra: str) ->
                       "--access-key", str(k.get("access_key")))  # fmt: skip
         rgw_admin(site, "key", "create", "--uid", uid, "--key-type", "s3",
                   "--access-key", access, "--secret-key", secret)  # fmt: skip
-    if extra:
+    if extra and not settled(info):
         rgw_admin(site, "user", "modify", "--uid", uid, *extra)
 
 
@@ -267,14 +274,18 @@ def bucket_policy(bucket: str, grants: Mapping[str, Iterable[str]],
 def ensure_identities(site: Site, platform_key: str, platform_secret: str,
                       progress: Callable[[str], None]) -> None:  # fmt: skip
     """The platform user (owner of the buckets) and one user per start-up of the site."""
+    caps = {"users", "buckets", "user-policy", "roles"}
     _ensure_user(site, PLATFORM_USER, platform_key, platform_secret,
-                 "--caps", "users=*;buckets=*;user-policy=*;roles=*")  # fmt: skip
+                 "--caps", ";".join(f"{c}=*" for c in sorted(caps)),
+                 settled=lambda info: caps <= {c.get("type") for c in info.get("caps", [])
+                                               if c.get("perm") == "*"})  # fmt: skip
     made = []
     for sid in ACCOUNTS:
         key = startup_key(site, sid)
         if _user(site, sid) is None:
             made.append(sid)
         # --max-buckets=-1: the start-up cannot create buckets of its own.
-        _ensure_user(site, sid, key["access_key"], key["secret_key"], "--max-buckets=-1")
+        _ensure_user(site, sid, key["access_key"], key["secret_key"], "--max-buckets=-1",
+                     settled=lambda info: info.get("max_buckets") == -1)  # fmt: skip
     if made:
         progress(f"s3: object-store users {', '.join(made)} (keys in {keys_dir(site)})")

@@ -794,7 +794,14 @@ class Profile(_Model):
         return cast(dict[str, Any], _mask_url_passwords(data))
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.public_dict(), sort_keys=True).encode()
+        """The run's configuration, not its identity: the object store's temporary session
+        and the start-ups' key folder are left out (a start-up's run and the platform's
+        replay of it hash the same; hashes of earlier versions are unchanged)."""
+        data = self.public_dict()
+        if isinstance(data.get("object_store"), dict):
+            for k in ("token", "tenant_keys"):
+                data["object_store"].pop(k, None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -102,6 +102,9 @@ def test_unchanged_reingest_reads_nothing(site_profile: Profile) -> None:
 
 def test_quarantine_and_strict_on_site(site_profile: Profile, prefix: str) -> None:
     fs = _fs(site_profile)
+    prefix = prefix.replace("/startup-a/", "/startup-b/")  # startup-b's own area
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
     src = sorted(fs.glob("aif-dataspace/agriculture/fields/*.csv"))
     for o in src:
         fs.copy(o, f"{prefix}/{o.rsplit('/', 1)[-1]}")

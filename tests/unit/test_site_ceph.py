@@ -221,3 +221,12 @@ def test_a_run_cannot_drop_the_startups_own_identities(
         load_profile("site", overrides)
     assert str(err.value).startswith("isolation.overrides: ")
     assert "may not change object_store.tenant_keys" in str(err.value)
+
+
+def test_the_config_hash_is_the_same_for_the_startups_run_and_the_platform(
+    tmp_path: Path, moto_s3: MotoS3
+) -> None:
+    """A replay (the platform's profile) compares the config hash recorded by the
+    start-up's run (its temporary session): the identity is not part of the config."""
+    cfg = _site_like(tmp_path, moto_s3)
+    assert cfg.for_startup("startup-a").config_hash() == cfg.config_hash()
