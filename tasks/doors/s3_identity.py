@@ -20,7 +20,7 @@ from typing import Any
 from aifactory.tasks.core.errors import ConfigError, StorageError
 
 MIN_SECONDS = 900  # STS's shortest session
-MAX_SECONDS = 36 * 3600  # STS's longest GetSessionToken session
+MAX_SECONDS = 12 * 3600  # RGW 16 refuses a longer GetSessionToken session ("Unknown")
 
 
 @dataclass(frozen=True)
