@@ -230,3 +230,36 @@ def test_the_config_hash_is_the_same_for_the_startups_run_and_the_platform(
     start-up's run (its temporary session): the identity is not part of the config."""
     cfg = _site_like(tmp_path, moto_s3)
     assert cfg.for_startup("startup-a").config_hash() == cfg.config_hash()
+
+
+def test_an_up_does_not_rewrite_users_that_are_right(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`radosgw-admin user modify` drops a user's policies: after an `up` that modified the
+    start-ups, their next GetSessionToken was refused until the policies were put back."""
+    calls: list[list[str]] = []
+    infos: dict[str, dict[str, Any]] = {}
+
+    def user(_site: Site, uid: str) -> dict[str, Any] | None:
+        return infos.get(uid)
+
+    def admin(_site: Site, *args: str, check: bool = True) -> str:
+        calls.append(list(args))
+        return ""
+
+    monkeypatch.setattr(ceph, "_user", user)
+    monkeypatch.setattr(ceph, "rgw_admin", admin)
+    ceph.ensure_identities(site, "PK", "PS", print)  # first up: every user created
+    assert [c[:2] for c in calls].count(["user", "create"]) == 4
+    caps = [{"type": t, "perm": "*"} for t in ("users", "buckets", "user-policy", "roles")]
+    infos[ceph.PLATFORM_USER] = {"keys": [{"access_key": "PK", "secret_key": "PS"}], "caps": caps}
+    for sid in ("startup-a", "startup-b", "startup-c"):
+        key = ceph.startup_key(site, sid)
+        infos[sid] = {"keys": [{"access_key": key["access_key"], "secret_key": key["secret_key"]}],
+                      "max_buckets": -1}  # fmt: skip
+    calls.clear()
+    ceph.ensure_identities(site, "PK", "PS", print)  # a later up: nothing to change
+    assert calls == []
+    infos["startup-b"]["max_buckets"] = 1000  # changed by hand: put right
+    ceph.ensure_identities(site, "PK", "PS", print)
+    assert calls == [["user", "modify", "--uid", "startup-b", "--max-buckets=-1"]]
