@@ -51,7 +51,11 @@ def _pid(part: str) -> int:
     return int(state[part]["pid"])
 
 
-def test_site_up_after_kill_9_of_each_daemon_loses_nothing(site_profile: Profile) -> None:
+def test_site_up_after_kill_9_of_each_daemon_loses_nothing(
+    site_profile: Profile, site_run: dict[str, Any]
+) -> None:
+    # site_run: a whole pipeline run has committed a snapshot, a version and a run record
+    # (on a fresh site, as in CI, nothing else may have yet).
     before = _inventory(site_profile)
     assert before["objects"] and before["versions"] and before["records"]
     for part in KILLED:
