@@ -30,7 +30,10 @@ def _s3_client(site: Site):  # type: ignore[no-untyped-def]
     return boto3.client(
         "s3", endpoint_url=site.s3_url, aws_access_key_id=S3_KEY,
         aws_secret_access_key=site.platform_secret(), region_name=REGION,
-        config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}),
+        # A gateway just restarted answers GET / before its first bucket calls: the site's
+        # set-up calls wait and retry (a policy PUT timed out once after kill -9 of rgw).
+        config=Config(connect_timeout=2, read_timeout=30,
+                      retries={"max_attempts": 5, "mode": "standard"}),
     )  # fmt: skip
 
 
