@@ -4,7 +4,6 @@ Prefect server and its worker, the MLflow tracking server."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,12 +58,11 @@ def site_grants() -> tuple[str, dict[str, list[str]], dict[str, list[str]]]:
     """(lake bucket, start-up -> its lake prefix, start-up -> the data-space prefixes that
     the catalog's usage policies allow it), from the site profile as written and the
     default catalog. Only the site's start-ups (layout.ACCOUNTS) are object-store users."""
-    from aifactory.tasks.core.config import load_profile
+    from aifactory.infra.site.slurm_parts import site_profile_as_written
     from aifactory.tasks.data.catalog import catalog_at, resolve_distribution
     from aifactory.tasks.data.dataspace import glob_base
 
-    env = {k: v for k, v in os.environ.items() if not (k.startswith("AIF_") and "__" in k)}
-    cfg = load_profile("site", env=env)
+    cfg = site_profile_as_written()
     bucket, _, base = cfg.lake.url.removeprefix("s3://").partition("/")
     lake = {sid: ["/".join(p for p in (base.strip("/"), st.s3_prefix or sid) if p)]
             for sid, st in cfg.startups.items() if sid in ACCOUNTS}  # fmt: skip

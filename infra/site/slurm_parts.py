@@ -9,6 +9,7 @@ import string
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from aifactory.infra.site import procs
 from aifactory.infra.site.layout import ACCOUNTS, CLUSTER, TEMPLATES, Site, host, memory_mb
@@ -327,13 +328,19 @@ def budget_limit_args(account: str, gpu_hours: float | None) -> list[str]:
     return ["modify", "account", account, "set", f"GrpTRESMins=gres/gpu={minutes}"]
 
 
-def site_budgets() -> dict[str, float | None]:
-    """Slurm account -> gpu_hours_budget of the site profile's start-ups (the file as
-    written: AIF_*__* overrides of one run never change the site's limits)."""
+def site_profile_as_written() -> Any:
+    """The site profile as its file says, without any AIF_*__* override of one run: the
+    site's limits, users and policies never change with a run's environment."""
     from aifactory.tasks.core.config import load_profile
 
     env = {k: v for k, v in os.environ.items() if not (k.startswith("AIF_") and "__" in k)}
-    cfg = load_profile("site", env=env)
+    return load_profile("site", env=env)
+
+
+def site_budgets() -> dict[str, float | None]:
+    """Slurm account -> gpu_hours_budget of the site profile's start-ups (the file as
+    written: AIF_*__* overrides of one run never change the site's limits)."""
+    cfg = site_profile_as_written()
     return {st.account: st.gpu_hours_budget for st in cfg.startups.values()
             if st.account in ACCOUNTS}  # fmt: skip
 
