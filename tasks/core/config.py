@@ -1053,18 +1053,14 @@ def _tenancy_overrides(env_entries: list[EnvEntry], overrides: dict[str, Any] | 
     # platform's key, and hand it to the start-up's jobs.
     store = data.get("object_store")
     if isinstance(store, dict) and store.get("tenant_keys"):
-        for name, path, value in env_entries:
+        given = [(name, path, value) for name, path, value in env_entries] + [
+            ((origins or {}).get(dotted) or f"override {dotted}", dotted.split("."), value)
+            for dotted, value in (overrides or {}).items()]  # fmt: skip
+        for where, path, value in given:
             if path[0] == "object_store" and any(
                     leaf[:2] == ["object_store", "tenant_keys"] for leaf in _leaves(value, path)
                     ):  # fmt: skip
-                found.append((name, "object_store.tenant_keys"))
-        for dotted, value in (overrides or {}).items():
-            path = dotted.split(".")
-            if path[0] == "object_store" and any(
-                    leaf[:2] == ["object_store", "tenant_keys"] for leaf in _leaves(value, path)
-                    ):  # fmt: skip
-                label = (origins or {}).get(dotted) or f"override {dotted}"
-                found.append((label, "object_store.tenant_keys"))
+                found.append((where, "object_store.tenant_keys"))
     return found
 
 
