@@ -14,6 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.jobfiles import read_job_text
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
 from aifactory.tasks.core.provenance import git_info, now_iso
 from aifactory.tasks.doors.registry import register_model, version_markdown
@@ -57,7 +58,7 @@ def register_task(
         lineage["aif.project_dirty"] = str(own["dirty"]).lower()
     entry = cfg.dataset_entry(snap.dataset)
     env_path = Path(trained.run_dir) / "environment.json"
-    software = json.loads(env_path.read_text()) if env_path.exists() else {}
+    software = json.loads(read_job_text(env_path)) if env_path.exists() else {}
     name = cfg.mlflow.model_name
     say = stage_logger("register")
 
@@ -97,6 +98,7 @@ def register_task(
         flavour=cfg.mlflow.flavour,
         model_ref=cfg.mlflow.model_class or cfg.mlflow.python_model,
         source_dir=str(Path(cfg.training.script).parent) if cfg.training.script else None,
+        run_as=st.user,
     )
 
 

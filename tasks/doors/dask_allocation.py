@@ -20,6 +20,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import DaskSpec
 from aifactory.tasks.core.errors import SlurmError
+from aifactory.tasks.core.jobfiles import read_job_text
 from aifactory.tasks.doors.dask_cluster import WORKER_START_TIMEOUT_S, ClusterInfo, job_prologue
 from aifactory.tasks.doors.slurm import SlurmClient
 
@@ -94,11 +95,7 @@ def allocation_cluster(
             state = slurm.state(job_id)
             if state not in ("PENDING", "CONFIGURING", "RUNNING", "UNKNOWN"):
                 out = root / f"dask-allocation-{job_id}.out"
-                tail = (
-                    out.read_text(errors="replace").strip().splitlines()[-1:]
-                    if out.exists()
-                    else []
-                )
+                tail = read_job_text(out, 2**20).strip().splitlines()[-1:] if out.exists() else []
                 raise SlurmError(f"Dask allocation job {job_id} ended ({state}) before its "
                                  f"scheduler started: {' '.join(tail) or 'no output'}")  # fmt: skip
             if time.monotonic() > deadline:

@@ -27,6 +27,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import DaskSpec
 from aifactory.tasks.core.errors import AifError, SlurmCommandError, SlurmError
+from aifactory.tasks.core.jobfiles import read_job_text
 from aifactory.tasks.doors.dask_dispatch import slurm_end_times
 from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient
 
@@ -394,7 +395,7 @@ def dead_worker_jobs(slurm: SlurmClient, job_name: str, since: str, log_dir: str
             for suffix in (".err", ".out"):
                 p = Path(log_dir) / f"{job_name}-{r['JobID']}{suffix}"
                 with contextlib.suppress(OSError):
-                    lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines()
+                    lines = [ln.strip() for ln in read_job_text(p, 2**20).splitlines()
                              if ln.strip()]  # fmt: skip
                     if lines:
                         tail = " | ".join(lines[-3:])[-300:]

@@ -91,8 +91,10 @@ def _write_local(path: str, fill: Callable[[BinaryIO], object]) -> None:
     """Fill a hidden sibling of ``path``, fsync it, then rename it into place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as fh:
+    try:  # a new file of a random name, never through a link (run folders are the jobs')
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)  # fmt: skip
+        with os.fdopen(fd, "wb") as fh:
             fill(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.jobfiles import copy_job_tree
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
 from aifactory.tasks.core.provenance import key_of, now_iso
 
@@ -88,6 +89,7 @@ def register_model(
     flavour: str = "tabular",
     model_ref: str | None = None,
     source_dir: str | None = None,
+    run_as: str | None = None,
 ) -> ModelVersion:
     """Log the run and register one model version (or return the existing one).
 
@@ -132,9 +134,10 @@ def register_model(
         return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
 
     if flavour != "tabular":  # a new version: its model must load (a cache hit loads nothing)
-        from aifactory.tasks.models.flavours import load_trained
+        from aifactory.tasks.models.flavours import check_loads
 
-        load_trained(flavour, trained.run_dir, model_ref, source_dir or ".")  # nothing logged yet
+        # Loading runs the start-up's code: as its own user (run_as), never as the orchestrator.
+        check_loads(flavour, trained.run_dir, model_ref, source_dir or ".", run_as)
     exp_id = _experiment_id(client, experiment, artifact_location)
     tags = {
         FINGERPRINT_TAG: fp,
@@ -161,10 +164,13 @@ def register_model(
             mlflow.log_dict(data, path)
         mlflow.log_dict(snapshot.canonical(), "lineage/data_snapshot.json")
         mlflow.log_dict(featureset.canonical(), "lineage/featureset.json")
-        sbatch = Path(trained.run_dir) / "train.sbatch"
-        if sbatch.exists():
-            mlflow.log_artifact(str(sbatch), "lineage")
         with tempfile.TemporaryDirectory() as tmp, _quiet():
+            # Everything uploaded from the job's folder is a copy read without following a
+            # link (tasks/core/jobfiles.py): the job's own code could have planted one.
+            sbatch = Path(trained.run_dir) / "train.sbatch"
+            if sbatch.exists():
+                mlflow.log_artifact(str(copy_job_tree(sbatch, Path(tmp, "lineage", sbatch.name))),
+                                    "lineage")  # fmt: skip
             if flavour == "tabular":
                 info = mlflow.pyfunc.log_model(
                     name="model",
@@ -211,7 +217,8 @@ def _tabular_artifacts(trained: TrainedModel, feature_config: dict[str, Any],
     from aifactory.tasks.stages.training import copy_project_code
 
     fc = dict(feature_config)
-    out = {"model": trained.model_path}
+    model = Path(trained.model_path)
+    out = {"model": str(copy_job_tree(model, tmp / "job" / model.name))}
     file = str(fc.get("function", "")).rpartition(":")[0]
     if file.endswith(".py") and os.path.isfile(file):
         out["code"] = str(copy_project_code(file, tmp))
@@ -234,9 +241,15 @@ def _log_project_model(mlflow: Any, trained: TrainedModel, featureset: FeatureSe
     spec = Path(tmp) / "project_model.json"
     spec.write_text(json.dumps(pyfunc_spec(flavour, model_ref, featureset, source_dir),
                                sort_keys=True, indent=2))  # fmt: skip
-    artifacts = {"model": trained.model_path, "code": str(run_dir / CODE_DIR), "spec": str(spec)}
+    job = Path(tmp) / "job"  # copies of the job's files, read without following a link
+    model = Path(trained.model_path)
+    artifacts = {
+        "model": str(copy_job_tree(model, job / model.name)),
+        "code": str(copy_job_tree(run_dir / CODE_DIR, job / CODE_DIR)),
+        "spec": str(spec),
+    }
     if (run_dir / INIT_FILE).exists():
-        artifacts["init"] = str(run_dir / INIT_FILE)
+        artifacts["init"] = str(copy_job_tree(run_dir / INIT_FILE, job / INIT_FILE))
     extra = ["scikit-learn"] if flavour == "sklearn" else []
     return mlflow.pyfunc.log_model(name="model", python_model=ProjectPyfunc(), artifacts=artifacts,
                                    pip_requirements=[*PIP_REQUIREMENTS, *extra])  # fmt: skip

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aifactory.tasks.core.errors import SlurmCommandError, TrainingError
+from aifactory.tasks.core.jobfiles import read_job_bytes
 from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient, SlurmUnreachable
 
 TAIL_LINES = 8
@@ -60,12 +61,12 @@ class _LogTail:
     def poll(self) -> None:
         if not self.path.exists():
             return
-        with open(self.path, errors="replace") as fh:
-            fh.seek(self.pos)
-            chunk = fh.read()
-            self.pos = fh.tell()
-        self.buf += chunk
-        *complete, self.buf = self.buf.split("\n")
+        # The job's own log, in its folder: never read through a link the job planted.
+        data = read_job_bytes(self.path, offset=self.pos)
+        cut = data.rfind(b"\n") + 1  # whole lines only: a character is never split
+        self.pos += cut
+        *complete, _ = data[:cut].decode("utf-8", errors="replace").split("\n")
+        self.buf = data[cut:].decode("utf-8", errors="replace")  # read again with its end
         for line in complete:
             self.lines.append(line)
             self.log(line)

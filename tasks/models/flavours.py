@@ -42,8 +42,10 @@ def tree_sha256(path: Path) -> str:
     """sha256 of a file, or of a folder's files (relative names and contents, sorted). A
     PyTorch state dict (``.pt``/``.pth``) counts by its tensors: ``torch.save`` writes a new
     serialization id into every file, so the same weights never give the same bytes."""
+    from aifactory.tasks.core.jobfiles import check_job_tree
+
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = check_job_tree(path)  # a job's output: a link in it is refused, never followed
     for f in files:
         if f != path:
             h.update(f"\n{f.relative_to(path).as_posix()}\n".encode())
@@ -73,7 +75,10 @@ def _state_dict_digest(path: Path) -> str | None:
 def artifact_sha256(flavour: str, run_dir: str | Path) -> str:
     """What ``aif replay`` compares: the weights (pytorch: the state dict's tensors, sorted
     by name, as the reference payload's weights.sha256), or the saved model's bytes."""
+    from aifactory.tasks.core.jobfiles import check_job_tree
+
     path = model_path(flavour, run_dir)
+    check_job_tree(path)  # the job's model: never read through a link it planted
     if flavour == "pytorch":
         import torch
 
@@ -96,6 +101,48 @@ def load_trained(flavour: str, run_dir: str | Path, ref: str | None, source_dir:
     in_copy = absolute_ref(relative_ref(ref, source_dir), str(Path(run_dir) / CODE_DIR))
     return load_model(flavour, model_path(flavour, run_dir), in_copy,
                       init if init.exists() else None)  # fmt: skip
+
+
+def check_loads(flavour: str, run_dir: str | Path, ref: str | None, source_dir: str | Path,
+                run_as: str | None = None) -> None:  # fmt: skip
+    """The trained model loads as its flavour loads it (ConfigError, one line, when not).
+    Loading runs the project's code (its class, a pickle): with ``run_as`` (a start-up's
+    Unix user on a site, where the orchestrator is root) it runs in a child process as that
+    user, with an environment of nothing but PATH, HOME and the locale: never as root."""
+    import pwd
+    import subprocess
+    import sys
+
+    from aifactory.tasks.core.jobfiles import check_job_tree
+
+    check_job_tree(model_path(flavour, run_dir))
+    if run_as is None:  # the submitting user's own code, as that user (no site)
+        load_trained(flavour, run_dir, ref, source_dir)
+        return
+    try:
+        home = pwd.getpwnam(run_as).pw_dir
+    except KeyError:
+        raise ConfigError(f"start-up Unix user {run_as!r} does not exist on this host "
+                          "(startups.<id>.user)") from None  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "LANG": "C.UTF-8",
+           "USER": run_as, "LOGNAME": run_as}  # fmt: skip
+    cmd = ["runuser", "-u", run_as, "--", sys.executable, "-m", __name__, flavour, str(run_dir),
+           ref or "", str(source_dir)]  # fmt: skip
+    try:
+        res = subprocess.run(cmd, env=env, cwd=str(run_dir), capture_output=True, text=True,
+                             timeout=LOAD_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"mlflow.flavour {flavour}: loading the model of {run_dir} as "
+                          f"{run_as} took over {LOAD_CHECK_TIMEOUT_S} s") from None  # fmt: skip
+    if res.returncode != 0:
+        lines = [ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {res.returncode}"
+        raise ConfigError(f"{last[:400]} (loaded as {run_as})" if last.startswith("mlflow.")
+                          else f"mlflow.flavour {flavour}: loading the model of {run_dir} as "
+                          f"{run_as} failed: {last[:300]}")  # fmt: skip
+
+
+LOAD_CHECK_TIMEOUT_S = 600
 
 
 def _ref_label(ref: str | None) -> str:
@@ -192,3 +239,23 @@ def absolute_ref(ref: str | None, code_dir: str) -> str | None:
         return ref
     file, attr = ref.rsplit(":", 1)
     return f"{file if os.path.isabs(file) else os.path.join(code_dir, file)}:{attr}"
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m aifactory.tasks.models.flavours FLAVOUR RUN_DIR REF SOURCE_DIR``: the load
+    check of ``check_loads``, run as the start-up's user; its one-line error on stderr."""
+    import sys
+
+    flavour, run_dir, ref, source_dir = argv
+    try:
+        load_trained(flavour, run_dir, ref or None, source_dir)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

@@ -109,7 +109,9 @@ def _resolve_user_config(section: dict[str, Any]) -> dict[str, Any]:
     if clash or len(set(text)) != len(text):
         raise ConfigError(f"features.text: {clash or text} repeats the key, the target or "
                           "itself")  # fmt: skip
-    load_function(section["function"])  # an import error is a config error, before any job
+    # Checked without running it: the orchestrator never imports a start-up's code (on a
+    # site it runs as root; the function runs only in the start-up's own jobs).
+    check_ref(section["function"], "features.function")
     extra = {"text": list(text)} if text else {}  # absent when unused: ids stay as they were
     return {
         **extra,
@@ -128,6 +130,138 @@ def load_function(ref: str) -> Callable[..., Any]:
     return load_ref(ref, "features.function")
 
 
+def _split_ref(ref: str, what: str) -> tuple[str, str]:
+    from aifactory.tasks.core.errors import ConfigError
+
+    mod_name, sep, attr = ref.rpartition(":")
+    if not sep or not mod_name or not attr.isidentifier():
+        raise ConfigError(f"{what} {ref!r}: expected module:function or path/to/file.py:function")
+    return mod_name, attr
+
+
+def _find_module(name: str, path: list[str]) -> Any:
+    """The module spec of ``name`` (dotted) found on ``path`` without importing anything:
+    ``importlib.util.find_spec`` would import (run) the parent packages."""
+    import importlib.machinery
+
+    if name in sys.modules and getattr(sys.modules[name], "__spec__", None) is not None:
+        return sys.modules[name].__spec__
+    spec: Any = None
+    search: list[str] = path
+    for i, part in enumerate(name.split(".")):
+        if i:
+            if not spec.submodule_search_locations:
+                return None  # a module, not a package: it has no submodules
+            search = list(spec.submodule_search_locations)
+        spec = importlib.machinery.PathFinder.find_spec(part, search)
+        if spec is None and i == 0:
+            spec = importlib.machinery.BuiltinImporter.find_spec(part)
+            spec = spec or importlib.machinery.FrozenImporter.find_spec(part)
+        if spec is None:
+            return None
+    return spec
+
+
+def _top_level_names(tree: Any) -> tuple[set[str], bool]:
+    """Names a module defines at its top level (functions, classes, assignments, imports);
+    True when it may define others that cannot be seen without running it (``import *``,
+    a module ``__getattr__``)."""
+    import ast
+
+    names: set[str] = set()
+    dynamic = False
+    todo = list(tree.body)  # the module's statements, and those of its if/try/with/for blocks
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            dynamic |= node.name == "__getattr__"
+            continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*":
+                    dynamic = True
+                else:
+                    names.add(alias.asname or alias.name.split(".")[0])
+        else:  # if / try / with / for / while at the top level: their blocks run too
+            for field in ("body", "orelse", "finalbody"):
+                todo.extend(getattr(node, field, None) or [])
+            for handler in getattr(node, "handlers", None) or []:
+                todo.extend(handler.body)
+    return names, dynamic
+
+
+def _unimportable(tree: Any, path: list[str]) -> str | None:
+    """The first module that an unconditional top-level import of ``tree`` names and that
+    is not installed (an import inside ``try`` or a function may be optional)."""
+    import ast
+
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods = [node.module]
+        else:
+            continue
+        for mod in mods:
+            top = mod.split(".")[0]
+            if _find_module(top, path) is None:
+                return top
+    return None
+
+
+def check_ref(ref: str, what: str) -> Path | None:
+    """Check ``module:NAME`` or ``path/to/file.py:NAME`` **without running its code**: the
+    file (or module source) exists and parses, defines ``NAME`` at its top level, and its
+    unconditional top-level imports are installed. Returns the source file (None for a
+    module without Python source, e.g. a compiled one). A start-up's code runs only in its
+    own jobs, as its own user; the orchestrator (root on a site) only reads it."""
+    import ast
+
+    from aifactory.tasks.core.errors import ConfigError
+
+    where = f"{what} {ref!r}"
+    mod_name, attr = _split_ref(ref, what)
+    if mod_name.endswith(".py"):
+        path: Path | None = Path(os.path.abspath(mod_name))
+        assert path is not None
+        if not path.is_file():
+            raise ConfigError(f"{where}: no such file {path}")
+        search = [str(path.parent), *sys.path]
+    else:
+        search = list(sys.path)
+        spec = _find_module(mod_name, search)
+        if spec is None:
+            raise ConfigError(f"{where}: the module does not import: ModuleNotFoundError: "
+                              f"No module named {mod_name!r}")  # fmt: skip
+        origin = getattr(spec, "origin", None)
+        path = Path(origin) if origin and str(origin).endswith(".py") else None
+        if path is None:
+            return None  # compiled or built in: found, and nothing to read
+    try:
+        source = path.read_bytes()
+        tree = ast.parse(source, filename=str(path))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    except (SyntaxError, ValueError) as exc:
+        line = getattr(exc, "lineno", None)
+        msg = " ".join(str(getattr(exc, "msg", exc)).split())[:200]
+        raise ConfigError(f"{where}: the module does not import: SyntaxError: {msg}"
+                          + (f" (line {line})" if line else "")) from None  # fmt: skip
+    missing = _unimportable(tree, search)
+    if missing:
+        raise ConfigError(f"{where}: the module does not import: ModuleNotFoundError: No "
+                          f"module named {missing!r}")  # fmt: skip
+    names, dynamic = _top_level_names(tree)
+    if attr not in names and not dynamic:
+        raise ConfigError(f"{where}: {mod_name} has no function or class {attr!r}")
+    return path
+
+
 def load_ref(ref: str, what: str) -> Callable[..., Any]:
     """The function or class named ``module:NAME`` or ``path/to/file.py:NAME`` (a file is
     imported by its path, its folder first on sys.path, so a project's own ``features.py``
@@ -136,9 +270,7 @@ def load_ref(ref: str, what: str) -> Callable[..., Any]:
     from aifactory.tasks.core.errors import ConfigError
 
     where = f"{what} {ref!r}"
-    mod_name, sep, attr = ref.rpartition(":")
-    if not sep or not mod_name or not attr.isidentifier():
-        raise ConfigError(f"{where}: expected module:function or path/to/file.py:function")
+    mod_name, attr = _split_ref(ref, what)
     try:
         if mod_name.endswith(".py"):
             path = os.path.abspath(mod_name)
@@ -196,10 +328,10 @@ def portable_ref(ref: str) -> str:
 
 
 def function_source_hash(ref: str) -> str:
-    """sha256 (16 hex) of the feature function's source file: part of the cache key."""
-    fn = load_function(ref)
-    path = inspect.getsourcefile(fn) or ""
-    data = Path(path).read_bytes() if path and os.path.isfile(path) else ref.encode()
+    """sha256 (16 hex) of the feature function's source file: part of the cache key. The
+    file is found and read, never imported (``check_ref``)."""
+    path = check_ref(ref, "features.function")
+    data = path.read_bytes() if path is not None else ref.encode()
     return hashlib.sha256(data).hexdigest()[:16]
 
 

@@ -239,7 +239,9 @@ def _train(cfg: Any, st: Any, fset: FeatureSet) -> tuple[StagePlan, TrainedModel
                if run_dir.exists() else "no run")  # fmt: skip
         return StagePlan("train", "run", f"{why} in {run_dir}", run_key), None
     try:
-        trained = TrainedModel.model_validate_json((run_dir / "trained.json").read_text())
+        from aifactory.tasks.core.jobfiles import read_job_text
+
+        trained = TrainedModel.model_validate_json(read_job_text(run_dir / "trained.json"))
     except (OSError, ValueError):
         trained = None
     same = trained is not None and trained.run_key == run_key

@@ -27,6 +27,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import TrainingSpec
 from aifactory.tasks.core.errors import ConfigError, TrainingError
+from aifactory.tasks.core.jobfiles import read_job_text
 from aifactory.tasks.core.manifests import FeatureSet
 from aifactory.tasks.core.provenance import key_of
 from aifactory.tasks.doors.lake import write_text_local
@@ -156,7 +157,7 @@ def run_sweep(
     results: list[dict[str, Any]] = []
     for i, t in enumerate(trials):
         mpath = sweep_dir / f"trial-{i:04d}" / "metrics.json"
-        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+        metrics = json.loads(read_job_text(mpath, under=sweep_dir)) if mpath.exists() else {}
         st = res.tasks.get(i, {"State": "UNKNOWN"})
         value = metrics.get(metric)
         results.append({"trial": i, "params": t, "state": st["State"],

@@ -25,6 +25,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import TrainingSpec
 from aifactory.tasks.core.errors import ConfigError, TrainingError
+from aifactory.tasks.core.jobfiles import read_job_bytes, read_job_text
 from aifactory.tasks.core.manifests import FeatureSet, TrainedModel
 from aifactory.tasks.core.provenance import environment_hash, now_iso
 from aifactory.tasks.doors.lake import write_text_local
@@ -212,7 +213,12 @@ def project_files(script: str) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            if name.startswith(".") or not name.endswith(CODE_SUFFIXES) or not p.is_file():
+            if name.startswith(".") or not name.endswith(CODE_SUFFIXES):
+                continue
+            if p.is_symlink():  # root copies the project: a link could name the site's files
+                raise ConfigError(f"training.script: {p} is a symbolic link; the project's "
+                                  "code is copied as plain files")  # fmt: skip
+            if not p.is_file():
                 continue
             total += p.stat().st_size
             if total > CODE_MAX_BYTES:
@@ -229,7 +235,7 @@ def project_code_hash(script: str) -> str:
     h = hashlib.sha256(Path(script).name.encode())
     for p in project_files(script):
         h.update(f"\n{p.relative_to(root).as_posix()}\n".encode())
-        h.update(p.read_bytes())
+        h.update(read_job_bytes(p, CODE_MAX_BYTES + 1, under=root))
     return h.hexdigest()[:16]
 
 
@@ -245,7 +251,10 @@ def copy_project_code(script: str, run_dir: Path) -> Path:
     for p in project_files(script):
         target = tmp / p.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, target)
+        # Read without following a link anywhere below the project's folder: a file swapped
+        # for a link after project_files() looked is refused, not copied.
+        target.write_bytes(read_job_bytes(p, CODE_MAX_BYTES + 1, under=root))
+        shutil.copystat(p, target, follow_symlinks=False)
     os.replace(tmp, dest)
     return dest
 
@@ -263,7 +272,7 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
              job_ids: list[str], sacct: dict[str, str], t0: float,
              flavour: str = "tabular") -> TrainedModel:  # fmt: skip
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads(read_job_text(run_dir / "metrics.json"))
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(
             f"training in {run_dir} wrote no readable metrics.json: {exc}"
@@ -275,9 +284,9 @@ def _collect(run_dir: Path, run_key: str, fset: FeatureSet, spec: TrainingSpec, 
         weights = artifact_sha256(flavour, run_dir)
     else:
         params = {k: getattr(spec, k) for k in HYPERPARAMS}
-        weights = (run_dir / "weights.sha256").read_text().strip()
+        weights = read_job_text(run_dir / "weights.sha256", 4096).strip()
     env_path = run_dir / "environment.json"
-    env: dict[str, Any] = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env: dict[str, Any] = json.loads(read_job_text(env_path)) if env_path.exists() else {}
     # The software, not the host or the job: the same packages give the same hash anywhere.
     software: dict[str, Any] = {k: env[k] for k in ("python", "packages") if k in env}
     slurm_resources = {"partition": spec.partition, "gpus_per_node": spec.gpus_per_node}
@@ -407,7 +416,7 @@ STATE_FILE = "aif-train.json"  # the run's executor, Slurm job ids and sacct rec
 
 def _read_state(run_dir: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
-        state = json.loads((run_dir / STATE_FILE).read_text())
+        state = json.loads(read_job_text(run_dir / STATE_FILE))
         if isinstance(state, dict):
             return state
     return {}
@@ -430,7 +439,7 @@ def _collect_finished(run_dir: Path, run_key: str, fset: FeatureSet, spec: Train
     down. A Slurm run is never collected without its jobs and their record."""
     manifest = run_dir / "trained.json"
     with contextlib.suppress(OSError, ValueError):
-        prior = TrainedModel.model_validate_json(manifest.read_text())
+        prior = TrainedModel.model_validate_json(read_job_text(manifest))
         if (
             prior.run_key == run_key
             and prior.featureset_hash == fset.content_hash()

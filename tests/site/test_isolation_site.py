@@ -251,3 +251,65 @@ def test_a_training_script_cannot_read_another_startups_lake(site_profile: Profi
     assert "Access Denied" in out or "AccessDenied" in out or "Forbidden" in out, out
     assert platform.get_object(Bucket="aif-lake", Key=victim_key)["Body"].read() == b"B's weights"
     platform.delete_object(Bucket="aif-lake", Key=victim_key)
+
+
+HOSTILE_FEATURES = """
+import os as _aif_os
+with open({mark!r}, "a") as _aif_fh:  # runs wherever this module is imported
+    _aif_fh.write(f"features-import {{_aif_os.getuid()}}\\n")
+"""
+
+HOSTILE_SAVE = """    import os
+    inner = pickle.dumps(model)
+
+    class Evil:  # unpickling it runs code: records who loaded the model
+        def __reduce__(self):
+            expr = ("(open({mark!r}, 'a').write('unpickle %d\\\\n' % __import__('os').getuid()),"
+                    " __import__('pickle').loads(%r))[1]" % inner)
+            return (eval, (expr,))
+
+    job.save("model.pkl", pickle.dumps(Evil()))
+    os.symlink({secret!r}, job.run_dir / "code" / "leak.json")  # for root to copy to MLflow
+"""
+
+
+def test_the_orchestrator_never_runs_or_follows_a_startups_code(site_profile: Profile) -> None:
+    """The orchestrator (root) only reads a start-up's code: its features.py is imported and
+    its model unpickled only by the start-up's own user (Dask workers, the load check), and a
+    link that its job planted in its folder is refused, not copied into MLflow."""
+    import pwd
+
+    tag = uuid.uuid4().hex[:8]
+    root = Path(f"/tmp/aif-hostile-{tag}")  # a folder the start-up's user can reach
+    root.mkdir(mode=0o755)
+    try:
+        mark = root / "who-ran-it"
+        mark.touch()
+        mark.chmod(0o666)
+        project = root / "project"
+        shutil.copytree(REPO / "examples" / "health-readmission", project,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        feats = project / "features.py"
+        feats.write_text(feats.read_text() + HOSTILE_FEATURES.format(mark=str(mark)))
+        secret = Site(site_root(site_dir())).platform_secret_file
+        train = (project / "train.py").read_text()
+        save = '    job.save("model.pkl", pickle.dumps(model))\n'
+        assert save in train
+        train = train.replace(save, HOSTILE_SAVE.format(mark=str(mark), secret=str(secret)))
+        (project / "train.py").write_text(train)
+        spec = (project / "aifactory.yaml").read_text()
+        spec = spec.replace("params: {reference_year: 2025}", f"params: {{reference_year: 2025, "
+                            f"tag: {tag}}}")  # fmt: skip
+        (project / "aifactory.yaml").write_text(spec)
+        res = aif("run", "--profile", "site", "--project", str(project), timeout=900)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out
+        assert "code/leak.json: is a symbolic link" in out, out[-3000:]
+        assert secret.read_text().strip() not in out
+        uid = pwd.getpwnam("startup-c").pw_uid
+        ran = mark.read_text().split("\n")
+        assert f"unpickle {uid}" in ran, ran  # the load check, as the start-up
+        assert f"features-import {uid}" in ran, ran  # its Dask workers
+        assert not [line for line in ran if line.endswith(" 0")], ran  # never as root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

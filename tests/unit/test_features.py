@@ -310,3 +310,55 @@ def test_text_columns_reach_the_trainer_unchanged(tmp_path) -> None:  # type: ig
                                  {"rain_scale": 1.0}})  # fmt: skip
         with pytest.raises(DataError, match=match):
             F.featurize_partition(1, f"file://{data}", f"file://{tmp_path}/o", {}, gaps)
+
+
+def test_the_orchestrator_checks_a_feature_function_without_running_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """On a site the orchestrator runs as root: a start-up's features.py is read and parsed
+    there, never imported (its code runs only in the start-up's own jobs). Before, checking
+    the profile imported it, so its top-level code ran as root."""
+    import sys
+
+    import pytest
+
+    from aifactory.tasks.core.errors import ConfigError
+
+    marker = tmp_path / "ran-as-orchestrator"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "helpers.py").write_text("X = 1\n")
+    src = proj / "features.py"
+    src.write_text(
+        "import pathlib\nimport helpers\n"
+        f"pathlib.Path({str(marker)!r}).write_text('owned')\n"
+        "try:\n    import not_installed_but_optional_xyz\nexcept ImportError:\n    pass\n"
+        "if True:\n    def inside_if(df, config):\n        return df\n"
+        "def fields(df, config):\n    hidden = 1\n    return df\n"
+    )
+    cfg = F.resolve_config({"function": f"{src}:fields", "key": "k", "target": "t"})
+    assert cfg["function"] == f"{src}:fields"
+    F.resolve_config({"function": f"{src}:inside_if", "key": "k", "target": "t"})
+    before = F.function_source_hash(cfg["function"])
+    assert not marker.exists(), "the orchestrator ran the start-up's module"
+    assert str(proj) not in sys.path  # nor let its folder shadow the orchestrator's imports
+    assert not [m for m in sys.modules if m.startswith("aif_features_")
+                and getattr(sys.modules[m], "__file__", "") == str(src)]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"has no function or class 'hidden'"):
+        F.resolve_config({"function": f"{src}:hidden", "key": "k", "target": "t"})
+    src.write_text(src.read_text() + "# edited\n")
+    assert F.function_source_hash(cfg["function"]) != before  # the bytes, read not imported
+    src.write_text(src.read_text() + "def broken(:\n")
+    with pytest.raises(ConfigError, match=r"does not import: SyntaxError: .*\(line \d+\)"):
+        F.resolve_config({"function": f"{src}:fields", "key": "k", "target": "t"})
+    with pytest.raises(ConfigError, match=r"No module named 'no_such_pkg_xyz\.sub'"):
+        F.resolve_config({"function": "no_such_pkg_xyz.sub:f", "key": "k", "target": "t"})
+    # A dotted module is found without running its parent package either.
+    pkg = tmp_path / "pkgroot" / "evilpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('owned')\n")
+    (pkg / "feats.py").write_text("def f(df, config):\n    return df\n")
+    sys.path.insert(0, str(pkg.parent))
+    try:
+        F.resolve_config({"function": "evilpkg.feats:f", "key": "k", "target": "t"})
+    finally:
+        sys.path.remove(str(pkg.parent))
+    assert not marker.exists()

@@ -1,0 +1,155 @@
+"""Reading what a start-up's job wrote, as the orchestrator (root on a site).
+
+A job's folder is handed to the start-up's Unix user before the job starts (the Slurm
+door's ``hand_over``), so anything in it may be a link the start-up's own code planted:
+``metrics.json -> /path/of/another/start-up's/key.json``. The orchestrator reads such a
+folder with the rights of root, and what it reads goes into Prefect logs, MLflow and the
+model's documents, which the start-up can read back. So every read of a job's file here
+refuses a link (``O_NOFOLLOW``) and anything but a regular file, and every tree that the
+orchestrator copies or uploads is checked first, without following links (``os.fwalk``).
+Files directly in a job's folder are safe from a swap of a folder above them: the job's
+folder sits in one that only root can write (runs/train, runs/sweeps, ...).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from aifactory.tasks.core.errors import TenancyError
+
+READ_LIMIT = 64 * 2**20  # a manifest, metrics or log chunk: never a data set
+
+
+class JobFileError(TenancyError):
+    """A job's output that the orchestrator will not read: a link, or not a regular file."""
+
+
+def _refused(path: str | os.PathLike[str], why: str) -> JobFileError:
+    return JobFileError(f"job output {os.fspath(path)}: {why}; the orchestrator reads only "
+                        "regular files that the job wrote (a link could point at files of the "
+                        "site or of another start-up)")  # fmt: skip
+
+
+def open_job_file(path: str | os.PathLike[str], under: str | os.PathLike[str] | None = None) -> int:
+    """A read-only descriptor of the regular file ``path``, never through a link: in its last
+    component, and (with ``under``, a folder the job cannot replace) in none of the folders
+    between ``under`` and it either, each opened by descriptor. FileNotFoundError when it
+    is absent; JobFileError when it is a link or not a regular file (a FIFO would block the
+    flow, a device would read forever)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    parts = [os.fspath(path)]
+    if under is not None:
+        parts = list(Path(path).relative_to(under).parts)
+    dir_fd = os.open(under, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if under else None
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                fd = os.open(part, flags | (0 if last else os.O_DIRECTORY), dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refused(path, "is reached through a symbolic link") from None
+                raise
+            if dir_fd is not None:
+                os.close(dir_fd)
+            dir_fd = fd
+    except BaseException:
+        if dir_fd is not None:
+            os.close(dir_fd)
+        raise
+    assert dir_fd is not None
+    if not stat.S_ISREG(os.fstat(dir_fd).st_mode):
+        os.close(dir_fd)
+        raise _refused(path, "is not a regular file")
+    return dir_fd
+
+
+def read_job_bytes(path: str | os.PathLike[str], limit: int = READ_LIMIT, offset: int = 0,
+                   under: str | os.PathLike[str] | None = None) -> bytes:  # fmt: skip
+    """At most ``limit`` bytes of a job's file from ``offset`` (see ``open_job_file``)."""
+    fd = open_job_file(path, under)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            fh.seek(offset)
+            return fh.read(limit)
+    finally:
+        os.close(fd)
+
+
+def read_job_text(path: str | os.PathLike[str], limit: int = READ_LIMIT,
+                  under: str | os.PathLike[str] | None = None) -> str:  # fmt: skip
+    return read_job_bytes(path, limit, under=under).decode("utf-8", errors="replace")
+
+
+def check_job_tree(folder: str | os.PathLike[str]) -> list[Path]:
+    """The regular files under a job's ``folder`` (or the file itself), after checking that
+    nothing in it is a link or a special file; JobFileError otherwise. Walked by descriptor
+    (``os.fwalk``), so a folder swapped for a link during the walk is not followed."""
+    top = os.fspath(folder)
+    st = os.lstat(top)
+    if stat.S_ISLNK(st.st_mode):
+        raise _refused(top, "is a symbolic link")
+    if stat.S_ISREG(st.st_mode):
+        return [Path(top)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refused(top, "is not a regular file or folder")
+    out: list[Path] = []
+    for root, dirs, files, rootfd in os.fwalk(top, follow_symlinks=False):
+        for name in dirs + files:
+            mode = os.stat(name, dir_fd=rootfd, follow_symlinks=False).st_mode
+            where = os.path.join(root, name)
+            if stat.S_ISLNK(mode):
+                raise _refused(where, "is a symbolic link")
+            if stat.S_ISREG(mode):
+                out.append(Path(where))
+            elif not stat.S_ISDIR(mode):
+                raise _refused(where, "is not a regular file or folder")
+    return sorted(out)
+
+
+def copy_job_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy a job's file or folder ``src`` to ``dst`` (a folder of the orchestrator's own),
+    every file opened by descriptor without following a link: what is then uploaded (MLflow)
+    is what the job wrote, even if the job's folder changes meanwhile. Returns ``dst``."""
+    top, out = os.fspath(src), Path(dst)
+    st = os.lstat(top)
+    if stat.S_ISLNK(st.st_mode):
+        raise _refused(top, "is a symbolic link")
+    if stat.S_ISREG(st.st_mode):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _copy_fd(open_job_file(top), out)
+        return out
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refused(top, "is not a regular file or folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files, rootfd in os.fwalk(top, follow_symlinks=False):
+        rel = Path(root).relative_to(top)
+        for name in dirs:
+            if stat.S_ISLNK(os.stat(name, dir_fd=rootfd, follow_symlinks=False).st_mode):
+                raise _refused(os.path.join(root, name), "is a symbolic link")
+            (out / rel / name).mkdir(exist_ok=True)
+        for name in files:
+            where = os.path.join(root, name)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=rootfd)  # fmt: skip
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise _refused(where, "is a symbolic link") from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise _refused(where, "is not a regular file")
+            _copy_fd(fd, out / rel / name)
+    return out
+
+
+def _copy_fd(fd: int, dest: Path) -> None:
+    """Copy the open file ``fd`` (closed after) to the new file ``dest``."""
+    import shutil
+
+    with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, 2**20)
