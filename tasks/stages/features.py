@@ -214,6 +214,25 @@ def _unimportable(tree: Any, path: list[str]) -> str | None:
     return None
 
 
+def _why_not_a_file(path: str) -> str:
+    """Why ``path`` cannot be read here: absent, or closed to this user (a start-up's jobs
+    run as its own user, who must be able to read its project's folder)."""
+    import pwd
+
+    try:
+        os.stat(path)
+    except PermissionError:
+        try:
+            who = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            who = f"uid {os.getuid()}"
+        return (f"{path} cannot be reached by user {who}: a folder above it is closed to it "
+                "(a start-up's jobs run as its own user: put the project where it can read)")
+    except OSError:
+        pass
+    return f"no such file {path}"
+
+
 def check_ref(ref: str, what: str) -> Path | None:
     """Check ``module:NAME`` or ``path/to/file.py:NAME`` **without running its code**: the
     file (or module source) exists and parses, defines ``NAME`` at its top level, and its
@@ -275,7 +294,7 @@ def load_ref(ref: str, what: str) -> Callable[..., Any]:
         if mod_name.endswith(".py"):
             path = os.path.abspath(mod_name)
             if not os.path.isfile(path):
-                raise ConfigError(f"{where}: no such file {path}")
+                raise ConfigError(f"{where}: {_why_not_a_file(path)}")
             name = "aif_features_" + hashlib.sha256(path.encode()).hexdigest()[:12]
             module = sys.modules.get(name)
             if module is None:

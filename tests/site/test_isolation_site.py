@@ -24,6 +24,7 @@ from aifactory.infra.site.manager import site_root
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.core.home import site_dir
 from tests.site.conftest import REPO, aif
+from tests.site.test_projects_site import APPROVED
 
 pytestmark = pytest.mark.site
 
@@ -217,13 +218,13 @@ if __name__ == "__main__":
 '''
 
 
-def test_a_training_script_cannot_read_another_startups_lake(site_profile: Profile,
-                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_a_training_script_cannot_read_another_startups_lake(site_profile: Profile) -> None:
     platform = _client(site_profile)
     victim_key = f"startup-b/isolation/{uuid.uuid4().hex[:8]}/weights.bin"
     platform.put_object(Bucket="aif-lake", Key=victim_key, Body=b"B's weights")
     checkpoint = _startup_b_checkpoint(site_profile)
-    project = tmp_path / "hostile project"
+    # The project's folder: readable by the start-up's user, whose Dask workers import it.
+    project = Path(f"/tmp/aif-hostile-{uuid.uuid4().hex[:8]}/hostile project")
     shutil.copytree(REPO / "examples" / "mobility-trips", project,
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     (project / "train.py").write_text(HOSTILE)
@@ -251,6 +252,7 @@ def test_a_training_script_cannot_read_another_startups_lake(site_profile: Profi
     assert "Access Denied" in out or "AccessDenied" in out or "Forbidden" in out, out
     assert platform.get_object(Bucket="aif-lake", Key=victim_key)["Body"].read() == b"B's weights"
     platform.delete_object(Bucket="aif-lake", Key=victim_key)
+    shutil.rmtree(project.parent, ignore_errors=True)
 
 
 HOSTILE_FEATURES = """
@@ -265,7 +267,7 @@ HOSTILE_SAVE = """    import os
     class Evil:  # unpickling it runs code: records who loaded the model
         def __reduce__(self):
             expr = ("(open({mark!r}, 'a').write('unpickle %d\\\\n' % __import__('os').getuid()),"
-                    " __import__('pickle').loads(%r))[1]" % inner)
+                    " __import__('pickle').loads(" + repr(inner) + "))[1]")
             return (eval, (expr,))
 
     job.save("model.pkl", pickle.dumps(Evil()))
@@ -301,7 +303,7 @@ def test_the_orchestrator_never_runs_or_follows_a_startups_code(site_profile: Pr
         spec = spec.replace("params: {reference_year: 2025}", f"params: {{reference_year: 2025, "
                             f"tag: {tag}}}")  # fmt: skip
         (project / "aifactory.yaml").write_text(spec)
-        res = aif("run", "--profile", "site", "--project", str(project), timeout=900)
+        res = aif("run", "--profile", "site", "--project", str(project), env=APPROVED, timeout=900)
         out = res.stdout + res.stderr
         assert res.returncode != 0, out
         assert "code/leak.json: is a symbolic link" in out, out[-3000:]

@@ -362,3 +362,26 @@ def test_the_orchestrator_checks_a_feature_function_without_running_it(tmp_path)
     finally:
         sys.path.remove(str(pkg.parent))
     assert not marker.exists()
+
+
+def test_a_feature_file_closed_to_the_job_says_so(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A start-up's Dask worker (its own user) that cannot reach the project's folder gets
+    a line saying so, not 'no such file'."""
+    import os
+
+    import pytest
+
+    from aifactory.tasks.core.errors import ConfigError
+
+    real_stat = os.stat
+
+    def closed(path, *a, **k):  # type: ignore[no-untyped-def]
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", closed)
+    with pytest.raises(ConfigError, match=r"cannot be reached by user \S+: a folder above it"):
+        F.load_function(f"{tmp_path}/features.py:f")
+    with pytest.raises(ConfigError, match=r"no such file /nonexistent-aif/features.py"):
+        F.load_function("/nonexistent-aif/features.py:f")
