@@ -51,11 +51,22 @@ FINAL_EVENTS = [
 ]
 
 
-def work_pool_for(profile: str) -> str:
-    """The work pool of a profile's deployments: ``aif-<name>`` (``aif-site``, ``aif-local``;
-    a profile file's name without its folder and suffix)."""
+def work_pool_for(profile: str, startup: str | None = None, cfg: Any = None) -> str:
+    """The work pool of a profile's deployments: ``aif-<name>`` (``aif-local``; a profile
+    file's name without its folder and suffix); with ``prefect.work_pools: per-startup``
+    (the site's) a start-up's own, ``aif-<name>-<start-up>`` (``aif-site-startup-a``)."""
     name = Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile
+    if cfg is not None and cfg.prefect.work_pools == "per-startup":
+        return f"aif-{name}-{cfg.tenant(startup)[0]}"
     return f"aif-{name}"
+
+
+def work_pools(profile: str, cfg: Any) -> dict[str, int | None]:
+    """Every work pool of the profile's deployments and its concurrency limit: one pool
+    (no limit) when shared; per start-up, its own with ``startups.<id>.flow_runs``."""
+    if cfg.prefect.work_pools != "per-startup":
+        return {work_pool_for(profile): None}
+    return {work_pool_for(profile, sid, cfg): st.flow_runs for sid, st in cfg.startups.items()}
 
 
 def _profile_param(profile: str) -> str:
@@ -66,14 +77,16 @@ def _profile_param(profile: str) -> str:
     return profile
 
 
-def platform_deployments(profile: str = "site") -> dict[str, Any]:
+def platform_deployments(profile: str = "site", cfg: Any = None) -> dict[str, Any]:
     """The root prefect.yaml as deployed for ``profile``: every deployment's ``profile``
-    parameter is that profile and its work pool ``aif-<profile>``; nothing else changes
-    (for ``site`` it is the file as it is)."""
+    parameter is that profile and its work pool the profile's (``work_pool_for``: its
+    start-up's own on the site); nothing else changes."""
     data: dict[str, Any] = yaml.safe_load(PREFECT_FILE.read_text())
     for d in data.get("deployments") or []:
-        d.setdefault("parameters", {})["profile"] = _profile_param(profile)
-        d.setdefault("work_pool", {})["name"] = work_pool_for(profile)
+        params = d.setdefault("parameters", {})
+        params["profile"] = _profile_param(profile)
+        d.setdefault("work_pool", {})["name"] = work_pool_for(profile, params.get("startup"),
+                                                              cfg)  # fmt: skip
     return data
 
 
@@ -89,14 +102,18 @@ def _failure_line(output: str) -> str:
 def deploy_all(api_url: str, progress: Callable[[str], None] = print, *,
                profile: str = "site") -> str:  # fmt: skip
     """Deploy the root prefect.yaml's deployments to ``api_url`` for ``profile`` (parameter
-    ``profile``, work pool ``aif-<profile>``, created if missing) with ``prefect deploy
-    --all`` in the repository root; return its output."""
+    ``profile``, the profile's work pools, created if missing, with their concurrency
+    limits) with ``prefect deploy --all`` in the repository root; return its output."""
     from aifactory.tasks.control.worker import ensure_work_pool
+    from aifactory.tasks.core.config import load_profile
 
-    pool = work_pool_for(profile)
-    if ensure_work_pool(api_url, pool):
-        progress(f"created the process work pool {pool}")
-    data = platform_deployments(profile)
+    cfg = load_profile(profile)
+    pools = work_pools(profile, cfg)
+    for name, limit in pools.items():
+        if ensure_work_pool(api_url, name, limit):
+            progress(f"created the process work pool {name}")
+    pool = ", ".join(pools)
+    data = platform_deployments(profile, cfg)
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}
     with tempfile.TemporaryDirectory(prefix="aif-deploy-") as tmp:
@@ -317,13 +334,18 @@ def deploy_project(project_file: Path, api_url: str, *, work_pool: str | None = 
 
     from aifactory.flows.pipeline import pipeline
     from aifactory.tasks.control.worker import ensure_work_pool
+    from aifactory.tasks.core.config import load_profile
     from aifactory.tasks.core.project import load_project
 
     proj = load_project(project_file)
     src = src or project_source(project_file)
     profile = profile or proj.deploy.profile
-    work_pool = work_pool or work_pool_for(profile)
-    ensure_work_pool(api_url, work_pool)
+    cfg = load_profile(profile)
+    limit = None
+    if not work_pool:
+        work_pool = work_pool_for(profile, proj.startup, cfg)
+        limit = work_pools(profile, cfg).get(work_pool)
+    ensure_work_pool(api_url, work_pool, limit)
     name = f"{proj.name}-nightly"
     pull = [
         {"prefect.deployments.steps.git_clone": {

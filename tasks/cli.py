@@ -645,6 +645,10 @@ def _local_worker(cfg: Any, api_url: str, profile: str) -> None:
     from aifactory.deployments.deploy import work_pool_for
     from aifactory.tasks.control.worker import ensure_worker
 
+    if cfg.prefect.work_pools == "per-startup":
+        raise ConfigError("prefect.work_pools: per-startup needs one worker per start-up's pool "
+                          "(a site's: aif site up starts them); a managed Prefect server runs "
+                          "one worker: use shared")  # fmt: skip
     rec = ensure_worker(cfg.home_dir, api_url, work_pool_for(profile))
     print(f"worker: pool {rec['pool']}, pid {rec['pid']}, log {rec['log']} "
           "(`aif server stop` stops it)")  # fmt: skip

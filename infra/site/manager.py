@@ -24,7 +24,7 @@ from typing import Any
 
 from aifactory.infra.site import ceph, procs, services
 from aifactory.infra.site import slurm_parts as sp
-from aifactory.infra.site.layout import REGION, S3_KEY, Site
+from aifactory.infra.site.layout import ACCOUNTS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
 
 Progress = Callable[[str], None]
@@ -111,9 +111,14 @@ PARTS: list[Part] = [
     Part("mlflow", "mlflow", services.mlflow_argv, services.mlflow_ok,
          lambda s: s.mlflow_url, env=services.mlflow_env, timeout=180,
          port=lambda s: s.mlflow_port),
-    Part("worker", "prefect", services.worker_argv, services.worker_ok,
-         lambda s: f"work pool {services.WORK_POOL}", env=services.worker_env, timeout=120),
+    # One Prefect worker per start-up, on its own work pool (its concurrency limit is the
+    # pool's): a start-up's flow runs are the children of its worker only.
+    *[Part(f"worker-{sid}", "prefect", services.worker_argv_for(sid), services.worker_ok_for(sid),
+           lambda s, sid=sid: f"work pool {services.work_pool(sid)}",  # type: ignore[misc]
+           env=services.worker_env, timeout=120) for sid in ACCOUNTS],
 ]  # fmt: skip
+# Parts of earlier versions: stopped by `up` and `down` if a site still runs them.
+RETIRED: dict[str, str] = {"worker": "prefect"}  # the shared worker of pool aif-site
 
 
 @dataclass
@@ -230,6 +235,7 @@ def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
         d.mkdir(parents=True, exist_ok=True)
     sp.render(site)
     state = _load(site)
+    _stop_retired(site, state, progress)
     started: list[Part] = []
     try:
         _up_parts(site, state, started, progress)
@@ -278,6 +284,22 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     _s3_setup(site, progress)
     services.seed_dataspace(site, progress)
     services.ensure_crash_detector(site, progress)
+    services.ensure_work_pools(site, progress)
+
+
+def _stop_retired(site: Site, state: dict[str, Any], progress: Progress) -> list[str]:
+    """Stop what an earlier version of the site started as a part it no longer has."""
+    stopped = []
+    for name, expect in RETIRED.items():
+        rec = _record(site, state, name)
+        if rec.get("pid") and procs.stop(rec, expect):
+            progress(f"stopped {name} (pid {rec['pid']}): no longer a part of the site")
+            stopped.append(name)
+        if name in state:
+            state.pop(name)
+            _save(site, state)
+        _pidfile(site, name).unlink(missing_ok=True)
+    return stopped
 
 
 def status(site_dir: Path) -> list[PartStatus]:
@@ -334,6 +356,7 @@ def down(site_dir: Path, progress: Progress = print) -> list[str]:
             stopped.append(part.name)
         state.pop(part.name, None)
         _pidfile(site, part.name).unlink(missing_ok=True)
+    stopped += _stop_retired(site, state, progress)
     sp.unlink_default_munge_socket(site)
     _save(site, state)
     return stopped

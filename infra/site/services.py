@@ -190,12 +190,53 @@ def prefect_ok(site: Site) -> bool:
     return procs.http_ok(f"{site.prefect_api}/health", b"true")
 
 
-WORK_POOL = "aif-site"  # prefect.yaml (the repository root's) sends its deployments here
+def work_pool(startup: str) -> str:
+    """A start-up's own work pool on the site (the profile's prefect.work_pools:
+    per-startup; deployments/deploy.py: work_pool_for)."""
+    return f"aif-site-{startup}"
 
 
-def worker_argv(site: Site) -> list[str]:
-    return [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-            "--name", "aif-site-worker"]  # fmt: skip
+def worker_name(startup: str) -> str:
+    return f"aif-site-worker-{startup}"
+
+
+def worker_argv_for(startup: str) -> Callable[[Site], list[str]]:
+    def argv(site: Site) -> list[str]:
+        return [_bin("prefect"), "worker", "start", "--pool", work_pool(startup), "--type",
+                "process", "--name", worker_name(startup)]  # fmt: skip
+
+    return argv
+
+
+def ensure_work_pools(site: Site, progress: Callable[[str], None]) -> None:
+    """Each start-up's work pool with its concurrency limit (startups.<id>.flow_runs of the
+    site profile as written: a run's environment never lifts it), set on every `up`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from aifactory.infra.site.slurm_parts import site_profile_as_written
+    from aifactory.tasks.control.worker import ensure_work_pool
+
+    cfg = site_profile_as_written()
+    for sid in ACCOUNTS:
+        limit = cfg.startups[sid].flow_runs if sid in cfg.startups else 1
+        if ensure_work_pool(site.prefect_api, work_pool(sid), limit):
+            progress(f"work pool {work_pool(sid)}: created, {limit} flow run(s) at once")
+    with temporary_settings({PREFECT_API_URL: site.prefect_api}), \
+            get_client(sync_client=True) as client:  # fmt: skip
+        from prefect.client.schemas.actions import WorkPoolUpdate
+        from prefect.exceptions import ObjectNotFound
+
+        try:  # the shared pool of before: its deployments now run on the start-ups' pools
+            old = client.read_work_pool("aif-site")
+        except ObjectNotFound:
+            old = None
+        if old is not None and not old.is_paused:
+            client.update_work_pool("aif-site", WorkPoolUpdate(is_paused=True))
+            progress(
+                "work pool aif-site (shared, before per-start-up pools): paused; "
+                "`aif deploy` moves its deployments to the start-ups' pools"
+            )
 
 
 def worker_env(site: Site) -> dict[str, str]:
@@ -214,22 +255,14 @@ def worker_env(site: Site) -> dict[str, str]:
     }
 
 
-def worker_ok(site: Site) -> bool:
-    """The site's worker is polling the work pool (Prefect shows it ONLINE)."""
-    import json
-    import urllib.request
+def worker_ok_for(startup: str) -> Callable[[Site], bool]:
+    def ok(site: Site) -> bool:
+        """The start-up's worker is polling its pool (Prefect shows it ONLINE)."""
+        from aifactory.tasks.control.worker import worker_online
 
-    req = urllib.request.Request(
-        f"{site.prefect_api}/work_pools/{WORK_POOL}/workers/filter", data=b"{}",
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=2.0) as r:
-            workers = json.loads(r.read())
-    except (OSError, ValueError):
-        return False
-    return any(w.get("name") == "aif-site-worker" and w.get("status") == "ONLINE"
-               for w in workers)  # fmt: skip
+        return worker_online(site.prefect_api, work_pool(startup), worker_name(startup))
+
+    return ok
 
 
 def mlflow_argv(site: Site) -> list[str]:

@@ -63,28 +63,33 @@ def worker_online(api_url: str, pool: str, name: str, timeout: float = 2.0) -> b
     return any(w.get("name") == name and w.get("status") == "ONLINE" for w in workers)
 
 
-def ensure_work_pool(api_url: str, pool: str) -> bool:
-    """Create the process work pool ``pool`` on ``api_url`` unless it exists; True if created.
-    (``prefect deploy`` refuses a deployment whose pool does not exist.)"""
+def ensure_work_pool(api_url: str, pool: str, concurrency_limit: int | None = None) -> bool:
+    """Create the process work pool ``pool`` on ``api_url`` unless it exists, with its
+    ``concurrency_limit`` (flow runs at once; None: none), also set on a pool that exists;
+    True if created. (``prefect deploy`` refuses a deployment whose pool does not exist.)"""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(pool)
-            return False
+            found = client.read_work_pool(pool)
         except ObjectNotFound:
-            pass
-        template = ProcessWorker.get_default_base_job_template()
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   base_job_template=template))  # fmt: skip
-        except ObjectAlreadyExists:  # created meanwhile (another deploy, the worker itself)
-            return False
-    return True
+            found = None
+        if found is None:
+            template = ProcessWorker.get_default_base_job_template()
+            try:
+                made = WorkPoolCreate(name=pool, type="process", base_job_template=template,
+                                      concurrency_limit=concurrency_limit)  # fmt: skip
+                client.create_work_pool(made)
+                return True
+            except ObjectAlreadyExists:  # created meanwhile (another deploy, the worker itself)
+                found = client.read_work_pool(pool)
+        if found.concurrency_limit != concurrency_limit:
+            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+    return False
 
 
 def _env(home_dir: str, api_url: str) -> dict[str, str]:

@@ -510,6 +510,13 @@ class PrefectSpec(_Model):
         "under home_dir) and reuses it",
     )
     managed_port: int = Field(default=4210, description="Port of the managed Prefect server")
+    work_pools: Literal["shared", "per-startup"] = Field(
+        default="shared",
+        description="shared: every deployment of the profile runs on the work pool "
+        "aif-<profile>; per-startup: each start-up's deployments run on a pool of its own, "
+        "aif-<profile>-<start-up>, limited to its startups.<id>.flow_runs at once (a site "
+        "runs one worker per pool)",
+    )
 
 
 class SlurmSpec(_Model):
@@ -580,6 +587,13 @@ class Startup(_Model):
         description="Unix user (and its group) that its Slurm jobs and Dask workers run as: "
         "a root orchestrator submits with sbatch --uid/--gid and hands the job's folders to "
         "it (mode 700). The site makes one per start-up; null: the submitting user",
+    )
+    flow_runs: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description="How many of its flow runs run at once: the concurrency limit of its own "
+        "work pool (prefect.work_pools: per-startup); more wait, Scheduled, in the pool",
     )
 
 

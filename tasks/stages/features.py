@@ -226,8 +226,10 @@ def _why_not_a_file(path: str) -> str:
             who = pwd.getpwuid(os.getuid()).pw_name
         except KeyError:
             who = f"uid {os.getuid()}"
-        return (f"{path} cannot be reached by user {who}: a folder above it is closed to it "
-                "(a start-up's jobs run as its own user: put the project where it can read)")
+        return (
+            f"{path} cannot be reached by user {who}: a folder above it is closed to it "
+            "(a start-up's jobs run as its own user: put the project where it can read)"
+        )
     except OSError:
         pass
     return f"no such file {path}"

@@ -65,7 +65,10 @@ def deployed(site_profile: Profile) -> Receiver:
     for _ in range(2):  # a redeploy must not duplicate deployments, runs or automations
         res = aif("deploy", "--profile", "site", env=env, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
-    want = "deployment startup-a-nightly: pool aif-site, schedule 0 2 * * * Europe/Brussels, "
+    want = (
+        "deployment startup-a-nightly: pool aif-site-startup-a, schedule 0 2 * * * "
+        "Europe/Brussels, "
+    )
     assert want + "concurrency 1" in res.stdout, res.stdout
     assert "aif-notify-failure" in res.stdout and "aif-notify-promotion" in res.stdout
     yield rec
@@ -99,7 +102,8 @@ def test_deployments_schedules_and_no_duplicate_ticks(site_profile: Profile,
         deps = {d.name: d for d in client.read_deployments()}
         assert {"startup-a-nightly", "startup-b-nightly"} <= set(deps)
         for name, d in deps.items():
-            assert d.work_pool_name == "aif-site"
+            if name in ("startup-a-nightly", "startup-b-nightly"):  # each start-up's own pool
+                assert d.work_pool_name == f"aif-site-{d.parameters['startup']}", d
             assert d.parameters["profile"] == "site" and d.parameters["promote"] is True
             sched = d.schedules[0].schedule
             assert getattr(sched, "timezone", None) == "Europe/Brussels", (name, sched)
@@ -273,7 +277,7 @@ def test_dead_worker_and_flow_process_are_marked_crashed(
     assert len(jobs) == 1, f"expected the run's training job: {jobs}"
     try:
         site = json.loads((Path(site_profile.runs_dir).parent / "site.json").read_text())
-        tree = _descendants(int(site["worker"]["pid"]))
+        tree = _descendants(int(site["worker-startup-a"]["pid"]))
         assert len(tree) > 1, "the worker has no flow-run process"
         for pid in tree:  # the worker first, then the flow run's processes
             os.kill(pid, signal.SIGKILL)
@@ -286,7 +290,7 @@ def test_dead_worker_and_flow_process_are_marked_crashed(
         assert deployed.wait_for(str(final.name), timeout=60)["subject"].endswith("Crashed")
 
         up = aif("site", "up")
-        assert up.returncode == 0 and "starting worker" in up.stdout, up.stdout
+        assert up.returncode == 0 and "starting worker-startup-a" in up.stdout, up.stdout
         from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
         from prefect.types._datetime import now
 
@@ -347,3 +351,45 @@ def test_operators_console_in_a_real_browser(site_profile: Profile, deployed: Re
     for shot in found["screenshots"].values():
         assert Path(shot).stat().st_size > 10_000, shot
     print(f"UI screenshots: {', '.join(str(p) for p in found['screenshots'].values())}")
+
+
+def test_each_startup_has_its_own_pool_worker_and_limit(site_profile: Profile,
+                                                        deployed: Receiver) -> None:  # fmt: skip
+    """Each start-up's deployments run on its own work pool, polled by its own worker, with
+    its own concurrency limit (startups.<id>.flow_runs): two runs of two deployments of
+    startup-c (limit 1) never run side by side, while nothing limits them per deployment."""
+    from prefect.client.schemas.objects import WorkerStatus
+
+    from tests.site.conftest import REPO
+
+    with prefect_client(site_profile) as client:
+        limits = {p.name: p.concurrency_limit for p in client.read_work_pools()
+                  if p.name.startswith("aif-site-")}  # fmt: skip
+        assert limits == {"aif-site-startup-a": 2, "aif-site-startup-b": 2,
+                          "aif-site-startup-c": 1}, limits  # fmt: skip
+        for pool in limits:
+            workers = client.read_workers_for_work_pool(pool)
+            assert [w.name for w in workers if w.status == WorkerStatus.ONLINE] == \
+                [f"aif-site-worker-{pool.removeprefix('aif-site-')}"], (pool, workers)  # fmt: skip
+        flow_id = client.create_flow_from_name("aif-pipeline")
+        pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        params = {"profile": "site", "startup": "startup-c",
+                  "project": "examples/health-readmission/aifactory.yaml"}  # fmt: skip
+        deps = [client.create_deployment(flow_id=flow_id, name=f"c-pool-limit-{i}",
+                                         entrypoint="flows/pipeline.py:pipeline",
+                                         work_pool_name="aif-site-startup-c",
+                                         parameters=params, pull_steps=pull)
+                for i in (1, 2)]  # fmt: skip
+    try:
+        runs = [_start(site_profile, f"aif-pipeline/c-pool-limit-{i}") for i in (1, 2)]
+        done = [_wait_final(site_profile, r.id, timeout=300) for r in runs]
+        # Both end (refused by admission: startup-c's declaration is not approved), one
+        # after the other: the pool's limit of 1 held the second back.
+        assert all(d.state.is_final() and d.start_time and d.end_time for d in done), done
+        first, second = sorted(done, key=lambda d: d.start_time)
+        assert second.start_time >= first.end_time, (first.start_time, first.end_time,
+                                                      second.start_time)  # fmt: skip
+    finally:
+        with prefect_client(site_profile) as client:
+            for dep in deps:
+                client.delete_deployment(dep)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from aifactory.deployments import deploy as dp
-from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.errors import AifError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +25,7 @@ def test_one_root_prefect_yaml_is_the_source_of_aif_deploy() -> None:
     assert dp.PREFECT_FILE == REPO / "prefect.yaml" and dp.PREFECT_FILE.exists()
     # one source: no second copy that could drift
     assert not (REPO / "deployments" / "prefect.yaml").exists()
-    assert dp.platform_deployments("site") == _root()
+    assert dp.platform_deployments("site", load_profile("site")) == _root()
 
 
 def test_the_root_file_works_from_the_repository_root() -> None:
@@ -48,11 +49,12 @@ def test_the_root_file_works_from_the_repository_root() -> None:
 
 @pytest.mark.parametrize("profile", ["local", "site"])
 def test_aif_deploy_and_the_root_file_agree_but_for_profile_and_pool(profile: str) -> None:
-    root, mine = _root(), dp.platform_deployments(profile)
+    root, mine = _root(), dp.platform_deployments(profile, load_profile(profile))
     assert [d["name"] for d in mine["deployments"]] == [d["name"] for d in root["deployments"]]
     for ours, theirs in zip(mine["deployments"], root["deployments"], strict=True):
         assert ours["parameters"]["profile"] == profile
-        assert ours["work_pool"] == {"name": f"aif-{profile}"}
+        own = f"-{ours['parameters']['startup']}" if profile == "site" else ""
+        assert ours["work_pool"] == {"name": f"aif-{profile}{own}"}  # the site: per start-up
         same = {k: v for k, v in ours.items() if k not in ("parameters", "work_pool")}
         assert same == {k: v for k, v in theirs.items() if k not in ("parameters", "work_pool")}
         rest = {k: v for k, v in ours["parameters"].items() if k != "profile"}
@@ -63,6 +65,14 @@ def test_aif_deploy_and_the_root_file_agree_but_for_profile_and_pool(profile: st
 
 def test_work_pool_and_profile_parameter_of_a_profile_file(tmp_path: Path) -> None:
     assert dp.work_pool_for("local") == "aif-local" and dp.work_pool_for("site") == "aif-site"
+    site = load_profile("site")
+    assert dp.work_pool_for("site", "startup-b", site) == "aif-site-startup-b"
+    assert dp.work_pool_for("site", None, site) == "aif-site-startup-a"  # default_startup
+    assert dp.work_pools("site", site) == {"aif-site-startup-a": 2, "aif-site-startup-b": 2,
+                                           "aif-site-startup-c": 1}  # fmt: skip
+    assert dp.work_pools("local", load_profile("local")) == {"aif-local": None}
+    with pytest.raises(ConfigError, match="startup-z"):
+        dp.work_pool_for("site", "startup-z", site)  # not a start-up of the site
     f = tmp_path / "mine.yaml"
     assert dp.work_pool_for(str(f)) == "aif-mine"
     (d, *_) = dp.platform_deployments(str(f))["deployments"]
@@ -74,7 +84,7 @@ def test_deploy_all_deploys_with_the_chosen_profile(monkeypatch: pytest.MonkeyPa
     which a local server does not have (issue 16)."""
     from aifactory.tasks.control import worker
 
-    pools: list[tuple[str, str]] = []
+    pools: list[tuple[str, str, int | None]] = []
     seen: dict[str, Any] = {}
 
     def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -83,16 +93,22 @@ def test_deploy_all_deploys_with_the_chosen_profile(monkeypatch: pytest.MonkeyPa
                     data=yaml.safe_load(Path(cmd[i + 1]).read_text()))  # fmt: skip
         return subprocess.CompletedProcess(cmd, 0, "deployed", "")
 
-    monkeypatch.setattr(worker, "ensure_work_pool", lambda url, pool: pools.append((url, pool)))
+    monkeypatch.setattr(
+        worker, "ensure_work_pool", lambda url, pool, limit=None: pools.append((url, pool, limit))
+    )
     monkeypatch.setattr(dp.subprocess, "run", run)
     url = "http://127.0.0.1:4299/api"
     assert dp.deploy_all(url, lambda s: None, profile="local") == "deployed"
-    assert pools == [(url, "aif-local")]  # the pool exists before prefect deploy needs it
+    assert pools == [(url, "aif-local", None)]  # the pool exists before prefect deploy needs it
     assert seen["cwd"] == dp.REPO and seen["cmd"][-4:-2] == ["deploy", "--all"]
     assert seen["env"]["PREFECT_API_URL"] == url
-    assert seen["data"] == dp.platform_deployments("local")
+    assert seen["data"] == dp.platform_deployments("local", load_profile("local"))
+    pools.clear()
     dp.deploy_all(url, lambda s: None)  # the site: the root file itself
     assert seen["cmd"][-1] == str(dp.PREFECT_FILE)
+    # each start-up's own pool, with its limit, before its deployments need it
+    assert pools == [(url, "aif-site-startup-a", 2), (url, "aif-site-startup-b", 2),
+                     (url, "aif-site-startup-c", 1)]  # fmt: skip
 
 
 def test_a_failed_deploy_says_prefects_whole_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,7 +118,7 @@ def test_a_failed_deploy_says_prefects_whole_error(monkeypatch: pytest.MonkeyPat
            "configuration references work pool\n'aif-x' which does not exist. This means no "
            "worker will be able to pick up its\nruns. You can create a work pool in the "
            "Prefect UI.\n")  # fmt: skip
-    monkeypatch.setattr(worker, "ensure_work_pool", lambda url, pool: False)
+    monkeypatch.setattr(worker, "ensure_work_pool", lambda url, pool, limit=None: False)
     monkeypatch.setattr(dp.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", out))  # fmt: skip
     with pytest.raises(AifError) as err:
@@ -138,7 +154,12 @@ def test_a_projects_deployment_uses_the_chosen_profile_and_its_pool(
             made.update(kw)
 
     monkeypatch.setattr(orchestration, "get_client", lambda **kw: Client())
-    monkeypatch.setattr(worker, "ensure_work_pool", lambda url, pool: pools.append(pool))
+    limits: list[int | None] = []
+    monkeypatch.setattr(
+        worker,
+        "ensure_work_pool",
+        lambda url, pool, limit=None: (pools.append(pool), limits.append(limit)),
+    )
     src = {"repository": "https://example.org/b.git", "commit": "0" * 40,
            "project": "aifactory.yaml"}  # fmt: skip
     project = REPO / "examples" / "agriculture-yield" / "aifactory.yaml"
@@ -148,4 +169,6 @@ def test_a_projects_deployment_uses_the_chosen_profile_and_its_pool(
     assert pools == ["aif-local"] and made["work_pool_name"] == "aif-local"
     assert made["parameters"]["profile"] == "local"
     dp.deploy_project(project, url, src=src)  # default: the project's deploy.profile (site)
-    assert pools[-1] == "aif-site" and made["parameters"]["profile"] == "site"
+    # B's project on the site: B's own pool, with B's limit (startups.startup-b.flow_runs)
+    assert pools[-1] == "aif-site-startup-b" and made["parameters"]["profile"] == "site"
+    assert made["work_pool_name"] == "aif-site-startup-b" and limits == [None, 2]

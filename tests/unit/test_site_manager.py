@@ -23,7 +23,8 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
                       (sp, "unlink_default_munge_socket"), (sp, "ensure_accounts"),
                       (sp, "ensure_budget_limits"),
                       (services, "ensure_buckets"), (services, "seed_dataspace"),
-                      (services, "ensure_crash_detector"), (manager, "_s3_setup"),
+                      (services, "ensure_crash_detector"), (services, "ensure_work_pools"),
+                      (manager, "_s3_setup"),
                       (manager, "_startup_users")]:  # fmt: skip
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
     parts = [
@@ -140,3 +141,23 @@ def test_a_site_folder_with_a_space_is_reached_through_a_link_without_one(tmp_pa
     plain = tmp_path / "plain" / "site"
     assert manager.site_root(plain) == plain.resolve()
     root.unlink()
+
+
+def test_a_retired_part_is_stopped_by_up_and_down(tmp_path: Path, fake_parts: list[manager.Part],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The shared worker of earlier versions (part ``worker``, now one per start-up): a
+    site that still runs it gets it stopped, not orphaned, by the next ``up``."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    monkeypatch.setattr(manager, "RETIRED", {"old": "aif-site-test-daemon"})
+    rec = procs.start("old", SLEEPER, site_dir / "old.log")
+    (site_dir / "site.json").write_text(json.dumps({"old": rec}))
+    msgs: list[str] = []
+    try:
+        manager.up(site_dir, progress=msgs.append)
+        assert f"stopped old (pid {rec['pid']}): no longer a part of the site" in msgs
+        assert not procs.owns(rec)
+        assert "old" not in json.loads((site_dir / "site.json").read_text())
+    finally:
+        manager.down(site_dir, progress=msgs.append)
+        procs.stop(rec, "aif-site-test-daemon")
