@@ -172,3 +172,16 @@ def test_a_projects_deployment_uses_the_chosen_profile_and_its_pool(
     # B's project on the site: B's own pool, with B's limit (startups.startup-b.flow_runs)
     assert pools[-1] == "aif-site-startup-b" and made["parameters"]["profile"] == "site"
     assert made["work_pool_name"] == "aif-site-startup-b" and limits == [None, 2]
+
+
+def test_per_startup_pools_need_the_sites_workers() -> None:
+    """A managed Prefect server runs one local worker: per-start-up pools there would leave
+    every start-up but one without a worker, so it is refused in one line."""
+    from types import SimpleNamespace
+
+    from aifactory.tasks import cli
+
+    cfg = SimpleNamespace(prefect=SimpleNamespace(api_url="managed", work_pools="per-startup"),
+                          home_dir="/nonexistent")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"per-startup needs one worker per start-up's pool"):
+        cli._local_worker(cfg, "http://127.0.0.1:4299/api", "mine")

@@ -143,8 +143,9 @@ def test_a_site_folder_with_a_space_is_reached_through_a_link_without_one(tmp_pa
     root.unlink()
 
 
-def test_a_retired_part_is_stopped_by_up_and_down(tmp_path: Path, fake_parts: list[manager.Part],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_retired_part_is_stopped_by_up_and_down(
+    tmp_path: Path, fake_parts: list[manager.Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The shared worker of earlier versions (part ``worker``, now one per start-up): a
     site that still runs it gets it stopped, not orphaned, by the next ``up``."""
     site_dir = tmp_path / "site"
