@@ -13,6 +13,7 @@ folder sits in one that only root can write (runs/train, runs/sweeps, ...).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -153,3 +154,72 @@ def _copy_fd(fd: int, dest: Path) -> None:
 
     with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
         shutil.copyfileobj(src, out, 2**20)
+
+
+def _open_dirs(parts: list[str], under: str | os.PathLike[str], create: bool) -> int:
+    """A descriptor of the folder ``under/parts...``, each step opened by descriptor without
+    following a link (and made when ``create``); JobFileError when a step is a link."""
+    fd = os.open(under, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)  # fmt: skip
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refused(os.path.join(os.fspath(under), *parts),
+                                   "is reached through a symbolic link") from None  # fmt: skip
+                raise
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_job_file(path: str | os.PathLike[str], data: bytes,
+                   under: str | os.PathLike[str]) -> None:  # fmt: skip
+    """Write ``data`` to ``path`` in a job's folder ``under`` (which the job's user owns) as
+    root safely: its folders are made and opened by descriptor without following a link,
+    the file is a new one of a random name (never opened through a link), then renamed into
+    place (a link at ``path`` is replaced, not followed). Readers see all of it or none."""
+    import uuid
+
+    rel = Path(path).relative_to(under)
+    fd = _open_dirs(list(rel.parts[:-1]), under, create=True)
+    try:
+        tmp = f".aif-tmp-{uuid.uuid4().hex}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o644, dir_fd=fd)  # fmt: skip
+        try:
+            with os.fdopen(out, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, rel.name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_job_folder(staged: str | os.PathLike[str], name: str,
+                       under: str | os.PathLike[str]) -> None:  # fmt: skip
+    """Move the folder ``staged`` (in a folder only root writes) to ``under/name`` in one
+    rename by descriptor: whatever the job put at that name (a link, an empty folder) is
+    replaced, never followed."""
+    fd = os.open(under, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.rename(staged, name, dst_dir_fd=fd)
+        except NotADirectoryError:  # a link or a file there: removed itself, never followed
+            os.unlink(name, dir_fd=fd)
+            os.rename(staged, name, dst_dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import TrainingSpec
 from aifactory.tasks.core.errors import ConfigError, TrainingError
-from aifactory.tasks.core.jobfiles import read_job_text
+from aifactory.tasks.core.jobfiles import read_job_text, write_job_file
 from aifactory.tasks.core.manifests import FeatureSet
 from aifactory.tasks.core.provenance import key_of
 from aifactory.tasks.doors.lake import write_text_local
@@ -134,8 +134,10 @@ def run_sweep(
     if spec.script:
         copy_project_code(spec.script, sweep_dir)
     for i, t in enumerate(trials):
-        write_text_local(sweep_dir / f"trial-{i:04d}" / "config.json",
-                         json.dumps({**base, **t}, indent=2, sort_keys=True))  # fmt: skip
+        # The sweep's folder is the start-up's once its jobs ran: never through its links.
+        write_job_file(sweep_dir / f"trial-{i:04d}" / "config.json",
+                       json.dumps({**base, **t}, indent=2, sort_keys=True).encode(),
+                       under=sweep_dir)  # fmt: skip
     job_name = f"aif-sweep-{sweep_key}"
     script = render_array(spec, account=account, job_name=job_name, sweep_key=sweep_key,
                           sweep_dir=str(sweep_dir), featureset_path=str(fs_path),

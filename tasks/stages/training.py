@@ -17,6 +17,7 @@ import shlex
 import shutil
 import string
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 
 from aifactory.tasks.core.config import TrainingSpec
 from aifactory.tasks.core.errors import ConfigError, TrainingError
-from aifactory.tasks.core.jobfiles import read_job_bytes, read_job_text
+from aifactory.tasks.core.jobfiles import read_job_bytes, read_job_text, replace_job_folder
 from aifactory.tasks.core.manifests import FeatureSet, TrainedModel
 from aifactory.tasks.core.provenance import environment_hash, now_iso
 from aifactory.tasks.doors.lake import write_text_local
@@ -241,21 +242,34 @@ def project_code_hash(script: str) -> str:
 
 def copy_project_code(script: str, run_dir: Path) -> Path:
     """The code the job runs: a copy in ``<run_dir>/code`` made once per run key (its hash
-    is in the key), so edits to the project while the job queues do not reach it."""
+    is in the key), so edits to the project while the job queues do not reach it. Built in
+    a folder only root writes (beside the run's), then renamed into the run's folder,
+    which the start-up's user owns once a job ran: a link it planted there is replaced,
+    never written through."""
     dest = run_dir / CODE_DIR
     if dest.is_dir():
         return dest
     root = Path(script).resolve().parent
-    tmp = run_dir / f".{CODE_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for p in project_files(script):
-        target = tmp / p.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Read without following a link anywhere below the project's folder: a file swapped
-        # for a link after project_files() looked is refused, not copied.
-        target.write_bytes(read_job_bytes(p, CODE_MAX_BYTES + 1, under=root))
-        shutil.copystat(p, target, follow_symlinks=False)
-    os.replace(tmp, dest)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".aif-stage-", dir=run_dir.parent))
+    try:
+        tmp = stage / CODE_DIR
+        tmp.mkdir()
+        for p in project_files(script):
+            target = tmp / p.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Read without following a link anywhere below the project's folder: a file
+            # swapped for a link after project_files() looked is refused, not copied.
+            target.write_bytes(read_job_bytes(p, CODE_MAX_BYTES + 1, under=root))
+            shutil.copystat(p, target, follow_symlinks=False)
+        tmp.chmod(0o755)
+        try:
+            replace_job_folder(tmp, CODE_DIR, run_dir)
+        except OSError:
+            if not dest.is_dir():  # not a concurrent copy of the same run that got there first
+                raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return dest
 
 

@@ -117,3 +117,39 @@ def test_a_link_in_a_project_is_refused_before_root_copies_it(tmp_path: Path) ->
     assert not (tmp_path / "run2" / "code").exists()
     (proj / "keys.json").unlink()
     assert project_code_hash(str(proj / "train.py")) == h
+
+
+def test_root_never_writes_through_a_link_the_job_planted(tmp_path: Path) -> None:
+    """A start-up owns its run's folder once a job ran: root's later writes there (a rerun's
+    code copy, a sweep's trial configs) must not follow a link it planted. Before, a rerun
+    copied the project through ``<run>/.code.tmp-<pid>`` and wrote trial configs through a
+    ``trial-0000`` link: root wrote the start-up's files anywhere."""
+    from aifactory.tasks.core.jobfiles import write_job_file
+    from aifactory.tasks.stages.training import copy_project_code
+
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    sweep = tmp_path / "runs" / "sweeps" / "k"
+    sweep.mkdir(parents=True)
+    write_job_file(sweep / "trial-0000" / "config.json", b"{}", under=sweep)
+    assert (sweep / "trial-0000" / "config.json").read_bytes() == b"{}"
+    os.symlink(elsewhere, sweep / "trial-0001")
+    with pytest.raises(JobFileError, match="through a symbolic link"):
+        write_job_file(sweep / "trial-0001" / "config.json", b"{}", under=sweep)
+    os.symlink(elsewhere / "target", sweep / "trial-0000" / "x.json")
+    write_job_file(sweep / "trial-0000" / "x.json", b"1", under=sweep)  # the link replaced
+    assert not (sweep / "trial-0000" / "x.json").is_symlink()
+    assert list(elsewhere.iterdir()) == []
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "train.py").write_text("print('evil')\n")
+    run = tmp_path / "runs" / "train" / "k"
+    run.mkdir(parents=True)
+    for pid in range(os.getpid() - 5, os.getpid() + 5):  # the old staging names
+        os.symlink(elsewhere, run / f".code.tmp-{pid}")
+    os.symlink(elsewhere / "code", run / "code")  # a dangling link where the copy goes
+    dest = copy_project_code(str(proj / "train.py"), run)
+    assert (dest / "train.py").read_text() == "print('evil')\n" and not dest.is_symlink()
+    assert list(elsewhere.iterdir()) == []
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".aif-stage-")]
