@@ -39,9 +39,11 @@ def test_deployments_run_on_the_local_profile(
     monkeypatch.setenv("AIF_HOME", str(home))
     url = ps.ensure_managed_server(str(home), PORT, lambda s: None)
     try:
-        # `prefect deploy --all` by hand at the root: the site's deployments (its pool exists
-        # on a site; here it is made first), the pull step set to this checkout.
-        wk.ensure_work_pool(url, "aif-site")
+        # `prefect deploy --all` by hand at the root: the site's deployments, each on its
+        # start-up's own pool (they exist on a site; here they are made first), the pull
+        # step set to this checkout.
+        for sid in ("startup-a", "startup-b"):
+            wk.ensure_work_pool(url, f"aif-site-{sid}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_API_URL=url, PREFECT_HOME=str(tmp_path / "prefect-cli"))
         prefect = str(Path(sys.executable).with_name("prefect"))
@@ -51,7 +53,8 @@ def test_deployments_run_on_the_local_profile(
         deps = _deployments(url)
         assert sorted(deps) == ["startup-a-nightly", "startup-b-nightly"]
         for d in deps.values():
-            assert d.work_pool_name == "aif-site" and d.parameters["profile"] == "site"
+            assert d.parameters["profile"] == "site"
+            assert d.work_pool_name == f"aif-site-{d.parameters['startup']}"
             assert d.entrypoint == "flows/pipeline.py:pipeline"
             assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                      {"directory": str(REPO)}}]  # fmt: skip
