@@ -40,32 +40,32 @@ def open_job_file(path: str | os.PathLike[str], under: str | os.PathLike[str] | 
     between ``under`` and it either, each opened by descriptor. FileNotFoundError when it
     is absent; JobFileError when it is a link or not a regular file (a FIFO would block the
     flow, a device would read forever)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    parts = [os.fspath(path)]
-    if under is not None:
-        parts = list(Path(path).relative_to(under).parts)
-    dir_fd = os.open(under, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if under else None
+    link = "is reached through a symbolic link"
+    if under is None:
+        return _open_regular(os.fspath(path), None, path, link)
+    rel = Path(path).relative_to(under)
+    dir_fd = _open_dirs(list(rel.parts[:-1]), under, create=False, shown=path)
     try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            try:
-                fd = os.open(part, flags | (0 if last else os.O_DIRECTORY), dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _refused(path, "is reached through a symbolic link") from None
-                raise
-            if dir_fd is not None:
-                os.close(dir_fd)
-            dir_fd = fd
-    except BaseException:
-        if dir_fd is not None:
-            os.close(dir_fd)
-        raise
-    assert dir_fd is not None
-    if not stat.S_ISREG(os.fstat(dir_fd).st_mode):
+        return _open_regular(rel.name, dir_fd, path, link)
+    finally:
         os.close(dir_fd)
-        raise _refused(path, "is not a regular file")
-    return dir_fd
+
+
+def _open_regular(name: str, dir_fd: int | None, shown: str | os.PathLike[str],
+                  link: str) -> int:  # fmt: skip
+    """A read-only descriptor of the regular file ``name`` (in ``dir_fd``), never through a
+    link (JobFileError ``link``) and never of anything but a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)  # fmt: skip
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refused(shown, link) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refused(shown, "is not a regular file")
+    return fd
 
 
 def read_job_bytes(path: str | os.PathLike[str], limit: int = READ_LIMIT, offset: int = 0,
@@ -133,17 +133,7 @@ def copy_job_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
                 raise _refused(os.path.join(root, name), "is a symbolic link")
             (out / rel / name).mkdir(exist_ok=True)
         for name in files:
-            where = os.path.join(root, name)
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=rootfd)  # fmt: skip
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise _refused(where, "is a symbolic link") from None
-                raise
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise _refused(where, "is not a regular file")
+            fd = _open_regular(name, rootfd, os.path.join(root, name), "is a symbolic link")
             _copy_fd(fd, out / rel / name)
     return out
 
@@ -156,9 +146,11 @@ def _copy_fd(fd: int, dest: Path) -> None:
         shutil.copyfileobj(src, out, 2**20)
 
 
-def _open_dirs(parts: list[str], under: str | os.PathLike[str], create: bool) -> int:
+def _open_dirs(parts: list[str], under: str | os.PathLike[str], create: bool,
+               shown: str | os.PathLike[str] | None = None) -> int:  # fmt: skip
     """A descriptor of the folder ``under/parts...``, each step opened by descriptor without
-    following a link (and made when ``create``); JobFileError when a step is a link."""
+    following a link (and made when ``create``); JobFileError (naming ``shown``, by default
+    that folder) when a step is a link."""
     fd = os.open(under, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in parts:
@@ -170,7 +162,7 @@ def _open_dirs(parts: list[str], under: str | os.PathLike[str], create: bool) ->
                               dir_fd=fd)  # fmt: skip
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _refused(os.path.join(os.fspath(under), *parts),
+                    raise _refused(shown or os.path.join(os.fspath(under), *parts),
                                    "is reached through a symbolic link") from None  # fmt: skip
                 raise
             os.close(fd)

@@ -78,17 +78,17 @@ def artifact_sha256(flavour: str, run_dir: str | Path) -> str:
     from aifactory.tasks.core.jobfiles import check_job_tree
 
     path = model_path(flavour, run_dir)
-    check_job_tree(path)  # the job's model: never read through a link it planted
     if flavour == "pytorch":
         import torch
 
+        check_job_tree(path)  # the job's model: never read through a link it planted
         state = torch.load(path, map_location="cpu", weights_only=True)
         h = hashlib.sha256()
         for name, tensor in sorted(state.items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-    return tree_sha256(path)
+    return tree_sha256(path)  # which checks the tree the same way
 
 
 def load_trained(flavour: str, run_dir: str | Path, ref: str | None, source_dir: str | Path,
