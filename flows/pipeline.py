@@ -104,7 +104,8 @@ def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str
 
         decision = decide(cfg.mlflow.tracking_uri, cfg.mlflow.model_name, version=mv.version,
                           spec=cfg.promotion, approved=cfg.declaration_approved,
-                          risk_class=cfg.risk_class)  # fmt: skip
+                          risk_class=cfg.risk_class, acting=cfg.registry_for(sid),
+                          reading=cfg.as_operator().mlflow)  # fmt: skip
         print(f"promotion: version {decision.candidate} "
               f"{'promoted to champion' if decision.promoted else 'not promoted'} "
               f"({decision.reason})", flush=True)  # fmt: skip

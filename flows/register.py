@@ -17,7 +17,7 @@ from aifactory.tasks.core.config import load_profile
 from aifactory.tasks.core.jobfiles import read_job_text
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
 from aifactory.tasks.core.provenance import git_info, now_iso
-from aifactory.tasks.doors.registry import register_model, version_markdown
+from aifactory.tasks.doors.registry import register_model, registry_identity, version_markdown
 from aifactory.tasks.doors.runtime import artifact_markdown, flow_run_id, md_table, stage_logger
 from aifactory.tasks.models.modelcard import (
     model_card,
@@ -82,24 +82,26 @@ def register_task(
         artifact_markdown("training-data-summary", summary, f"Training data of {name} v{version}")
         return docs
 
-    return register_model(
-        trained,
-        fset,
-        snap,
-        tracking_uri=cfg.mlflow.tracking_uri,
-        model_name=name,
-        experiment=cfg.mlflow.experiment,
-        artifact_location=cfg.mlflow.artifact_location,
-        lineage=lineage,
-        feature_config=fset.feature_config,
-        log=say,
-        documents=documents,
-        extra_artifacts={"lineage/config.json": cfg.public_dict()},
-        flavour=cfg.mlflow.flavour,
-        model_ref=cfg.mlflow.model_class or cfg.mlflow.python_model,
-        source_dir=str(Path(cfg.training.script).parent) if cfg.training.script else None,
-        run_as=st.user,
-    )
+    # The start-up's own registry user, on a site whose MLflow checks permissions.
+    with registry_identity(cfg.mlflow):
+        return register_model(
+            trained,
+            fset,
+            snap,
+            tracking_uri=cfg.mlflow.tracking_uri,
+            model_name=name,
+            experiment=cfg.mlflow.run_experiment,
+            artifact_location=cfg.mlflow.artifact_location,
+            lineage=lineage,
+            feature_config=fset.feature_config,
+            log=say,
+            documents=documents,
+            extra_artifacts={"lineage/config.json": cfg.public_dict()},
+            flavour=cfg.mlflow.flavour,
+            model_ref=cfg.mlflow.model_class or cfg.mlflow.python_model,
+            source_dir=str(Path(cfg.training.script).parent) if cfg.training.script else None,
+            run_as=st.user,
+        )
 
 
 @flow(name="register", log_prints=False)

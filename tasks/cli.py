@@ -1016,7 +1016,9 @@ def model_promote(
     )
     _use_prefect(cfg, _verbose(verbose))  # the promotion event goes to the profile's Prefect
     d = promote(uri, name, version=version, spec=spec, approved=cfg.declaration_approved,
-                risk_class=cfg.risk_class, approved_by=approved_by)  # fmt: skip
+                risk_class=cfg.risk_class, approved_by=approved_by,
+                acting=cfg.registry_for(cfg.default_startup),
+                reading=cfg.as_operator().mlflow)  # fmt: skip
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
     for what, ok, detail in d.checks:
@@ -1032,7 +1034,8 @@ def model_rollback(profile: ProfileOpt = None, project: ProjectOpt = None,
 
     _verbose(verbose)
     cfg = _Inputs(project).load(profile)
-    old, new = rollback(cfg.mlflow.tracking_uri, cfg.mlflow.model_name)
+    old, new = rollback(cfg.mlflow.tracking_uri, cfg.mlflow.model_name,
+                        cfg.registry_for(cfg.default_startup))  # fmt: skip
     print(f"champion: {cfg.mlflow.model_name} version {old} -> {new}")
     return 0
 

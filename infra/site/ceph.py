@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory.infra.site import procs
-from aifactory.infra.site.layout import ACCOUNTS, TEMPLATES, Site
+from aifactory.infra.site.layout import ACCOUNTS, TEMPLATES, Site, kept_secret, private_file
 from aifactory.tasks.core.errors import SiteError
 
 PLATFORM_USER = "aif-platform"
@@ -50,25 +50,6 @@ def keys_dir(site: Site) -> Path:
     return site.root / "secrets" / "s3"
 
 
-def _private_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (no window with a wider mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
-
-
-def _kept(path: Path, make: Callable[[], str]) -> str:
-    """A value made once and kept in ``path`` (the cluster's fsid, the STS key)."""
-    if not path.exists():
-        _private_file(path, make())
-    return path.read_text().strip()
-
-
 def render(site: Site) -> None:
     """Folders and ceph.conf (from infra/templates/ceph.conf)."""
     d = ceph_dir(site)
@@ -77,14 +58,14 @@ def render(site: Site) -> None:
     os.chmod(d / "keys", 0o700)
     alphabet = string.ascii_letters + string.digits
     values = {
-        "fsid": _kept(d / "fsid", lambda: str(uuid.uuid4())),
-        "sts_key": _kept(d / "keys" / "sts.key",
+        "fsid": kept_secret(d / "fsid", lambda: str(uuid.uuid4())),
+        "sts_key": kept_secret(d / "keys" / "sts.key",
                          lambda: "".join(secrets.choice(alphabet) for _ in range(16))),
         "dir": d, "mon_port": site.mon_port, "s3_port": site.s3_port,
         "block_bytes": BLOCK_BYTES,
     }  # fmt: skip
     text = string.Template((TEMPLATES / "ceph.conf").read_text()).substitute(values)
-    _private_file(conf_path(site), text)  # it names the STS key's value
+    private_file(conf_path(site), text)  # it names the STS key's value
 
 
 def ceph(site: Site, *args: str, timeout: float = 30, check: bool = True) -> str:
@@ -152,7 +133,7 @@ def osd_argv(site: Site) -> list[str]:
     """The OSD, made on first use (its id in the cluster, its key, BlueStore's mkfs)."""
     d = ceph_dir(site) / "osd"
     if not (d / "mkfs_done").exists():
-        osd_uuid = _kept(ceph_dir(site) / "osd.uuid", lambda: str(uuid.uuid4()))
+        osd_uuid = kept_secret(ceph_dir(site) / "osd.uuid", lambda: str(uuid.uuid4()))
         got = ceph(site, "osd", "new", osd_uuid).strip()
         if got != "0":
             raise SiteError(f"site part ceph-osd: the monitor gave OSD id {got!r}, expected 0")
@@ -177,7 +158,7 @@ def rgw_argv(site: Site) -> list[str]:
     key = _keyring(site, RGW_NAME)
     if not key.exists():
         out = ceph(site, "auth", "get-or-create", RGW_NAME, "mon", "allow rw", "osd", "allow rwx")
-        _private_file(key, out)
+        private_file(key, out)
     return ["radosgw", "-c", str(conf_path(site)), "-f", "-n", RGW_NAME]
 
 
@@ -227,7 +208,7 @@ def startup_key(site: Site, sid: str) -> dict[str, str]:
         key = {"user": sid,
                "access_key": "AIF" + "".join(secrets.choice(alphabet) for _ in range(17)),
                "secret_key": secrets.token_urlsafe(30)}  # fmt: skip
-        _private_file(path, json.dumps(key, indent=1))
+        private_file(path, json.dumps(key, indent=1))
     return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
 
 

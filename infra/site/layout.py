@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,26 @@ class Site:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(16))
         return path.read_text().strip()
+
+
+def private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (no window with a wider mode;
+    its folder is closed to others too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """A value made once and kept in ``path`` (a password, the cluster's fsid, a key)."""
+    if not path.exists():
+        private_file(path, make())
+    return path.read_text().strip()
 
 
 def host() -> str:

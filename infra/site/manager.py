@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aifactory.infra.site import ceph, procs, services
+from aifactory.infra.site import ceph, mlflow_auth, procs, services
 from aifactory.infra.site import slurm_parts as sp
 from aifactory.infra.site.layout import ACCOUNTS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
@@ -280,9 +280,11 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     sp.link_default_munge_socket(site)
     _startup_users(site, progress)
     sp.ensure_accounts(site)
+    sp.reload_users(site)  # the new users' uids, for their associations
     sp.ensure_budget_limits(site)
     _s3_setup(site, progress)
     services.seed_dataspace(site, progress)
+    services.ensure_registry_access(site, progress)
     services.ensure_crash_detector(site, progress)
     services.ensure_work_pools(site, progress)
 
@@ -330,6 +332,9 @@ def env_lines(site_dir: Path) -> list[str]:
         "SLURM_CONF": str(site.slurm_conf),
         "PREFECT_API_URL": site.prefect_api,
         "MLFLOW_TRACKING_URI": site.mlflow_url,
+        # The operators' registry user: reads every start-up's experiments and models.
+        "MLFLOW_TRACKING_USERNAME": mlflow_auth.OPERATOR,
+        "MLFLOW_TRACKING_PASSWORD": mlflow_auth.password(site, mlflow_auth.OPERATOR),
         "AWS_ENDPOINT_URL": site.s3_url,
         "MLFLOW_S3_ENDPOINT_URL": site.s3_url,
         "AWS_ACCESS_KEY_ID": S3_KEY,

@@ -201,6 +201,17 @@ def http_ok(url: str, expect: bytes | None = None, timeout: float = 2.0) -> bool
         return False
 
 
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET of ``url`` (an error status included); None if no answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def wait_until(
     name: str, check: Callable[[], bool], pid: int | None, log_path: Path, timeout: float,
 ) -> None:  # fmt: skip

@@ -266,21 +266,39 @@ def worker_ok_for(startup: str) -> Callable[[Site], bool]:
 
 
 def mlflow_argv(site: Site) -> list[str]:
+    """The tracking server with MLflow's permissions on (infra/site/mlflow_auth.py)."""
     d = site.root / "mlflow"
     d.mkdir(parents=True, exist_ok=True)
-    return [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+    return [_bin("mlflow"), "server", "--app-name", "basic-auth",
+            "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
             "--artifacts-destination", "s3://aif-mlflow/artifacts", "--serve-artifacts",
             "--host", "127.0.0.1", "--port", str(site.mlflow_port), "--workers", "1"]  # fmt: skip
 
 
 def mlflow_env(site: Site) -> dict[str, str]:
+    from aifactory.infra.site import mlflow_auth
+
     # The job runner (8 huey worker processes, ~250 MB each) serves GenAI features the
     # registry does not use; on a 2-core site it costs ~2 GB and slows start-up.
-    return {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **mlflow_auth.server_env(site)}  # fmt: skip
 
 
 def mlflow_ok(site: Site) -> bool:
-    return procs.http_ok(f"{site.mlflow_url}/health")
+    """Serving, and with its permissions on: an anonymous call is refused (401). A server
+    of an earlier site, without them, is not healthy, so ``up`` restarts it with them."""
+    if not procs.http_ok(f"{site.mlflow_url}/health"):
+        return False
+    return procs.http_status(f"{site.mlflow_url}/api/2.0/mlflow/users/current") == 401
+
+
+def ensure_registry_access(site: Site, progress: Callable[[str], None]) -> None:
+    """The registry's users, the operators' role and the start-ups' own experiments
+    (infra/site/mlflow_auth.py), named after the site profile's mlflow.experiment."""
+    from aifactory.infra.site import mlflow_auth
+    from aifactory.infra.site.slurm_parts import site_profile_as_written
+
+    mlflow_auth.ensure_access(site, site_profile_as_written().mlflow.experiment, progress)
 
 
 def ensure_crash_detector(site: Site, progress: Callable[[str], None]) -> None:

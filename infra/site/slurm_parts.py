@@ -190,6 +190,18 @@ def sacctmgr(site: Site, *args: str) -> str:
     return text
 
 
+def reload_users(site: Site) -> None:
+    """slurmctld maps each association's user to a uid when it loads it: an association
+    added before its Unix user existed (a fresh site) stays without one, and the user's
+    jobs are refused ("Invalid account or account/partition combination") until slurmctld
+    re-reads them. `scontrol reconfigure` does (it keeps running jobs); every `up` runs it
+    once the users and accounts are in place."""
+    proc = procs.run(["scontrol", "reconfigure"], env=site.slurm_env(), check=False)
+    if proc.returncode != 0:
+        raise SiteError("site part slurmctld: `scontrol reconfigure` failed: "
+                        f"{(proc.stdout + proc.stderr).strip()[:300]}")  # fmt: skip
+
+
 def ensure_cluster(site: Site) -> None:
     sacctmgr(site, "add", "cluster", CLUSTER)
 

@@ -30,13 +30,13 @@ MAX_REASON = 500
 
 # What a refusal is called in the trail: the rule, or the component that refused.
 _REFUSALS = {"AdmissionError": "admission", "PolicyError": "usage-policy",
-             "TenancyError": "isolation"}  # fmt: skip
+             "TenancyError": "isolation", "RegistryRefused": "registry"}  # fmt: skip
 _DENIED = ("access denied", "accessdenied", "forbidden")
 
 
 def refusal_of(exc: BaseException) -> str | None:
-    """The kind of refusal ``exc`` is (admission, usage-policy, isolation, object-store),
-    or None when it is another failure."""
+    """The kind of refusal ``exc`` is (admission, usage-policy, isolation, registry,
+    object-store), or None when it is another failure."""
     name = type(exc).__name__
     if name in _REFUSALS or isinstance(exc, TenancyError):
         return _REFUSALS.get(name, "isolation")

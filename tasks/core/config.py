@@ -433,7 +433,11 @@ class MlflowSpec(_Model):
     artifact_location: str | None = Field(
         default=None, description="Artifact root of the experiment (for a local store)"
     )
-    experiment: str = Field(default="aifactory", description="Experiment name")
+    experiment: str = Field(
+        default="aifactory",
+        description="Experiment name (with tenant_credentials, each start-up's runs go to "
+        "<experiment>-<start-up>, an experiment of its own)",
+    )
     model_name: str = Field(default="mobility-trip-duration", description="Registered model")
     flavour: Literal["tabular", "pytorch", "sklearn", "pyfunc"] = Field(
         default="tabular",
@@ -452,6 +456,36 @@ class MlflowSpec(_Model):
         description="Flavour pyfunc: FILE.py:CLASS or module:CLASS, an "
         "mlflow.pyfunc.PythonModel loading the run's outputs",
     )
+
+    tenant_credentials: str | None = Field(
+        default=None,
+        description="Folder of the registry users' passwords (<user>.secret, written by `aif "
+        "site up`, readable by the orchestrator only). When set, the tracking server checks "
+        "permissions (MLflow's basic-auth app): a run of start-up X acts as MLflow user X, "
+        "in X's own experiment, and sees nothing of the other start-ups",
+    )
+    username: str | None = Field(
+        default=None,
+        description="The registry user this config acts as, its password read from "
+        "tenant_credentials when the registry is called (set by aifactory for a start-up's "
+        "run; null: the process's own MLFLOW_TRACKING_USERNAME/PASSWORD, if any)",
+    )
+
+    def as_user(self, user: str) -> MlflowSpec:
+        """This spec acting as registry ``user`` (with tenant_credentials; else itself)."""
+        if not self.tenant_credentials:
+            return self
+        return self.model_copy(update={"username": user})
+
+    @property
+    def run_experiment(self) -> str:
+        """The experiment a run logs to: with tenant credentials, the start-up's own
+        (``<experiment>-<start-up>``, which `aif site up` makes and gives to it)."""
+        from aifactory.tasks.doors.registry import startup_experiment
+
+        if self.tenant_credentials and self.username:
+            return startup_experiment(self.experiment, self.username)
+        return self.experiment
 
     @model_validator(mode="after")
     def _flavour_needs(self) -> MlflowSpec:
@@ -713,9 +747,11 @@ class Profile(_Model):
         the profile itself."""
         store = self.object_store
         user = self.startup(startup_id)[1].user
-        if (store is None or not store.tenant_keys) and not user:
-            return self
         out = self
+        if self.mlflow.tenant_credentials:
+            out = self.model_copy(update={"mlflow": self.registry_for(startup_id)})
+        if (store is None or not store.tenant_keys) and not user:
+            return out
         if store is not None and store.tenant_keys:
             from aifactory.tasks.doors.s3_identity import session
 
@@ -725,11 +761,26 @@ class Profile(_Model):
                 "key": SecretStr(s.access_key), "secret": SecretStr(s.secret_key),
                 "token": SecretStr(s.token), "tenant_keys": None,
             })  # fmt: skip
-            out = self.model_copy(update={"object_store": mine})
-        elif user:
+            out = out.model_copy(update={"object_store": mine})
+        elif out is self:
             out = self.model_copy()
         out._run_as = user
         return out
+
+    def registry_for(self, startup_id: str) -> MlflowSpec:
+        """The registry as a run of ``startup_id`` uses it: with tenant credentials, as the
+        start-up's own MLflow user (in its own experiment: ``run_experiment``)."""
+        return self.mlflow.as_user(startup_id)
+
+    def as_operator(self) -> Profile:
+        """This profile as the site's operators' tools see the registry: MLflow user
+        ``aif-operator``, who reads every start-up's experiments and models and writes none
+        (infra/site/mlflow_auth.py); the profile itself without tenant credentials."""
+        from aifactory.tasks.doors.registry import OPERATOR
+
+        if not self.mlflow.tenant_credentials:
+            return self
+        return self.model_copy(update={"mlflow": self.mlflow.as_user(OPERATOR)})
 
     def child_env(self) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -808,13 +859,16 @@ class Profile(_Model):
         return cast(dict[str, Any], _mask_url_passwords(data))
 
     def config_hash(self) -> str:
-        """The run's configuration, not its identity: the object store's temporary session
-        and the start-ups' key folder are left out (a start-up's run and the platform's
-        replay of it hash the same; hashes of earlier versions are unchanged)."""
+        """The run's configuration, not its identity: the object store's temporary session,
+        the start-ups' key folder and the registry user are left out (a start-up's run and
+        the platform's replay of it hash the same; hashes of earlier versions are
+        unchanged)."""
         data = self.public_dict()
         if isinstance(data.get("object_store"), dict):
             for k in ("token", "tenant_keys"):
                 data["object_store"].pop(k, None)
+        for k in ("tenant_credentials", "username"):  # who acts, not what runs
+            data["mlflow"].pop(k, None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

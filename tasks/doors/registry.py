@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -9,6 +10,7 @@ import logging
 import os
 import shlex
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,17 +19,112 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.core.errors import AifError, ConfigError
 from aifactory.tasks.core.jobfiles import copy_job_tree
 from aifactory.tasks.core.manifests import DataSnapshot, FeatureSet, ModelVersion, TrainedModel
 from aifactory.tasks.core.provenance import key_of, now_iso
 
 FINGERPRINT_TAG = "aif.fingerprint"
 PIP_REQUIREMENTS = ["torch==2.13.0", "pandas", "numpy", "pyarrow", "aifactory"]
+# The registry user of the site's operators' tools: reads every experiment and model,
+# writes none (infra/site/mlflow_auth.py gives it that role).
+OPERATOR = "aif-operator"
+_USER_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_IDENTITY_LOCK = threading.RLock()
 
 
 class RegistryError(AifError):
     """The MLflow registry cannot be reached or refused an operation."""
+
+
+class RegistryRefused(RegistryError):
+    """The registry's own permissions refused the user (HTTP 401/403): audited."""
+
+
+def startup_experiment(experiment: str, startup: str) -> str:
+    """A start-up's own experiment on a registry with permissions (MlflowSpec.run_experiment;
+    `aif site up` makes it and gives it to the start-up)."""
+    return f"{experiment}-{startup}"
+
+
+def read_password(folder: str, user: str) -> str:
+    """Registry user ``user``'s password from the site's credentials folder (one-line
+    errors: a missing file, one the caller cannot read, an empty one)."""
+    path = Path(folder) / f"{user}.secret"
+    where = f"mlflow.tenant_credentials: {path}"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no registry user {user} (the site makes one for each of "
+                          "its start-ups at `aif site up`)") from None  # fmt: skip
+    except PermissionError:
+        raise ConfigError(f"{where}: not readable by this user (the orchestrator's)") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: unreadable ({exc.strerror})") from None
+    if not text:
+        raise ConfigError(f"{where}: empty")
+    return text
+
+
+@contextlib.contextmanager
+def registry_identity(spec: Any) -> Iterator[None]:
+    """Act as ``spec``'s registry user (``MlflowSpec.username``, its password read from
+    ``tenant_credentials`` now) inside the block: MLflow's client reads
+    MLFLOW_TRACKING_USERNAME/PASSWORD on every request, and so does our own REST
+    (``auth_headers``). A spec without a user (a registry without permissions) leaves the
+    environment as it is. The variables are restored afterwards; child processes get
+    explicit environments (the job layer), never these. A refusal by the server inside
+    the block becomes one RegistryRefused line naming the user."""
+    user = getattr(spec, "username", None)
+    folder = getattr(spec, "tenant_credentials", None)
+    password = read_password(folder, user) if user and folder else None
+    with _IDENTITY_LOCK:
+        saved = {k: os.environ.get(k) for k in _USER_ENV}
+        try:
+            if user and password:
+                os.environ.update(zip(_USER_ENV, (user, password), strict=True))
+            yield
+        except RegistryRefused:
+            raise
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            raise RegistryRefused(
+                f"MLflow {getattr(spec, 'tracking_uri', '')}: registry user {acting_user()} "
+                f"was refused "
+                f"({_one_line(exc)}): the registry gives each start-up its own experiments "
+                "and models"
+            ) from None
+        finally:
+            for k, old in saved.items():
+                if old is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = old
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240]
+
+
+def acting_user() -> str:
+    """The registry user in effect (``registry_identity``), or "anonymous"."""
+    return os.environ.get(_USER_ENV[0]) or "anonymous"
+
+
+def auth_headers() -> dict[str, str]:
+    """The Basic authorization of the registry user in effect (``registry_identity``)."""
+    user, password = (os.environ.get(k) for k in _USER_ENV)
+    if not user or not password:
+        return {}
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether an MLflow error is the server's refusal (401/403: the user lacks the right)."""
+    code = str(getattr(exc, "error_code", "")) + " " + str(exc)[:300]
+    return any(s in code for s in ("PERMISSION_DENIED", "UNAUTHENTICATED", "403", "401"))
 
 
 def _check_reachable(tracking_uri: str) -> None:
@@ -133,6 +230,7 @@ def register_model(
         mv = client.get_model_version(model_name, mv.version)  # its aliases as they are now
         return _manifest(mv, model_name, fp, tracking_uri).model_copy(update={"reused": True})
 
+    _claim_model(client, model_name, tracking_uri)  # before anything is logged
     if flavour != "tabular":  # a new version: its model must load (a cache hit loads nothing)
         from aifactory.tasks.models.flavours import check_loads
 
@@ -255,10 +353,10 @@ def _log_project_model(mlflow: Any, trained: TrainedModel, featureset: FeatureSe
                                    pip_requirements=[*PIP_REQUIREMENTS, *extra])  # fmt: skip
 
 
-def _rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def rest(tracking_uri: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}"
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **auth_headers()}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=15) as r:
         return json.loads(r.read() or b"{}")
@@ -274,7 +372,7 @@ def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelV
     try:
         name_q = model_name.replace("'", "")
         query = urllib.parse.urlencode({"filter": f"name='{name_q}'", "max_results": 1000})
-        res = _rest(tracking_uri, "GET", f"model-versions/search?{query}")
+        res = rest(tracking_uri, "GET", f"model-versions/search?{query}")
         same = [v for v in res.get("model_versions", [])
                 if any(t.get("key") == FINGERPRINT_TAG and t.get("value") == fp
                        for t in v.get("tags", []))]  # fmt: skip
@@ -283,11 +381,11 @@ def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelV
         mv = min(same, key=lambda v: int(v["version"]))
         version = str(mv["version"])
         get = urllib.parse.urlencode({"name": model_name})
-        model = _rest(tracking_uri, "GET", f"registered-models/get?{get}")["registered_model"]
+        model = rest(tracking_uri, "GET", f"registered-models/get?{get}")["registered_model"]
         aliases = {a.get("alias"): str(a.get("version")) for a in model.get("aliases") or []}
         if "candidate" not in aliases:
             alias = {"name": model_name, "alias": "candidate", "version": version}
-            _rest(tracking_uri, "POST", "registered-models/alias", alias)
+            rest(tracking_uri, "POST", "registered-models/alias", alias)
             aliases["candidate"] = version
     except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
         return None
@@ -295,6 +393,34 @@ def _registered_over_rest(tracking_uri: str, model_name: str, fp: str) -> ModelV
     own = sorted(a for a, v in aliases.items() if v == version)
     return _version_manifest(model_name, fp, tracking_uri, version, mv.get("run_id") or "", own,
                              tags).model_copy(update={"reused": True})  # fmt: skip
+
+
+def _claim_model(client: Any, model_name: str, tracking_uri: str) -> None:
+    """The registered model is this user's before anything is logged. A registry with
+    permissions answers 403 alike for a model that does not exist and for another user's,
+    and its searches leave the other's out: a model the user cannot see is created, which
+    makes it the user's own; if the name is taken (and still unseen after a concurrent
+    creation of the user's own), it is another start-up's, and the run is refused."""
+    from mlflow.exceptions import MlflowException
+
+    def seen() -> bool:
+        q = f"name='{model_name.replace(chr(39), '')}'"
+        return bool(client.search_registered_models(filter_string=q, max_results=10))
+
+    if seen():
+        return
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+        if seen():  # the user's own, made by a concurrent registration
+            return
+        raise RegistryRefused(
+            f"MLflow {tracking_uri}: registered model {model_name!r} is not registry user "
+            f"{acting_user()}'s (the server hides it: another start-up registered that name): choose "
+            "another mlflow.model_name"
+        ) from None
 
 
 def _experiment_id(client: Any, experiment: str, artifact_location: str | None) -> str:

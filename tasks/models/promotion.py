@@ -113,13 +113,29 @@ def _metric(client: Any, name: str, version: str, metric: str) -> float:
 def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: Any = None,
             approved: Callable[[str], bool] | None = None,
             risk_class: Callable[[str], str] | None = None,
-            approved_by: str | None = None) -> Decision:  # fmt: skip
+            approved_by: str | None = None, acting: Any = None,
+            reading: Any = None) -> Decision:  # fmt: skip
     """Decide and record; ``approved(startup)`` says whether a start-up's responsible-AI
     declaration is approved and ``risk_class(startup)`` its risk class (from the profile).
-    A high-risk start-up's model is promoted only with ``approved_by``, a person's name."""
+    A high-risk start-up's model is promoted only with ``approved_by``, a person's name.
+    On a registry with permissions, the decision is written as ``acting`` (the model's
+    start-up: its MlflowSpec) and the versions' runs are read as ``reading`` (the
+    operator, who reads every run: a champion trained before the registry had permissions
+    lies in an experiment that no start-up owns)."""
     if approved_by is not None and not approved_by.strip():
         raise PromotionError("--approved-by: give the name of the person who approves")
+    from aifactory.tasks.doors.registry import registry_identity
+
+    with registry_identity(acting):
+        return _promote(tracking_uri, name, version, spec, approved, risk_class, approved_by,
+                        reading)  # fmt: skip
+
+
+def _promote(tracking_uri: str, name: str, version: str | None, spec: Any,
+             approved: Callable[[str], bool] | None, risk_class: Callable[[str], str] | None,
+             approved_by: str | None, reading: Any) -> Decision:  # fmt: skip
     from aifactory.tasks.core.config import PromotionSpec
+    from aifactory.tasks.doors.registry import registry_identity
 
     spec = spec or PromotionSpec()
     metric, margin = spec.metric, spec.margin
@@ -128,12 +144,13 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None, spec: A
     if candidate is None:
         raise PromotionError(f"model {name}: no 'candidate' alias and no --version given")
     champion = _alias_version(client, name, "champion")
-    cand_value = _metric(client, name, candidate, metric)
-    champ_value = _metric(client, name, champion, metric) if champion else None
     startup = client.get_model_version(name, candidate).tags.get("aif.startup", "")
     risk = risk_class(startup) if risk_class else ""
-    checks = _checks(client, name, candidate, spec, approved(startup) if approved else None,
-                     risk, approved_by.strip() if approved_by else None)  # fmt: skip
+    with registry_identity(reading):
+        cand_value = _metric(client, name, candidate, metric)
+        champ_value = _metric(client, name, champion, metric) if champion else None
+        checks = _checks(client, name, candidate, spec, approved(startup) if approved else None,
+                         risk, approved_by.strip() if approved_by else None)  # fmt: skip
     failed = [c for c in checks if not c[1]]
     if champion == candidate:
         promoted, why = False, f"version {candidate} is already the champion"
@@ -215,8 +232,16 @@ def announce(name: str, d: Decision, tracking_uri: str) -> bool:
     return False
 
 
-def rollback(tracking_uri: str, name: str) -> tuple[str, str]:
-    """Move ``champion`` back to the version it replaced; return (from, to)."""
+def rollback(tracking_uri: str, name: str, acting: Any = None) -> tuple[str, str]:
+    """Move ``champion`` back to the version it replaced; return (from, to). ``acting``:
+    the registry user (the model's start-up) on a registry with permissions."""
+    from aifactory.tasks.doors.registry import registry_identity
+
+    with registry_identity(acting):
+        return _rollback(tracking_uri, name)
+
+
+def _rollback(tracking_uri: str, name: str) -> tuple[str, str]:
     client = _client(tracking_uri)
     current = _alias_version(client, name, "champion")
     if current is None:

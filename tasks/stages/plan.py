@@ -22,7 +22,6 @@ is ``run (after <stage>)``: its key is not known until then.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -90,7 +89,7 @@ def plan(cfg: Any, startup_id: str | None, project: str | None = None, *,
                                     "trained.json: the run rebuilds it from the run folder, "
                                     "then looks the weights up in the registry")]  # fmt: skip
         return out + _after(step, STAGES[3:])
-    done, _ = _guard("register", lambda: (_register(cfg, trained), None))
+    done, _ = _guard("register", lambda: (_register(cfg, sid, trained), None))
     return [*out, done]
 
 
@@ -252,12 +251,13 @@ def _train(cfg: Any, st: Any, fset: FeatureSet) -> tuple[StagePlan, TrainedModel
 
 
 # -- register -----------------------------------------------------------------------------
-def _register(cfg: Any, trained: TrainedModel) -> StagePlan:
-    from aifactory.tasks.doors.registry import fingerprint
+def _register(cfg: Any, sid: str, trained: TrainedModel) -> StagePlan:
+    from aifactory.tasks.doors.registry import fingerprint, registry_identity
 
     name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
     fp = fingerprint(trained, name, cfg.mlflow.flavour)
-    versions = _versions_with(uri, name, fp)
+    with registry_identity(cfg.registry_for(sid)):  # as the run would look it up
+        versions = _versions_with(uri, name, fp)
     if versions:
         return StagePlan("register", "reuse", f"version {versions[0]} of {name} (the same "
                          f"fingerprint {_short(fp)}: nothing registered)", fp)  # fmt: skip
@@ -267,15 +267,13 @@ def _register(cfg: Any, trained: TrainedModel) -> StagePlan:
 
 def _versions_with(tracking_uri: str, name: str, fp: str) -> list[str]:
     """Versions of ``name`` tagged with fingerprint ``fp``, oldest first, read only."""
-    from aifactory.tasks.doors.registry import FINGERPRINT_TAG
+    from aifactory.tasks.doors.registry import FINGERPRINT_TAG, rest
 
     if tracking_uri.startswith(("http://", "https://")):
         q = urllib.parse.urlencode({"filter": f"name='{name.replace(chr(39), '')}'",
                                     "max_results": 1000})  # fmt: skip
-        url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/model-versions/search?{q}"
         try:
-            with urllib.request.urlopen(url, timeout=15) as r:
-                res = json.loads(r.read() or b"{}")
+            res = rest(tracking_uri, "GET", f"model-versions/search?{q}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise _Unknown(f"the registry {tracking_uri} cannot be read: {exc}") from None
         found = [int(v["version"]) for v in res.get("model_versions", [])

@@ -152,6 +152,16 @@ def compare_featuresets(recorded: dict[str, Any], replayed: Any) -> str:
 
 def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
            log: Callable[[str], None] = print) -> ReplayResult:  # fmt: skip
+    """Rebuild ``uri`` from its record and compare. The registry is read as the operator
+    (who reads every start-up's versions; on a registry without permissions, anonymously);
+    the data and the jobs use the start-up's own identity."""
+    from aifactory.tasks.doors.registry import registry_identity
+
+    with registry_identity(cfg.as_operator().mlflow):
+        return _replay(uri, cfg, allow_dirty, log)
+
+
+def _replay(uri: str, cfg: Profile, allow_dirty: bool, log: Callable[[str], None]) -> ReplayResult:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -203,6 +213,8 @@ def replay(uri: str, cfg: Profile, *, allow_dirty: bool = False,
     data = json.loads(json.dumps(recorded_cfg))
     if data.get("object_store") and cfg.object_store is not None:
         data["object_store"] = cfg.object_store.model_dump()  # SecretStr kept, not masked
+    if isinstance(data.get("mlflow"), dict):  # this site's credentials, not the record's
+        data["mlflow"]["tenant_credentials"] = cfg.mlflow.tenant_credentials
     ds = data.get("dataspace") or {}
     if ds.get("pseudonymisation_key") == "***":
         ds["pseudonymisation_key"] = cfg.dataspace.pseudonymisation_key

@@ -36,12 +36,48 @@ class RunResult:
         return [ln for ln in self.stderr.splitlines() if ln.startswith("aif: error:")]
 
 
+# The site's MLflow checks permissions. The suite's own process reads and cleans up as the
+# registry's admin (registry_admin below); nothing it starts inherits that identity, so
+# every `aif` and every script of a test acts as the profile makes it act.
+REGISTRY_ADMIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def child_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child, without the registry admin's identity."""
+    env = {k: v for k, v in os.environ.items() if k not in REGISTRY_ADMIN_ENV}
+    return {**env, **(extra or {})}
+
+
 def aif(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> RunResult:
     proc = subprocess.run(
         [AIF, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=child_environ(env),
     )  # fmt: skip
     return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def registry_admin(request: pytest.FixtureRequest) -> Iterator[None]:
+    """MlflowClient in the suite's process acts as the site registry's admin (its password
+    is a root-only file of `aif site up`): tests read and delete what any start-up made."""
+    if not request.config.getoption("--site"):
+        yield
+        return
+    from aifactory.infra.site import mlflow_auth
+    from aifactory.infra.site.layout import Site
+    from aifactory.infra.site.manager import site_root
+    from aifactory.tasks.core.home import site_dir
+
+    site = Site(site_root(site_dir()))
+    saved = {k: os.environ.get(k) for k in REGISTRY_ADMIN_ENV}
+    os.environ.update(zip(REGISTRY_ADMIN_ENV, (mlflow_auth.ADMIN,
+                          mlflow_auth.password(site, mlflow_auth.ADMIN)), strict=True))  # fmt: skip
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -65,7 +101,7 @@ def site_profile() -> Profile:
 
 @pytest.fixture(scope="session")
 def site_env(site_profile: Profile) -> dict[str, str]:
-    return {**os.environ, **site_profile.child_env()}
+    return child_environ(site_profile.child_env())
 
 
 @pytest.fixture(scope="session")

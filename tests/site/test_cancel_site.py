@@ -3,7 +3,6 @@ and the Dask worker jobs of a run cancelled during preprocessing."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from aifactory.tasks.core.config import Profile
-from tests.site.conftest import AIF, REPO, prefect_client
+from tests.site.conftest import AIF, REPO, child_environ, prefect_client
 
 pytestmark = pytest.mark.site
 
@@ -56,7 +55,7 @@ def _cancel_mid_stage(
     from prefect.states import Cancelling
 
     proc = subprocess.Popen(
-        [AIF, "run", *args], cwd=REPO, env={**os.environ, **env},
+        [AIF, "run", *args], cwd=REPO, env={**child_environ(), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from aifactory.tasks.core.config import Profile
-from tests.site.conftest import AIF, REPO, aif
+from tests.site.conftest import AIF, REPO, aif, child_environ
 
 pytestmark = pytest.mark.site
 
@@ -72,7 +72,7 @@ def test_two_runs_at_once_train_once_and_register_one_version(site_profile: Prof
 
 def test_accounting_database_killed_during_training(site_profile: Profile) -> None:
     site_root = Path(site_profile.slurm.conf or "").resolve().parents[1]
-    env = {**os.environ, **_fresh("nodb")}
+    env = {**child_environ(), **_fresh("nodb")}
     proc = subprocess.Popen(
         [AIF, "run", "--profile", "site", "--rows", "20000", "--epochs", "2"], cwd=REPO,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -136,7 +136,7 @@ def test_a_killed_run_is_marked_crashed_without_any_deployment(site_profile: Pro
     assert up.returncode == 0 and f"crash detection: {CRASH_DETECTOR}" in up.stdout, up.stdout
     proc = subprocess.Popen(
         [AIF, "run", "--profile", "site", "--rows", "20000", "--epochs", "2"], cwd=REPO,
-        env={**os.environ, **_fresh("killed")}, stdout=subprocess.PIPE,
+        env={**child_environ(), **_fresh("killed")}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     assert proc.stdout is not None

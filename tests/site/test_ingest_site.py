@@ -17,7 +17,7 @@ import pytest
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.data.datagen import generate_mobility
 from aifactory.tasks.stages.ingest import list_snapshots
-from tests.site.conftest import AIF, REPO, aif
+from tests.site.conftest import AIF, REPO, aif, child_environ
 
 pytestmark = pytest.mark.site
 
@@ -58,7 +58,7 @@ def test_killed_ingest_leaves_no_partial_file_and_resumes(
     proc = subprocess.Popen(
         [AIF, "ingest", "--profile", "site", "--dataspace", f"s3://{prefix}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, env=child_environ(),
     )  # fmt: skip
     assert proc.stdout is not None
     seen = []

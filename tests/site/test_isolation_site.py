@@ -23,7 +23,7 @@ from aifactory.infra.site.layout import Site
 from aifactory.infra.site.manager import site_root
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.core.home import site_dir
-from tests.site.conftest import REPO, aif
+from tests.site.conftest import REPO, aif, child_environ
 from tests.site.test_projects_site import APPROVED
 
 pytestmark = pytest.mark.site
@@ -139,7 +139,7 @@ def _startup_b_checkpoint(profile: Profile) -> Path:
 def _as(user: str, *argv: str,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60)  # fmt: skip
+                          env={**child_environ(), **(env or {})}, timeout=60)  # fmt: skip
 
 
 def test_the_kernel_and_slurm_refuse_one_startup_the_others_things(site_profile: Profile) -> None:
@@ -158,7 +158,7 @@ def test_the_kernel_and_slurm_refuse_one_startup_the_others_things(site_profile:
     job = subprocess.run(["sbatch", "--parsable", "--uid=startup-b", "--gid=startup-b",
                           "--account=startup-b", "--time=5", "--job-name=aif-isolation",
                           "--chdir=/tmp", "--wrap=sleep 120"], capture_output=True, text=True,
-                         env={**os.environ, **slurm}, check=True).stdout.strip()  # fmt: skip
+                         env={**child_environ(), **slurm}, check=True).stdout.strip()  # fmt: skip
     try:
         got = _as("startup-a", "scancel", job, env=slurm)
         assert got.returncode != 0 or "denied" in got.stderr.lower(), got
@@ -167,10 +167,10 @@ def test_the_kernel_and_slurm_refuse_one_startup_the_others_things(site_profile:
         got = _as("startup-a", "scontrol", "show", "job", job, env=slurm)
         assert f"JobId={job}" not in got.stdout, got
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
-                               text=True, env={**os.environ, **slurm}).stdout.strip()  # fmt: skip
+                               text=True, env=child_environ(slurm)).stdout.strip()  # fmt: skip
         assert state in ("PENDING", "RUNNING"), state  # not cancelled by startup-a
     finally:
-        subprocess.run(["scancel", job], env={**os.environ, **slurm})
+        subprocess.run(["scancel", job], env={**child_environ(), **slurm})
 
 
 HOSTILE = '''"""A start-up's trainer that tries to read another start-up's lake."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.doors.slurm import SlurmClient
-from tests.site.conftest import AIF, REPO
+from tests.site.conftest import AIF, REPO, child_environ
 
 pytestmark = pytest.mark.site
 
@@ -29,7 +28,7 @@ def _state(slurm: SlurmClient, job: str) -> str:
 def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> None:
     slurm = SlurmClient(env=site_profile.child_env())
     epochs = 40
-    env = {**os.environ, "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 7)}
+    env = {**child_environ(), "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 7)}
     cmd = [AIF, "run", "--profile", "site", "--epochs", str(epochs)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -92,7 +91,7 @@ def test_time_limit_shorter_than_the_training(site_profile: Profile) -> None:
     the ledger covers every planned step exactly once."""
     slurm = SlurmClient(env=site_profile.child_env())
     epochs = 300  # about 70 s of training: at least two attempts, CI time kept short
-    env = {**os.environ, "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 11),
+    env = {**child_environ(), "AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 11),
            "AIF_TRAINING__TIMEOUT_MIN": "1", "AIF_TRAINING__SIGNAL_BEFORE_END_S": "20"}  # fmt: skip
     cmd = [AIF, "run", "--profile", "site", "--epochs", str(epochs)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ import pytest
 
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.doors.slurm import SlurmClient
-from tests.site.conftest import AIF, REPO, aif
+from tests.site.conftest import AIF, REPO, aif, child_environ
 
 pytestmark = pytest.mark.site
 
@@ -23,7 +23,7 @@ def test_dead_orchestrator_reattaches_then_collects(site_profile: Profile) -> No
     slurm = SlurmClient(env=site_profile.child_env())
     seed = {"AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 23)}
     cmd = [AIF, "run", "--profile", "site", "--epochs", "60"]
-    env = {**os.environ, **seed}
+    env = {**child_environ(), **seed}
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,

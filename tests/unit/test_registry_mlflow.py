@@ -131,7 +131,7 @@ def test_a_cache_hit_over_rest_moves_no_alias(monkeypatch: pytest.MonkeyPatch) -
             return {"registered_model": {"name": "trips", "aliases": model_aliases}}
         return {}
 
-    monkeypatch.setattr(registry, "_rest", rest)
+    monkeypatch.setattr(registry, "rest", rest)
     found = registry._registered_over_rest("http://mlflow:5000", "trips", fp)
     assert found is not None and found.version == "1" and found.reused
     assert found.aliases == [] and ("POST", "registered-models/alias") not in calls

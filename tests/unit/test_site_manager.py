@@ -21,9 +21,10 @@ FAILER = ["sh", "-c", "echo starting; echo 'fatal: cannot bind 127.0.0.1:1'; exi
 def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
     for mod, name in [(sp, "ensure_packages"), (sp, "render"), (sp, "link_default_munge_socket"),
                       (sp, "unlink_default_munge_socket"), (sp, "ensure_accounts"),
-                      (sp, "ensure_budget_limits"),
+                      (sp, "reload_users"), (sp, "ensure_budget_limits"),
                       (services, "ensure_buckets"), (services, "seed_dataspace"),
                       (services, "ensure_crash_detector"), (services, "ensure_work_pools"),
+                      (services, "ensure_registry_access"),
                       (manager, "_s3_setup"),
                       (manager, "_startup_users")]:  # fmt: skip
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
