@@ -418,8 +418,8 @@ def _claim_model(client: Any, model_name: str, tracking_uri: str) -> None:
             return
         raise RegistryRefused(
             f"MLflow {tracking_uri}: registered model {model_name!r} is not registry user "
-            f"{acting_user()}'s (the server hides it: another start-up registered that name): choose "
-            "another mlflow.model_name"
+            f"{acting_user()}'s (the server hides it: another start-up registered that "
+            "name): choose another mlflow.model_name"
         ) from None
 
 
