@@ -1009,7 +1009,9 @@ def model_promote(
     """Make the candidate (or --version) the champion, if it passes the promotion gates."""
     from aifactory.tasks.models.promotion import promote
 
-    cfg = _Inputs(project).load(profile)
+    inputs = _Inputs(project)
+    cfg = inputs.load(profile)
+    owner = inputs.own_startup or cfg.default_startup  # the model's start-up acts
     name, uri = cfg.mlflow.model_name, cfg.mlflow.tracking_uri
     spec = cfg.promotion.model_copy(
         update={k: v for k, v in (("metric", metric), ("margin", margin)) if v is not None}
@@ -1017,7 +1019,7 @@ def model_promote(
     _use_prefect(cfg, _verbose(verbose))  # the promotion event goes to the profile's Prefect
     d = promote(uri, name, version=version, spec=spec, approved=cfg.declaration_approved,
                 risk_class=cfg.risk_class, approved_by=approved_by,
-                acting=cfg.registry_for(cfg.default_startup),
+                acting=cfg.registry_for(owner),
                 reading=cfg.as_operator().mlflow)  # fmt: skip
     verdict = "promoted to champion" if d.promoted else "not promoted"
     print(f"{name} version {d.candidate}: {verdict} ({d.reason})")
@@ -1033,9 +1035,11 @@ def model_rollback(profile: ProfileOpt = None, project: ProjectOpt = None,
     from aifactory.tasks.models.promotion import rollback
 
     _verbose(verbose)
-    cfg = _Inputs(project).load(profile)
+    inputs = _Inputs(project)
+    cfg = inputs.load(profile)
+    owner = inputs.own_startup or cfg.default_startup  # the model's start-up acts
     old, new = rollback(cfg.mlflow.tracking_uri, cfg.mlflow.model_name,
-                        cfg.registry_for(cfg.default_startup))  # fmt: skip
+                        cfg.registry_for(owner))  # fmt: skip
     print(f"champion: {cfg.mlflow.model_name} version {old} -> {new}")
     return 0
 

@@ -123,8 +123,12 @@ def auth_headers() -> dict[str, str]:
 
 def refused(exc: BaseException) -> bool:
     """Whether an MLflow error is the server's refusal (401/403: the user lacks the right)."""
-    code = str(getattr(exc, "error_code", "")) + " " + str(exc)[:300]
-    return any(s in code for s in ("PERMISSION_DENIED", "UNAUTHENTICATED", "403", "401"))
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in (401, 403)
+    if str(getattr(exc, "error_code", "")) in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return True
+    # MLflow's client: "API request to endpoint ... failed with error code 403 != 200"
+    return any(f"error code {c} " in str(exc) for c in (401, 403))
 
 
 def _check_reachable(tracking_uri: str) -> None:

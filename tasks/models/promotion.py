@@ -88,11 +88,17 @@ def _client(tracking_uri: str) -> Any:
 
 
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at; None when there is none. A refusal by a registry
+    with permissions is not "no alias": it goes on (registry_identity makes it one line)."""
     from mlflow.exceptions import MlflowException
+
+    from aifactory.tasks.doors.registry import refused
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as exc:
+        if refused(exc):
+            raise
         return None
 
 

@@ -1,6 +1,7 @@
 """Secrets never leak: known canary values for the S3 keys, the pseudonymisation key and
-the webhook address are planted, a whole pipeline run (Dask workers, a training job,
-registration) and a pseudonymising ingest are made on the site, then every place an
+the webhook address are planted (and the site's registry passwords are known), a whole
+pipeline run (Dask workers, a training job, registration) and a pseudonymising ingest are
+made on the site, then every place an
 operator or another tenant could read is searched for them: the commands' output, Prefect
 flow-run parameters, logs and artifacts, MLflow params, tags, version tags and logged
 files, Slurm job scripts and environments (as slurmctld keeps them) and every file the runs
@@ -29,9 +30,13 @@ CANARIES = {
 }
 
 
+# The site's real registry passwords (infra/site/mlflow_auth.py), searched for too.
+REGISTRY_PASSWORDS: dict[str, str] = {}
+
+
 def _hits(where: str, blob: str | bytes, found: list[str]) -> None:
     data = blob if isinstance(blob, bytes) else blob.encode(errors="replace")
-    for what, value in CANARIES.items():
+    for what, value in {**CANARIES, **REGISTRY_PASSWORDS}.items():
         token = value.rsplit("/", 1)[-1]
         if value.encode() in data or token.encode() in data:
             found.append(f"{what} in {where}")
@@ -69,6 +74,13 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
     )
     from prefect.types._datetime import now
 
+    from aifactory.infra.site.mlflow_auth import ADMIN
+    from aifactory.tasks.doors.registry import OPERATOR, read_password
+
+    folder = site_profile.mlflow.tenant_credentials
+    assert folder, "the site profile names the registry's credentials"
+    REGISTRY_PASSWORDS.update({f"registry password of {u}": read_password(folder, u)
+                               for u in ("startup-a", "startup-c", OPERATOR, ADMIN)})  # fmt: skip
     since = now("UTC")
     t0 = time.time()
     env = {
@@ -171,7 +183,13 @@ def test_canary_secrets_appear_nowhere(site_profile: Profile, tmp_path: Path) ->
     assert b"SLURM_EXPORT_ENV=" in job_env and b"AWS_ENDPOINT_URL" in job_env
     assert b"AWS_SESSION_TOKEN=" in job_env
     _hits("a Slurm job's environment", job_env, found)
-    for name in (b"PREFECT_API_URL", b"AIF_PSEUDONYMISATION_KEY", b"AIF_NOTIFY_WEBHOOK"):
+    for name in (
+        b"PREFECT_API_URL",
+        b"AIF_PSEUDONYMISATION_KEY",
+        b"AIF_NOTIFY_WEBHOOK",
+        b"MLFLOW_TRACKING_PASSWORD",
+        b"MLFLOW_TRACKING_USERNAME",
+    ):
         if name in job_env:
             found.append(f"{name.decode()} in a Slurm job's environment")
     assert not found, "secrets leaked:\n" + "\n".join(found)
