@@ -53,7 +53,7 @@ def register_task(
         "aif.dataset": snap.dataset,
     }
     if cfg.training.script:  # a project's own code: its repository's commit too
-        own = git_info(Path(cfg.training.script).parent)
+        own = git_info(Path(cfg.training.script).parent, owner=st.user)
         lineage["aif.project_commit"] = own["commit"]
         lineage["aif.project_dirty"] = str(own["dirty"]).lower()
     entry = cfg.dataset_entry(snap.dataset)

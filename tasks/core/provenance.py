@@ -19,14 +19,24 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def git_info(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """Commit and dirty flag of the code that runs; 'unknown' outside a git checkout."""
+def git_info(root: Path = REPO_ROOT, owner: str | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the code that runs; 'unknown' outside a git checkout.
+
+    A repository of a start-up (``owner``, its Unix user, owns the folder) is read by git
+    running as that user: git run as root there would refuse it ("dubious ownership"),
+    and told to trust it would run what the repository's config names (core.fsmonitor, a
+    pager) as root."""
+    from aifactory.tasks.core.runas import as_user, owned_by
+
+    mine = owner if owner and owned_by(root, owner) else None
 
     def git(*args: str) -> str | None:
+        argv, env = ["git", "-C", str(root), *args], None
+        if mine:
+            argv, env = as_user(mine, argv)
         try:
-            out = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
-            )
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10, env=env,
+                                 stdin=subprocess.DEVNULL)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None

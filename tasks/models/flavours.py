@@ -109,25 +109,18 @@ def check_loads(flavour: str, run_dir: str | Path, ref: str | None, source_dir: 
     Loading runs the project's code (its class, a pickle): with ``run_as`` (a start-up's
     Unix user on a site, where the orchestrator is root) it runs in a child process as that
     user, with an environment of nothing but PATH, HOME and the locale: never as root."""
-    import pwd
     import subprocess
     import sys
 
     from aifactory.tasks.core.jobfiles import check_job_tree
+    from aifactory.tasks.core.runas import as_user
 
     check_job_tree(model_path(flavour, run_dir))
     if run_as is None:  # the submitting user's own code, as that user (no site)
         load_trained(flavour, run_dir, ref, source_dir)
         return
-    try:
-        home = pwd.getpwnam(run_as).pw_dir
-    except KeyError:
-        raise ConfigError(f"start-up Unix user {run_as!r} does not exist on this host "
-                          "(startups.<id>.user)") from None  # fmt: skip
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "LANG": "C.UTF-8",
-           "USER": run_as, "LOGNAME": run_as}  # fmt: skip
-    cmd = ["runuser", "-u", run_as, "--", sys.executable, "-m", __name__, flavour, str(run_dir),
-           ref or "", str(source_dir)]  # fmt: skip
+    cmd, env = as_user(run_as, [sys.executable, "-m", __name__, flavour, str(run_dir),
+                                ref or "", str(source_dir)])  # fmt: skip
     try:
         res = subprocess.run(cmd, env=env, cwd=str(run_dir), capture_output=True, text=True,
                              timeout=LOAD_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
