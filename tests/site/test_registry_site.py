@@ -154,3 +154,51 @@ def test_a_startups_registration_into_another_startups_model_is_refused_and_audi
     mine = [r for r in new if r["action"] == action]
     assert mine and mine[0]["by"] == "registry" and mine[0]["decision"] == "refused"
     assert mine[0]["startup"] == "startup-b"
+
+
+def test_a_site_that_ran_before_permissions_gets_them_and_keeps_its_models(
+    site_profile: Profile,
+) -> None:
+    """A site of an earlier version runs MLflow without its auth app: `aif site up` sees it
+    is not healthy, restarts it with permissions, and each model registered before, whose
+    versions name one start-up, becomes that start-up's (readable by it and the operator,
+    403 for the others)."""
+    import time
+
+    from aifactory.infra.site import manager, procs, services
+    from aifactory.infra.site.layout import Site
+    from aifactory.infra.site.manager import site_root
+    from aifactory.tasks.core.home import site_dir
+    from tests.site.conftest import aif
+
+    site = Site(site_root(site_dir()))
+    state = manager._load(site)
+    assert procs.stop(state["mlflow"], "mlflow")
+    old = [a for a in services.mlflow_argv(site) if a not in ("--app-name", "basic-auth")]
+    env = {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    state["mlflow"] = {**state["mlflow"], **procs.start("mlflow", old, site.logs / "mlflow.log",
+                                                        env=env, cwd=site.root)}  # fmt: skip
+    manager._save(site, state)
+    deadline = time.monotonic() + 120
+    while not procs.http_ok(f"{site.mlflow_url}/health") and time.monotonic() < deadline:
+        time.sleep(1)
+    anon = _as(site_profile, None)
+    assert anon("GET", "users/current").status_code == 404  # no auth app: anyone writes
+    name = f"legacy-{uuid.uuid4().hex[:8]}"
+    exp = anon("POST", "experiments/create", json={"name": name}).json()["experiment_id"]
+    run = anon("POST", "runs/create", json={"experiment_id": exp}).json()["run"]["info"]
+    assert anon("POST", "registered-models/create", json={"name": name}).status_code == 200
+    made = anon("POST", "model-versions/create", json={
+        "name": name, "source": f"runs:/{run['run_id']}/model", "run_id": run["run_id"],
+        "tags": [{"key": "aif.startup", "value": "startup-b"}]})  # fmt: skip
+    assert made.status_code == 200, made.text
+
+    up = aif("site", "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "restarting mlflow" in up.stdout and f"{name} -> startup-b" in up.stdout, up.stdout
+    assert anon("GET", "registered-models/get", params={"name": name}).status_code == 401
+    for user, code in (("startup-b", 200), (OPERATOR, 200), ("startup-a", 403)):
+        got = _as(site_profile, user)("GET", "registered-models/get", params={"name": name})
+        assert got.status_code == code, f"{user}: {got.status_code}"
+    again = aif("site", "up")
+    assert again.returncode == 0 and name not in again.stdout  # adopted once
