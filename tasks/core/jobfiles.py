@@ -9,6 +9,10 @@ refuses a link (``O_NOFOLLOW``) and anything but a regular file, and every tree 
 orchestrator copies or uploads is checked first, without following links (``os.fwalk``).
 Files directly in a job's folder are safe from a swap of a folder above them: the job's
 folder sits in one that only root can write (runs/train, runs/sweeps, ...).
+
+What runs a start-up's own files (its model's class or pickle, git in its repository) runs
+as the start-up's user (``as_user``: ``runuser`` with an environment of nothing but PATH,
+HOME and the locale), never as root and never with the orchestrator's secrets.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
-from aifactory.tasks.core.errors import TenancyError
+from aifactory.tasks.core.errors import ConfigError, TenancyError
 
 READ_LIMIT = 64 * 2**20  # a manifest, metrics or log chunk: never a data set
 
@@ -215,3 +220,27 @@ def replace_job_folder(staged: str | os.PathLike[str], name: str,
             os.rename(staged, name, dst_dir_fd=fd)
     finally:
         os.close(fd)
+
+
+# -- running a start-up's own files -------------------------------------------------------
+def as_user(run_as: str, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run ``argv`` as ``run_as``."""
+    try:
+        home = pwd.getpwnam(run_as).pw_dir
+    except KeyError:
+        raise ConfigError(f"start-up Unix user {run_as!r} does not exist on this host "
+                          "(startups.<id>.user)") from None  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "LANG": "C.UTF-8",
+           "USER": run_as, "LOGNAME": run_as}  # fmt: skip
+    return ["runuser", "-u", run_as, "--", *argv], env
+
+
+def owned_by(path: str | os.PathLike[str], user: str | None) -> bool:
+    """Whether ``user`` (a Unix user name) owns ``path`` and is not this process's user."""
+    if not user:
+        return False
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+        return uid != os.getuid() and os.stat(path).st_uid == uid
+    except (KeyError, OSError):
+        return False

@@ -26,7 +26,7 @@ def git_info(root: Path = REPO_ROOT, owner: str | None = None) -> dict[str, Any]
     running as that user: git run as root there would refuse it ("dubious ownership"),
     and told to trust it would run what the repository's config names (core.fsmonitor, a
     pager) as root."""
-    from aifactory.tasks.core.runas import as_user, owned_by
+    from aifactory.tasks.core.jobfiles import as_user, owned_by
 
     mine = owner if owner and owned_by(root, owner) else None
 

@@ -112,8 +112,7 @@ def check_loads(flavour: str, run_dir: str | Path, ref: str | None, source_dir: 
     import subprocess
     import sys
 
-    from aifactory.tasks.core.jobfiles import check_job_tree
-    from aifactory.tasks.core.runas import as_user
+    from aifactory.tasks.core.jobfiles import as_user, check_job_tree
 
     check_job_tree(model_path(flavour, run_dir))
     if run_as is None:  # the submitting user's own code, as that user (no site)
