@@ -743,8 +743,9 @@ class Profile(_Model):
     def for_startup(self, startup_id: str) -> Profile:
         """This profile as a run of ``startup_id`` sees it. With per-start-up identities
         (``object_store.tenant_keys``), the start-up's temporary credentials replace the
-        platform's key, valid a while past the longest time limit of its jobs; otherwise
-        the profile itself."""
+        platform's key, valid a while past the longest time limit of its jobs; with
+        ``mlflow.tenant_credentials``, the registry is used as the start-up's own MLflow
+        user (``registry_for``); otherwise the profile itself."""
         store = self.object_store
         user = self.startup(startup_id)[1].user
         out = self
