@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,44 +108,69 @@ def _model_state(user: Any, name: str) -> tuple[Any, ...]:
     return aliases, sorted(int(v["version"]) for v in found.get("model_versions", []))
 
 
+# B's registration runs in a process of its own, as a run's does: register_model sets
+# MLflow's process-wide tracking and registry URIs, which must not leak into later tests.
+REFUSED_SCRIPT = """
+import json, sys, uuid
+from pathlib import Path
+from aifactory.tasks.core.audit import refusals_audited
+from aifactory.tasks.core.config import load_profile
+from aifactory.tasks.core.manifests import TrainedModel
+from aifactory.tasks.doors.registry import RegistryRefused, register_model, registry_identity
+from aifactory.tasks.stages.ingest import load_snapshot
+from aifactory.tasks.stages.preprocess import load_cached
+rec, name, action = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg = load_profile("site")
+lake = cfg.lake_url_for("startup-a")
+so = cfg.storage_options(lake)
+snap = load_snapshot(lake, "mobility-trips", rec["snapshot"]["id"], so)
+fset = load_cached(lake, rec["featureset"]["id"], so)
+trained = TrainedModel.model_validate_json(
+    Path(rec["trained"]["run_dir"], "trained.json").read_text()
+).model_copy(update={"weights_sha256": uuid.uuid4().hex})  # a new model: no cache hit
+b = cfg.for_startup("startup-b")
+try:
+    with refusals_audited(cfg, "startup-b", action), registry_identity(b.mlflow):
+        register_model(trained, fset, snap, tracking_uri=b.mlflow.tracking_uri,
+                       model_name=name, experiment=b.mlflow.run_experiment,
+                       artifact_location=None, lineage={},
+                       feature_config=fset.feature_config, log=lambda m: None)
+except RegistryRefused as exc:
+    print(json.dumps({"refused": str(exc)}))
+else:
+    print(json.dumps({"refused": None}))
+"""
+
+
 def test_a_startups_registration_into_another_startups_model_is_refused_and_audited(
     site_run: dict[str, Any], site_profile: Profile
 ) -> None:
     """B's run, acting as B, tries to add a version to A's model: the server refuses before
     anything is logged (B's experiment gains no run), one line, and the refusal is in the
     operator log and in B's own audit area."""
+    import subprocess
+    import sys
+
     from mlflow.tracking import MlflowClient
 
-    from aifactory.tasks.core.audit import operator_log, refusals_audited
-    from aifactory.tasks.core.manifests import TrainedModel
-    from aifactory.tasks.doors.registry import RegistryRefused, register_model, registry_identity
-    from aifactory.tasks.stages.ingest import load_snapshot
-    from aifactory.tasks.stages.preprocess import load_cached
+    from aifactory.tasks.core.audit import operator_log
+    from tests.site.conftest import REPO, child_environ
 
     name, _ = _a_version(site_run)
-    rec = site_run["record"]
-    lake = site_profile.lake_url_for("startup-a")
-    so = site_profile.storage_options(lake)
-    snap = load_snapshot(lake, "mobility-trips", rec["snapshot"]["id"], so)
-    fset = load_cached(lake, rec["featureset"]["id"], so)
-    trained = TrainedModel.model_validate_json(
-        Path(rec["trained"]["run_dir"], "trained.json").read_text()
-    ).model_copy(update={"weights_sha256": uuid.uuid4().hex})  # a new model: no cache hit
-    b = site_profile.for_startup("startup-b")
-    admin = MlflowClient(site_profile.mlflow.tracking_uri)
-    b_exp = admin.get_experiment_by_name(b.mlflow.run_experiment)
+    exp_name = f"{site_profile.mlflow.experiment}-startup-b"
+    admin = MlflowClient(site_profile.mlflow.tracking_uri, site_profile.mlflow.tracking_uri)
+    b_exp = admin.get_experiment_by_name(exp_name)
     assert b_exp is not None
     runs_before = len(admin.search_runs([b_exp.experiment_id], max_results=1000))
     log = operator_log(site_profile.runs_dir)
     lines_before = log.read_text().count("\n") if log.exists() else 0
     action = f"register test {uuid.uuid4().hex[:6]}"
-    with pytest.raises(RegistryRefused) as err, \
-            refusals_audited(site_profile, "startup-b", action), \
-            registry_identity(b.mlflow):  # fmt: skip
-        register_model(trained, fset, snap, tracking_uri=b.mlflow.tracking_uri, model_name=name,
-                       experiment=b.mlflow.run_experiment, artifact_location=None, lineage={},
-                       feature_config=fset.feature_config, log=lambda m: None)  # fmt: skip
-    msg = str(err.value)
+    proc = subprocess.run([sys.executable, "-c", REFUSED_SCRIPT, json.dumps(site_run["record"]),
+                           name, action], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=child_environ())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msg = json.loads(proc.stdout.strip().splitlines()[-1])["refused"]
+    assert msg, proc.stdout
     assert f"registered model {name!r} is not registry user startup-b's" in msg, msg
     assert "\n" not in msg and "choose another mlflow.model_name" in msg
     assert len(admin.search_runs([b_exp.experiment_id], max_results=1000)) == runs_before
