@@ -1149,12 +1149,28 @@ def _print_parts(parts: list[Any], as_json: bool = False) -> None:
         print(f"{mark} {p.name:<12} {p.address:<32} {pid:<10} {p.detail}".rstrip())
 
 
+NodesOpt = Annotated[
+    int | None,
+    typer.Option("--nodes", min=1, max=32,
+                 help="Compute nodes: 1 (this host is login and compute node), or N >= 2 "
+                 "compute nodes in namespaces of their own on the site's bridge, which "
+                 "cannot reach Prefect or MLflow (default: the site's current layout, at "
+                 "first 1)"),
+]  # fmt: skip
+GpusPerNodeOpt = Annotated[
+    int | None,
+    typer.Option("--gpus-per-node", min=1, max=8,
+                 help="GPUs (GRES) per compute node (default: the current layout's, at first 2)"),
+]  # fmt: skip
+
+
 @site_app.command("up")
-def site_up(dir: SiteDirOpt = None) -> int:
+def site_up(dir: SiteDirOpt = None, nodes: NodesOpt = None,
+            gpus_per_node: GpusPerNodeOpt = None) -> int:  # fmt: skip
     """Start every part of the site that is not running and healthy."""
     from aifactory.infra.site import manager
 
-    _print_parts(manager.up(_site_dir(dir)))
+    _print_parts(manager.up(_site_dir(dir), nodes_wanted=nodes, gpus_per_node=gpus_per_node))
     return 0
 
 

@@ -23,6 +23,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The multi-node tests switch the one shared site to two compute nodes (and back):
+    # they run after every other test.
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
     if config.getoption("--site"):
         return
     skip = pytest.mark.skip(reason="needs the local site: run with --site after aif site up")

@@ -61,8 +61,11 @@ def render(site: Site) -> None:
         "fsid": kept_secret(d / "fsid", lambda: str(uuid.uuid4())),
         "sts_key": kept_secret(d / "keys" / "sts.key",
                          lambda: "".join(secrets.choice(alphabet) for _ in range(16))),
-        "dir": d, "mon_port": site.mon_port, "s3_port": site.s3_port,
-        "block_bytes": BLOCK_BYTES,
+        "dir": d, "mon_port": site.mon_port, "block_bytes": BLOCK_BYTES,
+        # On loopback for the login side; a multi-node site's compute nodes reach it at
+        # the bridge address too.
+        "rgw_endpoints": " ".join(f"endpoint={a}:{site.s3_port}" for a in
+                                  dict.fromkeys(("127.0.0.1", site.service_address))),
     }  # fmt: skip
     text = string.Template((TEMPLATES / "ceph.conf").read_text()).substitute(values)
     private_file(conf_path(site), text)  # it names the STS key's value
@@ -163,7 +166,9 @@ def rgw_argv(site: Site) -> list[str]:
 
 
 def rgw_ok(site: Site) -> bool:
-    return procs.http_ok(site.s3_url + "/")  # anonymous GET / answers 200 when ready
+    # An anonymous GET / answers 200 when ready (at the bridge address too, for the nodes).
+    return all(procs.http_ok(f"http://{a}:{site.s3_port}/")
+               for a in dict.fromkeys(("127.0.0.1", site.service_address)))  # fmt: skip
 
 
 # -- identities ---------------------------------------------------------------------------

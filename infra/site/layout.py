@@ -29,6 +29,30 @@ class Site:
     mon_port: int = 3301  # Ceph's monitor (msgr2); OSD and gateway use 7100-7300
     prefect_port: int = 4200
     mlflow_port: int = 5050
+    # 1: the single-node site (this host is login and compute node, everything on
+    # loopback). N >= 2: N compute nodes, each a slurmd in its own network, UTS and mount
+    # namespace on the site's bridge (infra/site/nodes.py); the services that compute nodes
+    # need (Slurm's controller, the object store, Dask schedulers) are at the bridge address.
+    nodes: int = 1
+    gpus_per_node: int = 2
+    subnet: str = "10.87.0"  # the bridge's /24: .1 is the login side, .11, .12, ... the nodes
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes > 1
+
+    @property
+    def service_address(self) -> str:
+        """Where the compute nodes reach the login node's services (loopback on one node)."""
+        return f"{self.subnet}.1" if self.multi_node else "127.0.0.1"
+
+    def node_names(self) -> list[str]:
+        return [f"aif-n{i}" for i in range(1, self.nodes + 1)] if self.multi_node else [host()]
+
+    def node_address(self, name: str) -> str:
+        if not self.multi_node:
+            return "127.0.0.1"
+        return f"{self.subnet}.{10 + int(name.removeprefix('aif-n'))}"
 
     # -- folders ----------------------------------------------------------------------
     @property

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aifactory.infra.site import ceph, mlflow_auth, procs, services
+from aifactory.infra.site import ceph, mlflow_auth, nodes, procs, services
 from aifactory.infra.site import slurm_parts as sp
 from aifactory.infra.site.layout import ACCOUNTS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
@@ -42,6 +42,7 @@ class Part:
     after: Callable[[Site, Progress], None] | None = None
     port: Callable[[Site], int | None] = lambda s: None
     before_stop: Callable[[Site, Progress], None] | None = None
+    launcher: Callable[[Site], list[str]] = lambda s: []  # runs first, execs argv
 
 
 def _after_munged(site: Site, _p: Progress) -> None:
@@ -93,7 +94,7 @@ PARTS: list[Part] = [
          lambda s: f"127.0.0.1:{s.dbd_port}", env=lambda s: s.slurm_env(),
          after=_after_slurmdbd, timeout=90, port=lambda s: s.dbd_port),
     Part("slurmctld", "slurmctld", sp.slurmctld_argv, sp.slurmctld_ok,
-         lambda s: f"127.0.0.1:{s.ctld_port}", env=lambda s: s.slurm_env(),
+         lambda s: f"{s.service_address}:{s.ctld_port}", env=lambda s: s.slurm_env(),
          port=lambda s: s.ctld_port, before_stop=_before_stop_slurmctld,
          after=_after_slurmctld),
     Part("slurmd", "slurmd", sp.slurmd_argv, sp.slurmd_ok,
@@ -103,7 +104,8 @@ PARTS: list[Part] = [
          lambda s: f"127.0.0.1:{s.mon_port}", port=lambda s: s.mon_port),
     Part("ceph-osd", "ceph-osd", ceph.osd_argv, ceph.osd_ok, lambda s: "osd.0 (BlueStore)",
          timeout=90),
-    Part("s3", "radosgw", ceph.rgw_argv, ceph.rgw_ok, lambda s: f"{s.s3_url} (Ceph RGW)",
+    Part("s3", "radosgw", ceph.rgw_argv, ceph.rgw_ok,
+         lambda s: f"http://{s.service_address}:{s.s3_port} (Ceph RGW)",
          after=_after_s3, port=lambda s: s.s3_port, timeout=90),
     Part("prefect", "prefect", services.prefect_argv, services.prefect_ok,
          lambda s: f"http://127.0.0.1:{s.prefect_port}", env=services.prefect_env,
@@ -119,6 +121,56 @@ PARTS: list[Part] = [
 ]  # fmt: skip
 # Parts of earlier versions: stopped by `up` and `down` if a site still runs them.
 RETIRED: dict[str, str] = {"worker": "prefect"}  # the shared worker of pool aif-site
+NODE_PART = "slurmd"  # the one node's slurmd; a multi-node site's are slurmd-<node>
+
+
+def _node_part(name: str) -> Part:
+    """The slurmd of compute node ``name`` of a multi-node site, in its namespaces."""
+    return Part(
+        f"{NODE_PART}-{name}", "slurmd", partial(sp.slurmd_argv, name=name),
+        partial(sp.node_ok, name=name),
+        lambda s: f"{s.node_address(name)}:{s.slurmd_port} ({s.gpus_per_node} GPUs)",
+        env=lambda s: s.slurm_env(), timeout=90, launcher=partial(nodes.launcher, name=name),
+    )  # fmt: skip
+
+
+def parts(site: Site) -> list[Part]:
+    """The site's parts in start order: one slurmd, or one per compute node."""
+    if not site.multi_node:
+        return PARTS
+    out: list[Part] = []
+    for part in PARTS:
+        out += [_node_part(n) for n in site.node_names()] if part.name == NODE_PART else [part]
+    return out
+
+
+LAYOUT = "_layout"  # site.json's record of the node layout (its other keys are parts)
+# Parts whose configuration names the nodes or the bridge: restarted when the layout changes.
+LAYOUT_PARTS = ("slurmctld", "s3")
+
+
+def recorded_layout(site_dir: Path) -> dict[str, Any]:
+    rec = _load(Site(site_root(Path(site_dir)))).get(LAYOUT)
+    return dict(rec) if isinstance(rec, dict) else {}
+
+
+def _site(site_dir: Path, nodes_wanted: int | None = None,
+          gpus_per_node: int | None = None) -> Site:  # fmt: skip
+    """The site in ``site_dir`` with the layout asked for, else the one it has (else one
+    node with 2 GPUs)."""
+    rec = recorded_layout(site_dir)
+    n = nodes_wanted if nodes_wanted is not None else int(rec.get("nodes", 1))
+    g = gpus_per_node if gpus_per_node is not None else int(rec.get("gpus_per_node", 2))
+    if not 1 <= n <= 32:
+        raise SiteError(f"aif site up --nodes {n}: a site has 1 to 32 compute nodes")
+    if not 1 <= g <= 8:
+        raise SiteError(f"aif site up --gpus-per-node {g}: a node has 1 to 8 GPUs")
+    return Site(site_root(Path(site_dir)), nodes=n, gpus_per_node=g)
+
+
+def layout_of(site: Site) -> dict[str, Any]:
+    return {"nodes": site.nodes, "gpus_per_node": site.gpus_per_node,
+            "service_address": site.service_address, "node_names": site.node_names()}  # fmt: skip
 
 
 @dataclass
@@ -168,7 +220,14 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
         )
     log = site.logs / f"{part.name}.log"
     progress(f"starting {part.name}")
-    rec = procs.start(part.name, part.argv(site), log, env=part.env(site), cwd=site.root)
+    rec = procs.start(
+        part.name,
+        part.argv(site),
+        log,
+        env=part.env(site),
+        cwd=site.root,
+        launcher=part.launcher(site),
+    )
     rec.update(address=part.address(site), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     state[part.name] = rec
     _save(site, state)
@@ -225,16 +284,25 @@ def site_root(site_dir: Path) -> Path:
     return link
 
 
-def up(site_dir: Path, progress: Progress = print) -> list[PartStatus]:
-    """Start every part that is not already running and healthy; return their status."""
-    site = Site(site_root(Path(site_dir)))
+def up(site_dir: Path, progress: Progress = print, nodes_wanted: int | None = None,
+       gpus_per_node: int | None = None) -> list[PartStatus]:  # fmt: skip
+    """Start every part that is not already running and healthy; return their status.
+
+    ``nodes_wanted``/``gpus_per_node``: the layout (default: the site's current one)."""
+    site = _site(site_dir, nodes_wanted, gpus_per_node)
     t0 = time.monotonic()
     sp.ensure_packages(progress)
     sp.ensure_packages(progress, ceph.PACKAGES, recommends=False)
     for d in (site.root, site.logs, site.root / "pids"):
         d.mkdir(parents=True, exist_ok=True)
-    sp.render(site)
     state = _load(site)
+    _change_layout(site, state, progress)
+    sp.render(site)
+    ceph.render(site)
+    if site.multi_node:
+        made = nodes.ensure_network(site)
+        if made:
+            progress(f"compute nodes: made {', '.join(made)} ({site.subnet}.0/24)")
     _stop_retired(site, state, progress)
     started: list[Part] = []
     try:
@@ -258,7 +326,7 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
               progress: Progress) -> None:  # fmt: skip
     """Start the parts that are not running and healthy (each one started goes to
     ``started``), then the idempotent set-up: accounts, buckets, seed data, crash detection."""
-    for part in PARTS:
+    for part in parts(site):
         rec = _record(site, state, part.name)
         if procs.owns(rec):
             if part.healthy(site):
@@ -289,9 +357,56 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     services.ensure_work_pools(site, progress)
 
 
-def _stop_retired(site: Site, state: dict[str, Any], progress: Progress) -> list[str]:
-    """Stop what an earlier version of the site started as a part it no longer has."""
+def _change_layout(site: Site, state: dict[str, Any], progress: Progress) -> None:
+    """A new node layout: refused while jobs run; else the parts that name the nodes or
+    the bridge are stopped (and started again by `up`), the old nodes' slurmds with them
+    (_stop_retired), and the namespaces that the new layout has no more are removed."""
+    before = state.get(LAYOUT)
+    was = dict(before) if isinstance(before, dict) else {"nodes": 1, "gpus_per_node": 2}
+    now = layout_of(site)
+    keys = ("nodes", "gpus_per_node")
+    if [was.get(k) for k in keys] != [now[k] for k in keys] and _record(site, state, "slurmctld"):
+        if procs.owns(_record(site, state, "slurmctld")):
+            jobs = sp.running_jobs(site)
+            if jobs:
+                raise SiteError(
+                    f"aif site up --nodes {site.nodes}: job(s) {', '.join(jobs[:5])} still run "
+                    f"on the site's {was.get('nodes')} node(s): wait for them or scancel them, "
+                    "then change the layout"
+                )
+        for name in LAYOUT_PARTS:
+            rec = _record(site, state, name)
+            if rec.get("pid") and procs.stop(rec, name if name != "s3" else "radosgw"):
+                progress(f"stopped {name} (pid {rec['pid']}): the site's layout changes "
+                         f"from {was.get('nodes')} to {site.nodes} node(s)")  # fmt: skip
+            state.pop(name, None)
+            _pidfile(site, name).unlink(missing_ok=True)
+    state[LAYOUT] = now
+    _save(site, state)
+    if not site.multi_node:
+        _stop_nodes(site, state, progress)
+        nodes.remove_network(site)
+
+
+def _stop_nodes(site: Site, state: dict[str, Any], progress: Progress,
+                keep: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """Stop every recorded slurmd whose part is not in ``keep``."""
     stopped = []
+    for name in [k for k in state if k.startswith(NODE_PART) and k not in keep]:
+        rec = _record(site, state, name)
+        if rec.get("pid") and procs.stop(rec, "slurmd"):
+            progress(f"stopped {name} (pid {rec['pid']}): not a node of this layout")
+            stopped.append(name)
+        state.pop(name, None)
+        _pidfile(site, name).unlink(missing_ok=True)
+    _save(site, state)
+    return stopped
+
+
+def _stop_retired(site: Site, state: dict[str, Any], progress: Progress) -> list[str]:
+    """Stop what an earlier version of the site started as a part it no longer has, and
+    the slurmds of nodes that the site's layout no longer has."""
+    stopped = _stop_nodes(site, state, progress, keep=tuple(p.name for p in parts(site)))
     for name, expect in RETIRED.items():
         rec = _record(site, state, name)
         if rec.get("pid") and procs.stop(rec, expect):
@@ -306,10 +421,10 @@ def _stop_retired(site: Site, state: dict[str, Any], progress: Progress) -> list
 
 def status(site_dir: Path) -> list[PartStatus]:
     """Health and address of every part; starts nothing."""
-    site = Site(site_root(Path(site_dir)))
+    site = _site(site_dir)
     state = _load(site)
     out = []
-    for part in PARTS:
+    for part in parts(site):
         rec = _record(site, state, part.name)
         running = procs.owns(rec)
         healthy = running and part.healthy(site)
@@ -349,10 +464,10 @@ def down(site_dir: Path, progress: Progress = print) -> list[str]:
 
     Nothing else is signalled, and no state (data, logs, configs) is removed.
     """
-    site = Site(site_root(Path(site_dir)))
+    site = _site(site_dir)
     state = _load(site)
     stopped = []
-    for part in reversed(PARTS):
+    for part in reversed(parts(site)):
         rec = _record(site, state, part.name)
         if part.before_stop is not None and procs.owns(rec):
             part.before_stop(site, progress)
@@ -362,6 +477,10 @@ def down(site_dir: Path, progress: Progress = print) -> list[str]:
         state.pop(part.name, None)
         _pidfile(site, part.name).unlink(missing_ok=True)
     stopped += _stop_retired(site, state, progress)
+    stopped += _stop_nodes(site, state, progress)
+    removed = nodes.remove_network(site)
+    if removed:
+        progress(f"removed the compute nodes' namespaces and bridge: {', '.join(removed)}")
     sp.unlink_default_munge_socket(site)
     _save(site, state)
     return stopped

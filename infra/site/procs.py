@@ -107,16 +107,19 @@ def session_members(sid: int, proc: Path = PROC) -> list[int]:
 
 def start(
     name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
+    cwd: Path | None = None, launcher: Sequence[str] = (),
 ) -> dict[str, Any]:  # fmt: skip
-    """Start a daemon in its own session; return its record (pid, argv, identity)."""
+    """Start a daemon in its own session; return its record (pid, argv, identity).
+
+    ``launcher`` runs first and execs ``argv`` in the same process (nsenter, unshare): the
+    record names ``argv``, the command line that the pid then has."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n== aif site: starting {name}: {' '.join(argv)}\n".encode())
         log.flush()
         try:
             proc = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [*launcher, *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})}, cwd=str(cwd) if cwd else None,
                 start_new_session=True,
             )  # fmt: skip

@@ -39,13 +39,46 @@ def ensure_packages(progress: Callable[[str], None], packages: Mapping[str, str]
 CONFS = ("slurm.conf", "gres.conf", "slurmdbd.conf")
 
 
+def gpu_files(site: Site, index: int) -> str:
+    """gres.conf's File= of the ``index``-th node: its own devices (nvidia<first>-<last>)."""
+    first = index * site.gpus_per_node
+    last = first + site.gpus_per_node - 1
+    span = f"[{first}-{last}]" if last > first else f"{first}"
+    return f"{site.dev_dir}/nvidia{span}"
+
+
+def node_values(site: Site) -> dict[str, object]:
+    """slurm.conf's and gres.conf's node lines: the host itself (one node), or one line per
+    compute node of a multi-node site, each at its bridge address with its own GPUs and an
+    equal share of the memory (the nodes share this machine's cores)."""
+    cpus = os.cpu_count() or 1
+    names = site.node_names()
+    mem = memory_mb() // len(names)
+    nodes = []
+    gres = []
+    for i, name in enumerate(names):
+        nodes.append(f"NodeName={name} NodeAddr={site.node_address(name)} CPUs={cpus} "
+                     f"RealMemory={mem} Gres=gpu:{site.gpus_per_node} State=UNKNOWN")  # fmt: skip
+        where = f"NodeName={name} " if site.multi_node else ""
+        gres.append(f"{where}Name=gpu File={gpu_files(site, i)}")
+    multi = site.multi_node
+    return {
+        "node_lines": "\n".join(nodes), "gres_lines": "\n".join(gres),
+        "nodes": ",".join(names), "ctld_addr": site.service_address,
+        # Every node's spool, pid and log of its own; a dead node is noticed in ~17 s and
+        # a requeued job's credentials expire in 30 s (not 120 s) before it may restart.
+        "per_node": "/%n" if multi else "", "node_suffix": "-%n" if multi else "",
+        "slurmd_timeout": 15 if multi else 60, "cred_expire": ",cred_expire=30" if multi else "",
+    }  # fmt: skip
+
+
 def conf_values(site: Site) -> dict[str, object]:
     """Everything the config templates in infra/templates/ refer to."""
     return {
         "cluster": CLUSTER, "host": host(), "ctld_port": site.ctld_port,
         "slurmd_port": site.slurmd_port, "dbd_port": site.dbd_port, "db_port": site.db_port,
-        "munge_socket": site.munge_socket, "dir": site.slurm_dir, "cpus": os.cpu_count() or 1,
-        "mem_mb": memory_mb(), "dev_dir": site.dev_dir, "db_pass": site.db_password(),
+        "munge_socket": site.munge_socket, "dir": site.slurm_dir,
+        "dev_dir": site.dev_dir, "db_pass": site.db_password(), **node_values(site),
     }  # fmt: skip
 
 
@@ -62,6 +95,9 @@ def render(site: Site) -> None:
     d = site.slurm_dir
     for sub in ("state", "spool"):
         (d / sub).mkdir(parents=True, exist_ok=True)
+    if site.multi_node:  # slurmd does not make its SlurmdSpoolDir=.../%n itself
+        for name in site.node_names():
+            (d / "spool" / name).mkdir(exist_ok=True)
     for name, text in render_confs(site).items():
         path = d / name
         tmp = path.with_suffix(".tmp")
@@ -72,9 +108,10 @@ def render(site: Site) -> None:
 
 
 def make_gpu_devices(site: Site) -> None:
-    """Two character devices (c 195 0|1, like /dev/nvidiaN) for gres.conf's File=."""
+    """Character devices (c 195 N, like /dev/nvidiaN) for gres.conf's File=: two on one
+    node, gpus_per_node for each compute node of a multi-node site."""
     site.dev_dir.mkdir(parents=True, exist_ok=True)
-    for i in (0, 1):
+    for i in range(max(2, site.gpus_per_node * len(site.node_names()))):
         dev = site.dev_dir / f"nvidia{i}"
         if not dev.exists():
             os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(195, i))
@@ -367,23 +404,30 @@ def slurmctld_ok(site: Site) -> bool:
     return out.returncode == 0 and "UP" in out.stdout
 
 
-def slurmd_argv(site: Site) -> list[str]:
-    return ["slurmd", "-D", "-f", str(site.slurm_conf), "-N", host()]
+def slurmd_argv(site: Site, name: str | None = None) -> list[str]:
+    return ["slurmd", "-D", "-f", str(site.slurm_conf), "-N", name or host()]
 
 
-def node_state(site: Site) -> str:
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+def node_state(site: Site, name: str | None = None) -> str:
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", name or host(), "-o", "%T"],
+                         capture_output=True, text=True,
                          env={**os.environ, **site.slurm_env()})  # fmt: skip
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
 
 
-def slurmd_ok(site: Site) -> bool:
-    state = node_state(site).rstrip("*~#!%$@^-")
+def node_ok(site: Site, name: str) -> bool:
+    """The node serves jobs; a node that Slurm set down (its slurmd was gone) is resumed
+    once its slurmd runs again."""
+    state = node_state(site, name).rstrip("*~#!%$@^-")
     if state in ("down", "drained", "draining", "drain"):
-        subprocess.run(["scontrol", "update", f"nodename={host()}", "state=resume"],
+        subprocess.run(["scontrol", "update", f"nodename={name}", "state=resume"],
                        capture_output=True, env={**os.environ, **site.slurm_env()})  # fmt: skip
         return False
     return state in ("idle", "mixed", "allocated", "completing")
+
+
+def slurmd_ok(site: Site) -> bool:
+    return node_ok(site, host())
 
 
 def running_jobs(site: Site) -> list[str]:

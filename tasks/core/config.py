@@ -52,7 +52,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from aifactory.tasks.core.errors import ConfigError
-from aifactory.tasks.core.home import aif_home, site_dir
+from aifactory.tasks.core.home import aif_home, site_address, site_dir
 from aifactory.tasks.core.home import stray_state_hint as stray_state_hint  # for the CLI
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "infra" / "profiles"
@@ -1453,6 +1453,7 @@ def load_profile(
         raise ConfigError(f"{where}: {home} is not a folder (aif keeps its lake, registry and "
                           "runs there)")  # fmt: skip
     env["AIF_SITE_DIR"] = str(site_dir(env, cwd=base))
+    env["AIF_SITE_ADDR"] = site_address(env, cwd=base)
     env["AIF_HOME"] = str(home)
 
     chain = _profile_chain(path, env)
@@ -1534,6 +1535,9 @@ _ENV_DOC = (
     ("AIF_SITE_DIR", "The local site's folder (`aif site up`: Slurm, object store, MLflow, "
      "Prefect), made absolute. Default: `$AIF_HOME/site`. Profiles read it as "
      "`${AIF_SITE_DIR}` (always set)."),
+    ("AIF_SITE_ADDR", "Where compute nodes reach the site's object store and Dask schedulers. "
+     "Default: the address `aif site up` recorded (a multi-node site's bridge, `10.87.0.1`), "
+     "else `127.0.0.1`. Profiles read it as `${AIF_SITE_ADDR}` (always set)."),
     ("AIF_SECTION__KEY", "Sets `section.key` (nested keys: more `__`, e.g. "
      "`AIF_DATASPACE__GENERATE__ROWS`); see the tables below."),
 )  # fmt: skip

@@ -50,6 +50,26 @@ def site_dir(env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -
     return aif_home(env, cwd=cwd) / "site"
 
 
+SITE_ADDR_VAR = "AIF_SITE_ADDR"
+
+
+def site_address(env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> str:
+    """Where compute nodes reach the site's services: ``$AIF_SITE_ADDR`` if set, else the
+    address that `aif site up` recorded for the site's layout (a multi-node site's bridge),
+    else loopback."""
+    import json
+
+    env = os.environ if env is None else env
+    if env.get(SITE_ADDR_VAR):
+        return env[SITE_ADDR_VAR]
+    try:
+        state = json.loads((site_dir(env, cwd=cwd) / "site.json").read_text())
+        addr = state.get("_layout", {}).get("service_address")
+    except (OSError, ValueError, AttributeError):
+        addr = None
+    return addr if isinstance(addr, str) and addr else "127.0.0.1"
+
+
 def stray_state_hint(cwd: Path, home: Path) -> str | None:
     """A one-line note when ``cwd/.aif`` holds an older version's state (its ``local`` or
     ``site`` folder) and is not the home; None otherwise. The CLI prints it once."""

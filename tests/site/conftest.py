@@ -115,3 +115,31 @@ def site_run(site_profile: Profile) -> dict[str, Any]:
     record_path = Path(site_profile.runs_dir) / "pipeline" / f"{run_id}.json"
     record = json.loads(record_path.read_text())
     return {"result": res, "flow_run_id": run_id, "record": record}
+
+
+def running_training(proc: subprocess.Popen[str], out: list[str],
+                     checkpoints: int = 2) -> tuple[str, str]:  # fmt: skip
+    """Read an `aif run`'s output (kept in ``out``) until its training job runs, then wait
+    until its ledger has ``checkpoints`` epochs; the job id and run folder."""
+    import re
+    import time
+
+    assert proc.stdout is not None
+    job = run_dir = ""
+    for line in proc.stdout:
+        out.append(line)
+        m = re.search(r"script (.+)/train\.sbatch", line)
+        run_dir = m.group(1) if m else run_dir
+        m = re.search(r"\[train\] job (\d+): RUNNING", line)
+        if m:
+            job = m.group(1)
+            break
+    assert job and run_dir, "".join(out)
+    ledger = Path(run_dir, "ledger.jsonl")
+    deadline = time.monotonic() + 60
+    while (not ledger.exists() or len(ledger.read_text().splitlines()) < checkpoints) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert ledger.exists(), "no epoch was checkpointed"
+    return job, run_dir

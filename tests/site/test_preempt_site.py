@@ -16,7 +16,7 @@ import pytest
 
 from aifactory.tasks.core.config import Profile
 from aifactory.tasks.doors.slurm import SlurmClient
-from tests.site.conftest import AIF, REPO, child_environ
+from tests.site.conftest import AIF, REPO, child_environ, running_training
 
 pytestmark = pytest.mark.site
 
@@ -32,27 +32,11 @@ def test_requeued_job_resumes_and_the_ledger_adds_up(site_profile: Profile) -> N
     cmd = [AIF, "run", "--profile", "site", "--epochs", str(epochs)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    assert proc.stdout is not None
     out: list[str] = []
     job = run_dir = ""
     try:
-        for line in proc.stdout:
-            out.append(line)
-            m = re.search(r"script (.+)/train\.sbatch", line)
-            if m:
-                run_dir = m.group(1)
-            m = re.search(r"\[train\] job (\d+): RUNNING", line)
-            if m:
-                job = m.group(1)
-                break
-        assert job and run_dir, "".join(out)
+        job, run_dir = running_training(proc, out)
         ledger = Path(run_dir, "ledger.jsonl")
-        deadline = time.monotonic() + 60
-        while (not ledger.exists() or len(ledger.read_text().splitlines()) < 2) and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.2)
-        assert ledger.exists(), "no epoch was checkpointed"
         slurm.run(["scontrol", "requeue", job])  # what a preemption with REQUEUE does
         deadline = time.monotonic() + 60
         while _state(slurm, job) not in ("PENDING",) and time.monotonic() < deadline:

@@ -53,3 +53,16 @@ def test_a_home_that_is_a_file_is_one_error(tmp_path: Path) -> None:
     bad.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"environment variable AIF_HOME: .* is not a folder"):
         load_profile("local", env={"AIF_HOME": str(bad), "HOME": str(tmp_path)})
+
+
+def test_site_address_follows_the_site_layout(tmp_path: Path) -> None:
+    from aifactory.tasks.core.home import site_address
+
+    env = {"AIF_SITE_DIR": str(tmp_path / "s")}
+    assert site_address(env) == "127.0.0.1"  # no site yet
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "site.json").write_text('{"_layout": {"service_address": "10.87.0.1"}}')
+    assert site_address(env) == "10.87.0.1"
+    assert site_address({**env, "AIF_SITE_ADDR": "192.0.2.9"}) == "192.0.2.9"  # env wins
+    (tmp_path / "s" / "site.json").write_text("{not json")
+    assert site_address(env) == "127.0.0.1"

@@ -163,3 +163,14 @@ def test_a_retired_part_is_stopped_by_up_and_down(
     finally:
         manager.down(site_dir, progress=msgs.append)
         procs.stop(rec, "aif-site-test-daemon")
+
+
+def test_a_layout_out_of_range_is_refused_in_one_line(tmp_path: Path) -> None:
+    from aifactory.infra.site import manager
+    from aifactory.tasks.core.errors import SiteError
+
+    for kwargs, word in (({"nodes_wanted": 40}, "--nodes 40"), ({"gpus_per_node": 0}, "--gpus")):
+        with pytest.raises(SiteError, match=word) as err:
+            manager._site(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
+        assert "\n" not in str(err.value)
+    assert manager._site(tmp_path / "s").nodes == 1  # a new site: one node

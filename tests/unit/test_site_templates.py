@@ -116,3 +116,38 @@ def test_gpu_devices_are_character_devices(site: Site) -> None:
         st = (site.dev_dir / f"nvidia{i}").stat()
         assert stat.S_ISCHR(st.st_mode)
         assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (195, i)
+
+
+def test_a_multi_node_site_names_each_node_at_its_bridge_address(tmp_path: Path) -> None:
+    site = Site(tmp_path / "site", nodes=3, gpus_per_node=1)
+    confs = slurm_parts.render_confs(site)
+    text = confs["slurm.conf"]
+    conf = _conf(text)
+    assert conf["SlurmctldHost"] == f"{host()}(10.87.0.1)"
+    assert conf["SlurmdSpoolDir"].endswith("/spool/%n")  # one spool, pid and log per node
+    assert conf["SlurmdPidFile"].endswith("slurmd-%n.pid")
+    assert conf["SlurmdTimeout"] == "15" and conf["AuthInfo"].endswith(",cred_expire=30")
+    lines = [ln for ln in text.splitlines() if ln.startswith("NodeName=")]
+    assert [ln.split()[:2] for ln in lines] == [
+        ["NodeName=aif-n1", "NodeAddr=10.87.0.11"], ["NodeName=aif-n2", "NodeAddr=10.87.0.12"],
+        ["NodeName=aif-n3", "NodeAddr=10.87.0.13"],
+    ]  # fmt: skip
+    assert all("Gres=gpu:1" in ln and f"RealMemory={memory_mb() // 3}" in ln for ln in lines)
+    assert "PartitionName=gpu Nodes=aif-n1,aif-n2,aif-n3 " in text
+    gres = [ln for ln in confs["gres.conf"].splitlines() if ln.startswith("NodeName=")]
+    assert gres == [f"NodeName=aif-n{i + 1} Name=gpu File={site.dev_dir}/nvidia{i}"
+                    for i in range(3)]  # fmt: skip  # each node its own device
+    slurm_parts.render(site)
+    assert sorted(p.name for p in (site.slurm_dir / "spool").iterdir()) == [
+        "aif-n1",
+        "aif-n2",
+        "aif-n3",
+    ]
+
+
+def test_the_one_node_site_is_rendered_as_before(site: Site) -> None:
+    confs = slurm_parts.render_confs(site)
+    conf = _conf(confs["slurm.conf"])
+    assert conf["SlurmctldHost"] == f"{host()}(127.0.0.1)"
+    assert conf["SlurmdSpoolDir"] == f"{site.slurm_dir}/spool" and conf["SlurmdTimeout"] == "60"
+    assert f"Name=gpu File={site.dev_dir}/nvidia[0-1]" in confs["gres.conf"].splitlines()

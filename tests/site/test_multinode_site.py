@@ -1,0 +1,313 @@
+"""A multi-node site (`aif site up --nodes 2`): two compute nodes, each a slurmd in network,
+UTS and mount namespaces of its own on the site's bridge. These tests run after every other
+site test (tests/conftest.py orders them last) on the same site, which they switch to two
+nodes and back to one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aifactory.infra.site import manager, nodes
+from aifactory.infra.site.layout import Site
+from aifactory.tasks.core.config import DaskSpec, Profile, default_features, load_profile
+from aifactory.tasks.core.home import site_dir
+from aifactory.tasks.data.datagen import generate_mobility
+from aifactory.tasks.doors.dask_cluster import open_cluster
+from aifactory.tasks.doors.slurm import SlurmClient
+from aifactory.tasks.stages import features as F
+from aifactory.tasks.stages.features import resolve_config
+from aifactory.tasks.stages.ingest import IngestOptions, ingest
+from aifactory.tasks.stages.preprocess import plan, run_preprocess
+from tests.site.conftest import aif
+
+pytestmark = [pytest.mark.site, pytest.mark.multinode]
+NODES = ["aif-n1", "aif-n2"]
+OBJECTS = 12
+
+
+@pytest.fixture(scope="module")
+def multinode(site_profile: Profile) -> Iterator[tuple[Site, Profile]]:
+    res = aif("site", "up", "--nodes", "2", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    site = manager._site(site_dir())
+    assert site.node_names() == NODES
+    yield site, load_profile("site")
+    back = aif("site", "up", "--nodes", "1", timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
+def _slurm(profile: Profile) -> SlurmClient:
+    return SlurmClient(env=profile.child_env())
+
+
+def test_nodes_are_separate_hosts_that_cannot_reach_the_control_plane(
+    multinode: tuple[Site, Profile],
+) -> None:
+    site, profile = multinode
+    st = aif("site", "status")
+    assert st.returncode == 0, st.stdout
+    assert "slurmd-aif-n1" in st.stdout and "slurmd-aif-n2" in st.stdout, st.stdout
+    assert " slurmd " not in st.stdout  # the login node runs no slurmd of its own
+    # The profile follows the layout: the object store and the Dask scheduler are at the
+    # bridge address, which both sides reach.
+    assert profile.object_store.endpoint_url == f"http://{site.service_address}:9010"
+    assert profile.dask.scheduler_host == site.service_address
+    for node in NODES:
+        # What the nodes need: Slurm's controller and the object store.
+        assert nodes.can_connect(node, site.service_address, site.ctld_port)
+        assert nodes.can_connect(node, site.service_address, site.s3_port)
+        # The control plane is not reachable from a compute node at any address: not at
+        # the bridge's, not at this host's own, not on the node's own loopback.
+        for port in (site.prefect_port, site.mlflow_port, site.db_port):
+            for addr in (site.service_address, "127.0.0.1", *_host_addresses()):
+                assert not nodes.can_connect(node, addr, port), (node, addr, port)
+    # The nodes' services bind to the bridge address, never to every address.
+    listening = _listening()
+    assert (site.service_address, site.s3_port) in listening
+    assert ("0.0.0.0", site.s3_port) not in listening and ("::", site.s3_port) not in listening
+
+
+def _host_addresses() -> list[str]:
+    import psutil
+
+    own = ("127.", "10.87.")
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family.name == "AF_INET" and not a.address.startswith(own)]  # fmt: skip
+
+
+def _listening() -> set[tuple[str, int]]:
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN}  # fmt: skip
+
+
+def test_one_job_spans_both_nodes_with_a_gpu_each(
+    multinode: tuple[Site, Profile], tmp_path: Path
+) -> None:
+    _, profile = multinode
+    out = tmp_path / "out"
+    script = tmp_path / "j.sh"
+    script.write_text(
+        "#!/bin/bash\nsrun bash -c 'echo $(hostname) $SLURMD_NODENAME "
+        '$CUDA_VISIBLE_DEVICES $(getent hosts aif-n2 | cut -d" " -f1)\'\n'
+    )
+    slurm = _slurm(profile)
+    slurm.run(["sbatch", "--wait", "-N2", "--ntasks-per-node=1", "-p", "gpu",
+                      "--gres=gpu:1", "-A", "startup-a", f"--output={out}", str(script)],
+                     timeout=120)  # fmt: skip
+    lines = sorted(out.read_text().split("\n")[:-1])
+    assert lines == ["aif-n1 aif-n1 0 10.87.0.12", "aif-n2 aif-n2 0 10.87.0.12"], lines
+
+
+@pytest.fixture(scope="module")
+def snapshot(multinode: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("mn")
+    generate_mobility(f"file://{root}/ds", rows=240_000, objects=OBJECTS, seed=5)
+    opts = IngestOptions(startup="startup-a", purpose="trip-duration-prediction")
+    snap = ingest(f"file://{root}/ds", f"file://{root}/lake", "mobility-trips", {}, {}, opts)
+    return root, snap
+
+
+def _ledgered(ledger: Path, delay_s: float) -> Any:
+    def transform(i: int, *args: Any) -> dict[str, Any]:
+        # One file per attempt on the shared disk: partition, node, job; "done" once written.
+        tag = f"{i:03d}-{os.uname().nodename}-{os.environ.get('SLURM_JOB_ID')}-{time.time_ns()}"
+        (ledger / f"{tag}.start").touch()
+        time.sleep(delay_s)
+        out = F.featurize_partition(i, *args)
+        (ledger / f"{tag}.done").touch()
+        return out
+
+    return transform
+
+
+def _attempts(ledger: Path, suffix: str) -> list[tuple[str, str]]:
+    return sorted((p.name.split("-")[0], "-".join(p.name.split("-")[1:3]))
+                  for p in ledger.glob(f"*{suffix}"))  # fmt: skip
+
+
+def _same_bytes_as_one_node(fset: Any, snap: Any, cfg: Any, ref_lake: str) -> None:
+    """Byte for byte the feature set of the same transform computed on the login node."""
+    for i, o in enumerate(snap.objects):
+        ref = F.featurize_partition(i, o.lake_path, ref_lake, {}, cfg)
+        for name, entry in ref["splits"].items():
+            got = Path(fset.splits[name].files[i].removeprefix("file://")).read_bytes()
+            assert hashlib.sha256(got).hexdigest() == entry["sha256"], (name, i)
+
+
+def _preprocess(profile: Profile, root: Path, snap: Any, name: str, transform: Any,
+                progress: Any = None) -> tuple[Any, Any]:  # fmt: skip
+    # Each worker takes a whole node's 2 CPUs: the two workers are on two nodes.
+    spec = DaskSpec(kind="slurm", workers=2, cores=2, memory="2GiB", walltime="00:10:00",
+                    scheduler_host=profile.dask.scheduler_host)  # fmt: skip
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
+    slurm = _slurm(profile)
+    job_name = f"aif-dask-mn-{name}"
+    logs = str(root / f"logs-{name}")
+    with open_cluster(spec, account="startup-a", job_name=job_name, slurm=slurm,
+                      log_dir=logs, log=lambda m: None) as (client, info):  # fmt: skip
+        fset = run_preprocess(snap, lake_url=f"file://{root}/lake-{name}", storage_options={},
+                              client=client, config=cfg, fs_id=fs_id,
+                              cluster_info=info.as_dict(), cluster=info,
+                              progress=progress or (lambda m: None),
+                              transform=transform)  # fmt: skip
+    assert slurm.jobs_named(job_name) == [], "worker jobs left in squeue"
+    return fset, cfg
+
+
+def test_dask_workers_on_two_nodes_give_the_one_node_result(
+    multinode: tuple[Site, Profile], snapshot: Any
+) -> None:
+    _, profile = multinode
+    root, snap = snapshot
+    ledger = root / "ledger-spread"
+    ledger.mkdir()
+    fset, cfg = _preprocess(profile, root, snap, "spread", _ledgered(ledger, 0.5))
+    done = _attempts(ledger, ".done")
+    assert sorted(p for p, _ in done) == [f"{i:03d}" for i in range(OBJECTS)], done
+    on_nodes = {p.name.split("-")[1] + "-" + p.name.split("-")[2] for p in ledger.glob("*.done")}
+    assert on_nodes == set(NODES), f"partitions ran on {on_nodes}, not on both nodes"
+    _same_bytes_as_one_node(fset, snap, cfg, f"file://{root}/ref-spread")
+
+
+def test_a_node_dies_under_dask_workers_and_its_partitions_run_again_once(
+    multinode: tuple[Site, Profile], snapshot: Any
+) -> None:
+    _, profile = multinode
+    root, snap = snapshot
+    ledger = root / "ledger-kill"
+    ledger.mkdir()
+    killed: list[int] = []
+    killed_at: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            # Kill aif-n2 while one of its partitions is in flight (started, not done).
+            started = {p.name.removesuffix(".start") for p in ledger.glob("*aif-n2*.start")}
+            finished = {p.name.removesuffix(".done") for p in ledger.glob("*aif-n2*.done")}
+            if started - finished and finished:
+                killed.extend(nodes.kill_node("aif-n2"))
+                killed_at.append(time.time_ns())  # nothing runs on aif-n2 after this
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        fset, cfg = _preprocess(profile, root, snap, "kill", _ledgered(ledger, 1.0))
+    finally:
+        t.join(timeout=5)
+        up = aif("site", "up", timeout=600)  # the dead node's slurmd again, back in service
+        assert up.returncode == 0, up.stdout + up.stderr
+    assert killed, "aif-n2 was never killed"
+    by_part: dict[str, list[tuple[int, str, bool]]] = {}
+    done = {p.stem for p in ledger.glob("*.done")}
+    for p in ledger.glob("*.start"):
+        part, node, _, t_ns = p.stem.split("-", 1)[0], *p.stem.split("-", 1)[1].rsplit("-", 2)
+        by_part.setdefault(part, []).append((int(t_ns), node, p.stem in done))
+    assert sorted(by_part) == [f"{i:03d}" for i in range(OBJECTS)], sorted(by_part)
+    again = {k: sorted(v) for k, v in by_part.items() if len(v) > 1}
+    # What the dead node held (in flight, or done but not yet handed back) ran again, once,
+    # after the kill, on the surviving node; nothing else ran twice.
+    assert again, "no partition of the dead node ran again"
+    assert any(not ok for v in again.values() for _, _, ok in v), again
+    for part, attempts in again.items():
+        *lost, last = attempts
+        assert all(node == "aif-n2" and t < killed_at[0] for t, node, _ in lost), (part, attempts)
+        assert last[1] == "aif-n1" and last[2], (part, attempts)
+        assert len(lost) == 1, (part, attempts)
+    _same_bytes_as_one_node(fset, snap, cfg, f"file://{root}/ref-kill")
+    states = set(_slurm(profile).run(["sinfo", "-h", "-N", "-n", "aif-n2", "-o", "%T"]).split())
+    assert states <= {"idle", "mixed", "allocated"}, f"aif site up left aif-n2 {states}"
+
+
+def _run_record(profile: Profile, res: Any) -> dict[str, Any]:
+    ui = [ln for ln in res.stdout.splitlines() if ln.startswith("Prefect UI:")]
+    run_id = ui[0].rsplit("/", 1)[-1]
+    return dict(json.loads((Path(profile.runs_dir) / "pipeline" / f"{run_id}.json").read_text()))
+
+
+def _weights(run_dir: str) -> str:
+    return (Path(run_dir) / "weights.sha256").read_text().strip()
+
+
+def test_training_across_two_nodes_equals_two_gpus_on_one(
+    multinode: tuple[Site, Profile],
+) -> None:
+    _, profile = multinode
+    seed = str(int(time.time()) % 1_000_000 + 77)
+    runs = {}
+    for label, (n, g) in {"2x1": (2, 1), "1x2": (1, 2)}.items():
+        env = {"AIF_TRAINING__NODES": str(n), "AIF_TRAINING__GPUS_PER_NODE": str(g),
+               "AIF_TRAINING__SEED": seed}  # fmt: skip
+        res = aif("run", "--profile", "site", "--epochs", "2", env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "rank 0 of 2" in res.stdout and "rank 1 of 2" in res.stdout, res.stdout
+        runs[label] = _run_record(profile, res)["trained"]
+    rec = _slurm(profile).sacct_record(runs["2x1"]["slurm_job_ids"][-1])
+    assert rec is not None and rec["NodeList"] == "aif-n[1-2]", rec
+    assert _weights(runs["2x1"]["run_dir"]) == _weights(runs["1x2"]["run_dir"])
+
+
+def test_a_node_dies_under_training_and_the_job_resumes_on_the_other(
+    multinode: tuple[Site, Profile],
+) -> None:
+    """The training job's node is killed (its slurmd and the job's processes at once):
+    Slurm sets the node down and requeues the job, which resumes from its last checkpoint
+    on the other node; no step is lost or repeated, and `aif site up` brings the node back."""
+    import math
+    import subprocess
+
+    from tests.site.conftest import AIF, REPO, child_environ, running_training
+
+    _, profile = multinode
+    slurm = _slurm(profile)
+    epochs = 40
+    env = child_environ({"AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 91)})
+    proc = subprocess.Popen([AIF, "run", "--profile", "site", "--epochs", str(epochs)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out: list[str] = []
+    job = run_dir = ""
+    try:
+        job, run_dir = running_training(proc, out)
+        ledger = Path(run_dir, "ledger.jsonl")
+        node = slurm.run(["squeue", "-h", "-j", job, "-o", "%N"]).strip()
+        assert node in NODES, node
+        assert nodes.kill_node(node), f"nothing ran on {node}"
+        rest, _ = proc.communicate(timeout=600)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        up = aif("site", "up", timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+    text = "".join(out)
+    assert proc.returncode == 0, text
+    other = next(n for n in NODES if n != node)
+    assert f"aif: job {job} on {other} restart 1 " in text, text
+    assert "resumed from checkpoint at epoch" in text, text
+    attempts: dict[str, dict[str, Any]] = {}
+    for e in (json.loads(ln) for ln in ledger.read_text().splitlines()):
+        attempts[e["restart"]] = e
+    assert sorted(attempts) == ["0", "1"], attempts
+    first, second = attempts["0"], attempts["1"]
+    metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+    steps_per_epoch = math.ceil(metrics["train_rows"] / 512)
+    assert second["to"] == [epochs, 0]
+    # Resumed from the last checkpoint: the steps of the dead node after it were done again.
+    assert second["from"][0] <= first["to"][0] and second["from"] != [0, 0], attempts
+    assert (second["to"][0] - second["from"][0]) * steps_per_epoch <= epochs * steps_per_epoch
+    for n in NODES:
+        states = set(slurm.run(["sinfo", "-h", "-N", "-n", n, "-o", "%T"]).split())
+        assert states <= {"idle", "mixed", "allocated"}, f"{n} is {states} after aif site up"
