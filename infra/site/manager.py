@@ -77,7 +77,10 @@ def _after_slurmctld(site: Site, _p: Progress) -> None:
 
 def _before_stop_slurmctld(site: Site, progress: Progress) -> None:
     jobs = sp.running_jobs(site)
-    if jobs:
+    if jobs and site.multi_node:
+        progress(f"note: job(s) {', '.join(jobs)} still running: they end with their compute "
+                 "nodes (Slurm requeues or fails them at the next `up`)")  # fmt: skip
+    elif jobs:
         progress(
             f"note: job(s) {', '.join(jobs)} still running: their steps keep running and are "
             "re-adopted by the next `up` (scancel them first to stop them)"

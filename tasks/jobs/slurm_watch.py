@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from aifactory.tasks.core.errors import SlurmCommandError, TrainingError
+from aifactory.tasks.core.errors import SlurmCommandError, SlurmError, TrainingError
 from aifactory.tasks.core.jobfiles import read_job_bytes
 from aifactory.tasks.doors.slurm import TERMINAL_STATES, SlurmClient, SlurmUnreachable
 
@@ -158,6 +158,23 @@ def _poll_state(client: SlurmClient, job_id: str, outage: _Outage,
         return "UNKNOWN"
     outage.ok()
     return state
+
+
+def _requeue_reason(client: SlurmClient, job_id: str) -> str:
+    """Why the job's last attempt ended, from sacct's record of each attempt (-D): " after
+    NODE_FAIL on aif-n2" (a node that died), " after REQUEUED on aif-n1" (scontrol requeue,
+    a preemption); "" when the accounting does not say."""
+    try:
+        recs = client.sacct(("JobID", "State", "NodeList"), jobs=[job_id], args=["-D"])
+    except SlurmError:
+        return ""
+    earlier = [r for r in recs if r.get("JobID") == job_id][:-1]
+    if not earlier or not earlier[-1].get("State"):
+        return ""
+    last = earlier[-1]
+    node = last.get("NodeList") or ""
+    where = f" on {node}" if node and node != "None assigned" else ""
+    return f" after {last['State']}{where}"
 
 
 def _final_record(client: SlurmClient, job_id: str, outage: _Outage,
@@ -303,8 +320,8 @@ def _watch_one(
                 if state == "RUNNING":
                     if ran and left:  # running again after it had stopped: a requeue
                         requeues += 1
-                        log(f"job {job_id}: requeued (restart {requeues}); it resumes from its "
-                            "checkpoint")  # fmt: skip
+                        log(f"job {job_id}: requeued{_requeue_reason(client, job_id)} (restart "
+                            f"{requeues}); it resumes from its checkpoint")  # fmt: skip
                     ran, left = True, False
                 elif ran and state not in TERMINAL_STATES:
                     left = True  # COMPLETING, PENDING, REQUEUED…: it stopped running

@@ -109,6 +109,52 @@ def test_one_job_spans_both_nodes_with_a_gpu_each(
     assert lines == ["aif-n1 aif-n1 0 10.87.0.12", "aif-n2 aif-n2 0 10.87.0.12"], lines
 
 
+def test_a_startups_job_on_a_node_cannot_reach_the_control_plane(
+    multinode: tuple[Site, Profile],
+) -> None:
+    """The same from inside a job that runs as a start-up's user: no connection to Prefect
+    or MLflow, and no way back into the login side's network namespace (nsenter needs
+    privileges its user has not)."""
+    import pwd
+    import sys
+
+    site, profile = multinode
+    home = Path(pwd.getpwnam("startup-a").pw_dir)
+    out = home / f"mn-probe-{time.time_ns()}.out"
+    probe = (
+        "import socket, sys\n"
+        "for a, p in [(h, int(q)) for h, q in (x.split(':') for x in sys.argv[1:])]:\n"
+        "    try:\n"
+        "        socket.create_connection((a, p), timeout=3); print(a, p, 'open')\n"
+        "    except OSError:\n"
+        "        print(a, p, 'refused')\n"
+    )
+    targets = [f"{a}:{p}" for a in (site.service_address, "127.0.0.1", *_host_addresses())
+               for p in (site.prefect_port, site.mlflow_port)] + [
+        f"{site.service_address}:{site.s3_port}"]  # fmt: skip
+    code = home / f"mn-probe-{time.time_ns()}.py"
+    code.write_text(probe)
+    user = pwd.getpwnam("startup-a")
+    os.chown(code, user.pw_uid, user.pw_gid)
+    script = (
+        f"{sys.executable} {code} {' '.join(targets)}; "
+        "nsenter --net=/proc/1/ns/net true 2>/dev/null && echo nsenter open || "
+        "echo nsenter refused; id -un"
+    )
+    slurm = _slurm(profile)
+    try:
+        slurm.run(["sbatch", "--wait", "-p", "cpu", "-A", "startup-a", "--uid=startup-a",
+                   "--gid=startup-a", f"--output={out}", f"--chdir={home}", "--wrap", script],
+                  timeout=120)  # fmt: skip
+        lines = out.read_text().splitlines()
+    finally:
+        out.unlink(missing_ok=True)
+        code.unlink(missing_ok=True)
+    assert lines[-1] == "startup-a" and lines[-2] == "nsenter refused", lines
+    opened = [ln for ln in lines if ln.endswith(" open")]
+    assert opened == [f"{site.service_address} {site.s3_port} open"], lines
+
+
 @pytest.fixture(scope="module")
 def snapshot(multinode: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("mn")
@@ -178,6 +224,39 @@ def test_dask_workers_on_two_nodes_give_the_one_node_result(
     on_nodes = {p.name.split("-")[1] + "-" + p.name.split("-")[2] for p in ledger.glob("*.done")}
     assert on_nodes == set(NODES), f"partitions ran on {on_nodes}, not on both nodes"
     _same_bytes_as_one_node(fset, snap, cfg, f"file://{root}/ref-spread")
+
+
+def test_scheduler_inside_an_allocation_across_nodes(
+    multinode: tuple[Site, Profile], snapshot: Any
+) -> None:
+    """dask.scheduler: allocation on two nodes: the scheduler in the batch step on the
+    first node, a worker per node (2 CPUs each), the flow on the login side connected
+    through the scheduler file; the same bytes as on one node."""
+    _, profile = multinode
+    root, snap = snapshot
+    ledger = root / "ledger-alloc"
+    ledger.mkdir()
+    spec = DaskSpec(kind="slurm", scheduler="allocation", workers=2, cores=2, memory="2GiB",
+                    walltime="00:10:00")  # fmt: skip
+    slurm = _slurm(profile)
+    fs_id, cfg = plan(snap, resolve_config(default_features()))
+    job_name, logs = "aif-dask-mn-alloc", str(root / "alloc")
+    with open_cluster(spec, account="startup-a", job_name=job_name, slurm=slurm,
+                      log_dir=logs, log=lambda m: None) as (client, info):  # fmt: skip
+        assert info.kind == "slurm-allocation" and len(info.job_ids) == 1
+        sched = client.run_on_scheduler(lambda: __import__("os").uname().nodename)
+        assert sched == "aif-n1", sched
+        fset = run_preprocess(snap, lake_url=f"file://{root}/lake-alloc", storage_options={},
+                              client=client, config=cfg, fs_id=fs_id,
+                              cluster_info=info.as_dict(), cluster=info, progress=lambda m: None,
+                              transform=_ledgered(ledger, 0.5))  # fmt: skip
+    assert slurm.jobs_named(job_name) == [], "the allocation was left in squeue"
+    rec = slurm.sacct_record(info.job_ids[0])
+    assert rec is not None and rec["NodeList"] == "aif-n[1-2]", rec
+    on_nodes = {p.name.split("-")[1] + "-" + p.name.split("-")[2] for p in ledger.glob("*.done")}
+    assert on_nodes == set(NODES), f"partitions ran on {on_nodes}, not on both nodes"
+    assert len(list(ledger.glob("*.done"))) == OBJECTS
+    _same_bytes_as_one_node(fset, snap, cfg, f"file://{root}/ref-alloc")
 
 
 def test_a_node_dies_under_dask_workers_and_its_partitions_run_again_once(
@@ -297,6 +376,8 @@ def test_a_node_dies_under_training_and_the_job_resumes_on_the_other(
     other = next(n for n in NODES if n != node)
     assert f"aif: job {job} on {other} restart 1 " in text, text
     assert "resumed from checkpoint at epoch" in text, text
+    # The run's log (the Prefect run's) says what happened.
+    assert f"job {job}: requeued after NODE_FAIL on {node} (restart 1)" in text, text
     attempts: dict[str, dict[str, Any]] = {}
     for e in (json.loads(ln) for ln in ledger.read_text().splitlines()):
         attempts[e["restart"]] = e

@@ -43,6 +43,11 @@ class ScriptedSlurm:
         return {"JobID": job, "Partition": "gpu", "End": "2026-11-27T05:00:00",
                 "Elapsed": "00:01:00", **rec}  # fmt: skip
 
+    def sacct(self, fields: Any, jobs: Any = (), args: Any = ()) -> list[dict[str, str]]:
+        # sacct -D: every attempt of a requeued job, the earlier ones first.
+        return [{"JobID": jobs[0], "State": "NODE_FAIL", "NodeList": "aif-n2"},
+                {"JobID": jobs[0], "State": "RUNNING", "NodeList": "aif-n1"}]  # fmt: skip
+
     def cancel(self, jobs: list[str]) -> None:
         self.cancelled += jobs
 
@@ -78,7 +83,7 @@ def test_requeue_in_the_same_job_counts_as_a_restart(tmp_path: Path) -> None:
                             {"State": "COMPLETED"})])  # fmt: skip
     (_job, rec), seen, said = _watch(slurm, tmp_path)
     assert seen == ["100"] and rec["aif_restarts"] == "1"
-    assert any("requeued (restart 1)" in m for m in said)
+    assert any("requeued after NODE_FAIL on aif-n2 (restart 1)" in m for m in said), said
 
 
 def test_requeue_through_completing_is_seen(tmp_path: Path) -> None:
