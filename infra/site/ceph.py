@@ -50,6 +50,12 @@ def keys_dir(site: Site) -> Path:
     return site.root / "secrets" / "s3"
 
 
+def rgw_addresses(site: Site) -> list[str]:
+    """Where the gateway listens: loopback for the login side, and on a multi-node site the
+    bridge address, where the compute nodes reach it."""
+    return list(dict.fromkeys(("127.0.0.1", site.service_address)))
+
+
 def render(site: Site) -> None:
     """Folders and ceph.conf (from infra/templates/ceph.conf)."""
     d = ceph_dir(site)
@@ -62,10 +68,7 @@ def render(site: Site) -> None:
         "sts_key": kept_secret(d / "keys" / "sts.key",
                          lambda: "".join(secrets.choice(alphabet) for _ in range(16))),
         "dir": d, "mon_port": site.mon_port, "block_bytes": BLOCK_BYTES,
-        # On loopback for the login side; a multi-node site's compute nodes reach it at
-        # the bridge address too.
-        "rgw_endpoints": " ".join(f"endpoint={a}:{site.s3_port}" for a in
-                                  dict.fromkeys(("127.0.0.1", site.service_address))),
+        "rgw_endpoints": " ".join(f"endpoint={a}:{site.s3_port}" for a in rgw_addresses(site)),
     }  # fmt: skip
     text = string.Template((TEMPLATES / "ceph.conf").read_text()).substitute(values)
     private_file(conf_path(site), text)  # it names the STS key's value
@@ -167,8 +170,7 @@ def rgw_argv(site: Site) -> list[str]:
 
 def rgw_ok(site: Site) -> bool:
     # An anonymous GET / answers 200 when ready (at the bridge address too, for the nodes).
-    return all(procs.http_ok(f"http://{a}:{site.s3_port}/")
-               for a in dict.fromkeys(("127.0.0.1", site.service_address)))  # fmt: skip
+    return all(procs.http_ok(f"http://{a}:{site.s3_port}/") for a in rgw_addresses(site))
 
 
 # -- identities ---------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def _site(site_dir: Path, nodes_wanted: int | None = None,
 
 def layout_of(site: Site) -> dict[str, Any]:
     return {"nodes": site.nodes, "gpus_per_node": site.gpus_per_node,
-            "service_address": site.service_address, "node_names": site.node_names()}  # fmt: skip
+            "service_address": site.service_address}  # fmt: skip
 
 
 @dataclass
@@ -362,37 +362,37 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
 
 def _change_layout(site: Site, state: dict[str, Any], progress: Progress) -> None:
     """A new node layout: refused while jobs run; else the parts that name the nodes or
-    the bridge are stopped (and started again by `up`), the old nodes' slurmds with them
-    (_stop_retired), and the namespaces that the new layout has no more are removed."""
+    the bridge are stopped (and started again by `up`; the old nodes' slurmds are stopped
+    by _stop_retired), and going back to one node removes the namespaces and the bridge.
+    An unchanged layout touches nothing."""
     before = state.get(LAYOUT)
     was = dict(before) if isinstance(before, dict) else {"nodes": 1, "gpus_per_node": 2}
-    now = layout_of(site)
     keys = ("nodes", "gpus_per_node")
-    if [was.get(k) for k in keys] != [now[k] for k in keys] and _record(site, state, "slurmctld"):
-        if procs.owns(_record(site, state, "slurmctld")):
-            jobs = sp.running_jobs(site)
-            if jobs:
-                raise SiteError(
-                    f"aif site up --nodes {site.nodes}: job(s) {', '.join(jobs[:5])} still run "
-                    f"on the site's {was.get('nodes')} node(s): wait for them or scancel them, "
-                    "then change the layout"
-                )
-        for name in LAYOUT_PARTS:
-            rec = _record(site, state, name)
-            if rec.get("pid") and procs.stop(rec, name if name != "s3" else "radosgw"):
-                progress(f"stopped {name} (pid {rec['pid']}): the site's layout changes "
+    changed = [was.get(k) for k in keys] != [getattr(site, k) for k in keys]
+    ctld = _record(site, state, "slurmctld")
+    if changed and ctld:
+        jobs = sp.running_jobs(site) if procs.owns(ctld) else []
+        if jobs:
+            raise SiteError(
+                f"aif site up --nodes {site.nodes}: job(s) {', '.join(jobs[:5])} still run "
+                f"on the site's {was.get('nodes')} node(s): wait for them or scancel them, "
+                "then change the layout"
+            )
+        for part in (p for p in PARTS if p.name in LAYOUT_PARTS):
+            rec = _record(site, state, part.name)
+            if rec.get("pid") and procs.stop(rec, part.expect):
+                progress(f"stopped {part.name} (pid {rec['pid']}): the site's layout changes "
                          f"from {was.get('nodes')} to {site.nodes} node(s)")  # fmt: skip
-            state.pop(name, None)
-            _pidfile(site, name).unlink(missing_ok=True)
-    state[LAYOUT] = now
+            state.pop(part.name, None)
+            _pidfile(site, part.name).unlink(missing_ok=True)
+    state[LAYOUT] = layout_of(site)
     _save(site, state)
-    if not site.multi_node:
-        _stop_nodes(site, state, progress)
+    if changed and not site.multi_node:
         nodes.remove_network(site)
 
 
 def _stop_nodes(site: Site, state: dict[str, Any], progress: Progress,
-                keep: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+                keep: tuple[str, ...]) -> list[str]:  # fmt: skip
     """Stop every recorded slurmd whose part is not in ``keep``."""
     stopped = []
     for name in [k for k in state if k.startswith(NODE_PART) and k not in keep]:
@@ -479,8 +479,7 @@ def down(site_dir: Path, progress: Progress = print) -> list[str]:
             stopped.append(part.name)
         state.pop(part.name, None)
         _pidfile(site, part.name).unlink(missing_ok=True)
-    stopped += _stop_retired(site, state, progress)
-    stopped += _stop_nodes(site, state, progress)
+    stopped += _stop_retired(site, state, progress)  # the slurmds of other layouts' nodes
     removed = nodes.remove_network(site)
     if removed:
         progress(f"removed the compute nodes' namespaces and bridge: {', '.join(removed)}")

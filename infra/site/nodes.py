@@ -131,7 +131,7 @@ def launcher(site: Site, name: str) -> list[str]:
 
 def node_pids(name: str) -> list[int]:
     """Every process in the node's network namespace (its slurmd, job steps, workers)."""
-    out = procs.run(["ip", "netns", "pids", name], check=False)
+    out = _ip("netns", "pids", name, check=False)
     return [int(p) for p in out.stdout.split() if p.isdigit()]
 
 

@@ -174,3 +174,19 @@ def test_a_layout_out_of_range_is_refused_in_one_line(tmp_path: Path) -> None:
             manager._site(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
         assert "\n" not in str(err.value)
     assert manager._site(tmp_path / "s").nodes == 1  # a new site: one node
+
+
+def test_up_of_an_unchanged_one_node_site_leaves_its_slurmd_running(tmp_path: Path) -> None:
+    """_change_layout touches nothing when the layout stays as it is (it used to stop the
+    one node's slurmd on every `up`, which then started it again)."""
+    from aifactory.infra.site import manager, procs
+    from aifactory.infra.site.layout import Site
+
+    site = Site(tmp_path / "s")
+    rec = procs.start("slurmd", ["sleep", "60"], tmp_path / "slurmd.log")
+    try:
+        state = {manager.LAYOUT: manager.layout_of(site), "slurmd": rec}
+        manager._change_layout(site, state, lambda m: None)
+        assert procs.owns(rec) and state["slurmd"] == rec
+    finally:
+        procs.stop(rec, "sleep")
