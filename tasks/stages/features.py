@@ -28,6 +28,7 @@ import io
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -283,6 +284,25 @@ def check_ref(ref: str, what: str) -> Path | None:
     return path
 
 
+_IMPORT_LOCK = threading.RLock()
+
+
+def _import_file(name: str, path: str) -> Any:
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def load_ref(ref: str, what: str) -> Callable[..., Any]:
     """The function or class named ``module:NAME`` or ``path/to/file.py:NAME`` (a file is
     imported by its path, its folder first on sys.path, so a project's own ``features.py``
@@ -298,20 +318,12 @@ def load_ref(ref: str, what: str) -> Callable[..., Any]:
             if not os.path.isfile(path):
                 raise ConfigError(f"{where}: {_why_not_a_file(path)}")
             name = "aif_features_" + hashlib.sha256(path.encode()).hexdigest()[:12]
-            module = sys.modules.get(name)
-            if module is None:
-                folder = os.path.dirname(path)
-                if folder not in sys.path:
-                    sys.path.insert(0, folder)
-                spec = importlib.util.spec_from_file_location(name, path)
-                assert spec is not None and spec.loader is not None
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                try:
-                    spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[name]
-                    raise
+            # One import at a time: a Dask worker's threads load the same file at once,
+            # and a module is in sys.modules before its body has run.
+            with _IMPORT_LOCK:
+                module = sys.modules.get(name)
+                if module is None:
+                    module = _import_file(name, path)
         else:
             module = importlib.import_module(mod_name)
     except ConfigError:

@@ -385,3 +385,28 @@ def test_a_feature_file_closed_to_the_job_says_so(tmp_path, monkeypatch) -> None
         F.load_function(f"{tmp_path}/features.py:f")
     with pytest.raises(ConfigError, match=r"no such file /nonexistent-aif/features.py"):
         F.load_function("/nonexistent-aif/features.py:f")
+
+
+def test_threads_loading_one_feature_file_at_once_all_get_the_function(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A Dask worker's threads import a project's features.py at the same moment (in CI:
+    'features.py has no function or class mobility_features'): the module was in
+    sys.modules before its body had run, and the second thread took the half-run one."""
+    import threading
+
+    (tmp_path / "features.py").write_text("import time\ntime.sleep(0.3)\n\ndef f(df):\n    return df\n")
+    ref = f"{tmp_path}/features.py:f"
+    got: list[object] = []
+
+    def load() -> None:
+        try:
+            got.append(F.load_function(ref))
+        except Exception as exc:  # noqa: BLE001 - the test reports what each thread saw
+            got.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(callable(g) for g in got), got
+    assert len({id(g) for g in got}) == 1
