@@ -393,14 +393,15 @@ def test_threads_loading_one_feature_file_at_once_all_get_the_function(tmp_path)
     sys.modules before its body had run, and the second thread took the half-run one."""
     import threading
 
-    (tmp_path / "features.py").write_text("import time\ntime.sleep(0.3)\n\ndef f(df):\n    return df\n")
+    body = "import time\ntime.sleep(0.3)\n\ndef f(df):\n    return df\n"
+    (tmp_path / "features.py").write_text(body)
     ref = f"{tmp_path}/features.py:f"
     got: list[object] = []
 
     def load() -> None:
         try:
             got.append(F.load_function(ref))
-        except Exception as exc:  # noqa: BLE001 - the test reports what each thread saw
+        except Exception as exc:  # the test reports what each thread saw
             got.append(exc)
 
     threads = [threading.Thread(target=load) for _ in range(4)]
