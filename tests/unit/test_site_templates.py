@@ -151,3 +151,23 @@ def test_the_one_node_site_is_rendered_as_before(site: Site) -> None:
     assert conf["SlurmctldHost"] == f"{host()}(127.0.0.1)"
     assert conf["SlurmdSpoolDir"] == f"{site.slurm_dir}/spool" and conf["SlurmdTimeout"] == "60"
     assert f"Name=gpu File={site.dev_dir}/nvidia[0-1]" in confs["gres.conf"].splitlines()
+
+
+def test_a_stale_munge_link_of_a_site_that_is_gone_is_replaced(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI's site was killed before its `down`: /run/munge/munge.socket.2 still pointed at
+    its socket, and every later `aif site up` on the machine stopped at 'is not ours'."""
+    link = tmp_path / "run" / "munge.socket.2"
+    link.parent.mkdir()
+    monkeypatch.setattr(slurm_parts, "DEFAULT_MUNGE_SOCKET", str(link))
+    monkeypatch.setattr(slurm_parts, "munge_default_ok", lambda: False)
+    os.symlink("/check/work/main/.aif/site/munge/munge.sock", link)
+    slurm_parts.link_default_munge_socket(site)
+    assert os.readlink(link) == str(site.munge_socket)
+    # A real socket file of a system munged that does not answer is not ours to remove.
+    link.unlink()
+    link.write_text("")
+    with pytest.raises(slurm_parts.SiteError, match="is not ours"):
+        slurm_parts.link_default_munge_socket(site)
+    assert link.exists() and not link.is_symlink()
