@@ -148,6 +148,7 @@ def parts(site: Site) -> list[Part]:
 
 
 LAYOUT = "_layout"  # site.json's record of the node layout (its other keys are parts)
+DEFAULT_NODES = 2  # a new site: a login side and two compute nodes, as an AI factory is
 # Parts whose configuration names the nodes or the bridge: restarted when the layout changes.
 LAYOUT_PARTS = ("slurmctld", "s3")
 
@@ -159,10 +160,12 @@ def recorded_layout(site_dir: Path) -> dict[str, Any]:
 
 def _site(site_dir: Path, nodes_wanted: int | None = None,
           gpus_per_node: int | None = None) -> Site:  # fmt: skip
-    """The site in ``site_dir`` with the layout asked for, else the one it has (else one
-    node with 2 GPUs)."""
+    """The site in ``site_dir`` with the layout asked for, else the one it has: a new site
+    has DEFAULT_NODES nodes of 2 GPUs; one recorded before layouts existed has one node."""
+    state = _load(Site(site_root(Path(site_dir))))
     rec = recorded_layout(site_dir)
-    n = nodes_wanted if nodes_wanted is not None else int(rec.get("nodes", 1))
+    first = 1 if state else DEFAULT_NODES
+    n = nodes_wanted if nodes_wanted is not None else int(rec.get("nodes", first))
     g = gpus_per_node if gpus_per_node is not None else int(rec.get("gpus_per_node", 2))
     if not 1 <= n <= 32:
         raise SiteError(f"aif site up --nodes {n}: a site has 1 to 32 compute nodes")

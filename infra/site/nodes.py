@@ -71,9 +71,21 @@ def _check_subnet_free(site: Site, links: dict[str, dict[str, Any]]) -> None:
 
 def ensure_network(site: Site) -> list[str]:
     """The bridge, one namespace and veth link per node, the hosts file (idempotent);
-    what was made."""
+    what was made. A host that cannot make them gets one line that names the way out."""
     if os.geteuid() != 0:
-        raise SiteError("site nodes: namespaces and the bridge need root")
+        raise SiteError("site nodes: namespaces and the bridge need root "
+                        "(or `aif site up --nodes 1`: one node, none of them)")  # fmt: skip
+    try:
+        return _ensure_network(site)
+    except SiteError as exc:
+        if "overlaps" in str(exc):
+            raise
+        why = str(exc)[:300]
+        raise SiteError(f"site nodes: {why} (this host cannot make the compute nodes' "
+                        "network; `aif site up --nodes 1` runs without it)") from None  # fmt: skip
+
+
+def _ensure_network(site: Site) -> list[str]:
     made: list[str] = []
     links = _links()
     _check_subnet_free(site, links)

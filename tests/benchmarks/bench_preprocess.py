@@ -114,7 +114,8 @@ def main() -> int:
     pool = mp.get_context("fork").Pool(2)
     pool.map(_warm, [0, 1])
     profile = load_profile("site")
-    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="3GiB", walltime="01:00:00")
+    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="3GiB", walltime="01:00:00",
+                    scheduler_host=profile.dask.scheduler_host)  # fmt: skip
     slurm = SlurmClient(env=profile.child_env())
     t_req = time.perf_counter()
     logs = tempfile.TemporaryDirectory(prefix="aif-bench-pp-logs-")

@@ -36,13 +36,17 @@ OBJECTS = 12
 
 @pytest.fixture(scope="module")
 def multinode(site_profile: Profile) -> Iterator[tuple[Site, Profile]]:
+    """The site's default layout (two nodes): a no-op on the suite's site, a switch on a
+    developer's site of another layout, which is restored at the end."""
+    before = manager.recorded_layout(site_dir()).get("nodes")
     res = aif("site", "up", "--nodes", "2", timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     site = manager._site(site_dir())
     assert site.node_names() == NODES
     yield site, load_profile("site")
-    back = aif("site", "up", "--nodes", "1", timeout=600)
-    assert back.returncode == 0, back.stdout + back.stderr
+    if before not in (None, 2):
+        back = aif("site", "up", "--nodes", str(before), timeout=600)
+        assert back.returncode == 0, back.stdout + back.stderr
 
 
 def _slurm(profile: Profile) -> SlurmClient:
@@ -392,3 +396,30 @@ def test_a_node_dies_under_training_and_the_job_resumes_on_the_other(
     for n in NODES:
         states = set(slurm.run(["sinfo", "-h", "-N", "-n", n, "-o", "%T"]).split())
         assert states <= {"idle", "mixed", "allocated"}, f"{n} is {states} after aif site up"
+
+
+def test_the_one_node_site_is_still_there(multinode: tuple[Site, Profile], tmp_path: Path) -> None:
+    """`--nodes 1` (this host is the login and the compute node; no namespace, no bridge)
+    runs jobs, and `--nodes 2` makes the two-node site again. Last in the suite: the other
+    site tests run on the default two-node site."""
+    from aifactory.tasks.core.config import load_profile as load
+
+    one = aif("site", "up", "--nodes", "1", timeout=600)
+    try:
+        assert one.returncode == 0, one.stdout + one.stderr
+        profile = load("site")
+        assert profile.dask.scheduler_host == "127.0.0.1", profile.dask.scheduler_host
+        out = tmp_path / "one.out"
+        _slurm(profile).run(["sbatch", "--wait", "-p", "gpu", "--gres=gpu:2", "-A", "startup-a",
+                             f"--output={out}", "--wrap", "echo $(hostname) $CUDA_VISIBLE_DEVICES"],
+                            timeout=120)  # fmt: skip
+        assert out.read_text().split() == [os.uname().nodename, "0,1"], out.read_text()
+        import subprocess
+
+        left = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+        assert "aif-br0" not in left and "aif-n1" not in left, left
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "aif-n" not in netns, netns
+    finally:
+        two = aif("site", "up", "--nodes", "2", timeout=600)
+        assert two.returncode == 0, two.stdout + two.stderr

@@ -33,7 +33,8 @@ def snapshot(site_profile: Profile, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _preprocess(site_profile: Profile, root: Path, snap: Any, name: str,
                 on_progress: Any = None) -> Any:  # fmt: skip
-    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="2GiB", walltime="00:10:00")
+    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="2GiB", walltime="00:10:00",
+                    scheduler_host=site_profile.dask.scheduler_host)  # fmt: skip
     slurm = SlurmClient(env=site_profile.child_env())
     fs_id, cfg = plan(snap, resolve_config(default_features()))
     lake = f"file://{root}/lake-{name}"
@@ -120,7 +121,8 @@ def test_run_longer_than_a_worker_walltime_loses_and_repeats_nothing(
         return F.featurize_partition(i, *args)
 
     spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="1GiB", walltime="00:01:00",
-                    lifetime="35s", lifetime_stagger="5s", drain_margin="3s")  # fmt: skip
+                    lifetime="35s", lifetime_stagger="5s", drain_margin="3s",
+                    scheduler_host=site_profile.dask.scheduler_host)  # fmt: skip
     slurm = SlurmClient(env=site_profile.child_env())
     logs: list[str] = []
     job_name = "aif-dask-test-walltime"
@@ -173,7 +175,8 @@ def test_dataset_three_times_the_workers_memory(site_profile: Profile, tmp_path:
                       for o in snap.objects)  # fmt: skip
     assert arrow_bytes >= 3 * 2 * limit, f"dataset only {arrow_bytes / 2**30:.2f} GiB in memory"
 
-    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="512MiB", walltime="00:15:00")
+    spec = DaskSpec(kind="slurm", workers=2, cores=1, memory="512MiB", walltime="00:15:00",
+                    scheduler_host=site_profile.dask.scheduler_host)  # fmt: skip
     slurm = SlurmClient(env=site_profile.child_env())
     fs_id, cfg = plan(snap, resolve_config(default_features()))
     log_dir = tmp_path / "logs"

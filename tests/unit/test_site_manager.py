@@ -173,7 +173,25 @@ def test_a_layout_out_of_range_is_refused_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SiteError, match=word) as err:
             manager._site(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
         assert "\n" not in str(err.value)
-    assert manager._site(tmp_path / "s").nodes == 1  # a new site: one node
+    assert manager._site(tmp_path / "s").nodes == 2  # a new site: two compute nodes
+
+
+def test_the_layout_a_site_has_is_kept_and_a_site_from_before_layouts_has_one_node(
+    tmp_path: Path,
+) -> None:
+    from aifactory.infra.site import manager
+    from aifactory.infra.site.layout import Site
+
+    old = Site(tmp_path / "old")
+    old.root.mkdir(parents=True)
+    old.state_file.write_text(json.dumps({"munged": {"pid": 1}}))  # parts, no _layout
+    assert manager._site(tmp_path / "old").nodes == 1
+    kept = Site(tmp_path / "kept")
+    kept.root.mkdir(parents=True)
+    kept.state_file.write_text(json.dumps({manager.LAYOUT: {"nodes": 3, "gpus_per_node": 1}}))
+    site = manager._site(tmp_path / "kept")
+    assert (site.nodes, site.gpus_per_node) == (3, 1)
+    assert manager._site(tmp_path / "kept", nodes_wanted=1).nodes == 1
 
 
 def test_up_of_an_unchanged_one_node_site_leaves_its_slurmd_running(tmp_path: Path) -> None:
@@ -190,3 +208,34 @@ def test_up_of_an_unchanged_one_node_site_leaves_its_slurmd_running(tmp_path: Pa
         assert procs.owns(rec) and state["slurmd"] == rec
     finally:
         procs.stop(rec, "sleep")
+
+
+def test_a_host_that_cannot_make_the_nodes_network_is_told_about_one_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default site has two nodes in namespaces; where `ip` may not make them (a
+    container without the capability), `up` stops with one line that names --nodes 1."""
+    import subprocess
+
+    from aifactory.infra.site import nodes
+    from aifactory.infra.site.layout import Site
+    from aifactory.tasks.core.errors import SiteError
+
+    def ip(argv, **kw):  # type: ignore[no-untyped-def]
+        if argv[:3] == ["ip", "link", "add"]:
+            return subprocess.CompletedProcess(argv, 2, "", "RTNETLINK answers: Operation "
+                                               "not permitted\n")  # fmt: skip
+        return subprocess.CompletedProcess(argv, 0, "[]" if "-j" in argv else "", "")
+
+    def run(argv, env=None, timeout=60, check=True, input_text=None):  # type: ignore[no-untyped-def]
+        proc = ip(list(argv))
+        if check and proc.returncode:
+            raise SiteError(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    monkeypatch.setattr(nodes.procs, "run", run)
+    with pytest.raises(SiteError) as err:
+        nodes.ensure_network(Site(tmp_path / "s", nodes=2))
+    msg = str(err.value)
+    assert "Operation not permitted" in msg and "aif site up --nodes 1" in msg, msg
+    assert "\n" not in msg and len(msg) < 500
