@@ -78,20 +78,39 @@ def ensure_network(site: Site) -> list[str]:
     try:
         return _ensure_network(site)
     except SiteError as exc:
-        if "overlaps" in str(exc):
+        if str(exc).startswith("site nodes:"):
             raise
         why = str(exc)[:300]
         raise SiteError(f"site nodes: {why} (this host cannot make the compute nodes' "
                         "network; `aif site up --nodes 1` runs without it)") from None  # fmt: skip
 
 
+def _owner_tag(site: Site) -> str:
+    return str(site.root)[-255:]  # the kernel keeps at most 255 bytes of an alias
+
+
+def bridge_owner() -> str | None:
+    """The site folder recorded on the bridge (its interface alias) when the site made it;
+    None without a bridge, "" for a bridge that has none."""
+    out = _ip("-j", "link", "show", BRIDGE, check=False)
+    if out.returncode != 0:
+        return None
+    links = json.loads(out.stdout or "[]")
+    return str(links[0].get("ifalias") or "") if links else None
+
+
 def _ensure_network(site: Site) -> list[str]:
     made: list[str] = []
     links = _links()
+    owner = bridge_owner() if BRIDGE in links else None
+    if owner and owner != _owner_tag(site):
+        raise SiteError(f"site nodes: the bridge {BRIDGE} belongs to the site in {owner}: "
+                        "bring that site down first (`aif site down --dir`)")  # fmt: skip
     _check_subnet_free(site, links)
     if BRIDGE not in links:
         _ip("link", "add", BRIDGE, "type", "bridge")
         made.append(BRIDGE)
+    _ip("link", "set", BRIDGE, "alias", _owner_tag(site))
     login = f"{site.service_address}/24"
     addrs = [a.get("local") for a in (_links()[BRIDGE].get("addr_info") or [])]
     if site.service_address not in addrs:
@@ -158,7 +177,14 @@ def kill_node(name: str) -> list[int]:
 
 def remove_network(site: Site) -> list[str]:
     """Kill what still runs in the nodes, remove every namespace and the bridge; what was
-    removed. Only names this site makes (aif-n*, aif-br0) are touched."""
+    removed. Only names this site makes (aif-n*, aif-br0) are touched, and only when this
+    site made them: a bridge that names another site's folder (another clone's site, a
+    unit test's) is left with its nodes as it is."""
+    owner = bridge_owner()
+    if owner and owner != _owner_tag(site):
+        return []
+    if owner is None and not hosts_file(site).exists():
+        return []  # no bridge, and this site never made nodes: leftovers are not ours
     removed = []
     for name in netns_names():
         if kill_node(name):

@@ -183,6 +183,9 @@ def prefect_env(site: Site) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": site.prefect_api,
         "PREFECT_UI_API_URL": site.prefect_api,
+        # A nightly held back by its deployment's concurrency limit asks again after 10 s
+        # (Prefect's default, 30 s, leaves the site idle for most of that after a run ends).
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "10",
     }
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.site
 def test_dead_orchestrator_reattaches_then_collects(site_profile: Profile) -> None:
     slurm = SlurmClient(env=site_profile.child_env())
     seed = {"AIF_TRAINING__SEED": str(int(time.time()) % 1_000_000 + 23)}
-    cmd = [AIF, "run", "--profile", "site", "--epochs", "60"]
+    cmd = [AIF, "run", "--profile", "site", "--epochs", "30"]
     env = {**child_environ(), **seed}
     proc = subprocess.Popen(
         cmd,
@@ -45,11 +45,11 @@ def test_dead_orchestrator_reattaches_then_collects(site_profile: Profile) -> No
     proc.wait(timeout=30)
     time.sleep(2)
     assert slurm.run(["squeue", "-h", "-j", job, "-o", "%T"]).strip() == "RUNNING"
-    again = aif("run", "--profile", "site", "--epochs", "60", env=seed)
+    again = aif("run", "--profile", "site", "--epochs", "30", env=seed)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"reattaching to live Slurm job {job}" in again.stdout
     assert "submitted Slurm job" not in again.stdout.split("[3/4] train", 1)[1]
-    third = aif("run", "--profile", "site", "--epochs", "60", env=seed)
+    third = aif("run", "--profile", "site", "--epochs", "30", env=seed)
     assert third.returncode == 0 and "already finished: collecting it, nothing submitted" in (
         third.stdout
     ), third.stdout[-3000:]

@@ -28,6 +28,9 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
                       (manager, "_s3_setup"),
                       (manager, "_startup_users")]:  # fmt: skip
         monkeypatch.setattr(mod, name, lambda *a, **k: None)
+    # A new site has two nodes: their network is machine-wide, never a unit test's to make.
+    monkeypatch.setattr(manager.nodes, "ensure_network", lambda site: [])
+    monkeypatch.setattr(manager.nodes, "remove_network", lambda site: [])
     parts = [
         manager.Part("one", "aif-site-test-daemon", lambda s: SLEEPER, lambda s: True,
                      lambda s: "here:1"),
@@ -239,3 +242,36 @@ def test_a_host_that_cannot_make_the_nodes_network_is_told_about_one_node(
     msg = str(err.value)
     assert "Operation not permitted" in msg and "aif site up --nodes 1" in msg, msg
     assert "\n" not in msg and len(msg) < 500
+
+
+def test_the_nodes_network_of_another_site_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge and the namespaces have machine-wide names: `down` of another site (a
+    second clone's, a unit test's temporary one) removed the running site's compute nodes.
+    The bridge now names the site that made it, and only that site removes it."""
+    import subprocess
+
+    from aifactory.infra.site import nodes
+
+    calls: list[list[str]] = []
+
+    def run(argv, env=None, timeout=60, check=True, input_text=None):  # type: ignore[no-untyped-def]
+        argv = list(argv)
+        calls.append(argv)
+        if argv[:5] == ["ip", "-j", "link", "show", nodes.BRIDGE]:
+            out = json.dumps([{"ifname": nodes.BRIDGE, "ifalias": "/srv/the other/site"}])
+            return subprocess.CompletedProcess(argv, 0, out, "")
+        if argv[:4] == ["ip", "-j", "addr", "show"]:
+            return subprocess.CompletedProcess(argv, 0, json.dumps([{"ifname": nodes.BRIDGE}]), "")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(nodes.procs, "run", run)
+    monkeypatch.setattr(nodes, "netns_names", lambda: ["aif-n1", "aif-n2"])
+    mine = Site(tmp_path / "s", nodes=2)
+    assert nodes.remove_network(mine) == []
+    assert not [c for c in calls if "del" in c or c[:3] == ["ip", "netns", "pids"]], calls
+    with pytest.raises(SiteError, match="belongs to the site in /srv/the other/site") as err:
+        nodes.ensure_network(mine)
+    assert "\n" not in str(err.value)
+    assert not [c for c in calls if "add" in c or "alias" in c], calls
