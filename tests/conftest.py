@@ -23,8 +23,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The multi-node tests kill compute nodes and end by switching the one shared site to
-    # a single node and back: they run after every other test.
+    # The multi-node tests switch the one shared site to two compute nodes, kill nodes and
+    # switch layouts: they run after every other test.
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
     if config.getoption("--site"):
         return

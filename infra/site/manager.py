@@ -148,7 +148,7 @@ def parts(site: Site) -> list[Part]:
 
 
 LAYOUT = "_layout"  # site.json's record of the node layout (its other keys are parts)
-DEFAULT_NODES = 2  # a new site: a login side and two compute nodes, as an AI factory is
+DEFAULT_NODES = 1  # a new site: one node (two is the aim: CI time, see the README)
 # Parts whose configuration names the nodes or the bridge: restarted when the layout changes.
 LAYOUT_PARTS = ("slurmctld", "s3")
 

@@ -36,8 +36,8 @@ OBJECTS = 12
 
 @pytest.fixture(scope="module")
 def multinode(site_profile: Profile) -> Iterator[tuple[Site, Profile]]:
-    """The site's default layout (two nodes): a no-op on the suite's site, a switch on a
-    developer's site of another layout, which is restored at the end."""
+    """Two compute nodes: a switch on a site of another layout (the suite's one-node site),
+    which is restored at the end; a no-op on a two-node site."""
     before = manager.recorded_layout(site_dir()).get("nodes")
     res = aif("site", "up", "--nodes", "2", timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -176,7 +176,7 @@ def test_a_layout_out_of_range_is_refused_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SiteError, match=word) as err:
             manager._site(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
         assert "\n" not in str(err.value)
-    assert manager._site(tmp_path / "s").nodes == 2  # a new site: two compute nodes
+    assert manager._site(tmp_path / "s").nodes == manager.DEFAULT_NODES  # a new site
 
 
 def test_the_layout_a_site_has_is_kept_and_a_site_from_before_layouts_has_one_node(
