@@ -163,7 +163,8 @@ def _site(site_dir: Path, nodes_wanted: int | None = None,
     """The site in ``site_dir`` with the layout asked for, else the one it has: a new site
     has DEFAULT_NODES nodes of 2 GPUs; one recorded before layouts existed has one node."""
     state = _load(Site(site_root(Path(site_dir))))
-    rec = recorded_layout(site_dir)
+    layout = state.get(LAYOUT)
+    rec: dict[str, Any] = layout if isinstance(layout, dict) else {}
     first = 1 if state else DEFAULT_NODES
     n = nodes_wanted if nodes_wanted is not None else int(rec.get("nodes", first))
     g = gpus_per_node if gpus_per_node is not None else int(rec.get("gpus_per_node", 2))

@@ -146,15 +146,14 @@ def link_default_munge_socket(site: Site) -> None:
     if os.path.lexists(link):
         if munge_default_ok():
             return  # a system munged already serves the default socket with its own key
-        if os.path.islink(link):
-            # A link that nothing answers on: left by a site that was killed before its
-            # `down` (its munged is gone), here or in another clone.
-            os.unlink(link)
-            os.symlink(site.munge_socket, link)
-            return
-        raise SiteError(
-            f"site part munged: {link} exists and is not ours; stop the system munged or remove it"
-        )
+        if not os.path.islink(link):
+            raise SiteError(
+                f"site part munged: {link} exists and is not ours; stop the system munged or "
+                "remove it"
+            )
+        # A link that nothing answers on: left by a site that was killed before its `down`
+        # (its munged is gone), here or in another clone. Replaced below.
+        os.unlink(link)
     os.makedirs(os.path.dirname(link), exist_ok=True)
     os.symlink(site.munge_socket, link)
 
