@@ -87,7 +87,27 @@ case "$cmd" in
     # Set before `site up`: a part that fails to start must not leave the others running.
     trap '"$VENV/bin/aif" site down || true' EXIT
     "$VENV/bin/aif" site up
-    "$VENV/bin/python" -m pytest --site -q --durations=15 "$@"
+    if [ "$#" -gt 0 ]; then  # the tests named: one pytest, as given
+      "$VENV/bin/python" -m pytest --site -q --durations=15 "$@"
+      exit
+    fi
+    # The whole suite: the tests that need no site (unit, local, the README's own command)
+    # run beside the site tests, at a lower CPU priority: the site tests wait on Slurm and
+    # the services most of the time. Their output comes after the site tests'.
+    others_log="$AIF_HOME/test-others.log"
+    mkdir -p "$AIF_HOME"
+    nice -n 10 "$VENV/bin/python" -m pytest -q --durations=10 -m "not site" \
+      -p no:cacheprovider >"$others_log" 2>&1 &
+    others=$!
+    trap 'kill "$others" 2>/dev/null || true; "$VENV/bin/aif" site down || true' EXIT
+    site_rc=0
+    "$VENV/bin/python" -m pytest --site -q --durations=15 -m site || site_rc=$?
+    others_rc=0
+    wait "$others" || others_rc=$?
+    echo "== the tests that need no site (beside the site tests): $others_log"
+    cat "$others_log"
+    echo "== site tests: exit $site_rc; the others: exit $others_rc"
+    [ "$site_rc" -eq 0 ] && [ "$others_rc" -eq 0 ]
     ;;
   *)
     echo "usage: infra/dev.sh run|test|setup|lint [args]" >&2

@@ -192,6 +192,10 @@ def test_the_startups_profile_submits_as_its_user(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(ident, "session", lambda *a, **k: ident.Session(
         "startup-b", "AK", "SK", "TOKEN", ident.dt.datetime.now(ident.dt.UTC)))  # fmt: skip
+    # The site profile reads the platform's object-store secret from a file that only a
+    # site that is up has written: this test needs no site.
+    monkeypatch.setenv("AIF_OBJECT_STORE__KEY", "platform")
+    monkeypatch.setenv("AIF_OBJECT_STORE__SECRET", "platform-secret")
     cfg = load_profile("site")
     assert cfg.slurm_client().run_as is None  # the platform's own commands
     assert cfg.for_startup("startup-b").slurm_client().run_as == "startup-b"

@@ -90,6 +90,10 @@ def test_report_usage_table(tmp_path: Path, capsys: Any, monkeypatch: Any) -> No
         "echo '10|startup-c|billing=1,cpu=2,gres/gpu=1,mem=2G,node=1|3600'\n"
     )
     sacct.chmod(0o755)
+    # The site profile reads the platform's object-store secret from a file that only a
+    # site that is up has written: this test needs no site.
+    monkeypatch.setenv("AIF_OBJECT_STORE__KEY", "platform")
+    monkeypatch.setenv("AIF_OBJECT_STORE__SECRET", "platform-secret")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert main(["report", "usage", "--profile", "site", "--no-artifact"]) == 0
     lines = capsys.readouterr().out.splitlines()
