@@ -158,8 +158,9 @@ def test_the_auth_config_and_passwords_are_private_and_stable(tmp_path: Path) ->
     assert mlflow_auth.server_env(site) == env  # an up does not make new secrets
 
 
-def test_the_site_registry_remembers_a_checked_password(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_site_registry_remembers_a_checked_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MLflow's auth app checks the password (scrypt) up to three times a request: without
     its credential cache every site request took about 0.4 s. The config we write turns the
     cache on, and MLflow's own reader takes it."""
