@@ -39,20 +39,16 @@ def multinode(site_profile: Profile) -> Iterator[tuple[Site, Profile]]:
     """Two compute nodes: a switch on a site of another layout (the suite's one-node site),
     which is restored at the end; a no-op on a two-node site."""
     before = manager.recorded_layout(site_dir()).get("nodes")
-    _LAYOUT["before"] = before
     res = aif("site", "up", "--nodes", "2", timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     site = manager._site(site_dir())
     assert site.node_names() == NODES
     yield site, load_profile("site")
-    now = manager.recorded_layout(site_dir()).get("nodes")
-    if before not in (None, now):
+    # The last test leaves one node: a two-node site gets its second node back here, a
+    # one-node site (the suite's default) needs no switch.
+    if before is not None and before != manager.recorded_layout(site_dir()).get("nodes"):
         back = aif("site", "up", "--nodes", str(before), timeout=600)
         assert back.returncode == 0, back.stdout + back.stderr
-
-
-# The layout the suite's site had before this module (the last test leaves it so).
-_LAYOUT: dict[str, Any] = {}
 
 
 def _slurm(profile: Profile) -> SlurmClient:
@@ -406,27 +402,22 @@ def test_a_node_dies_under_training_and_the_job_resumes_on_the_other(
 
 def test_the_one_node_site_is_still_there(multinode: tuple[Site, Profile], tmp_path: Path) -> None:
     """`--nodes 1` (this host is the login and the compute node; no namespace, no bridge)
-    runs jobs, and `--nodes 2` makes the two-node site again. Last in the suite: a site that
-    was one node before this module stays one node (no switch back and forth)."""
+    runs jobs. Last in the suite: the module's fixture gives a site that was two nodes its
+    second node back; a site that was one node stays so (no switch back and forth)."""
     from aifactory.tasks.core.config import load_profile as load
 
     one = aif("site", "up", "--nodes", "1", timeout=600)
-    try:
-        assert one.returncode == 0, one.stdout + one.stderr
-        profile = load("site")
-        assert profile.dask.scheduler_host == "127.0.0.1", profile.dask.scheduler_host
-        out = tmp_path / "one.out"
-        _slurm(profile).run(["sbatch", "--wait", "-p", "gpu", "--gres=gpu:2", "-A", "startup-a",
-                             f"--output={out}", "--wrap", "echo $(hostname) $CUDA_VISIBLE_DEVICES"],
-                            timeout=120)  # fmt: skip
-        assert out.read_text().split() == [os.uname().nodename, "0,1"], out.read_text()
-        import subprocess
+    assert one.returncode == 0, one.stdout + one.stderr
+    profile = load("site")
+    assert profile.dask.scheduler_host == "127.0.0.1", profile.dask.scheduler_host
+    out = tmp_path / "one.out"
+    _slurm(profile).run(["sbatch", "--wait", "-p", "gpu", "--gres=gpu:2", "-A", "startup-a",
+                         f"--output={out}", "--wrap", "echo $(hostname) $CUDA_VISIBLE_DEVICES"],
+                        timeout=120)  # fmt: skip
+    assert out.read_text().split() == [os.uname().nodename, "0,1"], out.read_text()
+    import subprocess
 
-        left = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
-        assert "aif-br0" not in left and "aif-n1" not in left, left
-        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "aif-n" not in netns, netns
-    finally:
-        if _LAYOUT.get("before") != 1:
-            two = aif("site", "up", "--nodes", "2", timeout=600)
-            assert two.returncode == 0, two.stdout + two.stderr
+    left = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert "aif-br0" not in left and "aif-n1" not in left, left
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "aif-n" not in netns, netns
