@@ -1155,7 +1155,7 @@ NodesOpt = Annotated[
                  help="Compute nodes: 1 (this host is login and compute node), or N >= 2 "
                  "compute nodes in namespaces of their own on the site's bridge, which "
                  "cannot reach Prefect or MLflow (default: the site's current layout, at "
-                 "first 1)"),
+                 "first 2)"),
 ]  # fmt: skip
 GpusPerNodeOpt = Annotated[
     int | None,

@@ -148,7 +148,7 @@ def parts(site: Site) -> list[Part]:
 
 
 LAYOUT = "_layout"  # site.json's record of the node layout (its other keys are parts)
-DEFAULT_NODES = 1  # a new site: one node (two is the aim: CI time, see the README)
+DEFAULT_NODES = 2  # a new site: two compute nodes (`--nodes 1`: the one-node site)
 # Parts whose configuration names the nodes or the bridge: restarted when the layout changes.
 LAYOUT_PARTS = ("slurmctld", "s3")
 
