@@ -266,6 +266,14 @@ def run_cmd(
             "the resolved config and job scripts; submit nothing",
         ),
     ] = False,
+    in_allocation: Annotated[
+        bool,
+        typer.Option(
+            "--in-allocation",
+            help="run the whole flow as one Slurm job on a compute node (its Prefect and "
+            "MLflow calls through the site's relay); this process only follows the job",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> int:
     """Run the whole pipeline: ingest, preprocess, train, register."""
@@ -276,14 +284,17 @@ def run_cmd(
     inputs.flag("dataspace.seed", seed_demo_data, "--seed-demo-data")
     inputs.flag("dataspace.purpose", purpose, "--purpose")
     inputs.flag("dataspace.quarantine", quarantine, "--quarantine")
-    return _run(inputs, profile, startup, dry_run, _verbose(verbose))
+    return _run(inputs, profile, startup, dry_run, _verbose(verbose), in_allocation)
 
 
 def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
-         verbose: bool) -> int:  # fmt: skip
+         verbose: bool, in_allocation: bool = False) -> int:  # fmt: skip
     cfg = inputs.load(profile)
     sid, st = cfg.startup(startup or inputs.own_startup)
     check_run(cfg, sid)  # isolation.* (exit 6): before Prefect, a dry run or any service
+    if in_allocation and not dry:
+        _check_seeding(cfg, profile, inputs)
+        return _run_in_allocation(cfg, sid, profile or cfg.name, inputs)
     if dry:
         from aifactory.tasks.core.errors import StorageError
 
@@ -310,6 +321,28 @@ def _run(inputs: _Inputs, profile: str | None, startup: str | None, dry: bool,
     print(f"MLflow: {_mlflow_where(cfg.mlflow.tracking_uri, uri)}  "
           f"(alias {cfg.mlflow.model_name}@candidate)")  # fmt: skip
     print(uri)
+    return 0
+
+
+def _run_in_allocation(cfg: Any, sid: str, profile: str, inputs: _Inputs) -> int:
+    """`aif run --in-allocation`: submit the flow's job and follow it to its end."""
+    from aifactory.tasks.control.in_allocation import run_in_allocation
+
+    ui = _strip_api(cfg.prefect.api_url)
+    print(f"aif run --in-allocation: profile {cfg.name}, start-up {sid} "
+          f"(account {cfg.startups[sid].account}), Prefect {ui}", flush=True)  # fmt: skip
+    out = run_in_allocation(cfg, sid, profile, inputs.flags or None, inputs.project,
+                            log=lambda line: print(line, flush=True))  # fmt: skip
+    if out.get("flow_run_id"):
+        print(f"Prefect UI: {ui}/runs/flow-run/{out['flow_run_id']}", flush=True)
+    if out.get("state") != "COMPLETED" or not out.get("model_uri"):
+        from aifactory.tasks.core.errors import TrainingError
+
+        raise TrainingError(f"flow job in {out.get('job_dir')}: the flow run ended "
+                            f"{out.get('state')}: {out.get('error', '')}"[:1200])  # fmt: skip
+    print(f"MLflow: {_mlflow_where(cfg.mlflow.tracking_uri, out['model_uri'])}  "
+          f"(alias {cfg.mlflow.model_name}@candidate)")  # fmt: skip
+    print(out["model_uri"])
     return 0
 
 

@@ -116,6 +116,9 @@ PARTS: list[Part] = [
     Part("mlflow", "mlflow", services.mlflow_argv, services.mlflow_ok,
          lambda s: s.mlflow_url, env=services.mlflow_env, timeout=180,
          port=lambda s: s.mlflow_port),
+    # Flow runs inside an allocation reach Prefect and MLflow through it (files, no socket).
+    Part("relay", "aifactory.tasks.control.relay", services.relay_argv, services.relay_ok,
+         lambda s: f"{services.relay_dir(s)} (spools on the shared filesystem)", timeout=30),
     # One Prefect worker per start-up, on its own work pool (its concurrency limit is the
     # pool's): a start-up's flow runs are the children of its worker only.
     *[Part(f"worker-{sid}", "prefect", services.worker_argv_for(sid), services.worker_ok_for(sid),

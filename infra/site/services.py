@@ -316,3 +316,24 @@ def ensure_crash_detector(site: Site, progress: Callable[[str], None]) -> None:
             get_client(sync_client=True) as client:  # fmt: skip
         if ensure_crash_detector(client):
             progress(f"crash detection: {CRASH_DETECTOR} (no heartbeat for {CRASH_AFTER_S} s)")
+
+
+def relay_dir(site: Site) -> Path:
+    """The relay's spools (the site profile's allocation.relay_dir: ${AIF_SITE_DIR}/relay)."""
+    return site.root / "relay"
+
+
+def relay_argv(site: Site) -> list[str]:
+    """The relay (tasks/control/relay.py): a flow run inside an allocation reaches Prefect
+    and MLflow through it, as files on the shared filesystem."""
+    from aifactory.infra.site import mlflow_auth
+
+    return [sys.executable, "-m", "aifactory.tasks.control.relay", "--root", str(relay_dir(site)),
+            "--prefect", f"http://127.0.0.1:{site.prefect_port}", "--mlflow", site.mlflow_url,
+            "--mlflow-secrets", str(mlflow_auth.secrets_dir(site))]  # fmt: skip
+
+
+def relay_ok(site: Site) -> bool:
+    from aifactory.tasks.control.relay import relay_alive
+
+    return relay_alive(relay_dir(site), max_age_s=5.0)

@@ -570,6 +570,28 @@ class SlurmSpec(_Model):
     )
 
 
+class AllocationSpec(_Model):
+    """`aif run --in-allocation`: the whole flow run as one Slurm job on a compute node, its
+    Prefect and MLflow calls through the site's relay (tasks/control/relay.py)."""
+
+    relay_dir: str = Field(
+        description="Folder of the relay's spools on the shared filesystem (the site's relay "
+        "answers them on the login side)"
+    )
+    partition: str = Field(default="gpu", description="Slurm partition of the flow's job")
+    gpus: int = Field(default=1, ge=0, le=8, description="GPUs (GRES) of the flow's job")
+    cpus: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="CPUs of the flow's job: its Dask workers and its training process share them",
+    )
+    mem_gb: int = Field(default=4, ge=1, le=4096, description="Memory of the flow's job (GB)")
+    time_limit: str = Field(
+        default="01:00:00", description="Time limit of the flow's job ([D-]HH:MM:SS)"
+    )
+
+
 class Declaration(_Model):
     """A project's responsible-AI declaration (shown in every model card)."""
 
@@ -675,6 +697,11 @@ class Profile(_Model):
         default_factory=PromotionSpec, description="When a model may become champion"
     )
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="Slurm commands")
+    allocation: AllocationSpec | None = Field(
+        default=None,
+        description="`aif run --in-allocation`: the flow run in a Slurm job "
+        "(null: not offered by this profile)",
+    )
     notifications: NotificationsSpec = Field(
         default_factory=NotificationsSpec, description="aif deploy's notifications"
     )

@@ -244,7 +244,7 @@ def test_many_problems_give_one_capped_line() -> None:
 def test_an_unknown_section_of_the_environment_names_the_variable() -> None:
     msg = _error("local", env={"AIF_TRAINIG__EPOCHS": "3"})
     assert msg.startswith("environment variable AIF_TRAINIG__EPOCHS: trainig: unknown key "
-                          "(valid keys: dask, dataspace, "), msg  # fmt: skip
+                          "(valid keys: allocation, dask, dataspace, "), msg  # fmt: skip
 
 
 def test_environment_values_are_yaml_and_names_case_insensitive() -> None:

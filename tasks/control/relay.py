@@ -1,0 +1,654 @@
+"""The relay: a flow run inside a Slurm allocation reaches Prefect and MLflow through files.
+
+On a multi-node site the compute nodes cannot connect to the Prefect server or MLflow
+(infra/site/nodes.py). A flow run that runs inside an allocation on a compute node (`aif
+run --in-allocation`, tasks/control/in_allocation.py) talks to a node-local endpoint
+instead (:func:`start_endpoint`: HTTP and Prefect's event websocket on 127.0.0.1 in the
+job), which writes each request as files on the shared filesystem; the relay, a part of the
+site on the login side (``python -m aifactory.tasks.control.relay``, run by `aif site up`),
+forwards the request that its grant allows and writes the answer back. No connection from a
+compute node to the control plane is ever made.
+
+One allocation's spool, ``<relay_dir>/<key>/`` (made by the orchestrator, root's, mode
+750, group of the start-up's user)::
+
+    grant.json   root's: start-up, Unix user, MLflow user, job name (the per-job grant)
+    req/         the start-up's user's (700): <id>.body, then <id>.req (JSON; renamed into
+                 place last, so the relay never reads half a request)
+    resp/        root's (750): <id>.rbody, then <id>.resp (JSON: status, headers)
+    owned.json   root's (600): the flow and task runs this allocation made (the only runs
+                 its writes may touch)
+
+The relay reads a request without following links (``O_NOFOLLOW``, descriptors of the
+folders, regular files only) and never writes where the job can: its answers go to
+``resp/``, which only root writes. A request is answered at least once: it is removed after
+its answer is written, so a relay killed mid-request forwards it again when it is back (the
+job waits for it). What a job may do is an allow-list per target (``PREFECT_RULES``,
+``MLFLOW_RULES``): Prefect calls that create and report its own flow and task runs, logs,
+events and artifacts (writes to a run only if this allocation made it; a new flow run gets
+the tag ``startup:<id>`` and may not carry another start-up's); MLflow's tracking, registry
+and artifact calls, as the start-up's own MLflow user (the relay adds the credentials: the
+job never sees a password; user and permission calls are refused). Anything else is
+answered 403 with one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQ, BODY, RESP, RBODY = ".req", ".body", ".resp", ".rbody"
+MAX_META = 64 * 1024  # a request's JSON: method, path, query, headers
+MAX_BODY = 1024 * 2**20  # an artifact upload; larger is refused (413)
+RESPONSE_TTL_S = 120.0  # an answer the job did not collect is removed after this
+WAIT_S = 600.0  # how long the job waits for an answer (a relay restarted by `aif site up`)
+HEARTBEAT = ".alive"  # <relay_dir>/.alive: the relay's pid, touched every second
+EVENT_BATCH = 200  # events per POST /api/events
+EVENT_FLUSH_S = 0.25
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{2,80}$")
+# Headers that travel (lower case); the rest (Host, Authorization, Cookie, hop-by-hop) never.
+FORWARDED_REQUEST = ("content-type", "accept", "x-prefect-api-version", "user-agent")
+FORWARDED_RESPONSE = ("content-type", "content-disposition", "location", "etag")
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+class RelayRefusal(Exception):
+    """A request the grant does not allow (403) or cannot be read (400)."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Rule:
+    methods: tuple[str, ...]
+    path: re.Pattern[str]
+    owns: str | None = None  # "flow_run" / "task_run": the run in the path must be the job's
+    creates: str | None = None  # the answer's id becomes one of the job's runs
+
+
+def _rule(methods: str, path: str, owns: str | None = None, creates: str | None = None) -> Rule:
+    return Rule(tuple(methods.split()), re.compile(f"^{path}$"), owns, creates)
+
+
+# Paths as the Prefect server sees them (under /api).
+# fmt: off
+PREFECT_RULES = (
+    _rule("GET", r"/api/(health|version|admin/version|csrf-token)"),
+    _rule("POST", r"/api/flows/?"),
+    _rule("GET", r"/api/flows/(" + _UUID + r"|name/[^/]+)"),
+    _rule("POST", r"/api/flow_runs/?", creates="flow_run"),
+    _rule("GET", r"/api/flow_runs/(" + _UUID + r")(/graph|/graph-v2)?", owns="flow_run"),
+    _rule("PATCH", r"/api/flow_runs/(" + _UUID + r")", owns="flow_run"),
+    _rule("POST", r"/api/flow_runs/(" + _UUID + r")/(set_state|labels|input/[^/]+)",
+          owns="flow_run"),
+    _rule("POST", r"/api/task_runs/?", creates="task_run"),
+    _rule("GET", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
+    _rule("PATCH", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
+    _rule("POST", r"/api/task_runs/(" + _UUID + r")/set_state", owns="task_run"),
+    _rule("POST", r"/api/logs/?"),
+    _rule("POST", r"/api/events/?"),
+    _rule("POST", r"/api/artifacts/?"),
+    _rule("GET", r"/api/(block_types/slug/[^/]+|block_schemas/checksum/[^/]+)"),
+    _rule("POST", r"/api/(block_types|block_schemas|block_documents)/filter"),
+    _rule("GET", r"/api/variables/name/[^/]+"),
+    _rule("POST", r"/api/v2/concurrency_limits/(increment|decrement|increment-with-lease|"
+          r"decrement-with-lease|leases/[^/]+/renew)"),
+    _rule("POST", r"/api/concurrency_limits/(increment|decrement)"),
+)
+# Paths as MLflow sees them: tracking, registry, logged models, proxied artifacts.
+MLFLOW_RULES = (
+    _rule("GET POST PATCH DELETE",
+          r"/(ajax-)?api/[23]\.0/mlflow/(?!users/|.*permissions)[A-Za-z0-9_/.-]+"),
+    _rule("GET PUT POST", r"/api/2\.0/mlflow-artifacts/(artifacts|mpu)(/[^?#]*)?"),
+    _rule("GET", r"/health|/version"),
+)
+# fmt: on
+RULES = {"prefect": PREFECT_RULES, "mlflow": MLFLOW_RULES}
+
+
+def check(rules: tuple[Rule, ...], method: str, path: str,
+          owned: Mapping[str, set[str]]) -> Rule:  # fmt: skip
+    """The rule that allows ``method path``, else RelayRefusal(403) saying why."""
+    if "/../" in path + "/" or "/./" in path + "/" or "//" in path or "%" in path:
+        raise RelayRefusal(400, f"{method} {path[:200]}: a path with dot segments, empty "
+                           "segments or escapes is not relayed")  # fmt: skip
+    for rule in rules:
+        m = rule.path.match(path)
+        if m is None or method not in rule.methods:
+            continue
+        if rule.owns is not None and m.group(1) not in owned.get(rule.owns, set()):
+            raise RelayRefusal(403, f"{method} {path[:200]}: the {rule.owns.replace('_', ' ')} "
+                               "is not one this allocation made")  # fmt: skip
+        return rule
+    raise RelayRefusal(403, f"{method} {path[:200]}: not in this allocation's allow-list "
+                       "(tasks/control/relay.py)")  # fmt: skip
+
+
+# -- the spool's files -----------------------------------------------------------------------
+def _open_dir(path: str | os.PathLike[str], dir_fd: int | None = None) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def _read_regular(name: str, dir_fd: int, limit: int) -> bytes:
+    """A regular file in the folder ``dir_fd``, never through a link, at most ``limit`` bytes
+    (RelayRefusal otherwise)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RelayRefusal(400, f"{name}: a link; the relay reads only regular files") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RelayRefusal(400, f"{name}: not a regular file")
+        if st.st_size > limit:
+            raise RelayRefusal(413, f"{name}: {st.st_size} bytes, more than {limit}")
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise RelayRefusal(413, f"{name}: more than {limit} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _write_new(name: str, dir_fd: int, data: bytes, mode: int = 0o640) -> None:
+    """Write ``name`` in ``dir_fd`` whole: a new temporary file (never an existing one, never
+    a link), then renamed into place."""
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+@dataclass
+class Grant:
+    """What one allocation may do: read from its root-owned ``grant.json``."""
+
+    key: str
+    startup: str
+    user: str
+    mlflow_user: str
+    job: str = ""
+
+    @staticmethod
+    def read(key_fd: int, key: str) -> Grant:
+        raw = json.loads(_read_regular("grant.json", key_fd, MAX_META))
+        return Grant(key, str(raw["startup"]), str(raw["user"]), str(raw["mlflow_user"]),
+                     str(raw.get("job", "")))  # fmt: skip
+
+
+def make_spool(relay_dir: Path, key: str, grant: Grant, uid: int, gid: int) -> Path:
+    """The spool of one allocation (by the orchestrator, as root): the key's folder and its
+    grant root's, ``req/`` the start-up user's, ``resp/`` root's with the user's group."""
+    if not _KEY.match(key):
+        raise ValueError(f"relay key {key!r}: lower-case letters, digits and '-' only")
+    relay_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(relay_dir, 0o755)
+    d = relay_dir / key
+    d.mkdir(mode=0o750)
+    os.chown(d, 0, gid)
+    os.chmod(d, 0o750)
+    fd = _open_dir(d)
+    try:
+        _write_new("grant.json", fd, json.dumps({
+            "startup": grant.startup, "user": grant.user, "mlflow_user": grant.mlflow_user,
+            "job": grant.job, "made": time.time(),
+        }).encode(), mode=0o644)  # fmt: skip
+    finally:
+        os.close(fd)
+    (d / "req").mkdir(mode=0o700)
+    os.chown(d / "req", uid, gid)
+    (d / "resp").mkdir(mode=0o750)
+    os.chown(d / "resp", 0, gid)
+    os.chmod(d / "resp", 0o2750)  # set-group-id: the answers get the user's group
+    return d
+
+
+def remove_spool(spool: Path) -> None:
+    """Remove an allocation's spool (its job has ended), without following links."""
+    import shutil
+
+    if spool.is_dir() and not spool.is_symlink():
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+# -- the login side ----------------------------------------------------------------------------
+@dataclass
+class Relay:
+    """Answers the spools under ``root``: ``targets`` maps "prefect" and "mlflow" to the base
+    URLs on the login side; ``mlflow_password(user)`` gives a registry user's password."""
+
+    root: Path
+    targets: Mapping[str, str]
+    mlflow_password: Callable[[str], str]
+    workers: int = 8
+    log: Callable[[str], None] = print
+    _busy: set[tuple[str, str]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _owned: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)
+
+    def serve(self, stop: threading.Event) -> None:
+        import httpx
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        pause, beat = 0.005, 0.0
+        with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as http, \
+                ThreadPoolExecutor(self.workers, thread_name_prefix="relay") as pool:  # fmt: skip
+            while not stop.is_set():
+                if time.monotonic() - beat > 1.0:
+                    self._heartbeat()
+                    beat = time.monotonic()
+                found = self.scan(pool, http)
+                pause = 0.005 if found else min(pause * 2, 0.2)
+                stop.wait(pause)
+
+    def _heartbeat(self) -> None:
+        path = self.root / HEARTBEAT
+        tmp = self.root / f"{HEARTBEAT}.tmp"
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+        self._expire()
+
+    def scan(self, pool: ThreadPoolExecutor, http: Any) -> int:
+        """Start answering every new request; the number started."""
+        started = 0
+        try:
+            keys = [e for e in os.scandir(self.root) if _KEY.match(e.name)]
+        except FileNotFoundError:
+            return 0
+        for entry in keys:
+            try:
+                names = [n for n in os.listdir(os.path.join(entry.path, "req")) if n.endswith(REQ)]
+            except OSError:
+                continue
+            for name in names:
+                rid = name[: -len(REQ)]
+                with self._lock:
+                    if (entry.name, rid) in self._busy:
+                        continue
+                    self._busy.add((entry.name, rid))
+                pool.submit(self._answer_safely, entry.name, rid, http)
+                started += 1
+        return started
+
+    def _answer_safely(self, key: str, rid: str, http: Any) -> None:
+        try:
+            self.answer(key, rid, http)
+        except Exception as exc:  # one request's failure never stops the relay
+            self.log(f"relay {key}/{rid}: {type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            with self._lock:
+                self._busy.discard((key, rid))
+
+    def answer(self, key: str, rid: str, http: Any) -> None:
+        key_fd = _open_dir(self.root / key)
+        try:
+            st = os.fstat(key_fd)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                self._warn(key, f"relay: {self.root / key} is not root's alone; not served")
+                return
+            grant = Grant.read(key_fd, key)
+            req_fd = _open_dir("req", key_fd)
+            resp_fd = _open_dir("resp", key_fd)
+            try:
+                if os.fstat(resp_fd).st_uid != 0:
+                    self._warn(key, f"relay: {self.root / key}/resp is not root's; not served")
+                    return
+                if not _ID.match(rid):
+                    self._drop(req_fd, rid)
+                    return
+                try:
+                    status, headers, body = self._forward(key, grant, req_fd, rid, http)
+                except RelayRefusal as exc:
+                    status, headers = exc.status, {"content-type": "application/json"}
+                    body = json.dumps({"detail": f"relay: {exc}"}).encode()
+                    self.log(f"relay {key} ({grant.startup}): refused {exc}")
+                _write_new(rid + RBODY, resp_fd, body)
+                _write_new(rid + RESP, resp_fd, json.dumps(
+                    {"status": status, "headers": headers}).encode())  # fmt: skip
+                self._drop(req_fd, rid)
+            finally:
+                os.close(req_fd)
+                os.close(resp_fd)
+        finally:
+            os.close(key_fd)
+
+    @staticmethod
+    def _drop(req_fd: int, rid: str) -> None:
+        for suffix in (REQ, BODY):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rid + suffix, dir_fd=req_fd)
+
+    def _warn(self, key: str, line: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log(line)
+
+    def _forward(self, key: str, grant: Grant, req_fd: int, rid: str,
+                 http: Any) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        try:
+            meta = json.loads(_read_regular(rid + REQ, req_fd, MAX_META))
+            target, method = str(meta["target"]), str(meta["method"]).upper()
+            path, query = str(meta["path"]), str(meta.get("query", ""))
+            headers = {str(k).lower(): str(v) for k, v in dict(meta.get("headers", {})).items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RelayRefusal(400, f"request {rid}: not a relay request ({exc})") from None
+        if target not in RULES or target not in self.targets:
+            raise RelayRefusal(403, f"target {target[:40]!r}: the relay serves prefect and mlflow")
+        owned = self._owned_of(key)
+        rule = check(RULES[target], method, path, owned)
+        body = b""
+        if meta.get("body"):
+            body = _read_regular(rid + BODY, req_fd, MAX_BODY)
+        if target == "prefect" and rule.creates == "flow_run":
+            body = _tagged(body, grant.startup)
+        out = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST}
+        if target == "mlflow":
+            pw = self.mlflow_password(grant.mlflow_user)
+            token = base64.b64encode(f"{grant.mlflow_user}:{pw}".encode()).decode()
+            out["authorization"] = f"Basic {token}"
+        url = self.targets[target].rstrip("/") + path + (f"?{query}" if query else "")
+        resp = http.request(method, url, content=body or None, headers=out)
+        if rule.creates and 200 <= resp.status_code < 300:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self._own(key, rule.creates, str(resp.json()["id"]))
+        back = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE}
+        return resp.status_code, back, resp.content
+
+    # The runs each allocation made: kept in memory and in <key>/owned.json (root's), so a
+    # relay restarted mid-run still lets the run report its own states.
+    def _owned_of(self, key: str) -> dict[str, set[str]]:
+        with self._lock:
+            if key not in self._owned:
+                data: dict[str, list[str]] = {}
+                with contextlib.suppress(OSError, ValueError):
+                    fd = _open_dir(self.root / key)
+                    try:
+                        data = json.loads(_read_regular("owned.json", fd, 16 * MAX_META))
+                    finally:
+                        os.close(fd)
+                self._owned[key] = {k: set(v) for k, v in data.items()}
+            return {k: set(v) for k, v in self._owned[key].items()}
+
+    def _own(self, key: str, kind: str, run_id: str) -> None:
+        self._owned_of(key)
+        with self._lock:
+            self._owned[key].setdefault(kind, set()).add(run_id)
+            data = {k: sorted(v) for k, v in self._owned[key].items()}
+            fd = _open_dir(self.root / key)
+            try:
+                _write_new("owned.json", fd, json.dumps(data).encode(), mode=0o600)
+            finally:
+                os.close(fd)
+
+    def _expire(self) -> None:
+        """Remove answers older than RESPONSE_TTL_S, and forget spools that are gone."""
+        now = time.time()
+        live = set()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                if not _KEY.match(entry.name):
+                    continue
+                live.add(entry.name)
+                with contextlib.suppress(OSError):
+                    for f in os.scandir(os.path.join(entry.path, "resp")):
+                        if now - f.stat(follow_symlinks=False).st_mtime > RESPONSE_TTL_S:
+                            os.unlink(f.path)
+        with self._lock:
+            for key in set(self._owned) - live:
+                del self._owned[key]
+
+
+def _tagged(body: bytes, startup: str) -> bytes:
+    """A new flow run's body with the tag ``startup:<id>`` of the allocation's start-up; one
+    that names another start-up is refused."""
+    try:
+        doc = json.loads(body or b"{}")
+        tags = [str(t) for t in doc.get("tags") or []]
+    except (ValueError, AttributeError):
+        raise RelayRefusal(400, "POST /api/flow_runs/: the body is not a flow run") from None
+    others = [t for t in tags if t.startswith("startup:") and t != f"startup:{startup}"]
+    if others:
+        raise RelayRefusal(403, f"POST /api/flow_runs/: tag {others[0][:80]!r} names another "
+                           f"start-up than this allocation's ({startup})")  # fmt: skip
+    if f"startup:{startup}" not in tags:
+        doc["tags"] = [*tags, f"startup:{startup}"]
+    return json.dumps(doc).encode()
+
+
+def relay_alive(root: Path, max_age_s: float = 10.0) -> bool:
+    """The relay of ``root`` has beaten its heart within ``max_age_s`` seconds."""
+    try:
+        return time.time() - (root / HEARTBEAT).stat().st_mtime < max_age_s
+    except OSError:
+        return False
+
+
+# -- the compute-node side ---------------------------------------------------------------------
+@dataclass
+class Spool:
+    """The job's side of its spool: a request as files, then its answer, polled."""
+
+    path: Path
+    wait_s: float = WAIT_S
+
+    async def request(
+        self, target: str, method: str, path: str, query: str, headers: Mapping[str, str],
+        body: bytes,
+    ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        rid = secrets.token_hex(12)
+        req, resp = self.path / "req", self.path / "resp"
+        meta = {"target": target, "method": method, "path": path, "query": query,
+                "headers": {k: v for k, v in headers.items() if k.lower() in FORWARDED_REQUEST},
+                "body": bool(body)}  # fmt: skip
+        if body:
+            _write_file(req / (rid + BODY), body)
+        _write_file(req / (rid + REQ), json.dumps(meta).encode())
+        deadline, pause = time.monotonic() + self.wait_s, 0.002
+        done = resp / (rid + RESP)
+        while not done.exists():
+            if time.monotonic() > deadline:
+                return 504, {"content-type": "application/json"}, json.dumps(
+                    {"detail": f"relay: no answer in {self.wait_s:.0f} s (is the site's relay "
+                               "up? `aif site status` on the login node)"}).encode()  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
+        answer = json.loads(done.read_bytes())
+        data = (resp / (rid + RBODY)).read_bytes()
+        return int(answer["status"]), dict(answer.get("headers", {})), data
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def endpoint_app(spool: Spool) -> Any:
+    """The node-local endpoint: ``/prefect/<path>`` and ``/mlflow/<path>`` through the spool;
+    Prefect's event websocket (``/prefect/api/events/in``) as batches of POST /api/events."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    pending: list[asyncio.Task[Any]] = []
+
+    async def http(request: Request) -> Response:
+        target = request.path_params["target"]
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return Response(b'{"detail": "relay: body too large"}', 413)
+        status, headers, data = await spool.request(
+            target, request.method, "/" + request.path_params["rest"],
+            request.url.query, dict(request.headers), body)  # fmt: skip
+        return Response(data, status, headers=headers)
+
+    async def events_in(ws: WebSocket) -> None:
+        offered = ws.headers.get("sec-websocket-protocol", "")
+        prefect = "prefect" in [p.strip() for p in offered.split(",")]
+        await ws.accept(subprotocol="prefect" if prefect else None)
+        if prefect:
+            auth = await ws.receive_json()
+            if auth.get("type") != "auth":
+                await ws.close(1008, "expected an auth message")
+                return
+            await ws.send_json({"type": "auth_success"})
+        batch: list[Any] = []
+        last = time.monotonic()
+
+        async def flush() -> None:
+            nonlocal batch, last
+            if batch:
+                out, batch, last = batch, [], time.monotonic()
+                task = asyncio.create_task(_post_events(spool, out))
+                pending.append(task)
+
+        try:
+            while True:
+                try:
+                    text = await asyncio.wait_for(ws.receive_text(), EVENT_FLUSH_S)
+                    batch.append(json.loads(text))
+                except TimeoutError:
+                    pass
+                if len(batch) >= EVENT_BATCH or time.monotonic() - last > EVENT_FLUSH_S:
+                    await flush()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await flush()
+
+    async def drain(request: Request) -> Response:
+        """Wait until every event batch has been answered (the job calls it before exit)."""
+        while pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            pending[:] = [t for t in pending if not t.done()]
+        return Response(b"{}", 200, media_type="application/json")
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+    return Starlette(routes=[
+        Route("/_relay/drain", drain, methods=["POST"]),
+        WebSocketRoute("/prefect/api/events/in", events_in),
+        Route("/{target:str}/{rest:path}", http, methods=methods),
+    ])  # fmt: skip
+
+
+async def _post_events(spool: Spool, events: list[Any]) -> None:
+    status, _, data = await spool.request(
+        "prefect", "POST", "/api/events", "", {"content-type": "application/json"},
+        json.dumps(events).encode())  # fmt: skip
+    if status >= 300:
+        print(f"relay: {len(events)} event(s) not recorded: {status} {data[:300]!r}", flush=True)
+
+
+@dataclass
+class Endpoint:
+    url: str
+    _server: Any
+    _thread: threading.Thread
+
+    def drain(self) -> None:
+        import httpx
+
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{self.url}/_relay/drain", timeout=WAIT_S)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def start_endpoint(spool_dir: Path) -> Endpoint:
+    """Serve the node-local endpoint of ``spool_dir`` on 127.0.0.1 (a free port) in a
+    thread; its base URL is ``Endpoint.url``."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(endpoint_app(Spool(spool_dir)), log_level="warning",
+                            lifespan="off", ws_ping_interval=None)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="relay-endpoint")  # fmt: skip
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("relay: the node-local endpoint did not start")
+        time.sleep(0.01)
+    return Endpoint(f"http://127.0.0.1:{port}", server, thread)
+
+
+# -- the site's part -----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m aifactory.tasks.control.relay",
+                                 description="The site's relay (login side).")  # fmt: skip
+    ap.add_argument("--root", required=True, help="the folder of the allocations' spools")
+    ap.add_argument("--prefect", required=True, help="the Prefect server's base URL")
+    ap.add_argument("--mlflow", required=True, help="MLflow's base URL")
+    ap.add_argument("--mlflow-secrets", required=True, help="folder of <user>.secret files")
+    args = ap.parse_args(argv)
+    secrets_dir = Path(args.mlflow_secrets)
+
+    def password(user: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_-]+$", user):
+            raise RelayRefusal(403, f"MLflow user {user!r}: not a site user")
+        try:
+            return (secrets_dir / f"{user}.secret").read_text().strip()
+        except OSError:
+            raise RelayRefusal(403, f"MLflow user {user!r}: no password on the site") from None
+
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    relay = Relay(Path(args.root), {"prefect": args.prefect, "mlflow": args.mlflow}, password,
+                  log=lambda line: print(line, flush=True))  # fmt: skip
+    print(f"relay: serving {args.root} for Prefect {args.prefect} and MLflow {args.mlflow}",
+          flush=True)  # fmt: skip
+    relay.serve(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The relay (tasks/control/relay.py) end to end in one process: the node-local endpoint, the
+spool on disk, the login side's relay and a real HTTP server standing in for Prefect and
+MLflow. The site test (tests/site/test_in_allocation_site.py) runs a whole pipeline through
+it from a compute node."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aifactory.tasks.control import relay as rl
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the spool is made by root")
+
+
+class _Target(BaseHTTPRequestHandler):
+    seen: list[dict[str, Any]] = []
+
+    def _any(self) -> None:
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        self.seen.append({"method": self.command, "path": self.path, "body": body,
+                          "headers": {k.lower(): v for k, v in self.headers.items()}})  # fmt: skip
+        if self.path.rstrip("/") == "/api/flow_runs" and self.command == "POST":
+            out = json.dumps({"id": str(uuid.uuid4()), **json.loads(body)}).encode()
+        else:
+            out = json.dumps({"path": self.path, "n": len(body)}).encode()
+        self.send_response(201 if self.command == "POST" else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-secret-header", "not forwarded")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    _Target.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Target)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    root = tmp_path / "relay dir"  # a space in the shared filesystem's path
+    lines: list[str] = []
+    relay = rl.Relay(root, {"prefect": base, "mlflow": base}, lambda user: f"pw-of-{user}",
+                     log=lines.append)  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.serve, args=(stop,), daemon=True)
+    thread.start()
+    spool = rl.make_spool(root, "startup-a-test-1", rl.Grant("k", "startup-a", "root",
+                                                             "startup-a"), 0, 0)  # fmt: skip
+    endpoint = rl.start_endpoint(spool)
+    try:
+        yield {"url": endpoint.url, "seen": _Target.seen, "lines": lines, "spool": spool,
+               "root": root, "relay": relay, "stop": stop, "endpoint": endpoint}  # fmt: skip
+    finally:
+        endpoint.stop()
+        stop.set()
+        thread.join(5)
+        server.shutdown()
+
+
+def test_a_call_goes_through_the_spool_with_the_startups_registry_identity(site: Any) -> None:
+    url = site["url"]
+    r = httpx.get(f"{url}/prefect/api/health", headers={"authorization": "Basic stolen"})
+    assert r.status_code == 200 and r.json()["path"] == "/api/health"
+    assert "x-secret-header" not in r.headers
+    assert "authorization" not in site["seen"][-1]["headers"]  # the job's own never travels
+    body = os.urandom(300_000)
+    r = httpx.put(f"{url}/mlflow/api/2.0/mlflow-artifacts/artifacts/1/run/model.bin",
+                  content=body, headers={"content-type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["n"] == len(body)
+    seen = site["seen"][-1]
+    assert seen["body"] == body and seen["method"] == "PUT"
+    token = base64.b64encode(b"startup-a:pw-of-startup-a").decode()
+    assert seen["headers"]["authorization"] == f"Basic {token}"
+    # Nothing is left in the spool's request folder once answered.
+    assert not [n for n in os.listdir(site["spool"] / "req") if not n.startswith(".")]
+
+
+def test_calls_outside_the_allow_list_are_refused_in_one_line(site: Any) -> None:
+    url = site["url"]
+    n = len(site["seen"])
+    for method, path in (("DELETE", "/prefect/api/flow_runs/" + str(uuid.uuid4())),
+                         ("POST", "/prefect/api/deployments/"),
+                         ("POST", "/prefect/api/work_pools/aif-site-startup-b/get_scheduled_flow_runs"),
+                         ("POST", "/mlflow/api/2.0/mlflow/users/create"),
+                         ("POST", "/mlflow/api/2.0/mlflow/experiments/permissions/create"),
+                         ("GET", "/prefect/api/%2e%2e/admin/version"),
+                         ("GET", "/other/api/health")):  # fmt: skip
+        r = httpx.request(method, url + path)
+        assert r.status_code in (400, 403), (method, path, r.status_code)
+        detail = r.json()["detail"]
+        assert detail.startswith("relay: ") and "\n" not in detail and len(detail) < 400
+    assert len(site["seen"]) == n  # none of them reached a server
+    assert any("not in this allocation's allow-list" in line for line in site["lines"])
+
+
+def test_a_job_writes_only_to_the_flow_runs_it_made(site: Any) -> None:
+    url = site["url"]
+    other = str(uuid.uuid4())
+    r = httpx.post(f"{url}/prefect/api/flow_runs/{other}/set_state", json={"state": {}})
+    assert r.status_code == 403 and "not one this allocation made" in r.json()["detail"]
+    r = httpx.post(f"{url}/prefect/api/flow_runs/", json={"name": "x", "tags": ["aif"]})
+    assert r.status_code == 201
+    made = r.json()
+    assert "startup:startup-a" in made["tags"]  # the relay tags it with its start-up
+    r = httpx.post(f"{url}/prefect/api/flow_runs/{made['id']}/set_state", json={"state": {}})
+    assert r.status_code == 201
+    # Another start-up's tag on a new run is refused.
+    r = httpx.post(f"{url}/prefect/api/flow_runs/", json={"tags": ["startup:startup-b"]})
+    assert r.status_code == 403 and "another start-up" in r.json()["detail"]
+    # A relay restarted mid-run (a new Relay on the same folder) still knows the run.
+    fresh = rl.Relay(site["root"], {}, lambda u: "")
+    assert made["id"] in fresh._owned_of("startup-a-test-1")["flow_run"]
+
+
+def test_a_planted_link_is_never_read(site: Any, tmp_path: Path) -> None:
+    secret = tmp_path / "root-only.txt"
+    secret.write_text(json.dumps({"target": "prefect", "method": "GET", "path": "/api/health"}))
+    req = site["spool"] / "req"
+    n = len(site["seen"])
+    os.symlink(secret, req / ("a" * 16 + rl.REQ))
+    deadline = time.monotonic() + 10
+    resp = site["spool"] / "resp" / ("a" * 16 + rl.RESP)
+    while not resp.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    answer = json.loads(resp.read_text())
+    assert answer["status"] == 400
+    assert "a link" in (site["spool"] / "resp" / ("a" * 16 + rl.RBODY)).read_text()
+    assert len(site["seen"]) == n
+
+
+def test_a_spool_not_made_by_root_alone_is_not_served(site: Any) -> None:
+    os.chmod(site["spool"], 0o777)
+    try:
+        spool = rl.Spool(site["spool"], wait_s=1.5)
+        import asyncio
+
+        status, _, data = asyncio.run(spool.request("prefect", "GET", "/api/health", "", {}, b""))
+        assert status == 504 and b"no answer" in data
+        assert any("not root's alone" in line for line in site["lines"])
+    finally:
+        os.chmod(site["spool"], 0o750)
+
+
+def test_prefect_events_reach_the_server_as_batches(site: Any) -> None:
+    from websockets.sync.client import connect
+
+    url = site["url"].replace("http://", "ws://") + "/prefect/api/events/in"
+    events = [{"id": str(uuid.uuid4()), "event": "prefect.test", "occurred": "2026-12-08T00:00:00Z",
+               "resource": {"prefect.resource.id": f"test.{i}"}} for i in range(5)]  # fmt: skip
+    with connect(url, subprotocols=["prefect"]) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"type": "auth", "token": None}))
+        assert json.loads(ws.recv())["type"] == "auth_success"
+        for e in events:
+            ws.send(json.dumps(e))
+    site["endpoint"].drain()
+    posted = [json.loads(s["body"]) for s in site["seen"] if s["path"] == "/api/events"]
+    got = [e["id"] for batch in posted for e in batch]
+    assert got == [e["id"] for e in events]
+
+
+def test_a_request_waits_for_a_relay_that_is_down_and_is_answered_once_it_is_back(
+    site: Any,
+) -> None:
+    site["stop"].set()  # the relay goes away (the fixture's thread ends)
+    time.sleep(0.5)
+    out: dict[str, Any] = {}
+
+    def call() -> None:
+        out["r"] = httpx.get(f"{site['url']}/prefect/api/version", timeout=30)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)
+    assert "r" not in out
+    stop = threading.Event()
+    relay = rl.Relay(site["root"], site["relay"].targets, lambda u: "")
+    threading.Thread(target=relay.serve, args=(stop,), daemon=True).start()
+    try:
+        t.join(20)
+        assert out["r"].status_code == 200
+        assert rl.relay_alive(site["root"])
+    finally:
+        stop.set()
+
+
+def test_the_rules_refuse_paths_that_would_escape_them() -> None:
+    owned = {"flow_run": {"0" * 8 + "-0000-0000-0000-" + "0" * 12}}
+    for path in ("/api/flow_runs//set_state", "/api/%2e%2e/admin", "/api/./health",
+                 "/api/flow_runs/x/set_state", "/api/healthz"):  # fmt: skip
+        with pytest.raises(rl.RelayRefusal):
+            rl.check(rl.PREFECT_RULES, "POST" if "set_state" in path else "GET", path, owned)
+    assert rl.check(rl.PREFECT_RULES, "GET", "/api/health", owned)
