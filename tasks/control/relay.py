@@ -490,15 +490,11 @@ class Spool:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = _open_dir(path.parent)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_new(path.name, fd, data, mode=0o600)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
 
 
 def endpoint_app(spool: Spool) -> Any:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the spool is made by 
 
 
 class _Target(BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
 
     def _any(self) -> None:
         n = int(self.headers.get("content-length") or 0)
@@ -98,7 +98,7 @@ def test_calls_outside_the_allow_list_are_refused_in_one_line(site: Any) -> None
     n = len(site["seen"])
     for method, path in (("DELETE", "/prefect/api/flow_runs/" + str(uuid.uuid4())),
                          ("POST", "/prefect/api/deployments/"),
-                         ("POST", "/prefect/api/work_pools/aif-site-startup-b/get_scheduled_flow_runs"),
+                         ("POST", "/prefect/api/work_pools/aif-site-startup-b/get_scheduled"),
                          ("POST", "/mlflow/api/2.0/mlflow/users/create"),
                          ("POST", "/mlflow/api/2.0/mlflow/experiments/permissions/create"),
                          ("GET", "/prefect/api/%2e%2e/admin/version"),
