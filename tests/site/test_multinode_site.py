@@ -400,6 +400,69 @@ def test_a_node_dies_under_training_and_the_job_resumes_on_the_other(
         assert states <= {"idle", "mixed", "allocated"}, f"{n} is {states} after aif site up"
 
 
+def test_a_flow_run_inside_an_allocation_reports_through_the_relay_only(
+    multinode: tuple[Site, Profile],
+) -> None:
+    """`aif run --in-allocation`: the whole pipeline is one job on a compute node, as the
+    start-up's user; the node cannot connect to Prefect or MLflow (first test of this
+    module), yet the operator sees the run, its stages, task runs and logs in Prefect, and
+    the version is the start-up's in MLflow: every call went through the relay's files. The
+    relay refused nothing a pipeline needs, and the run's spool is gone afterwards."""
+    import re
+
+    from mlflow import MlflowClient
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, TaskRunFilter
+
+    from tests.site.conftest import prefect_client
+
+    site, profile = multinode
+    relay_log = site.logs / "relay.log"
+    log_before = relay_log.stat().st_size if relay_log.exists() else 0
+    res = aif("run", "--profile", "site", "--in-allocation", "--epochs", "2", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    uri = res.last_line
+    assert uri.startswith("models:/"), res.stdout[-2000:]
+    run_id = next(ln for ln in res.stdout.splitlines() if ln.startswith("Prefect UI:")).rsplit(
+        "/", 1)[-1]  # fmt: skip
+    job = re.search(r"submitted Slurm job (\d+) \((aif-flow-[^)]+)\)", res.stdout)
+    assert job, res.stdout[-2000:]
+    rec = _slurm(profile).run(["sacct", "-n", "-X", "-P", "-j", job.group(1),
+                               "-o", "NodeList,User,State"]).split("|")  # fmt: skip
+    assert rec[0] in NODES and rec[1] == "startup-a" and rec[2].strip() == "COMPLETED", rec
+    with prefect_client(profile) as client:
+        top = client.read_flow_run(run_id)
+        assert top.state is not None and top.state.is_completed(), top.state
+        assert {"startup:startup-a", "in-allocation", "profile:site"} <= set(top.tags), top.tags
+        subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id={"any_": [top.id]}))  # fmt: skip
+        assert len(subs) == 4, subs  # ingest, preprocess, train, register
+        assert all(f.state is not None and f.state.is_completed() for f in subs)
+        ids = [top.id, *(f.id for f in subs)]
+        deadline = time.monotonic() + 60  # task runs are recorded from the relayed events
+        while True:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}),
+                                          task_run_filter=TaskRunFilter())  # fmt: skip
+            done = [t for t in tasks if t.state is not None and t.state.is_completed()]
+            if (tasks and len(done) == len(tasks)) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert tasks and len(done) == len(tasks), [(t.name, t.state_name) for t in tasks]
+        logs = client.read_logs(LogFilter(flow_run_id={"any_": ids}))
+        assert any("admission" in lg.message for lg in logs), [lg.message for lg in logs][:20]
+    name, version = uri.removeprefix("models:/").split("/")
+    mv = MlflowClient(profile.mlflow.tracking_uri).get_model_version(name, version)
+    run = MlflowClient(profile.mlflow.tracking_uri).get_run(mv.run_id)
+    exp = MlflowClient(profile.mlflow.tracking_uri).get_experiment(run.info.experiment_id)
+    assert exp.name.endswith("-startup-a"), exp.name
+    assert mv.user_id in ("startup-a", None, ""), mv.user_id
+    key = job.group(2).removeprefix("aif-flow-")
+    assert not (site.root / "relay" / key).exists()  # the spool went with the job
+    with open(relay_log, "rb") as fh:
+        fh.seek(log_before)
+        new = fh.read().decode(errors="replace")
+    assert "refused" not in new, new[-2000:]
+
+
 def test_the_one_node_site_is_still_there(multinode: tuple[Site, Profile], tmp_path: Path) -> None:
     """`--nodes 1` (this host is the login and the compute node; no namespace, no bridge)
     runs jobs. Last in the suite: the module's fixture gives a site that was two nodes its
