@@ -39,9 +39,9 @@ RESULT = "result.json"
 TAG = "in-allocation"
 
 
-def job_profile(cfg: Profile, sid: str, profile_ref: str) -> dict[str, Any]:
+def job_profile(cfg: Profile, sid: str, profile_ref: str, job_dir: Path) -> dict[str, Any]:
     """The profile the job loads: the site's profile file, with what differs inside the
-    allocation. Only the start-up's own credentials are in it (temporary ones, from its
+    allocation (its run folders and state in the job's folder, which the start-up owns). Only the start-up's own credentials are in it (temporary ones, from its
     key), never the platform's or another start-up's."""
     spec = cfg.allocation
     assert spec is not None
@@ -60,6 +60,8 @@ def job_profile(cfg: Profile, sid: str, profile_ref: str) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "extends": str(profile_path(profile_ref).resolve()),
         "name": cfg.name,
+        "home_dir": str(job_dir / "home"),
+        "runs_dir": str(job_dir / "runs"),
         "description": f"{cfg.description} (inside an allocation)".strip(),
         # Already the start-up's user: no sbatch --uid, no runuser.
         "startups": {s: {"user": None} for s in cfg.startups},
@@ -116,7 +118,7 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     os.chmod(flows, 0o755)  # only root makes the jobs' folders in it
     job_dir = flows / key
     job_dir.mkdir(mode=0o700)
-    profile_doc = job_profile(cfg, sid, profile_ref)
+    profile_doc = job_profile(cfg, sid, profile_ref, job_dir)
     fd = os.open(job_dir / "profile.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write("# The flow job's profile (tasks/control/in_allocation.py): the start-up's "

@@ -77,7 +77,7 @@ def test_the_jobs_profile_holds_only_the_startups_own_temporary_credentials(
     monkeypatch.setenv("AIF_OBJECT_STORE__KEY", "platform-key")
     monkeypatch.setenv("AIF_OBJECT_STORE__SECRET", "PLATFORM-SECRET")
     cfg = load_profile("site")
-    doc = in_allocation.job_profile(cfg, "startup-b", "site")
+    doc = in_allocation.job_profile(cfg, "startup-b", "site", tmp_path / "job dir")
     text = yaml.safe_dump(doc)
     assert "PLATFORM-SECRET" not in text and "platform-key" not in text
     assert asked == [("startup-b", 40 * 60 + 1800)]  # the allocation's time limit and more
@@ -95,6 +95,7 @@ def test_the_jobs_profile_holds_only_the_startups_own_temporary_credentials(
     assert job.mlflow.tracking_uri == "http://127.0.0.1:1234/mlflow"
     assert job.mlflow.tenant_credentials is None and job.mlflow.experiment.endswith("-startup-b")
     assert job.allocation is None  # no flow job inside the flow job
+    assert job.runs_dir == str(tmp_path / "job dir" / "runs")  # the start-up's own folder
     # Tenancy is the site's: the job's start-up keeps its account and prefix.
     assert job.startups["startup-b"].account == "startup-b"
     assert job.startups["startup-b"].s3_prefix == "startup-b"
