@@ -41,8 +41,9 @@ TAG = "in-allocation"
 
 def job_profile(cfg: Profile, sid: str, profile_ref: str, job_dir: Path) -> dict[str, Any]:
     """The profile the job loads: the site's profile file, with what differs inside the
-    allocation (its run folders and state in the job's folder, which the start-up owns). Only the start-up's own credentials are in it (temporary ones, from its
-    key), never the platform's or another start-up's."""
+    allocation (its run folders and state in the job's folder, which the start-up owns).
+    Only the start-up's own credentials are in it (temporary ones, from its key), never the
+    platform's or another start-up's."""
     spec = cfg.allocation
     assert spec is not None
     store: dict[str, Any] | None = None
@@ -91,6 +92,7 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     allocation or the process cannot hand the job to the start-up's user."""
     from aifactory.tasks.control.relay import Grant, make_spool, relay_alive, remove_spool
     from aifactory.tasks.core.jobfiles import read_job_text
+    from aifactory.tasks.doors.slurm import SlurmClient
     from aifactory.tasks.jobs.executors import JobRequest, SlurmExecutor
     from aifactory.tasks.stages.training import fill_template
 
@@ -144,7 +146,11 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     log(f"flow job {name}: the pipeline runs in an allocation ({spec.partition}, "
         f"{spec.cpus} CPUs, {spec.gpus} GPU(s), {spec.time_limit}); Prefect and MLflow through "
         f"the relay ({spool})")  # fmt: skip
-    executor = SlurmExecutor(cfg.slurm_client(), poll_seconds=1.0, max_resubmits=2)
+    # As the start-up's user (sbatch --uid; the job's folder handed to it), with none of
+    # this process's credentials in the job's environment: its own are in profile.yaml.
+    slurm = SlurmClient(env={"SLURM_CONF": cfg.slurm.conf} if cfg.slurm.conf else {},
+                        bin_dir=cfg.slurm.bin_dir, run_as=st.user)  # fmt: skip
+    executor = SlurmExecutor(slurm, poll_seconds=1.0, max_resubmits=2)
     try:
         res = executor.run(JobRequest(name=name, run_dir=job_dir, script_path=script_path,
                                       command=[], log=log))  # fmt: skip
