@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from aifactory.tasks.core.config import Profile, _walltime_s, profile_path
-from aifactory.tasks.core.errors import ConfigError
+from aifactory.tasks.core.errors import ConfigError, TrainingError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "templates" / "flow.sbatch"
 RESULT = "result.json"
@@ -126,7 +126,10 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
         fh.write("# The flow job's profile (tasks/control/in_allocation.py): the start-up's "
                  "own temporary credentials; mode 600.\n")  # fmt: skip
         yaml.safe_dump(profile_doc, fh, sort_keys=False)
-    args = {"startup": sid, "overrides": overrides or {}, "project": project}
+    # The Prefect UI of the login side: the links in the run's logs point there, not at the
+    # job's own endpoint.
+    ui = cfg.prefect.api_url.rstrip("/").removesuffix("/api")
+    args = {"startup": sid, "overrides": overrides or {}, "project": project, "ui_url": ui}
     (job_dir / "args.json").write_text(json.dumps(args))
     name = f"aif-flow-{key}"
     spool = make_spool(relay_dir, key, Grant(key, sid, st.user, sid, name), uid, gid)
@@ -151,20 +154,26 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     slurm = SlurmClient(env={"SLURM_CONF": cfg.slurm.conf} if cfg.slurm.conf else {},
                         bin_dir=cfg.slurm.bin_dir, run_as=st.user)  # fmt: skip
     executor = SlurmExecutor(slurm, poll_seconds=1.0, max_resubmits=2)
+    failed: TrainingError | None = None
     try:
         res = executor.run(JobRequest(name=name, run_dir=job_dir, script_path=script_path,
                                       command=[], log=log))  # fmt: skip
+    except TrainingError as exc:
+        failed = exc
     finally:
         remove_spool(spool)
     try:
         out = json.loads(read_job_text(job_dir / RESULT, limit=1 << 20))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"flow job {name} ended without a readable {job_dir / RESULT} "
-                          f"({exc})") from None  # fmt: skip
+        if failed is not None:  # the job ended before the flow could say why
+            raise TrainingError(str(failed).replace("training job", "flow job", 1)) from None
+        raise TrainingError(f"flow job {name} ended without a readable {job_dir / RESULT} "
+                            f"({exc})") from None  # fmt: skip
     out = dict(out) if isinstance(out, dict) else {}
-    out["job_ids"] = res.job_ids
     out["job_dir"] = str(job_dir)
-    out["node"] = res.sacct.get("NodeList", "")
+    if failed is None:
+        out["job_ids"] = res.job_ids
+        out["node"] = res.sacct.get("NodeList", "")
     return out
 
 
@@ -180,6 +189,8 @@ def job_main(spool: Path, job_dir: Path) -> int:
     os.environ["PREFECT_HOME"] = str(job_dir / ".prefect")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     args = json.loads((job_dir / "args.json").read_text())
+    if args.get("ui_url"):
+        os.environ["PREFECT_UI_URL"] = str(args["ui_url"])
     result: dict[str, Any] = {"state": "FAILED"}
     code = 1
     try:

@@ -83,16 +83,18 @@ class Rule:
     path: re.Pattern[str]
     owns: str | None = None  # "flow_run" / "task_run": the run in the path must be the job's
     creates: str | None = None  # the answer's id becomes one of the job's runs
+    only_own: str | None = None  # a listing: the answer keeps only the job's own runs
 
 
-def _rule(methods: str, path: str, owns: str | None = None, creates: str | None = None) -> Rule:
-    return Rule(tuple(methods.split()), re.compile(f"^{path}$"), owns, creates)
+def _rule(methods: str, path: str, owns: str | None = None, creates: str | None = None,
+          only_own: str | None = None) -> Rule:  # fmt: skip
+    return Rule(tuple(methods.split()), re.compile(f"^{path}$"), owns, creates, only_own)
 
 
 # Paths as the Prefect server sees them (under /api).
 # fmt: off
 PREFECT_RULES = (
-    _rule("GET", r"/api/(health|version|admin/version|csrf-token)"),
+    _rule("GET", r"/api/(health|version|admin/version|admin/storage|csrf-token)"),
     _rule("POST", r"/api/flows/?"),
     _rule("GET", r"/api/flows/(" + _UUID + r"|name/[^/]+)"),
     _rule("POST", r"/api/flow_runs/?", creates="flow_run"),
@@ -100,6 +102,9 @@ PREFECT_RULES = (
     _rule("PATCH", r"/api/flow_runs/(" + _UUID + r")", owns="flow_run"),
     _rule("POST", r"/api/flow_runs/(" + _UUID + r")/(set_state|labels|input/[^/]+)",
           owns="flow_run"),
+    # A subflow is found again by its parent task run (a retried or resumed flow run).
+    _rule("POST", r"/api/flow_runs/filter", only_own="flow_run"),
+    _rule("POST", r"/api/task_runs/filter", only_own="task_run"),
     _rule("POST", r"/api/task_runs/?", creates="task_run"),
     _rule("GET", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
     _rule("PATCH", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
@@ -384,7 +389,10 @@ class Relay:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self._own(key, rule.creates, str(resp.json()["id"]))
         back = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE}
-        return resp.status_code, back, resp.content
+        content = resp.content
+        if rule.only_own and 200 <= resp.status_code < 300:
+            content = _only_own(content, self._owned_of(key).get(rule.only_own, set()))
+        return resp.status_code, back, content
 
     # The runs each allocation made: kept in memory and in <key>/owned.json (root's), so a
     # relay restarted mid-run still lets the run report its own states.
@@ -430,6 +438,19 @@ class Relay:
                 del self._owned[key]
 
 
+def _only_own(content: bytes, own: set[str]) -> bytes:
+    """A listing's answer with only the runs in ``own`` (another start-up's runs, their
+    parameters and states never reach the job)."""
+    try:
+        items = json.loads(content)
+    except ValueError:
+        raise RelayRefusal(502, "a listing that is not JSON") from None
+    if not isinstance(items, list):
+        raise RelayRefusal(502, "a listing that is not a list")
+    kept = [i for i in items if isinstance(i, dict) and str(i.get("id")) in own]
+    return json.dumps(kept).encode()
+
+
 def _tagged(body: bytes, startup: str) -> bytes:
     """A new flow run's body with the tag ``startup:<id>`` of the allocation's start-up; one
     that names another start-up is refused."""
@@ -448,11 +469,18 @@ def _tagged(body: bytes, startup: str) -> bytes:
 
 
 def relay_alive(root: Path, max_age_s: float = 10.0) -> bool:
-    """The relay of ``root`` has beaten its heart within ``max_age_s`` seconds."""
+    """The relay of ``root`` has beaten its heart within ``max_age_s`` seconds and its
+    process (the pid in the heartbeat) is alive."""
     try:
-        return time.time() - (root / HEARTBEAT).stat().st_mtime < max_age_s
-    except OSError:
+        beat = root / HEARTBEAT
+        if time.time() - beat.stat().st_mtime >= max_age_s:
+            return False
+        os.kill(int(beat.read_text().split()[0]), 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except (OSError, ValueError, IndexError):
         return False
+    return True
 
 
 # -- the compute-node side ---------------------------------------------------------------------

@@ -208,3 +208,14 @@ def test_the_rules_refuse_paths_that_would_escape_them() -> None:
         with pytest.raises(rl.RelayRefusal):
             rl.check(rl.PREFECT_RULES, "POST" if "set_state" in path else "GET", path, owned)
     assert rl.check(rl.PREFECT_RULES, "GET", "/api/health", owned)
+
+
+def test_a_fresh_heartbeat_of_a_dead_relay_is_not_alive(tmp_path: Path) -> None:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    (tmp_path / rl.HEARTBEAT).write_text(f"{proc.pid}\n")
+    assert not rl.relay_alive(tmp_path)  # killed a second ago: `aif site up` restarts it
+    (tmp_path / rl.HEARTBEAT).write_text(f"{os.getpid()}\n")
+    assert rl.relay_alive(tmp_path)

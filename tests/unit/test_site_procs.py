@@ -115,7 +115,9 @@ def test_wait_until_names_the_part_and_its_log(tmp_path: Path) -> None:
 def test_status_and_down_on_an_empty_site_start_nothing(tmp_path: Path) -> None:
     site_dir = tmp_path / "site"
     parts = manager.status(site_dir)
-    assert [p.name for p in parts] == [p.name for p in manager.PARTS]
+    # A new site has DEFAULT_NODES compute nodes: one slurmd part each.
+    assert [p.name for p in parts] == [p.name for p in manager.parts(manager._site(site_dir))]
+    assert "relay" in [p.name for p in parts]
     assert not any(p.healthy or p.pid for p in parts)
     assert manager.down(site_dir, progress=lambda _m: None) == []
 
