@@ -474,6 +474,46 @@ def test_a_flow_run_inside_an_allocation_reports_through_the_relay_only(
     assert "refused" not in new, new[-2000:]
 
 
+def test_a_startups_job_cannot_use_another_startups_spool(
+    multinode: tuple[Site, Profile],
+) -> None:
+    """A relay spool of startup-a: a job of startup-b on a compute node can neither put a
+    request in it nor read its answers; startup-a's own job can do both, and writes no
+    answer (only root writes them)."""
+    import grp
+    import pwd
+
+    from aifactory.tasks.control.relay import Grant, make_spool, remove_spool
+
+    site, profile = multinode
+    key = f"startup-a-probe-{time.time_ns()}"
+    a = pwd.getpwnam("startup-a")
+    spool = make_spool(site.root / "relay", key, Grant(key, "startup-a", "startup-a",
+                                                       "startup-a"), a.pw_uid,
+                       grp.getgrnam("startup-a").gr_gid)  # fmt: skip
+    (spool / "resp" / "x.resp").write_text("{}")
+    q = shlex.quote
+    script = (f"touch {q(str(spool / 'req' / 'x.req'))} 2>/dev/null && echo req-open || "
+              f"echo req-refused; cat {q(str(spool / 'resp' / 'x.resp'))} >/dev/null 2>&1 "
+              f"&& echo resp-open || echo resp-refused; touch {q(str(spool / 'resp' / 'y'))} "
+              "2>/dev/null && echo resp-write || echo resp-nowrite; id -un")  # fmt: skip
+    slurm = _slurm(profile)
+    try:
+        got = {}
+        for user in ("startup-b", "startup-a"):
+            home = Path(pwd.getpwnam(user).pw_dir)
+            out = home / f"spool-probe-{time.time_ns()}.out"
+            slurm.run(["sbatch", "--wait", "-p", "cpu", "-A", user, f"--uid={user}",
+                       f"--gid={user}", f"--output={out}", f"--chdir={home}", "--wrap", script],
+                      timeout=120)  # fmt: skip
+            got[user] = out.read_text().split()
+            out.unlink()
+    finally:
+        remove_spool(spool)
+    assert got["startup-b"] == ["req-refused", "resp-refused", "resp-nowrite", "startup-b"], got
+    assert got["startup-a"] == ["req-open", "resp-open", "resp-nowrite", "startup-a"], got
+
+
 def test_the_one_node_site_is_still_there(multinode: tuple[Site, Profile], tmp_path: Path) -> None:
     """`--nodes 1` (this host is the login and the compute node; no namespace, no bridge)
     runs jobs. Last in the suite: the module's fixture gives a site that was two nodes its

@@ -34,6 +34,8 @@ class _Target(BaseHTTPRequestHandler):
                           "headers": {k.lower(): v for k, v in self.headers.items()}})  # fmt: skip
         if self.path.rstrip("/") == "/api/flow_runs" and self.command == "POST":
             out = json.dumps({"id": str(uuid.uuid4()), **json.loads(body)}).encode()
+        elif self.path == "/api/flow_runs/filter":  # every run of the server, any start-up's
+            out = json.dumps([{"id": i} for i in json.loads(body)["ids"]]).encode()
         else:
             out = json.dumps({"path": self.path, "n": len(body)}).encode()
         self.send_response(201 if self.command == "POST" else 200)
@@ -125,6 +127,9 @@ def test_a_job_writes_only_to_the_flow_runs_it_made(site: Any) -> None:
     # Another start-up's tag on a new run is refused.
     r = httpx.post(f"{url}/prefect/api/flow_runs/", json={"tags": ["startup:startup-b"]})
     assert r.status_code == 403 and "another start-up" in r.json()["detail"]
+    # A listing keeps only the allocation's own runs.
+    r = httpx.post(f"{url}/prefect/api/flow_runs/filter", json={"ids": [other, made["id"]]})
+    assert r.status_code == 201 and r.json() == [{"id": made["id"]}]
     # A relay restarted mid-run (a new Relay on the same folder) still knows the run.
     fresh = rl.Relay(site["root"], {}, lambda u: "")
     assert made["id"] in fresh._owned_of("startup-a-test-1")["flow_run"]
