@@ -304,10 +304,12 @@ STARTUPS_GROUP = "aif-startups"  # every start-up's user is in it (supplementary
 # What the start-ups' jobs need of the site's folder: Slurm's config (srun, scontrol
 # requeue), munged's socket, their homes, their run folders. Everything else in it (the
 # object store's disk and keys, the databases, logs, secrets) is the operators' alone.
-OPEN_TO_JOBS = {"runs": 0o711, "homes": 0o711, "slurm": 0o755, "munge": 0o755, "dev": 0o755}
+# The relay's spools (relay/<run>/, each root's with the start-up's group) likewise.
+OPEN_TO_JOBS = {"runs": 0o711, "homes": 0o711, "slurm": 0o755, "munge": 0o755, "dev": 0o755,
+                "relay": 0o711}  # fmt: skip
 # Under runs/: the start-ups' run folders (each handed to its start-up, mode 700) sit in
 # folders they can traverse but not list; the platform's records are closed.
-RUN_AREAS = {"train": 0o711, "dask": 0o711, "sweeps": 0o711, "replay": 0o711,
+RUN_AREAS = {"train": 0o711, "dask": 0o711, "sweeps": 0o711, "replay": 0o711, "flows": 0o711,
              "models": 0o700, "pipeline": 0o700, "audit": 0o700}  # fmt: skip
 
 

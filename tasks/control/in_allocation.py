@@ -117,7 +117,7 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     key = f"{sid}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     flows = Path(cfg.runs_dir) / "flows"
     flows.mkdir(parents=True, exist_ok=True)
-    os.chmod(flows, 0o755)  # only root makes the jobs' folders in it
+    os.chmod(flows, 0o711)  # only root makes the jobs' folders in it
     job_dir = flows / key
     job_dir.mkdir(mode=0o700)
     profile_doc = job_profile(cfg, sid, profile_ref, job_dir)

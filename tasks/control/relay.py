@@ -217,7 +217,7 @@ def make_spool(relay_dir: Path, key: str, grant: Grant, uid: int, gid: int) -> P
     if not _KEY.match(key):
         raise ValueError(f"relay key {key!r}: lower-case letters, digits and '-' only")
     relay_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(relay_dir, 0o755)
+    os.chmod(relay_dir, 0o711)  # traversed, never listed, by the jobs
     d = relay_dir / key
     d.mkdir(mode=0o750)
     os.chown(d, 0, gid)
@@ -266,7 +266,7 @@ class Relay:
         import httpx
 
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+        os.chmod(self.root, 0o711)
         pause, beat = 0.005, 0.0
         with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as http, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="relay") as pool:  # fmt: skip

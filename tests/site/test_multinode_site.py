@@ -474,6 +474,48 @@ def test_a_flow_run_inside_an_allocation_reports_through_the_relay_only(
     assert "refused" not in new, new[-2000:]
 
 
+def test_the_relay_killed_mid_run_loses_nothing_once_site_up_restarts_it(
+    multinode: tuple[Site, Profile],
+) -> None:
+    """kill -9 of the relay while a flow run in an allocation trains: the job's calls wait
+    in the spool; `aif site up` starts the relay again, it answers them, and the run ends
+    Completed with its model version."""
+    import signal
+    import subprocess
+
+    from tests.site.conftest import AIF, REPO, child_environ, prefect_client
+
+    site, profile = multinode
+    proc = subprocess.Popen([AIF, "run", "--profile", "site", "--in-allocation", "--epochs", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=child_environ())  # fmt: skip
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if "[3/4] train" in line:
+                break
+        state = json.loads((site.root / "site.json").read_text())
+        os.kill(int(state["relay"]["pid"]), signal.SIGKILL)
+        time.sleep(3)  # the job's calls wait in its spool meanwhile
+        up = aif("site", "up", timeout=300)
+        assert up.returncode == 0 and "starting relay" in up.stdout, up.stdout + up.stderr
+        rest, _ = proc.communicate(timeout=600)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out)
+    assert proc.returncode == 0, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("models:/"), text[-2000:]
+    run_id = next(ln for ln in text.splitlines() if ln.startswith("Prefect UI:")).rsplit(
+        "/", 1)[-1]  # fmt: skip
+    with prefect_client(profile) as client:
+        top = client.read_flow_run(run_id)
+        assert top.state is not None and top.state.is_completed(), top.state
+
+
 def test_a_startups_job_cannot_use_another_startups_spool(
     multinode: tuple[Site, Profile],
 ) -> None:
