@@ -541,9 +541,14 @@ def endpoint_app(spool: Spool) -> Any:
         body = await request.body()
         if len(body) > MAX_BODY:
             return Response(b'{"detail": "relay: body too large"}', 413)
-        status, headers, data = await spool.request(
-            target, request.method, "/" + request.path_params["rest"],
-            request.url.query, dict(request.headers), body)  # fmt: skip
+        try:
+            status, headers, data = await spool.request(
+                target, request.method, "/" + request.path_params["rest"],
+                request.url.query, dict(request.headers), body)  # fmt: skip
+        except OSError as exc:  # the spool unreachable: one line, not a traceback
+            why = f"relay: spool {spool.path}: {exc.strerror or exc}"
+            return Response(json.dumps({"detail": why}).encode(), 502,
+                            media_type="application/json")  # fmt: skip
         return Response(data, status, headers=headers)
 
     async def events_in(ws: WebSocket) -> None:

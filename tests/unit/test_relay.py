@@ -224,3 +224,14 @@ def test_a_fresh_heartbeat_of_a_dead_relay_is_not_alive(tmp_path: Path) -> None:
     assert not rl.relay_alive(tmp_path)  # killed a second ago: `aif site up` restarts it
     (tmp_path / rl.HEARTBEAT).write_text(f"{os.getpid()}\n")
     assert rl.relay_alive(tmp_path)
+
+
+def test_a_spool_the_job_cannot_reach_is_one_line_502(site: Any) -> None:
+    os.rename(site["spool"] / "req", site["spool"] / "req.gone")
+    try:
+        r = httpx.get(f"{site['url']}/prefect/api/health")
+    finally:
+        os.rename(site["spool"] / "req.gone", site["spool"] / "req")
+    assert r.status_code == 502
+    detail = r.json()["detail"]
+    assert detail.startswith("relay: spool ") and "\n" not in detail, detail
