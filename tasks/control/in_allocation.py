@@ -77,6 +77,27 @@ def job_profile(cfg: Profile, sid: str, profile_ref: str, job_dir: Path) -> dict
     return doc
 
 
+# AIF_<SECTION>__<KEY> variables of the submitting process that the job gets too (the same
+# precedence there: above the profile file, below flags and the project), except secrets and
+# what the job's profile sets itself.
+_NOT_PASSED = ("object_store", "mlflow", "prefect", "startups", "allocation", "notifications",
+               "slurm", "runs_dir", "home_dir", "dataspace.pseudonymisation_key", "dask.kind",
+               "dask.workers", "dask.cores", "dask.processes", "training.executor")  # fmt: skip
+
+
+def passed_env(environ: dict[str, str]) -> dict[str, str]:
+    """The profile variables of ``environ`` that the flow's job gets (``_NOT_PASSED``)."""
+    out = {}
+    for name, value in environ.items():
+        if not name.startswith("AIF_") or "__" not in name:
+            continue
+        dotted = ".".join(part.lower() for part in name[4:].split("__"))
+        if any(dotted == n or dotted.startswith(n + ".") for n in _NOT_PASSED):
+            continue
+        out[name] = value
+    return out
+
+
 def _ids(user: str) -> tuple[int, int]:
     try:
         return pwd.getpwnam(user).pw_uid, grp.getgrnam(user).gr_gid
@@ -129,7 +150,8 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     # The Prefect UI of the login side: the links in the run's logs point there, not at the
     # job's own endpoint.
     ui = cfg.prefect.api_url.rstrip("/").removesuffix("/api")
-    args = {"startup": sid, "overrides": overrides or {}, "project": project, "ui_url": ui}
+    args = {"startup": sid, "overrides": overrides or {}, "project": project, "ui_url": ui,
+            "env": passed_env(dict(os.environ))}
     (job_dir / "args.json").write_text(json.dumps(args))
     name = f"aif-flow-{key}"
     spool = make_spool(relay_dir, key, Grant(key, sid, st.user, sid, name), uid, gid)
@@ -189,6 +211,7 @@ def job_main(spool: Path, job_dir: Path) -> int:
     os.environ["PREFECT_HOME"] = str(job_dir / ".prefect")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     args = json.loads((job_dir / "args.json").read_text())
+    os.environ.update({str(k): str(v) for k, v in dict(args.get("env") or {}).items()})
     if args.get("ui_url"):
         os.environ["PREFECT_UI_URL"] = str(args["ui_url"])
     result: dict[str, Any] = {"state": "FAILED"}

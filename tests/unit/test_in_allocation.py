@@ -99,3 +99,15 @@ def test_the_jobs_profile_holds_only_the_startups_own_temporary_credentials(
     # Tenancy is the site's: the job's start-up keeps its account and prefix.
     assert job.startups["startup-b"].account == "startup-b"
     assert job.startups["startup-b"].s3_prefix == "startup-b"
+
+
+def test_the_jobs_environment_keeps_the_runs_settings_but_no_secret() -> None:
+    from aifactory.tasks.control.in_allocation import passed_env
+
+    env = {"AIF_TRAINING__SEED": "7", "AIF_DASK__MEMORY": "3GiB", "AIF_LAKE__URL": "s3://x",
+           "AIF_OBJECT_STORE__SECRET": "S", "AIF_MLFLOW__TENANT_CREDENTIALS": "/etc",
+           "AIF_DATASPACE__PSEUDONYMISATION_KEY": "K", "AIF_DASK__KIND": "slurm",
+           "AIF_TRAINING__EXECUTOR": "slurm", "AIF_STARTUPS__STARTUP_A__USER": "root",
+           "AIF_PREFECT__API_URL": "http://x", "AIF_HOME": "/h", "PATH": "/bin"}  # fmt: skip
+    assert passed_env(env) == {"AIF_TRAINING__SEED": "7", "AIF_DASK__MEMORY": "3GiB",
+                               "AIF_LAKE__URL": "s3://x"}  # fmt: skip
