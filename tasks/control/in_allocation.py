@@ -150,8 +150,13 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     # The Prefect UI of the login side: the links in the run's logs point there, not at the
     # job's own endpoint.
     ui = cfg.prefect.api_url.rstrip("/").removesuffix("/api")
-    args = {"startup": sid, "overrides": overrides or {}, "project": project, "ui_url": ui,
-            "env": passed_env(dict(os.environ))}
+    args = {
+        "startup": sid,
+        "overrides": overrides or {},
+        "project": project,
+        "ui_url": ui,
+        "env": passed_env(dict(os.environ)),
+    }
     (job_dir / "args.json").write_text(json.dumps(args))
     name = f"aif-flow-{key}"
     spool = make_spool(relay_dir, key, Grant(key, sid, st.user, sid, name), uid, gid)
