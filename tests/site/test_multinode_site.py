@@ -1,7 +1,9 @@
-"""A multi-node site (`aif site up --nodes 2`): two compute nodes, each a slurmd in network,
-UTS and mount namespaces of its own on the site's bridge. These tests run after every other
-site test (tests/conftest.py orders them last) on the same site, which they switch to two
-nodes and back to one."""
+"""A multi-node site (`aif site up --nodes 2`, the default): two compute nodes, each a slurmd
+in network, UTS and mount namespaces of its own on the site's bridge. These tests run after
+every other site test (tests/conftest.py orders them last) on the same site; a site of
+another layout is switched to two nodes and back, and the last test switches to one node
+(the module's fixture restores the layout it found). A flow run inside an allocation (`aif
+run --in-allocation`) reaches Prefect and MLflow only through the relay's spool."""
 
 from __future__ import annotations
 
