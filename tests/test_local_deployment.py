@@ -32,6 +32,35 @@ def _deployments(url: str) -> dict[str, Any]:
         return {d.name: d for d in client.read_deployments()}
 
 
+def _hold_the_nightlies(url: str) -> int:
+    """Turn the deployments' schedules off and delete their scheduled runs: near a nightly's
+    time (02:00 Europe/Berlin, 01:00 UTC) the worker would otherwise start it first, and its
+    seeding of the empty data space makes the test's own run with --rows a refusal. The
+    number of scheduled runs deleted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        deps = client.read_deployments()
+        for d in deps:
+            for sched in d.schedules:
+                client.update_deployment_schedule(d.id, sched.id, active=False)
+        scheduled = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[d.id for d in deps]),
+            state=scheduled))  # fmt: skip
+        for run in runs:
+            client.delete_flow_run(run.id)
+        return len(runs)
+
+
 def test_deployments_run_on_the_local_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,6 +95,7 @@ def test_deployments_run_on_the_local_profile(
         for d in deps.values():
             assert d.work_pool_name == "aif-local" and d.parameters["profile"] == "local"
 
+        _hold_the_nightlies(url)  # only the test's own run goes to the worker
         rec = wk.ensure_worker(str(home), url, "aif-local", lambda s: None)
         assert wk.worker_running(str(home)) == rec
 
