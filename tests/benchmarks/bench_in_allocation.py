@@ -124,7 +124,8 @@ def main() -> int:
     if not rl.relay_alive(relay_dir):
         raise SystemExit(f"bench: the site's relay does not answer in {relay_dir} (aif site up)")
     calls(cfg.prefect.api_url.rstrip("/"), relay_dir, args.calls)
-    pipelines(args.repeat, args.epochs)
+    if args.repeat > 0:
+        pipelines(args.repeat, args.epochs)
     print(json.dumps({"calls": args.calls, "repeat": args.repeat}))
     return 0
 

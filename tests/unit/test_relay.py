@@ -235,3 +235,16 @@ def test_a_spool_the_job_cannot_reach_is_one_line_502(site: Any) -> None:
     assert r.status_code == 502
     detail = r.json()["detail"]
     assert detail.startswith("relay: spool ") and "\n" not in detail, detail
+
+
+def test_the_endpoint_answers_without_waiting_for_delayed_acks(tmp_path: Path) -> None:
+    """TCP_NODELAY on the endpoint's socket (72 ms per call through the relay without it,
+    6 ms with it: tests/benchmarks/bench_in_allocation.py)."""
+    import socket
+
+    endpoint = rl.start_endpoint(tmp_path)
+    try:
+        (sock,) = endpoint._server.servers[0].sockets
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        endpoint.stop()
