@@ -185,10 +185,15 @@ def run_in_allocation(cfg: Profile, sid: str, profile_ref: str, overrides: dict[
     try:
         res = executor.run(JobRequest(name=name, run_dir=job_dir, script_path=script_path,
                                       command=[], log=log))  # fmt: skip
-    except TrainingError as exc:
+    except TrainingError as exc:  # the job ended: its spool goes
         failed = exc
-    finally:
+    except KeyboardInterrupt:  # the watcher cancelled the job with it
         remove_spool(spool)
+        raise
+    except Exception:  # Slurm did not answer: the job may still run and needs its spool
+        log(f"flow job {name}: left running; its relay spool {spool} stays until it ends")
+        raise
+    remove_spool(spool)
     try:
         out = json.loads(read_job_text(job_dir / RESULT, limit=1 << 20))
     except (OSError, ValueError) as exc:
@@ -213,6 +218,9 @@ def job_main(spool: Path, job_dir: Path) -> int:
     endpoint = start_endpoint(spool)
     os.environ["AIF_RELAY_URL"] = endpoint.url
     os.environ["PREFECT_API_URL"] = f"{endpoint.url}/prefect/api"
+    # The endpoint answers only calls with the job's token (another job may share the node).
+    os.environ["PREFECT_API_AUTH_STRING"] = ":".join(endpoint.auth)
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = endpoint.auth
     os.environ["PREFECT_HOME"] = str(job_dir / ".prefect")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     args = json.loads((job_dir / "args.json").read_text())

@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 REQ, BODY, RESP, RBODY = ".req", ".body", ".resp", ".rbody"
 MAX_META = 64 * 1024  # a request's JSON: method, path, query, headers
@@ -60,6 +61,7 @@ RESPONSE_TTL_S = 120.0  # an answer the job did not collect is removed after thi
 WAIT_S = 600.0  # how long the job waits for an answer (a relay restarted by `aif site up`)
 HEARTBEAT = ".alive"  # <relay_dir>/.alive: the relay's pid, touched every second
 POLL_HOT_S, POLL_IDLE_S, HOT_WINDOW_S = 0.002, 0.2, 2.0  # the relay's scans of its spools
+PER_SPOOL = 4  # requests of one allocation answered at once
 EVENT_BATCH = 200  # events per POST /api/events
 EVENT_FLUSH_S = 0.25
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -85,56 +87,141 @@ class Rule:
     owns: str | None = None  # "flow_run" / "task_run": the run in the path must be the job's
     creates: str | None = None  # the answer's id becomes one of the job's runs
     only_own: str | None = None  # a listing: the answer keeps only the job's own runs
+    body: str | None = None  # the body's check (_checked_body): what it may set and touch
 
 
 def _rule(methods: str, path: str, owns: str | None = None, creates: str | None = None,
-          only_own: str | None = None) -> Rule:  # fmt: skip
-    return Rule(tuple(methods.split()), re.compile(f"^{path}$"), owns, creates, only_own)
+          only_own: str | None = None, body: str | None = None) -> Rule:  # fmt: skip
+    return Rule(tuple(methods.split()), re.compile(f"{path}\\Z"), owns, creates, only_own, body)
 
 
-# Paths as the Prefect server sees them (under /api).
+# Paths as the Prefect server sees them (under /api). Nothing that reads blocks' documents
+# (secrets), variables or concurrency limits, nothing that touches deployments, work pools
+# or another start-up's runs.
 # fmt: off
 PREFECT_RULES = (
     _rule("GET", r"/api/(health|version|admin/version|admin/storage|csrf-token)"),
     _rule("POST", r"/api/flows/?"),
     _rule("GET", r"/api/flows/(" + _UUID + r"|name/[^/]+)"),
-    _rule("POST", r"/api/flow_runs/?", creates="flow_run"),
+    _rule("POST", r"/api/flow_runs/?", creates="flow_run", body="flow_run"),
     _rule("GET", r"/api/flow_runs/(" + _UUID + r")(/graph|/graph-v2)?", owns="flow_run"),
-    _rule("PATCH", r"/api/flow_runs/(" + _UUID + r")", owns="flow_run"),
+    _rule("PATCH", r"/api/flow_runs/(" + _UUID + r")", owns="flow_run", body="flow_run"),
     _rule("POST", r"/api/flow_runs/(" + _UUID + r")/(set_state|labels|input/[^/]+)",
           owns="flow_run"),
     # A subflow is found again by its parent task run (a retried or resumed flow run).
     _rule("POST", r"/api/flow_runs/filter", only_own="flow_run"),
     _rule("POST", r"/api/task_runs/filter", only_own="task_run"),
-    _rule("POST", r"/api/task_runs/?", creates="task_run"),
+    _rule("POST", r"/api/task_runs/?", creates="task_run", body="task_run"),
     _rule("GET", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
-    _rule("PATCH", r"/api/task_runs/(" + _UUID + r")", owns="task_run"),
+    _rule("PATCH", r"/api/task_runs/(" + _UUID + r")", owns="task_run", body="task_run"),
     _rule("POST", r"/api/task_runs/(" + _UUID + r")/set_state", owns="task_run"),
-    _rule("POST", r"/api/logs/?"),
-    _rule("POST", r"/api/events/?"),
-    _rule("POST", r"/api/artifacts/?"),
+    _rule("POST", r"/api/logs/?", body="logs"),
+    _rule("POST", r"/api/events/?", body="events"),
+    _rule("POST", r"/api/artifacts/?", body="artifact"),
     _rule("GET", r"/api/(block_types/slug/[^/]+|block_schemas/checksum/[^/]+)"),
-    _rule("POST", r"/api/(block_types|block_schemas|block_documents)/filter"),
-    _rule("GET", r"/api/variables/name/[^/]+"),
-    _rule("POST", r"/api/v2/concurrency_limits/(increment|decrement|increment-with-lease|"
-          r"decrement-with-lease|leases/[^/]+/renew)"),
-    _rule("POST", r"/api/concurrency_limits/(increment|decrement)"),
 )
 # Paths as MLflow sees them: tracking, registry, logged models, proxied artifacts.
 MLFLOW_RULES = (
     _rule("GET POST PATCH DELETE",
-          r"/(ajax-)?api/[23]\.0/mlflow/(?!users/|.*permissions)[A-Za-z0-9_/.-]+"),
+          r"/(ajax-)?api/[23]\.0/mlflow/(?!users/|roles/|.*permissions)[A-Za-z0-9_/.-]+"),
     _rule("GET PUT POST", r"/api/2\.0/mlflow-artifacts/(artifacts|mpu)(/[^?#]*)?"),
     _rule("GET", r"/health|/version"),
 )
 # fmt: on
 RULES = {"prefect": PREFECT_RULES, "mlflow": MLFLOW_RULES}
+# What a new or updated flow run may not set: they would hand it to a work pool's worker
+# (which runs its job variables as a command on the login side), tie it to a deployment or
+# return another run for an idempotency key.
+_FLOW_RUN_FORBIDDEN = ("deployment_id", "infrastructure_document_id", "idempotency_key",
+                       "work_pool_name", "work_queue_name", "job_variables", "work_queue_id",
+                       "infrastructure_pid")  # fmt: skip
+_NEW_RUN_STATES = (None, "PENDING", "RUNNING")
+
+
+def _json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        raise RelayRefusal(400, f"{what}: the body is not JSON") from None
+
+
+def _checked_body(kind: str, method: str, body: bytes, startup: str,
+                  owned: Mapping[str, set[str]]) -> tuple[bytes, dict[str, set[str]]]:  # fmt: skip
+    """The body as it may be forwarded, and the runs it makes the job's (events of the
+    job's task runs); RelayRefusal for what the allocation may not do."""
+    flows, tasks = owned.get("flow_run", set()), owned.get("task_run", set())
+    new: dict[str, set[str]] = {}
+    if kind == "flow_run":
+        doc = _json(body, "flow run")
+        if not isinstance(doc, dict):
+            raise RelayRefusal(400, "flow run: the body is not an object")
+        for k in _FLOW_RUN_FORBIDDEN:
+            if doc.get(k) not in (None, {}, ""):
+                raise RelayRefusal(403, f"flow run: {k} is not set from an allocation")
+        if method == "POST":
+            state = doc.get("state") or {}
+            if not isinstance(state, dict) or state.get("type") not in _NEW_RUN_STATES:
+                raise RelayRefusal(403, "flow run: a new run starts PENDING or RUNNING")
+            parent = doc.get("parent_task_run_id")
+            if parent is not None and str(parent) not in tasks:
+                raise RelayRefusal(403, "flow run: its parent task run is not this allocation's")
+        if method == "POST" or "tags" in doc:
+            doc["tags"] = _tags(doc.get("tags"), startup)
+        return json.dumps(doc).encode(), new
+    if kind in ("task_run", "artifact"):
+        doc = _json(body, kind.replace("_", " "))
+        if not isinstance(doc, dict):
+            raise RelayRefusal(400, f"{kind}: the body is not an object")
+        run = doc.get("flow_run_id")
+        if (run is not None or kind == "artifact") and str(run) not in flows:
+            raise RelayRefusal(403, f"{kind.replace('_', ' ')}: its flow run is not this "
+                               "allocation's")  # fmt: skip
+        return body, new
+    if kind == "logs":
+        logs = _json(body, "logs")
+        if not isinstance(logs, list) or any(
+            not isinstance(r, dict) or (r.get("flow_run_id") is not None
+                                        and str(r["flow_run_id"]) not in flows)
+            for r in logs):  # fmt: skip
+            raise RelayRefusal(403, "logs: a record of a flow run that is not this allocation's")
+        return body, new
+    if kind == "events":
+        return _checked_events(_json(body, "events"), flows, tasks, new), new
+    raise RelayRefusal(500, f"relay: no check for {kind}")
+
+
+def _checked_events(events: Any, flows: set[str], tasks: set[str],
+                    new: dict[str, set[str]]) -> bytes:  # fmt: skip
+    """Only the events of the job's own flow runs and of task runs in them (which become the
+    job's: Prefect records task runs from these events); the others are dropped."""
+    if not isinstance(events, list):
+        raise RelayRefusal(400, "events: the body is not a list")
+    kept = []
+    for ev in events:
+        if not isinstance(ev, dict) or not isinstance(ev.get("resource"), dict):
+            continue
+        rid = str(ev["resource"].get("prefect.resource.id", ""))
+        name = str(ev.get("event", ""))
+        related = {str(r.get("prefect.resource.id", "")) for r in ev.get("related") or []
+                   if isinstance(r, dict)}  # fmt: skip
+        if rid.startswith("prefect.flow-run.") and name.startswith("prefect.flow-run."):
+            if rid.removeprefix("prefect.flow-run.") in flows:
+                kept.append(ev)
+        elif rid.startswith("prefect.task-run.") and name.startswith("prefect.task-run."):
+            if any(r.removeprefix("prefect.flow-run.") in flows for r in related
+                   if r.startswith("prefect.flow-run.")):  # fmt: skip
+                kept.append(ev)
+                new.setdefault("task_run", set()).add(rid.removeprefix("prefect.task-run."))
+            elif rid.removeprefix("prefect.task-run.") in tasks:
+                kept.append(ev)
+    return json.dumps(kept).encode()
 
 
 def check(rules: tuple[Rule, ...], method: str, path: str,
           owned: Mapping[str, set[str]]) -> Rule:  # fmt: skip
     """The rule that allows ``method path``, else RelayRefusal(403) saying why."""
-    if "/../" in path + "/" or "/./" in path + "/" or "//" in path or "%" in path:
+    if "/../" in path + "/" or "/./" in path + "/" or "//" in path or "%" in path or any(
+            ord(c) < 32 or ord(c) == 127 for c in path):  # fmt: skip
         raise RelayRefusal(400, f"{method} {path[:200]}: a path with dot segments, empty "
                            "segments or escapes is not relayed")  # fmt: skip
     for rule in rules:
@@ -154,9 +241,10 @@ def _open_dir(path: str | os.PathLike[str], dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
-def _read_regular(name: str, dir_fd: int, limit: int) -> bytes:
-    """A regular file in the folder ``dir_fd``, never through a link, at most ``limit`` bytes
-    (RelayRefusal otherwise)."""
+def _read_regular(name: str, dir_fd: int, limit: int, uid: int | None = None) -> bytes:
+    """A regular file in the folder ``dir_fd``, never through a link (nor a hard link: one
+    name only), owned by ``uid`` if given, at most ``limit`` bytes (RelayRefusal
+    otherwise)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError as exc:
@@ -167,6 +255,8 @@ def _read_regular(name: str, dir_fd: int, limit: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise RelayRefusal(400, f"{name}: not a regular file")
+        if uid is not None and (st.st_uid != uid or st.st_nlink != 1):
+            raise RelayRefusal(400, f"{name}: not a file of the spool's owner (or hard-linked)")
         if st.st_size > limit:
             raise RelayRefusal(413, f"{name}: {st.st_size} bytes, more than {limit}")
         chunks, left = [], limit + 1
@@ -262,19 +352,27 @@ class Relay:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _owned: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
+    _dead: set[tuple[str, str]] = field(default_factory=set)
 
     def serve(self, stop: threading.Event) -> None:
+        import fcntl
+
         import httpx
 
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        pause, beat, busy = POLL_HOT_S, 0.0, 0.0
+        # One relay per folder: a second would answer each request twice.
+        lock = os.open(self.root / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"relay: another relay serves {self.root}") from None
+        beats = threading.Thread(target=self._beat, args=(stop,), daemon=True, name="beat")
+        beats.start()
+        pause, busy = POLL_HOT_S, 0.0
         with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as http, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="relay") as pool:  # fmt: skip
             while not stop.is_set():
-                if time.monotonic() - beat > 1.0:
-                    self._heartbeat()
-                    beat = time.monotonic()
                 if self.scan(pool, http):
                     busy = time.monotonic()
                 # Hot for a while after a request (a flow run's calls come in bursts), then
@@ -282,6 +380,15 @@ class Relay:
                 hot = time.monotonic() - busy < HOT_WINDOW_S
                 pause = POLL_HOT_S if hot else min(pause * 2, POLL_IDLE_S)
                 stop.wait(pause)
+        os.close(lock)
+
+    def _beat(self, stop: threading.Event) -> None:
+        """The heartbeat and the clean-up, in a thread of their own: a busy scan never
+        makes the relay look dead."""
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                self._heartbeat()
+            stop.wait(1.0)
 
     def _heartbeat(self) -> None:
         path = self.root / HEARTBEAT
@@ -291,7 +398,8 @@ class Relay:
         self._expire()
 
     def scan(self, pool: ThreadPoolExecutor, http: Any) -> int:
-        """Start answering every new request; the number started."""
+        """Start answering new requests, at most PER_SPOOL at once for each spool (one
+        allocation cannot take every worker); the number started."""
         started = 0
         try:
             keys = [e for e in os.scandir(self.root) if _KEY.match(e.name)]
@@ -305,9 +413,11 @@ class Relay:
             for name in names:
                 rid = name[: -len(REQ)]
                 with self._lock:
-                    if (entry.name, rid) in self._busy:
+                    live = sum(1 for k, _ in self._busy if k == entry.name)
+                    item = (entry.name, rid)
+                    if item in self._busy or item in self._dead or live >= PER_SPOOL:
                         continue
-                    self._busy.add((entry.name, rid))
+                    self._busy.add(item)
                 pool.submit(self._answer_safely, entry.name, rid, http)
                 started += 1
         return started
@@ -317,6 +427,8 @@ class Relay:
             self.answer(key, rid, http)
         except Exception as exc:  # one request's failure never stops the relay
             self.log(f"relay {key}/{rid}: {type(exc).__name__}: {str(exc)[:300]}")
+            with self._lock:  # never tried again (a folder named <id>.req, a socket...)
+                self._dead.add((key, rid))
         finally:
             with self._lock:
                 self._busy.discard((key, rid))
@@ -367,8 +479,10 @@ class Relay:
 
     def _forward(self, key: str, grant: Grant, req_fd: int, rid: str,
                  http: Any) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        import httpx
+
         try:
-            meta = json.loads(_read_regular(rid + REQ, req_fd, MAX_META))
+            meta = json.loads(_read_regular(rid + REQ, req_fd, MAX_META, uid=self._uid(req_fd)))
             target, method = str(meta["target"]), str(meta["method"]).upper()
             path, query = str(meta["path"]), str(meta.get("query", ""))
             headers = {str(k).lower(): str(v) for k, v in dict(meta.get("headers", {})).items()}
@@ -380,17 +494,27 @@ class Relay:
         rule = check(RULES[target], method, path, owned)
         body = b""
         if meta.get("body"):
-            body = _read_regular(rid + BODY, req_fd, MAX_BODY)
-        if target == "prefect" and rule.creates == "flow_run":
-            body = _tagged(body, grant.startup)
+            body = _read_regular(rid + BODY, req_fd, MAX_BODY, uid=self._uid(req_fd))
+        if rule.body is not None:
+            body, new = _checked_body(rule.body, method, body, grant.startup, owned)
+            for kind, ids in new.items():
+                self._own(key, kind, *ids)
+            if rule.body == "events" and body == b"[]":
+                return 204, {}, b""
         out = {k: v for k, v in headers.items() if k in FORWARDED_REQUEST}
         if target == "mlflow":
             pw = self.mlflow_password(grant.mlflow_user)
             token = base64.b64encode(f"{grant.mlflow_user}:{pw}".encode()).decode()
             out["authorization"] = f"Basic {token}"
-        url = self.targets[target].rstrip("/") + path + (f"?{query}" if query else "")
-        resp = http.request(method, url, content=body or None, headers=out)
-        if rule.creates and 200 <= resp.status_code < 300:
+        if any(ord(c) < 32 or ord(c) == 127 for c in query):
+            raise RelayRefusal(400, "a query with control characters")
+        url = self.targets[target].rstrip("/") + quote(path, safe="/:@!$&'()*+,;=-._~")
+        url += f"?{query}" if query else ""
+        try:
+            resp = http.request(method, url, content=body or None, headers=out)
+        except httpx.HTTPError as exc:  # the server down: the client retries a 503
+            raise RelayRefusal(503, f"{target} does not answer ({type(exc).__name__})") from None
+        if rule.creates and resp.status_code == 201:  # made now (200: one that existed)
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self._own(key, rule.creates, str(resp.json()["id"]))
         back = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE}
@@ -405,19 +529,26 @@ class Relay:
         with self._lock:
             if key not in self._owned:
                 data: dict[str, list[str]] = {}
-                with contextlib.suppress(OSError, ValueError):
+                with contextlib.suppress(OSError, ValueError, RelayRefusal):
                     fd = _open_dir(self.root / key)
                     try:
-                        data = json.loads(_read_regular("owned.json", fd, 16 * MAX_META))
+                        data = json.loads(_read_regular("owned.json", fd, 256 * 2**20))
                     finally:
                         os.close(fd)
                 self._owned[key] = {k: set(v) for k, v in data.items()}
             return {k: set(v) for k, v in self._owned[key].items()}
 
-    def _own(self, key: str, kind: str, run_id: str) -> None:
+    @staticmethod
+    def _uid(req_fd: int) -> int:
+        return os.fstat(req_fd).st_uid
+
+    def _own(self, key: str, kind: str, *run_ids: str) -> None:
         self._owned_of(key)
         with self._lock:
-            self._owned[key].setdefault(kind, set()).add(run_id)
+            have = self._owned[key].setdefault(kind, set())
+            if not set(run_ids) - have:
+                return
+            have.update(run_ids)
             data = {k: sorted(v) for k, v in self._owned[key].items()}
             fd = _open_dir(self.root / key)
             try:
@@ -441,6 +572,7 @@ class Relay:
         with self._lock:
             for key in set(self._owned) - live:
                 del self._owned[key]
+            self._dead = {item for item in self._dead if item[0] in live}
 
 
 def _only_own(content: bytes, own: set[str]) -> bytes:
@@ -456,21 +588,17 @@ def _only_own(content: bytes, own: set[str]) -> bytes:
     return json.dumps(kept).encode()
 
 
-def _tagged(body: bytes, startup: str) -> bytes:
-    """A new flow run's body with the tag ``startup:<id>`` of the allocation's start-up; one
-    that names another start-up is refused."""
-    try:
-        doc = json.loads(body or b"{}")
-        tags = [str(t) for t in doc.get("tags") or []]
-    except (ValueError, AttributeError):
-        raise RelayRefusal(400, "POST /api/flow_runs/: the body is not a flow run") from None
-    others = [t for t in tags if t.startswith("startup:") and t != f"startup:{startup}"]
+def _tags(tags: Any, startup: str) -> list[str]:
+    """A run's tags with ``startup:<id>`` of the allocation's start-up; a tag that names
+    another start-up is refused."""
+    if not isinstance(tags, list):
+        tags = []
+    out = [str(t) for t in tags]
+    others = [t for t in out if t.startswith("startup:") and t != f"startup:{startup}"]
     if others:
-        raise RelayRefusal(403, f"POST /api/flow_runs/: tag {others[0][:80]!r} names another "
-                           f"start-up than this allocation's ({startup})")  # fmt: skip
-    if f"startup:{startup}" not in tags:
-        doc["tags"] = [*tags, f"startup:{startup}"]
-    return json.dumps(doc).encode()
+        raise RelayRefusal(403, f"flow run: tag {others[0][:80]!r} names another start-up "
+                           f"than this allocation's ({startup})")  # fmt: skip
+    return out if f"startup:{startup}" in out else [*out, f"startup:{startup}"]
 
 
 def relay_alive(root: Path, max_age_s: float = 10.0) -> bool:
@@ -512,6 +640,8 @@ class Spool:
         done = resp / (rid + RESP)
         while not done.exists():
             if time.monotonic() > deadline:
+                for stale in (req / (rid + REQ), req / (rid + BODY)):  # never replayed later
+                    stale.unlink(missing_ok=True)
                 return 504, {"content-type": "application/json"}, json.dumps(
                     {"detail": f"relay: no answer in {self.wait_s:.0f} s (is the site's relay "
                                "up? `aif site status` on the login node)"}).encode()  # fmt: skip
@@ -530,9 +660,17 @@ def _write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def endpoint_app(spool: Spool) -> Any:
+ENDPOINT_USER = "aif"  # the endpoint's Basic user; its password is the job's own token
+
+
+def endpoint_app(spool: Spool, token: str) -> Any:
     """The node-local endpoint: ``/prefect/<path>`` and ``/mlflow/<path>`` through the spool;
-    Prefect's event websocket (``/prefect/api/events/in``) as batches of POST /api/events."""
+    Prefect's event websocket (``/prefect/api/events/in``) as batches of POST /api/events.
+    Every call must carry the job's token (Basic ``aif:<token>``: Prefect's
+    PREFECT_API_AUTH_STRING, MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD): another start-up's
+    job on the same node reaches 127.0.0.1 too."""
+    import hmac
+
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -541,7 +679,17 @@ def endpoint_app(spool: Spool) -> Any:
 
     pending: list[asyncio.Task[Any]] = []
 
+    expected = "Basic " + base64.b64encode(f"{ENDPOINT_USER}:{token}".encode()).decode()
+
+    def allowed(headers: Any) -> bool:
+        return hmac.compare_digest(str(headers.get("authorization", "")), expected)
+
+    denied = json.dumps({"detail": "relay: this endpoint serves its own job only "
+                                   "(no or a wrong token)"}).encode()  # fmt: skip
+
     async def http(request: Request) -> Response:
+        if not allowed(request.headers):
+            return Response(denied, 401, media_type="application/json")
         target = request.path_params["target"]
         body = await request.body()
         if len(body) > MAX_BODY:
@@ -557,13 +705,17 @@ def endpoint_app(spool: Spool) -> Any:
         return Response(data, status, headers=headers)
 
     async def events_in(ws: WebSocket) -> None:
+        if not allowed(ws.headers):
+            await ws.close(1008, "relay: no or a wrong token")
+            return
         offered = ws.headers.get("sec-websocket-protocol", "")
         prefect = "prefect" in [p.strip() for p in offered.split(",")]
         await ws.accept(subprotocol="prefect" if prefect else None)
         if prefect:
             auth = await ws.receive_json()
-            if auth.get("type") != "auth":
-                await ws.close(1008, "expected an auth message")
+            if auth.get("type") != "auth" or not hmac.compare_digest(
+                    str(auth.get("token") or ""), f"{ENDPOINT_USER}:{token}"):  # fmt: skip
+                await ws.close(1008, "relay: expected the job's auth message")
                 return
             await ws.send_json({"type": "auth_success"})
         batch: list[Any] = []
@@ -592,6 +744,8 @@ def endpoint_app(spool: Spool) -> Any:
 
     async def drain(request: Request) -> Response:
         """Wait until every event batch has been answered (the job calls it before exit)."""
+        if not allowed(request.headers):
+            return Response(denied, 401, media_type="application/json")
         while pending:
             await asyncio.gather(*pending, return_exceptions=True)
             pending[:] = [t for t in pending if not t.done()]
@@ -616,14 +770,19 @@ async def _post_events(spool: Spool, events: list[Any]) -> None:
 @dataclass
 class Endpoint:
     url: str
+    token: str
     _server: Any
     _thread: threading.Thread
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return ENDPOINT_USER, self.token
 
     def drain(self) -> None:
         import httpx
 
         with contextlib.suppress(httpx.HTTPError):
-            httpx.post(f"{self.url}/_relay/drain", timeout=WAIT_S)
+            httpx.post(f"{self.url}/_relay/drain", timeout=WAIT_S, auth=self.auth)
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -642,7 +801,8 @@ def start_endpoint(spool_dir: Path) -> Endpoint:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(endpoint_app(Spool(spool_dir)), log_level="warning",
+    token = secrets.token_urlsafe(24)
+    config = uvicorn.Config(endpoint_app(Spool(spool_dir), token), log_level="warning",
                             lifespan="off", ws_ping_interval=None)  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
@@ -653,7 +813,7 @@ def start_endpoint(spool_dir: Path) -> Endpoint:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("relay: the node-local endpoint did not start")
         time.sleep(0.01)
-    return Endpoint(f"http://127.0.0.1:{port}", server, thread)
+    return Endpoint(f"http://127.0.0.1:{port}", token, server, thread)
 
 
 # -- the site's part -----------------------------------------------------------------------------

@@ -90,9 +90,11 @@ def hand_over(folder: str, uid: int, gid: int) -> None:
     os.makedirs(folder, exist_ok=True)
     os.chown(folder, uid, gid, follow_symlinks=False)
     os.chmod(folder, 0o700)
-    for root, dirs, files in os.walk(folder):
+    # By descriptor: a folder that the start-up's running code swaps for a link while this
+    # walks (a resubmission hands the folder over again) is not followed.
+    for _root, dirs, files, dir_fd in os.fwalk(folder, follow_symlinks=False):
         for name in dirs + files:
-            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 @dataclass

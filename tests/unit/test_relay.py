@@ -67,10 +67,13 @@ def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
     spool = rl.make_spool(root, "startup-a-test-1", rl.Grant("k", "startup-a", "root",
                                                              "startup-a"), 0, 0)  # fmt: skip
     endpoint = rl.start_endpoint(spool)
+    http = httpx.Client(auth=endpoint.auth, timeout=30)
     try:
         yield {"url": endpoint.url, "seen": _Target.seen, "lines": lines, "spool": spool,
-               "root": root, "relay": relay, "stop": stop, "endpoint": endpoint}  # fmt: skip
+               "root": root, "relay": relay, "stop": stop, "endpoint": endpoint,
+               "http": http}  # fmt: skip
     finally:
+        http.close()
         endpoint.stop()
         stop.set()
         thread.join(5)
@@ -79,12 +82,12 @@ def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def test_a_call_goes_through_the_spool_with_the_startups_registry_identity(site: Any) -> None:
     url = site["url"]
-    r = httpx.get(f"{url}/prefect/api/health", headers={"authorization": "Basic stolen"})
+    r = site["http"].get(f"{url}/prefect/api/health", headers={"authorization": "Basic stolen"})
     assert r.status_code == 200 and r.json()["path"] == "/api/health"
     assert "x-secret-header" not in r.headers
     assert "authorization" not in site["seen"][-1]["headers"]  # the job's own never travels
     body = os.urandom(300_000)
-    r = httpx.put(f"{url}/mlflow/api/2.0/mlflow-artifacts/artifacts/1/run/model.bin",
+    r = site["http"].put(f"{url}/mlflow/api/2.0/mlflow-artifacts/artifacts/1/run/model.bin",
                   content=body, headers={"content-type": "application/octet-stream"})  # fmt: skip
     assert r.status_code == 200 and r.json()["n"] == len(body)
     seen = site["seen"][-1]
@@ -105,7 +108,7 @@ def test_calls_outside_the_allow_list_are_refused_in_one_line(site: Any) -> None
                          ("POST", "/mlflow/api/2.0/mlflow/experiments/permissions/create"),
                          ("GET", "/prefect/api/%2e%2e/admin/version"),
                          ("GET", "/other/api/health")):  # fmt: skip
-        r = httpx.request(method, url + path)
+        r = site["http"].request(method, url + path)
         assert r.status_code in (400, 403), (method, path, r.status_code)
         detail = r.json()["detail"]
         assert detail.startswith("relay: ") and "\n" not in detail and len(detail) < 400
@@ -116,19 +119,19 @@ def test_calls_outside_the_allow_list_are_refused_in_one_line(site: Any) -> None
 def test_a_job_writes_only_to_the_flow_runs_it_made(site: Any) -> None:
     url = site["url"]
     other = str(uuid.uuid4())
-    r = httpx.post(f"{url}/prefect/api/flow_runs/{other}/set_state", json={"state": {}})
+    r = site["http"].post(f"{url}/prefect/api/flow_runs/{other}/set_state", json={"state": {}})
     assert r.status_code == 403 and "not one this allocation made" in r.json()["detail"]
-    r = httpx.post(f"{url}/prefect/api/flow_runs/", json={"name": "x", "tags": ["aif"]})
+    r = site["http"].post(f"{url}/prefect/api/flow_runs/", json={"name": "x", "tags": ["aif"]})
     assert r.status_code == 201
     made = r.json()
     assert "startup:startup-a" in made["tags"]  # the relay tags it with its start-up
-    r = httpx.post(f"{url}/prefect/api/flow_runs/{made['id']}/set_state", json={"state": {}})
+    r = site["http"].post(f"{url}/prefect/api/flow_runs/{made['id']}/set_state", json={"state": {}})
     assert r.status_code == 201
     # Another start-up's tag on a new run is refused.
-    r = httpx.post(f"{url}/prefect/api/flow_runs/", json={"tags": ["startup:startup-b"]})
+    r = site["http"].post(f"{url}/prefect/api/flow_runs/", json={"tags": ["startup:startup-b"]})
     assert r.status_code == 403 and "another start-up" in r.json()["detail"]
     # A listing keeps only the allocation's own runs.
-    r = httpx.post(f"{url}/prefect/api/flow_runs/filter", json={"ids": [other, made["id"]]})
+    r = site["http"].post(f"{url}/prefect/api/flow_runs/filter", json={"ids": [other, made["id"]]})
     assert r.status_code == 201 and r.json() == [{"id": made["id"]}]
     # A relay restarted mid-run (a new Relay on the same folder) still knows the run.
     fresh = rl.Relay(site["root"], {}, lambda u: "")
@@ -164,21 +167,99 @@ def test_a_spool_not_made_by_root_alone_is_not_served(site: Any) -> None:
         os.chmod(site["spool"], 0o750)
 
 
-def test_prefect_events_reach_the_server_as_batches(site: Any) -> None:
+def test_prefect_events_of_the_jobs_own_runs_reach_the_server_as_batches(site: Any) -> None:
+    """Events of the allocation's flow runs and of task runs in them are relayed (and those
+    task runs become its own); events about anything else are dropped."""
     from websockets.sync.client import connect
 
+    mine = site["http"].post(f"{site['url']}/prefect/api/flow_runs/", json={}).json()["id"]
+    other, task = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def ev(name: str, resource: str, related: str | None = None) -> dict[str, Any]:
+        rel = [{"prefect.resource.id": related, "prefect.resource.role": "flow-run"}]
+        return {"id": str(uuid.uuid4()), "event": name, "occurred": "2026-12-08T00:00:00Z",
+                "resource": {"prefect.resource.id": resource},
+                "related": rel if related else []}  # fmt: skip
+
+    keep = [ev("prefect.flow-run.Running", f"prefect.flow-run.{mine}"),
+            ev("prefect.task-run.Completed", f"prefect.task-run.{task}",
+               f"prefect.flow-run.{mine}")]  # fmt: skip
+    drop = [ev("prefect.flow-run.Crashed", f"prefect.flow-run.{other}"),
+            ev("prefect.task-run.Completed", f"prefect.task-run.{uuid.uuid4()}",
+               f"prefect.flow-run.{other}"),
+            ev("aif.model.promoted", "aif.model.x")]  # fmt: skip
     url = site["url"].replace("http://", "ws://") + "/prefect/api/events/in"
-    events = [{"id": str(uuid.uuid4()), "event": "prefect.test", "occurred": "2026-12-08T00:00:00Z",
-               "resource": {"prefect.resource.id": f"test.{i}"}} for i in range(5)]  # fmt: skip
-    with connect(url, subprotocols=["prefect"]) as ws:  # type: ignore[list-item]
+    user, token = site["endpoint"].auth
+    from websockets.exceptions import WebSocketException
+
+    # No token: refused before the handshake ends.
+    with pytest.raises(WebSocketException), connect(url, subprotocols=["prefect"]) as ws:  # type: ignore[list-item]
         ws.send(json.dumps({"type": "auth", "token": None}))
+        ws.recv()
+    header = {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
+    with connect(url, subprotocols=["prefect"], additional_headers=header) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"type": "auth", "token": f"{user}:{token}"}))
         assert json.loads(ws.recv())["type"] == "auth_success"
-        for e in events:
+        for e in keep + drop:
             ws.send(json.dumps(e))
     site["endpoint"].drain()
     posted = [json.loads(s["body"]) for s in site["seen"] if s["path"] == "/api/events"]
-    got = [e["id"] for batch in posted for e in batch]
-    assert got == [e["id"] for e in events]
+    assert [e["id"] for batch in posted for e in batch] == [e["id"] for e in keep]
+    assert task in site["relay"]._owned_of("startup-a-test-1")["task_run"]
+
+
+def test_the_endpoint_serves_only_its_own_job(site: Any) -> None:
+    n = len(site["seen"])
+    for auth in (None, ("aif", "not-the-token"), ("startup-b", site["endpoint"].token)):
+        r = httpx.get(f"{site['url']}/prefect/api/health", auth=auth)
+        assert r.status_code == 401 and "own job only" in r.json()["detail"]
+    assert len(site["seen"]) == n
+
+
+def test_bodies_that_would_reach_beyond_the_allocation_are_refused(site: Any) -> None:
+    url, http = site["url"] + "/prefect/api", site["http"]
+    n = len(site["seen"])
+    other = str(uuid.uuid4())
+    for path, body, why in (
+        ("/flow_runs/", {"work_pool_name": "aif-site-startup-b",
+                         "job_variables": {"command": "id"}}, "work_pool_name"),
+        ("/flow_runs/", {"idempotency_key": "k"}, "idempotency_key"),
+        ("/flow_runs/", {"state": {"type": "SCHEDULED"}}, "PENDING or RUNNING"),
+        ("/flow_runs/", {"parent_task_run_id": other}, "parent task run"),
+        ("/logs/", [{"flow_run_id": other, "message": "x"}], "not this allocation's"),
+        ("/artifacts/", {"key": "ingest-policy", "flow_run_id": other}, "not this allocation's"),
+        ("/artifacts/", {"key": "ingest-policy"}, "not this allocation's"),
+        ("/task_runs/", {"flow_run_id": other}, "not this allocation's"),
+        ("/block_documents/filter", {"include_secrets": True}, "allow-list"),
+        ("/variables/filter", {}, "allow-list"),
+    ):  # fmt: skip
+        r = http.post(url + path, json=body)
+        assert r.status_code == 403 and why in r.json()["detail"], (path, r.text)
+    mine = http.post(url + "/flow_runs/", json={}).json()["id"]
+    r = http.patch(f"{url}/flow_runs/{mine}", json={"tags": ["startup:startup-b"]})
+    assert r.status_code == 403 and "another start-up" in r.json()["detail"]
+    r = http.patch(f"{url}/flow_runs/{mine}", json={"job_variables": {"command": "id"}})
+    assert r.status_code == 403
+    assert len(site["seen"]) == n + 1  # only the run of its own went through
+
+
+def test_a_request_that_cannot_be_answered_is_not_tried_again_and_again(site: Any) -> None:
+    (site["spool"] / "req" / ("d" * 16 + rl.REQ)).mkdir()  # a folder, not a request
+    time.sleep(1.5)
+    lines = [ln for ln in site["lines"] if "d" * 16 in ln]
+    assert len(lines) <= 2, lines  # its refusal once, not one every 2 ms
+
+
+def test_a_hard_link_in_the_spool_is_never_read(site: Any, tmp_path: Path) -> None:
+    target = tmp_path / "secret.json"
+    target.write_text(json.dumps({"target": "prefect", "method": "GET", "path": "/api/health"}))
+    os.chown(target, 12345, 12345)  # not the spool owner's
+    os.link(target, site["spool"] / "req" / ("h" * 16 + rl.REQ))
+    resp = site["spool"] / "resp" / ("h" * 16 + rl.RESP)
+    deadline = time.monotonic() + 10
+    while not resp.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert json.loads(resp.read_text())["status"] == 400
 
 
 def test_a_request_waits_for_a_relay_that_is_down_and_is_answered_once_it_is_back(
@@ -189,7 +270,7 @@ def test_a_request_waits_for_a_relay_that_is_down_and_is_answered_once_it_is_bac
     out: dict[str, Any] = {}
 
     def call() -> None:
-        out["r"] = httpx.get(f"{site['url']}/prefect/api/version", timeout=30)
+        out["r"] = site["http"].get(f"{site['url']}/prefect/api/version", timeout=30)
 
     t = threading.Thread(target=call)
     t.start()
@@ -229,7 +310,7 @@ def test_a_fresh_heartbeat_of_a_dead_relay_is_not_alive(tmp_path: Path) -> None:
 def test_a_spool_the_job_cannot_reach_is_one_line_502(site: Any) -> None:
     os.rename(site["spool"] / "req", site["spool"] / "req.gone")
     try:
-        r = httpx.get(f"{site['url']}/prefect/api/health")
+        r = site["http"].get(f"{site['url']}/prefect/api/health")
     finally:
         os.rename(site["spool"] / "req.gone", site["spool"] / "req")
     assert r.status_code == 502
