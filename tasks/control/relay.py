@@ -119,6 +119,10 @@ PREFECT_RULES = (
     _rule("POST", r"/api/events/?", body="events"),
     _rule("POST", r"/api/artifacts/?", body="artifact"),
     _rule("GET", r"/api/(block_types/slug/[^/]+|block_schemas/checksum/[^/]+)"),
+    # A task's tag concurrency (Prefect's task engine takes a lease on tag:<t> limits).
+    _rule("POST", r"/api/v2/concurrency_limits/increment-with-lease", body="tag_limits"),
+    _rule("POST", r"/api/v2/concurrency_limits/(decrement-with-lease|leases/"
+          + _UUID + r"/renew)"),
 )
 # Paths as MLflow sees them: tracking, registry, logged models, proxied artifacts.
 MLFLOW_RULES = (
@@ -184,6 +188,15 @@ def _checked_body(kind: str, method: str, body: bytes, startup: str,
                                         and str(r["flow_run_id"]) not in flows)
             for r in logs):  # fmt: skip
             raise RelayRefusal(403, "logs: a record of a flow run that is not this allocation's")
+        return body, new
+    if kind == "tag_limits":
+        doc = _json(body, "concurrency")
+        names = doc.get("names") if isinstance(doc, dict) else None
+        if not isinstance(names, list) or not all(
+                isinstance(n, str) and n.startswith("tag:") and not (
+                    n.startswith("tag:startup:") and n != f"tag:startup:{startup}")
+                for n in names):  # fmt: skip
+            raise RelayRefusal(403, "concurrency: only the tag limits of the run's own tags")
         return body, new
     if kind == "events":
         return _checked_events(_json(body, "events"), flows, tasks, new), new

@@ -232,6 +232,10 @@ def test_bodies_that_would_reach_beyond_the_allocation_are_refused(site: Any) ->
         ("/task_runs/", {"flow_run_id": other}, "not this allocation's"),
         ("/block_documents/filter", {"include_secrets": True}, "allow-list"),
         ("/variables/filter", {}, "allow-list"),
+        ("/v2/concurrency_limits/increment-with-lease", {"names": ["startup-b-nightly"]},
+         "tag limits"),
+        ("/v2/concurrency_limits/increment-with-lease", {"names": ["tag:startup:startup-b"]},
+         "tag limits"),
     ):  # fmt: skip
         r = http.post(url + path, json=body)
         assert r.status_code == 403 and why in r.json()["detail"], (path, r.text)
