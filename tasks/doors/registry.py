@@ -138,6 +138,9 @@ def _check_reachable(tracking_uri: str) -> None:
         with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5) as r:
             if r.status == 200:
                 return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # it answered: reachable (the calls carry the identity)
+            return
     except (urllib.error.URLError, OSError):
         pass
     raise RegistryError(

@@ -333,3 +333,14 @@ def test_the_endpoint_answers_without_waiting_for_delayed_acks(tmp_path: Path) -
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         endpoint.stop()
+
+
+def test_the_registry_probe_takes_a_401_for_a_server_that_answers(site: Any) -> None:
+    """The relay's endpoint answers a call without the job's token 401: the registry's
+    reachability probe (plain urllib, no identity) must take that as reachable (a flow run
+    in an allocation registered nothing new before)."""
+    from aifactory.tasks.doors.registry import RegistryError, _check_reachable
+
+    _check_reachable(f"{site['url']}/mlflow")  # 401 from the endpoint: it is there
+    with pytest.raises(RegistryError, match="not reachable"):
+        _check_reachable("http://127.0.0.1:9/mlflow")  # nothing listens
