@@ -285,17 +285,11 @@ def _read_regular(name: str, dir_fd: int, limit: int, uid: int | None = None) ->
 
 
 def _write_new(name: str, dir_fd: int, data: bytes, mode: int = 0o640) -> None:
-    """Write ``name`` in ``dir_fd`` whole: a new temporary file (never an existing one, never
-    a link), then renamed into place."""
-    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    """Write ``name`` in ``dir_fd`` whole (jobfiles.write_new_at), not synced: a spool's
+    files live for seconds, and a sync per call would be on every call's path."""
+    from aifactory.tasks.core.jobfiles import write_new_at
+
+    write_new_at(dir_fd, name, data, mode=mode, durable=False)
 
 
 @dataclass

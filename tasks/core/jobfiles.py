@@ -184,26 +184,35 @@ def write_job_file(path: str | os.PathLike[str], data: bytes,
     root safely: its folders are made and opened by descriptor without following a link,
     the file is a new one of a random name (never opened through a link), then renamed into
     place (a link at ``path`` is replaced, not followed). Readers see all of it or none."""
-    import uuid
-
     rel = Path(path).relative_to(under)
     fd = _open_dirs(list(rel.parts[:-1]), under, create=True)
     try:
-        tmp = f".aif-tmp-{uuid.uuid4().hex}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o644, dir_fd=fd)  # fmt: skip
-        try:
-            with os.fdopen(out, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, rel.name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
+        write_new_at(fd, rel.name, data)
     finally:
         os.close(fd)
+
+
+def write_new_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644,
+                 durable: bool = True) -> None:  # fmt: skip
+    """Write ``name`` in the folder ``dir_fd`` whole: a new file of a random name (never an
+    existing one, never opened through a link), synced when ``durable``, then renamed into
+    place (a link at ``name`` is replaced, not followed)."""
+    import uuid
+
+    tmp = f".aif-tmp-{uuid.uuid4().hex}"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  mode, dir_fd=dir_fd)  # fmt: skip
+    try:
+        with os.fdopen(out, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def replace_job_folder(staged: str | os.PathLike[str], name: str,
