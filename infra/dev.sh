@@ -28,6 +28,8 @@ setup_site_packages() {
   command -v slurmdbd >/dev/null || need+=(slurmdbd)
   command -v munged >/dev/null || need+=(munge)
   command -v mariadbd >/dev/null || need+=(mariadb-server)
+  # Prefect's and MLflow's database on the site (its binaries are not on PATH).
+  compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
   if [ ${#need[@]} -gt 0 ]; then

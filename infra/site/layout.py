@@ -29,6 +29,7 @@ class Site:
     mon_port: int = 3301  # Ceph's monitor (msgr2); OSD and gateway use 7100-7300
     prefect_port: int = 4200
     mlflow_port: int = 5050
+    pg_port: int = 5433  # PostgreSQL (Prefect's and MLflow's databases)
     # 1: the single-node site (this host is login and compute node, everything on
     # loopback). N >= 2: N compute nodes, each a slurmd in its own network, UTS and mount
     # namespace on the site's bridge (infra/site/nodes.py); the services that compute nodes

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aifactory.infra.site import ceph, mlflow_auth, nodes, procs, services
+from aifactory.infra.site import ceph, mlflow_auth, nodes, postgres, procs, services
 from aifactory.infra.site import slurm_parts as sp
 from aifactory.infra.site.layout import ACCOUNTS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
@@ -43,6 +43,7 @@ class Part:
     port: Callable[[Site], int | None] = lambda s: None
     before_stop: Callable[[Site, Progress], None] | None = None
     launcher: Callable[[Site], list[str]] = lambda s: []  # runs first, execs argv
+    before: Callable[[Site, Progress], None] | None = None  # set-up before each start
 
 
 def _after_munged(site: Site, _p: Progress) -> None:
@@ -110,6 +111,11 @@ PARTS: list[Part] = [
     Part("s3", "radosgw", ceph.rgw_argv, ceph.rgw_ok,
          lambda s: f"http://{s.service_address}:{s.s3_port} (Ceph RGW)",
          after=_after_s3, port=lambda s: s.s3_port, timeout=90),
+    # Prefect's and MLflow's database (SQLite of an earlier site is copied in, once).
+    Part("postgres", "postgres", postgres.argv, postgres.ok,
+         lambda s: f"127.0.0.1:{s.pg_port}", launcher=postgres.launcher,
+         before=postgres.ensure_cluster, after=postgres.after_up, timeout=60,
+         port=lambda s: s.pg_port),
     Part("prefect", "prefect", services.prefect_argv, services.prefect_ok,
          lambda s: f"http://127.0.0.1:{s.prefect_port}", env=services.prefect_env,
          timeout=240, port=lambda s: s.prefect_port),
@@ -229,6 +235,8 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
             "this site did not start (stop it, or use another machine)"
         )
     log = site.logs / f"{part.name}.log"
+    if part.before is not None:
+        part.before(site, progress)
     progress(f"starting {part.name}")
     rec = procs.start(
         part.name,
@@ -303,6 +311,7 @@ def up(site_dir: Path, progress: Progress = print, nodes_wanted: int | None = No
     t0 = time.monotonic()
     sp.ensure_packages(progress)
     sp.ensure_packages(progress, ceph.PACKAGES, recommends=False)
+    sp.ensure_packages(progress, postgres.PACKAGES, recommends=False)
     for d in (site.root, site.logs, site.root / "pids"):
         d.mkdir(parents=True, exist_ok=True)
     state = _load(site)
@@ -314,6 +323,7 @@ def up(site_dir: Path, progress: Progress = print, nodes_wanted: int | None = No
         if made:
             progress(f"compute nodes: made {', '.join(made)} ({site.subnet}.0/24)")
     _stop_retired(site, state, progress)
+    _stop_for_migration(site, state, progress)
     started: list[Part] = []
     try:
         _up_parts(site, state, started, progress)
@@ -365,6 +375,24 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     services.ensure_registry_access(site, progress)
     services.ensure_crash_detector(site, progress)
     services.ensure_work_pools(site, progress)
+
+
+MIGRATED_PARTS = ("prefect", "mlflow")  # their SQLite databases move to PostgreSQL
+
+
+def _stop_for_migration(site: Site, state: dict[str, Any], progress: Progress) -> None:
+    """A site that ran Prefect and MLflow on SQLite: their servers are stopped before the
+    copy into PostgreSQL (postgres.migrate_sqlite) and started again on it."""
+    if not postgres.pending(site):
+        return
+    for name in MIGRATED_PARTS:
+        rec = _record(site, state, name)
+        if rec.get("pid") and procs.stop(rec, name):
+            progress(f"stopped {name} (pid {rec['pid']}): its SQLite database moves to "
+                     "PostgreSQL")  # fmt: skip
+        state.pop(name, None)
+        _pidfile(site, name).unlink(missing_ok=True)
+    _save(site, state)
 
 
 def _change_layout(site: Site, state: dict[str, Any], progress: Progress) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aifactory.infra.site import postgres
 from aifactory.infra.site.layout import ACCOUNTS, Site, kept_secret, private_file
 from aifactory.tasks.core.errors import SiteError
 from aifactory.tasks.doors.registry import OPERATOR, startup_experiment
@@ -56,12 +57,10 @@ def config_path(site: Site) -> Path:
 def write_config(site: Site) -> Path:
     """The auth app's configuration (root only: it names the admin's first password)."""
     path = config_path(site)
-    db = site.root / "mlflow" / "auth.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
     private_file(path, "\n".join([
         "[mlflow]",
         "default_permission = NO_PERMISSIONS",
-        f"database_uri = sqlite:///{db}",
+        f"database_uri = {postgres.url(site, postgres.MLFLOW.role, 'mlflow_auth')}",
         f"admin_username = {ADMIN}",
         f"admin_password = {password(site, ADMIN)}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aifactory.infra.site import procs
+from aifactory.infra.site import postgres, procs
 from aifactory.infra.site.layout import ACCOUNTS, BUCKETS, REGION, S3_KEY, Site
 from aifactory.tasks.core.errors import SiteError
 from aifactory.tasks.core.home import aif_home
@@ -17,7 +17,8 @@ from aifactory.tasks.core.home import aif_home
 DATASPACE_ROOT = "s3://aif-dataspace"
 
 
-def _bin(name: str) -> str:
+def bin_path(name: str) -> str:
+    """A program of this installation's virtual environment (else the one on PATH)."""
     exe = Path(sys.executable).with_name(name)
     return str(exe) if exe.exists() else name
 
@@ -171,7 +172,7 @@ def import_moto_snapshot(site: Site, progress: Callable[[str], None]) -> int:
 
 
 def prefect_argv(site: Site) -> list[str]:
-    return [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
+    return [bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
             "--port", str(site.prefect_port)]  # fmt: skip
 
 
@@ -186,6 +187,14 @@ def prefect_env(site: Site) -> dict[str, str]:
         # A nightly held back by its deployment's concurrency limit asks again after 10 s
         # (Prefect's default, 30 s, leaves the site idle for most of that after a run ends).
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "10",
+        # PostgreSQL (infra/site/postgres.py), not SQLite: many start-ups' nightlies write
+        # at once. The password comes from PGPASSFILE.
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.url(
+            site, postgres.PREFECT.role, "prefect", driver="asyncpg"
+        ),
+        "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+        "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+        **postgres.env(site),
     }
 
 
@@ -205,7 +214,7 @@ def worker_name(startup: str) -> str:
 
 def worker_argv_for(startup: str) -> Callable[[Site], list[str]]:
     def argv(site: Site) -> list[str]:
-        return [_bin("prefect"), "worker", "start", "--pool", work_pool(startup), "--type",
+        return [bin_path("prefect"), "worker", "start", "--pool", work_pool(startup), "--type",
                 "process", "--name", worker_name(startup)]  # fmt: skip
 
     return argv
@@ -270,10 +279,8 @@ def worker_ok_for(startup: str) -> Callable[[Site], bool]:
 
 def mlflow_argv(site: Site) -> list[str]:
     """The tracking server with MLflow's permissions on (infra/site/mlflow_auth.py)."""
-    d = site.root / "mlflow"
-    d.mkdir(parents=True, exist_ok=True)
-    return [_bin("mlflow"), "server", "--app-name", "basic-auth",
-            "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+    return [bin_path("mlflow"), "server", "--app-name", "basic-auth",
+            "--backend-store-uri", postgres.url(site, postgres.MLFLOW.role, "mlflow"),
             "--artifacts-destination", "s3://aif-mlflow/artifacts", "--serve-artifacts",
             "--host", "127.0.0.1", "--port", str(site.mlflow_port), "--workers", "1"]  # fmt: skip
 
@@ -284,7 +291,7 @@ def mlflow_env(site: Site) -> dict[str, str]:
     # The job runner (8 huey worker processes, ~250 MB each) serves GenAI features the
     # registry does not use; on a 2-core site it costs ~2 GB and slows start-up.
     return {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            **mlflow_auth.server_env(site)}  # fmt: skip
+            **mlflow_auth.server_env(site), **postgres.env(site)}  # fmt: skip
 
 
 def mlflow_ok(site: Site) -> bool:

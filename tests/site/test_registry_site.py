@@ -189,7 +189,7 @@ def test_a_site_that_ran_before_permissions_gets_them_and_keeps_its_models(
     403 for the others)."""
     import time
 
-    from aifactory.infra.site import manager, procs, services
+    from aifactory.infra.site import manager, postgres, procs, services
     from aifactory.infra.site.layout import Site
     from aifactory.infra.site.manager import site_root
     from aifactory.tasks.core.home import site_dir
@@ -199,7 +199,7 @@ def test_a_site_that_ran_before_permissions_gets_them_and_keeps_its_models(
     state = manager._load(site)
     assert procs.stop(state["mlflow"], "mlflow")
     old = [a for a in services.mlflow_argv(site) if a not in ("--app-name", "basic-auth")]
-    env = {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**site.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **postgres.env(site)}
     state["mlflow"] = {**state["mlflow"], **procs.start("mlflow", old, site.logs / "mlflow.log",
                                                         env=env, cwd=site.root)}  # fmt: skip
     manager._save(site, state)
