@@ -19,6 +19,7 @@ from aifactory.tasks.core.audit import refusals_audited
 from aifactory.tasks.core.config import Profile, load_profile
 from aifactory.tasks.core.manifests import DataSnapshot
 from aifactory.tasks.data.policy import Decision
+from aifactory.tasks.doors.console import console_scope, label_current_run, label_for, top_level
 from aifactory.tasks.doors.runtime import artifact_markdown, artifact_table, md_table, stage_logger
 
 
@@ -99,7 +100,12 @@ def ingest_flow(
 ) -> DataSnapshot:
     cfg = load_profile(profile, overrides)
     with refusals_audited(cfg, startup, f"ingest (profile {profile})"):
-        return _ingest_stage(cfg, profile, startup, overrides)
+        if not top_level():  # a stage of a labelled run
+            return _ingest_stage(cfg, profile, startup, overrides)
+        label = label_for(cfg, cfg.tenant(startup)[0], "ingest")  # `aif ingest`
+        label_current_run(label)
+        with console_scope(label):
+            return _ingest_stage(cfg, profile, startup, overrides)
 
 
 def _ingest_stage(cfg: Profile, profile: str, startup: str | None,

@@ -23,6 +23,14 @@ from aifactory.tasks.core.audit import refusals_audited
 from aifactory.tasks.core.config import Profile, run_scope
 from aifactory.tasks.core.provenance import git_info, now_iso
 from aifactory.tasks.core.tenancy import check_run
+from aifactory.tasks.doors.console import (
+    RunLabel,
+    artifact_url,
+    console_scope,
+    label_current_run,
+    label_for,
+    published_id,
+)
 from aifactory.tasks.doors.registry import ui_url, version_markdown
 from aifactory.tasks.doors.runtime import (
     artifact_link,
@@ -72,6 +80,23 @@ def pipeline(
 def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str, Any] | None,
             promote: bool) -> str:  # fmt: skip
     sid, st = cfg.startup(startup)
+    # The console's name and tags (tasks/doors/console.py) first: a refused run is found too.
+    label = label_for(cfg, sid)
+    label_current_run(label)
+    with console_scope(label):
+        return _named_stages(cfg, profile, sid, st, overrides, promote, label)
+
+
+def _stage(flow_obj: Any, label: RunLabel, stage: str) -> Any:
+    """A stage flow whose run is named ``<run name> · <stage>`` (braces kept literal:
+    Prefect formats a run name with the parameters)."""
+    name = label.stage(stage).replace("{", "{{").replace("}", "}}")
+    return flow_obj.with_options(flow_run_name=name)
+
+
+def _named_stages(cfg: Profile, profile: str, sid: str, st: Any,
+                  overrides: dict[str, Any] | None, promote: bool,
+                  label: RunLabel) -> str:  # fmt: skip
     # Before any byte is ingested or any job submitted: the tenant's own prefix, account
     # and data space (isolation.*, exit 6), and an approved declaration (exit 5).
     check_run(cfg, sid)
@@ -80,22 +105,22 @@ def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str
 
     t = time.monotonic()
     _banner(1, "ingest")
-    snap = ingest_flow(profile, sid, overrides)
+    snap = _stage(ingest_flow, label, "ingest")(profile, sid, overrides)
     times["ingest"] = time.monotonic() - t
 
     t = time.monotonic()
     _banner(2, "preprocess")
-    fset = preprocess_flow(snap, profile, sid, overrides)
+    fset = _stage(preprocess_flow, label, "preprocess")(snap, profile, sid, overrides)
     times["preprocess"] = time.monotonic() - t
 
     t = time.monotonic()
     _banner(3, "train")
-    trained = train_flow(fset, profile, sid, overrides)
+    trained = _stage(train_flow, label, "train")(fset, profile, sid, overrides)
     times["train"] = time.monotonic() - t
 
     t = time.monotonic()
     _banner(4, "register")
-    mv = register_flow(trained, fset, snap, profile, sid, overrides)
+    mv = _stage(register_flow, label, "register")(trained, fset, snap, profile, sid, overrides)
     times["register"] = time.monotonic() - t
 
     decision = None
@@ -204,6 +229,14 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         promo = f"**promoted to champion** ({decision.reason})"
     else:
         promo = f"kept: not promoted ({decision.reason})"
+    docs = []
+    folder = Path(cfg.runs_dir) / "models" / mv.name / mv.version
+    for key, title, file in (("model-card", "model card", "model_card.md"),
+                             ("training-data-summary", "training-data summary",
+                              "training_data_summary.md")):  # fmt: skip
+        made = published_id(key)  # by this run's register stage; else an earlier run's
+        shown = f"[{title}]({artifact_url(made)})" if made else f"{title} (an earlier run's)"
+        docs.append(f"{shown}: `{folder / file}`")
     job_rows = [{"job": j, "state": s} for j, s in sorted(states.items())]
     metric_rows = [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else v}
                    for k, v in sorted(trained.metrics.items())]  # fmt: skip
@@ -213,7 +246,7 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
         f"- start-up: `{sid}` (account `{st.account}`, project `{st.project}`)\n"
         f"- data snapshot: `{snap.snapshot_id}` ({snap.rows} rows, dataset `{snap.dataset}`)\n"
         f"- model: {version_markdown(cfg.mlflow.tracking_uri, mv.name, mv.version)}; "
-        f"promotion: {promo}\n"
+        f"promotion: {promo}\n- documents: {'; '.join(docs)}\n"
         f"- Slurm usage of this run: {gpu_h:.3f} GPU-hours, {cpu_h:.3f} CPU-hours, about "
         f"EUR {cost:.2f} at the HPC rate\n"
         f"- Dask dashboard (while the stage ran): {dashboard or 'none'}\n- {verdict}\n\n"

@@ -64,20 +64,31 @@ def sweep_flow(profile: str = "site", startup: str | None = None,
                trials: list[dict[str, Any]] | None = None, max_parallel: int = 2,
                metric: str | None = None) -> dict[str, Any]:  # fmt: skip
     from aifactory.tasks.core.audit import refusals_audited
-    from aifactory.tasks.core.tenancy import check_run
-    from aifactory.tasks.jobs.admission import admit_declaration
+    from aifactory.tasks.doors.console import console_scope, label_current_run, label_for
 
     with run_scope(profile, overrides) as cfg, \
             refusals_audited(cfg, startup, f"run aif-sweep (profile {profile})"):  # fmt: skip
         sid, st = cfg.startup(startup)
-        check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
-        print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)
-        print("[1/3] ingest", flush=True)
-        snap = ingest_flow(profile, sid, overrides)
-        print("[2/3] preprocess", flush=True)
-        fset = preprocess_flow(snap, profile, sid, overrides)
-        print("[3/3] sweep", flush=True)
-        record = sweep_task(fset, profile, sid, overrides, trials or [], max_parallel, metric)
+        label = label_for(cfg, sid, "sweep")
+        label_current_run(label)
+        with console_scope(label):
+            return _sweep(cfg, profile, sid, st, overrides, trials or [], max_parallel, metric)
+
+
+def _sweep(cfg: Any, profile: str, sid: str, st: Any, overrides: dict[str, Any] | None,
+           trials: list[dict[str, Any]], max_parallel: int,
+           metric: str | None) -> dict[str, Any]:  # fmt: skip
+    from aifactory.tasks.core.tenancy import check_run
+    from aifactory.tasks.jobs.admission import admit_declaration
+
+    check_run(cfg, sid)  # isolation.* (exit 6), before anything is read or submitted
+    print(f"admission: {admit_declaration(sid, st, 'sweep')}", flush=True)
+    print("[1/3] ingest", flush=True)
+    snap = ingest_flow(profile, sid, overrides)
+    print("[2/3] preprocess", flush=True)
+    fset = preprocess_flow(snap, profile, sid, overrides)
+    print("[3/3] sweep", flush=True)
+    record = sweep_task(fset, profile, sid, overrides, trials, max_parallel, metric)
     metric = record["metric"]
     rows = [{"trial": r["trial"], **{k: str(v) for k, v in r["params"].items()},
              "state": r["state"], metric: r[metric], "job": r["job"]}

@@ -180,6 +180,12 @@ def _checked_body(kind: str, method: str, body: bytes, startup: str,
         if (run is not None or kind == "artifact") and str(run) not in flows:
             raise RelayRefusal(403, f"{kind.replace('_', ' ')}: its flow run is not this "
                                "allocation's")  # fmt: skip
+        key = doc.get("key") if kind == "artifact" else None
+        if key is not None and not str(key).startswith(f"{startup}-"):
+            # Keyed artifacts are the console's series per start-up (tasks/doors/console.py):
+            # one start-up's job never adds to another's.
+            raise RelayRefusal(403, f"artifact: key {str(key)[:80]!r} does not start with "
+                               f"this allocation's start-up ({startup}-)")  # fmt: skip
         return body, new
     if kind == "logs":
         logs = _json(body, "logs")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aifactory.tasks.core.errors import AifError
+from aifactory.tasks.doors.console import artifact_key, published
 
 
 def quick_heartbeat_shutdown() -> bool:
@@ -89,25 +90,38 @@ def stage_logger(stage: str) -> Callable[[str], None]:
     return say
 
 
-def artifact_markdown(key: str, markdown: str, description: str = "") -> None:
+def artifact_markdown(key: str, markdown: str, description: str = "") -> str | None:
+    """A markdown artifact of this run (its key gets the run's start-up prefix, see
+    tasks/doors/console.py); its id, None where there is no Prefect run or API."""
     with contextlib.suppress(Exception):
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(key=key, markdown=markdown, description=description)
+        made = create_markdown_artifact(key=artifact_key(key), markdown=markdown,
+                                        description=description)  # fmt: skip
+        published(key, made)
+        return str(made)
+    return None
 
 
-def artifact_table(key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+def artifact_table(key: str, rows: list[dict[str, Any]], description: str = "") -> str | None:
     with contextlib.suppress(Exception):
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(key=key, table=rows, description=description)
+        made = create_table_artifact(key=artifact_key(key), table=rows, description=description)
+        published(key, made)
+        return str(made)
+    return None
 
 
-def artifact_link(key: str, link: str, text: str, description: str = "") -> None:
+def artifact_link(key: str, link: str, text: str, description: str = "") -> str | None:
     with contextlib.suppress(Exception):
         from prefect.artifacts import create_link_artifact
 
-        create_link_artifact(key=key, link=link, link_text=text, description=description)
+        made = create_link_artifact(key=artifact_key(key), link=link, link_text=text,
+                                    description=description)  # fmt: skip
+        published(key, made)
+        return str(made)
+    return None
 
 
 def md_table(rows: list[dict[str, Any]]) -> str:

@@ -88,7 +88,7 @@ def _summary(monkeypatch: pytest.MonkeyPatch, tracking_uri: str) -> dict[str, An
     monkeypatch.setattr(pipeline, "artifact_table", lambda *a, **k: None)
     monkeypatch.setattr(pipeline, "artifact_link", link)
     cfg = SimpleNamespace(name="local", mlflow=SimpleNamespace(tracking_uri=tracking_uri),
-                          dask=SimpleNamespace(kind="local"))  # fmt: skip
+                          runs_dir="/runs", dask=SimpleNamespace(kind="local"))  # fmt: skip
     st = SimpleNamespace(title="", account="startup-a", project="p")
     snap = SimpleNamespace(snapshot_id="s1", rows=10, dataset="trips")
     fset = SimpleNamespace(slurm_job_ids=[], cluster={}, reused=False)

@@ -244,7 +244,20 @@ def test_bodies_that_would_reach_beyond_the_allocation_are_refused(site: Any) ->
     assert r.status_code == 403 and "another start-up" in r.json()["detail"]
     r = http.patch(f"{url}/flow_runs/{mine}", json={"job_variables": {"command": "id"}})
     assert r.status_code == 403
+    # Keyed artifacts are each start-up's own series: another's prefix, or none, is refused.
+    for key in ("startup-b-agri-yield-pipeline-summary", "pipeline-summary"):
+        r = http.post(url + "/artifacts/", json={"key": key, "flow_run_id": mine})
+        assert r.status_code == 403 and "does not start with" in r.json()["detail"], r.text
     assert len(site["seen"]) == n + 1  # only the run of its own went through
+    r = http.post(
+        url + "/artifacts/",
+        json={
+            "key": "startup-a-mobility-eta-pipeline-summary",
+            "flow_run_id": mine,
+            "type": "markdown",
+        },
+    )
+    assert r.status_code != 403, r.text
 
 
 def test_a_request_that_cannot_be_answered_is_not_tried_again_and_again(site: Any) -> None:
