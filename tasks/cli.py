@@ -1154,6 +1154,73 @@ def report_usage(
     return 0
 
 
+@report_app.command("nightly")
+def report_nightly(
+    profile: ProfileOpt = None,
+    day: Annotated[
+        str | None,
+        typer.Option(
+            "--date",
+            metavar="YYYY-MM-DD",
+            help="the night (UTC day of the runs' schedule; default: the newest)",
+        ),
+    ] = None,
+    artifact: Annotated[
+        bool,
+        typer.Option(
+            "--artifact/--no-artifact", help="publish the table as Prefect artifact nightly-report"
+        ),
+    ] = True,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> int:
+    """The operators' morning view: last night's runs per start-up, with state, reason,
+    GPU-hours and the model version each produced (start-ups without a run too)."""
+    import datetime as dt
+
+    from aifactory.tasks.control.prefect_runs import nightly_rows
+    from aifactory.tasks.jobs.usage import job_hours
+
+    try:
+        night = dt.date.fromisoformat(day) if day else None
+    except ValueError:
+        raise ConfigError(f"aif report nightly --date {str(day)[:40]!r}: not a date "
+                          "(YYYY-MM-DD)") from None  # fmt: skip
+    cfg = _load(profile)
+    api_url = _use_prefect(cfg, _verbose(verbose))
+
+    def gpu_hours(jobs: list[str]) -> float:
+        if not _uses_slurm(cfg):
+            return 0.0
+        try:
+            return job_hours(cfg.slurm_client(), jobs)[1]
+        except Exception:  # accounting down: the report still comes
+            return float("nan")
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        night, rows = nightly_rows(client, api_url, cfg.runs_dir, sorted(cfg.startups), night,
+                                   gpu_hours)  # fmt: skip
+    if as_json:
+        _json({"night": night.isoformat() if night else None, "runs": rows})
+    else:
+        print(f"nightly runs of {night or '(none yet)'} (UTC), per start-up")
+        _table(["startup", "project", "run", "state", "gpu_hours", "model", "reason"], rows,
+               right=("gpu_hours",))  # fmt: skip
+    if artifact and night is not None:
+        from prefect.artifacts import create_table_artifact
+
+        made = create_table_artifact(
+            key="nightly-report", table=rows,
+            description=f"Nightly runs of {night} (UTC) per start-up: state, reason, GPU-hours, "
+            "model version (aif report nightly)",
+        )  # fmt: skip
+        if not as_json:
+            print(f"Prefect artifact nightly-report: {made}")
+    return 0
+
+
 # ---------------------------------------------------------------- site, server, profiles
 
 

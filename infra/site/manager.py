@@ -246,7 +246,8 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
         cwd=site.root,
         launcher=part.launcher(site),
     )
-    rec.update(address=part.address(site), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    rec.update(address=part.address(site), started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               settings=settings_digest(part, site))  # fmt: skip
     state[part.name] = rec
     _save(site, state)
     pid: int = rec["pid"]
@@ -256,6 +257,13 @@ def _start(site: Site, part: Part, state: dict[str, Any], progress: Progress) ->
     progress(f"{part.name} healthy after {time.monotonic() - t0:.1f}s (pid {pid})")
     if part.after is not None:
         part.after(site, progress)
+
+
+def settings_digest(part: Part, site: Site) -> str:
+    """A digest of what a part is started with beside its command line (its environment:
+    a changed value restarts it)."""
+    env = json.dumps(sorted(part.env(site).items()))
+    return hashlib.sha256(env.encode()).hexdigest()[:16]
 
 
 def _startup_users(site: Site, progress: Progress) -> None:
@@ -348,7 +356,12 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     ``started``), then the idempotent set-up: accounts, buckets, seed data, crash detection."""
     for part in parts(site):
         rec = _record(site, state, part.name)
-        if procs.owns(rec):
+        if procs.owns(rec) and rec.get("settings") not in (None, settings_digest(part, site)):
+            # Started with other settings (e.g. the profile's retention ages): restarted so
+            # that they apply. A record from before digests were kept is left alone.
+            progress(f"restarting {part.name} (pid {rec['pid']}): its settings changed")
+            procs.stop(rec, part.expect)
+        elif procs.owns(rec):
             if part.healthy(site):
                 continue
             # Running but unhealthy: give it a moment, then restart it.
@@ -375,6 +388,7 @@ def _up_parts(site: Site, state: dict[str, Any], started: list[Part],
     services.ensure_registry_access(site, progress)
     services.ensure_crash_detector(site, progress)
     services.ensure_work_pools(site, progress)
+    services.ensure_saved_searches(site, progress)
 
 
 MIGRATED_PARTS = ("prefect", "mlflow")  # their SQLite databases move to PostgreSQL

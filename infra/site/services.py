@@ -8,9 +8,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aifactory.infra.site import postgres, procs
 from aifactory.infra.site.layout import ACCOUNTS, BUCKETS, REGION, S3_KEY, Site
+from aifactory.tasks.control.prefect_server import CLIENT_MAX_RETRIES
 from aifactory.tasks.core.errors import SiteError
 from aifactory.tasks.core.home import aif_home
 
@@ -195,7 +197,16 @@ def prefect_env(site: Site) -> dict[str, str]:
         "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
         "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
         **postgres.env(site),
+        # What the server keeps (the site profile's prefect.retention): Prefect's own
+        # database-vacuum service deletes older flow runs, logs, artifacts and events.
+        **_site_profile().prefect.retention.server_env(),
     }
+
+
+def _site_profile() -> Any:
+    from aifactory.infra.site.slurm_parts import site_profile_as_written
+
+    return site_profile_as_written()
 
 
 def prefect_ok(site: Site) -> bool:
@@ -251,6 +262,29 @@ def ensure_work_pools(site: Site, progress: Callable[[str], None]) -> None:
             )
 
 
+def saved_search_name(startup: str) -> str:
+    return f"{startup}: runs of the last 7 days"
+
+
+def ensure_saved_searches(site: Site, progress: Callable[[str], None]) -> None:
+    """One saved filter of the runs page per start-up (the UI's filter menu): its runs, by
+    the tag every run of it carries (tasks/doors/console.py), of the last 7 days. Upserted
+    by name on every `up`."""
+    import httpx
+
+    for sid in ACCOUNTS:
+        body = {"name": saved_search_name(sid), "filters": [
+            {"object": "flowRun", "property": "tag", "type": "", "operation": "",
+             "value": [f"startup:{sid}"]},
+            {"object": "flowRun", "property": "range", "type": "", "operation": "",
+             "value": {"type": "span", "seconds": -7 * 86400}},
+        ]}  # fmt: skip
+        r = httpx.put(f"{site.prefect_api}/saved_searches/", json=body, timeout=30)
+        if r.status_code >= 400:
+            raise SiteError(f"site part prefect: saved search for {sid}: HTTP {r.status_code} "
+                            f"{r.text[:200]}")  # fmt: skip
+
+
 def worker_env(site: Site) -> dict[str, str]:
     return {
         "PREFECT_HOME": str(site.root / "prefect-worker"),
@@ -260,6 +294,8 @@ def worker_env(site: Site) -> dict[str, str]:
         # (aif deploy) marks a run Crashed when they stop.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # The worker and its flow runs outlive an outage of the server (prefect_server.py).
+        "PREFECT_CLIENT_MAX_RETRIES": CLIENT_MAX_RETRIES,
         # A deployment's run (in the platform's checkout or a project's clone) uses the
         # home and the site of whoever started the site, wherever it runs.
         "AIF_SITE_DIR": str(site.root),

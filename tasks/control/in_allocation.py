@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from aifactory.tasks.control.prefect_server import CLIENT_MAX_RETRIES
 from aifactory.tasks.core.config import Profile, _walltime_s, profile_path
 from aifactory.tasks.core.errors import ConfigError, TrainingError
 
@@ -223,6 +224,7 @@ def job_main(spool: Path, job_dir: Path) -> int:
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = endpoint.auth
     os.environ["PREFECT_HOME"] = str(job_dir / ".prefect")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)  # outages
     args = json.loads((job_dir / "args.json").read_text())
     os.environ.update({str(k): str(v) for k, v in dict(args.get("env") or {}).items()})
     if args.get("ui_url"):

@@ -246,3 +246,72 @@ def records(runs_dir: str, startup: str | None, limit: int) -> list[dict[str, An
         ).public())  # fmt: skip
     rows.sort(key=lambda r: r["started"], reverse=True)
     return rows[:limit]
+
+
+# -- the operators' nightly report -----------------------------------------------------
+def _tag(fr: Any, key: str) -> str:
+    for t in fr.tags or []:
+        if t.startswith(f"{key}:"):
+            return str(t.split(":", 1)[1])
+    return ""
+
+
+def _record_of(runs_dir: str, run_id: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads((Path(runs_dir) / "pipeline" / f"{run_id}.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def nightly_rows(client: Any, api_url: str, runs_dir: str, startups: list[str],
+                 day: dt.date | None, gpu_hours: Callable[[list[str]], float],
+                 ) -> tuple[dt.date | None, list[dict[str, Any]]]:  # fmt: skip
+    """One row per nightly run of ``day`` (UTC; default: the newest night that has one),
+    plus one for each start-up without any: start-up, project, run, state, reason,
+    GPU-hours and the model version it produced."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    def runs_of(start: dt.datetime | None, end: dt.datetime | None, pages: int | None) -> Any:
+        when = (FlowRunFilterExpectedStartTime(after_=start, before_=end)  # type: ignore[arg-type]
+                if start else None)  # fmt: skip
+        return _paged(
+            client.read_flow_runs, pages,
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=["trigger:nightly"]), expected_start_time=when,
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        )  # fmt: skip
+
+    if day is None:
+        newest = next(iter(runs_of(None, None, 1)), None)
+        if newest is None or newest.expected_start_time is None:
+            return None, [{"startup": s, "state": "no nightly run yet"} for s in startups]
+        day = newest.expected_start_time.astimezone(dt.UTC).date()
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    base = ui_base(api_url)
+    rows: list[dict[str, Any]] = []
+    for fr in runs_of(start, start + dt.timedelta(days=1), None):
+        rec = _record_of(runs_dir, str(fr.id))
+        jobs = list((rec.get("trained") or {}).get("slurm_job_ids") or [])
+        hours = gpu_hours(jobs) if jobs else 0.0
+        state = fr.state.name if fr.state else "unknown"
+        failed = fr.state is not None and fr.state.is_final() and not fr.state.is_completed()
+        rows.append({
+            "startup": _tag(fr, "startup") or _startup_of(fr), "project": _tag(fr, "project"),
+            "run": fr.name, "state": state,
+            "reason": " ".join(str(fr.state.message or "").split())[:200] if failed else "",
+            "gpu_hours": round(hours, 3), "model": str((rec.get("model") or {}).get("uri") or ""),
+            "url": f"{base}/runs/flow-run/{fr.id}",
+        })  # fmt: skip
+    seen = {r["startup"] for r in rows}
+    empty = {"project": "", "run": "", "state": "no nightly run", "reason": "",
+             "gpu_hours": 0.0, "model": "", "url": ""}  # fmt: skip
+    rows += [{"startup": s, **empty} for s in startups if s not in seen]
+    rows.sort(key=lambda r: (r["startup"], r["run"]))
+    return day, rows

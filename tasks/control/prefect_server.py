@@ -166,6 +166,13 @@ def resolve_api_url(
     return api_url
 
 
+# A run outlives a restart or an outage of its Prefect server (or of its database): the
+# client retries a refused connection or a 502/503 with exponential back-off, 2 s, 4 s, ...
+# 256 s (Prefect's default, 5 retries, gives up after about a minute: a 60 s outage failed
+# the run's next state change, tests/site/test_outage_site.py).
+CLIENT_MAX_RETRIES = "8"
+
+
 def use_server(api_url: str) -> str:
     """Point this process's Prefect (API client, events, flow runs) at ``api_url``; return it.
 
@@ -181,6 +188,7 @@ def use_server(api_url: str) -> str:
     keep their own values inside their block."""
     os.environ["PREFECT_API_URL"] = api_url
     os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)
     if "prefect.context" in sys.modules:
         from prefect.context import refresh_global_settings_context
 

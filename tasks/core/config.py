@@ -535,6 +535,34 @@ class PromotionSpec(_Model):
     )
 
 
+class RetentionSpec(_Model):
+    """How long the Prefect server of the profile (the site's, or a managed one) keeps what
+    runs leave behind: Prefect's own database-vacuum service deletes the rest."""
+
+    flow_runs_days: float = Field(
+        default=30, gt=1 / 24,
+        description="Finished top-level flow runs (with their stage runs, task runs, logs "
+        "and artifacts) older than this many days are deleted (Prefect's minimum: 1 hour)",
+    )  # fmt: skip
+    events_days: float = Field(
+        default=7, gt=0, description="Events older than this many days are deleted"
+    )
+    vacuum_every_s: float = Field(
+        default=3600, gt=0, description="How often the vacuum service looks, in seconds"
+    )
+
+    def server_env(self) -> dict[str, str]:
+        """The Prefect server's settings for it."""
+        return {
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs,orphans",
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(
+                int(self.flow_runs_days * 86400)),
+            # A plain timedelta setting: an ISO 8601 duration (bare seconds do not parse).
+            "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"PT{int(self.events_days * 86400)}S",
+            "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": str(self.vacuum_every_s),
+        }  # fmt: skip
+
+
 class PrefectSpec(_Model):
     """The Prefect API the flows report to."""
 
@@ -550,6 +578,10 @@ class PrefectSpec(_Model):
         "aif-<profile>; per-startup: each start-up's deployments run on a pool of its own, "
         "aif-<profile>-<start-up>, limited to its startups.<id>.flow_runs at once (a site "
         "runs one worker per pool)",
+    )
+    retention: RetentionSpec = Field(
+        default_factory=RetentionSpec,
+        description="What the profile's own Prefect server (a site's, a managed one) keeps",
     )
 
 

@@ -11,6 +11,7 @@ import os
 import shlex
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,21 +132,43 @@ def refused(exc: BaseException) -> bool:
     return any(f"error code {c} " in str(exc) for c in (401, 403))
 
 
-def _check_reachable(tracking_uri: str) -> None:
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
+REGISTRY_WAIT_S = 600.0  # an outage of the tracking server that a trained model outlasts
+
+
+def _answers(tracking_uri: str) -> bool:
     try:
         with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5) as r:
-            if r.status == 200:
-                return
+            return bool(r.status == 200)
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):  # it answered: reachable (the calls carry the identity)
-            return
+        return exc.code in (401, 403)  # it answered: reachable (the calls carry the identity)
     except (urllib.error.URLError, OSError):
-        pass
-    raise RegistryError(
-        f"MLflow tracking server {tracking_uri} is not reachable: is the site up? (aif site status)"
-    )
+        return False
+
+
+def _check_reachable(tracking_uri: str, wait_s: float = 0.0,
+                     log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """The tracking server answers; else wait up to ``wait_s`` for it (a restart, an
+    outage: the model is trained, it is not given up for that), saying so every 30 s."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    t0 = time.monotonic()
+    said = -30.0
+    while not _answers(tracking_uri):
+        waited = time.monotonic() - t0
+        if waited >= wait_s:
+            raise RegistryError(
+                f"MLflow tracking server {tracking_uri} is not reachable"
+                + (f" (waited {waited:.0f} s)" if wait_s else "")
+                + ": is the site up? (aif site status)"
+            )
+        if log is not None and waited - said >= 30:
+            log(f"MLflow tracking server {tracking_uri} is not reachable: waiting for it "
+                f"(up to {wait_s:.0f} s; {waited:.0f} s so far)")  # fmt: skip
+            said = waited
+        time.sleep(min(5.0, max(0.1, wait_s - waited)))
+    if log is not None and time.monotonic() - t0 > 1:
+        log(f"MLflow tracking server {tracking_uri} answers again after "
+            f"{time.monotonic() - t0:.0f} s")  # fmt: skip
 
 
 def ui_url(tracking_uri: str, name: str, version: str) -> str | None:
@@ -221,7 +244,7 @@ def register_model(
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
     from aifactory.tasks.models.pyfunc_model import TabularPyfunc
 
-    _check_reachable(tracking_uri)
+    _check_reachable(tracking_uri, REGISTRY_WAIT_S, log)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

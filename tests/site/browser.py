@@ -225,3 +225,39 @@ def check_prefect_ui(
         driver.quit()
 
     return {"screenshots": shots, **found, "seconds": round(time.monotonic() - started, 1)}
+
+
+def page_texts(pages: list[tuple[str, str, Callable[[str], bool]]], out_dir: pathlib.Path,
+               timeout_s: float = 60) -> dict[str, str]:  # fmt: skip
+    """Open each (name, url, ready) in one headless Chromium and wait until ``ready(text of
+    the page)``; a screenshot ``<name>.png`` each. Returns each page's text. Raises
+    AssertionError in one line (which page, its URL, its screenshot and the text's head)
+    when a page never gets ready. The browser is always quit."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    driver = _new_driver(timeout_s)
+    texts: dict[str, str] = {}
+    try:
+        for name, url, ready in pages:
+            driver.get(url)
+            deadline = time.monotonic() + timeout_s
+            text = ""
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    text = _body_text(driver)
+                    if ready(text):
+                        break
+                time.sleep(0.5)
+            else:
+                path = out_dir / f"{name}-failed.png"
+                driver.save_screenshot(str(path))
+                (out_dir / f"{name}-failed.txt").write_text(text)
+                head = " ".join(text.split())[:300]
+                raise AssertionError(f"Prefect UI: page {name} ({url}) not ready within "
+                                     f"{timeout_s:g}s (screenshot: {path}); it shows: "
+                                     f"{head}")  # fmt: skip
+            driver.save_screenshot(str(out_dir / f"{name}.png"))
+            texts[name] = text
+    finally:
+        driver.quit()
+    return texts

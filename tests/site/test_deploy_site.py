@@ -3,6 +3,7 @@ guard, notifications to a webhook, the crashed-run detector, and the UI in Chrom
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -344,13 +345,65 @@ def test_operators_console_in_a_real_browser(site_profile: Profile, deployed: Re
     ui = site_profile.prefect.api_url.removesuffix("/api")
     out = REPO / "test-output" / "ui"
     out.mkdir(parents=True, exist_ok=True)
+    series = "startup-a-mobility-eta"  # the start-up and its project: the keys' prefix
     found = check_prefect_ui(ui, "startup-a-nightly", str(run.id),
-                             ["pipeline-summary", "pipeline-metrics", "mlflow-model-version"],
-                             out, timeout_s=90)  # fmt: skip
+                             [f"{series}-pipeline-summary", f"{series}-pipeline-metrics",
+                              f"{series}-mlflow-model-version"], out, timeout_s=90)  # fmt: skip
     assert found["flow_run_state"] == "Completed", found
+    day = run.expected_start_time.astimezone(dt.UTC).date().isoformat()
+    assert found["flow_run_name"] == f"startup-a/mobility-eta nightly {day}", found
     for shot in found["screenshots"].values():
         assert Path(shot).stat().st_size > 10_000, shot
     print(f"UI screenshots: {', '.join(str(p) for p in found['screenshots'].values())}")
+    _console_pages(site_profile, ui, run, out)
+
+
+def _console_pages(profile: Profile, ui: str, run: Any, out: Path) -> None:
+    """What else an operator opens (issue 19): the model card and training-data summary
+    the top-level summary links to; one start-up's runs by its tag; a refused run, which
+    says why in one line, no traceback; the nightly report."""
+    import re
+
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    from tests.site.browser import page_texts
+
+    with prefect_client(profile) as client:
+        summary = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["startup-a-mobility-eta-pipeline-summary"])), limit=50)  # fmt: skip
+        refused = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=["startup:startup-c"]),
+            state={"type": FlowRunFilterStateType(any_=[StateType.FAILED])}), limit=1)  # fmt: skip
+    mine = [a for a in summary if str(a.flow_run_id) == str(run.id)]
+    assert mine, [a.flow_run_id for a in summary]
+    links = dict(re.findall(r"\[(model card|training-data summary)\]\((http[^)]+)\)",
+                            str(mine[0].data)))  # fmt: skip
+    assert set(links) == {"model card", "training-data summary"}, mine[0].data
+    if not refused:  # a start-up-c nightly: its declaration is not approved
+        refused = [_wait_final(profile, _start(profile, "aif-pipeline/startup-c-nightly").id)]
+    assert refused[0].state.type == StateType.FAILED, refused[0].state
+    report = aif("report", "nightly", "--profile", "site")
+    assert report.returncode == 0, report.stdout + report.stderr
+    pages = [
+        ("model-card", links["model card"], lambda t: "Model card:" in t and "Intended use" in t),
+        ("training-data-summary", links["training-data summary"],
+         lambda t: "summary of the training data" in t),
+        ("runs-of-startup-b", f"{ui}/runs?tag=startup:startup-b",
+         lambda t: "startup-b/" in t and "startup-a/" not in t),
+        ("refused-run", f"{ui}/runs/flow-run/{refused[0].id}",
+         lambda t: "Failed" in t and "AdmissionError" in t),
+        ("nightly-report", f"{ui}/artifacts/key/nightly-report",
+         lambda t: all(s in t for s in ("startup-a", "startup-b", "startup-c"))),
+    ]  # fmt: skip
+    texts = page_texts(pages, out, timeout_s=90)
+    assert "Traceback" not in texts["refused-run"], texts["refused-run"][:2000]
 
 
 def test_each_startup_has_its_own_pool_worker_and_limit(site_profile: Profile,

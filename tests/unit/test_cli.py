@@ -201,3 +201,11 @@ def test_partial_feature_settings_refine_the_default(
     monkeypatch.setenv("AIF_FEATURES__PARAMS__CLEAN__DURATION_MIN",
                        json.dumps(base["params"]["clean"]["duration_min"]))  # fmt: skip
     assert load_profile("local").public_dict()["features"] == base
+
+
+def test_a_nightly_report_of_a_date_that_is_none_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["report", "nightly", "--date", "2026-13-40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--date '2026-13-40': not a date (YYYY-MM-DD)" in err and "\n" not in err

@@ -406,3 +406,23 @@ def test_os_environ_is_the_default_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("AIF_HOME", "/tmp/aif-home-x")
     cfg = load_profile("local")
     assert cfg.training.epochs == 4 and cfg.home_dir == "/tmp/aif-home-x"
+
+
+def test_retention_reaches_prefects_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's environment for prefect.retention is what Prefect's settings parse (a
+    bare number of seconds fails for the events' period and the server does not start)."""
+    import datetime as dt
+
+    from prefect.settings import Settings
+
+    from aifactory.tasks.core.config import RetentionSpec
+
+    for k, v in (
+        RetentionSpec(flow_runs_days=3, events_days=1.5, vacuum_every_s=60).server_env().items()
+    ):
+        monkeypatch.setenv(k, v)
+    got = Settings().server
+    assert got.services.db_vacuum.enabled_vacuum_types == {"events", "flow_runs", "orphans"}
+    assert got.services.db_vacuum.retention_period == dt.timedelta(days=3)
+    assert got.events.retention_period == dt.timedelta(days=1.5)
+    assert got.services.db_vacuum.loop_seconds == 60

@@ -357,3 +357,44 @@ def test_the_registry_probe_takes_a_401_for_a_server_that_answers(site: Any) -> 
     _check_reachable(f"{site['url']}/mlflow")  # 401 from the endpoint: it is there
     with pytest.raises(RegistryError, match="not reachable"):
         _check_reachable("http://127.0.0.1:9/mlflow")  # nothing listens
+
+
+def test_the_registry_waits_out_an_outage_of_the_tracking_server(tmp_path: Path) -> None:
+    """A trained model is not given up because MLflow restarts: registration waits for the
+    server (saying so), and fails in one line only once the wait is over."""
+    import http.server
+    import socket
+    import threading
+
+    from aifactory.tasks.doors.registry import RegistryError, _check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    def come_back() -> None:
+        time.sleep(2.5)
+        server = http.server.HTTPServer(("127.0.0.1", port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+
+    started: list[Any] = []
+    said: list[str] = []
+    threading.Thread(target=come_back, daemon=True).start()
+    t0 = time.monotonic()
+    _check_reachable(f"http://127.0.0.1:{port}", wait_s=30, log=said.append)
+    assert 2 <= time.monotonic() - t0 < 15
+    assert "not reachable: waiting for it" in said[0] and "answers again" in said[-1]
+    started[0].shutdown()
+    started[0].server_close()
+    with pytest.raises(RegistryError, match=r"not reachable \(waited 1 s\): is the site up"):
+        _check_reachable(f"http://127.0.0.1:{port}", wait_s=1)

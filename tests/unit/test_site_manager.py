@@ -24,6 +24,7 @@ def fake_parts(monkeypatch: pytest.MonkeyPatch) -> list[manager.Part]:
                       (sp, "reload_users"), (sp, "ensure_budget_limits"),
                       (services, "ensure_buckets"), (services, "seed_dataspace"),
                       (services, "ensure_crash_detector"), (services, "ensure_work_pools"),
+                      (services, "ensure_saved_searches"),
                       (services, "ensure_registry_access"),
                       (manager, "_s3_setup"),
                       (manager, "_startup_users")]:  # fmt: skip
@@ -275,3 +276,28 @@ def test_the_nodes_network_of_another_site_is_left_alone(
         nodes.ensure_network(mine)
     assert "\n" not in str(err.value)
     assert not [c for c in calls if "add" in c or "alias" in c], calls
+
+
+def test_a_part_started_with_other_settings_is_restarted(
+    tmp_path: Path, fake_parts: list[manager.Part], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part's environment changed (the profile's retention ages, a database URL): `up`
+    restarts it, so the new settings apply; an unchanged one is left running."""
+    site_dir = tmp_path / "site"
+    first = manager.up(site_dir, progress=lambda _m: None)
+    try:
+        two = fake_parts[1]
+        env = {"PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "PT3600S"}
+        changed = manager.Part(two.name, two.expect, two.argv, two.healthy, two.address,
+                               env=lambda s: env)  # fmt: skip
+        monkeypatch.setattr(manager, "PARTS", [fake_parts[0], changed])
+        msgs: list[str] = []
+        again = manager.up(site_dir, progress=msgs.append)
+        assert again[0].pid == first[0].pid and again[1].pid != first[1].pid
+        assert f"restarting two (pid {first[1].pid}): its settings changed" in msgs
+        msgs.clear()
+        third = manager.up(site_dir, progress=msgs.append)
+        assert [p.pid for p in third] == [p.pid for p in again]
+        assert not [m for m in msgs if m.startswith("restarting")]
+    finally:
+        manager.down(site_dir, progress=lambda _m: None)
