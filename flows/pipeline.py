@@ -17,7 +17,7 @@ from prefect import flow
 
 from aifactory.flows.ingest import ingest_flow
 from aifactory.flows.preprocess import preprocess_flow
-from aifactory.flows.register import register_flow
+from aifactory.flows.register import DOCUMENTS, register_flow
 from aifactory.flows.train import train_flow
 from aifactory.tasks.core.audit import refusals_audited
 from aifactory.tasks.core.config import Profile, run_scope
@@ -27,6 +27,7 @@ from aifactory.tasks.doors.console import (
     RunLabel,
     artifact_url,
     console_scope,
+    find_artifact,
     label_current_run,
     label_for,
     published_id,
@@ -64,24 +65,27 @@ def pipeline(
     trainer and model replace the profile's, and its start-up is the default.
     With ``promote`` (the nightly deployments), the registered version then goes through
     the promotion gates (profile section ``promotion``) and may become the champion."""
+    name = None
     if project:
-        from aifactory.tasks.core.project import find_project, project_overrides
+        from aifactory.tasks.core.project import find_project, project_name, project_overrides
 
-        own, settings = project_overrides(find_project(project) or project)
+        found = find_project(project) or project
+        own, settings = project_overrides(found)
+        name = project_name(found)  # the console's project: the start-up's own project
         startup = startup or own
         overrides = {**settings, **(overrides or {})}  # explicit flags still win
     # The run's configuration is resolved once: the stages' load_profile returns this one.
     # A refusal (admission, usage policy, isolation, the object store) is audited.
     with run_scope(profile, overrides) as cfg, \
             refusals_audited(cfg, startup, f"run aif-pipeline (profile {profile})"):  # fmt: skip
-        return _stages(cfg, profile, startup, overrides, promote)
+        return _stages(cfg, profile, startup, overrides, promote, name)
 
 
 def _stages(cfg: Profile, profile: str, startup: str | None, overrides: dict[str, Any] | None,
-            promote: bool) -> str:  # fmt: skip
+            promote: bool, project: str | None = None) -> str:  # fmt: skip
     sid, st = cfg.startup(startup)
     # The console's name and tags (tasks/doors/console.py) first: a refused run is found too.
-    label = label_for(cfg, sid)
+    label = label_for(cfg, sid, project=project)
     label_current_run(label)
     with console_scope(label):
         return _named_stages(cfg, profile, sid, st, overrides, promote, label)
@@ -236,8 +240,9 @@ def _publish_summary(cfg: Any, sid: str, st: Any, snap: Any, fset: Any, trained:
     for key, title, file in (("model-card", "model card", "model_card.md"),
                              ("training-data-summary", "training-data summary",
                               "training_data_summary.md")):  # fmt: skip
-        made = published_id(key)  # by this run's register stage; else an earlier run's
-        shown = f"[{title}]({artifact_url(made)})" if made else f"{title} (an earlier run's)"
+        # By this run's register stage; else the run's that registered the version.
+        made = published_id(key) or find_artifact(key, DOCUMENTS[key].format(mv.name, mv.version))
+        shown = f"[{title}]({artifact_url(made)})" if made else title
         docs.append(f"{shown}: `{folder / file}`")
     job_rows = [{"job": j, "state": s} for j, s in sorted(states.items())]
     metric_rows = [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else v}

@@ -27,6 +27,13 @@ from aifactory.tasks.models.modelcard import (
     write_documents,
 )
 
+# The version's documents as Prefect artifacts: key -> description (the summary of a later
+# run that reuses the version finds them by it).
+DOCUMENTS = {
+    "model-card": "Model card of {} v{}",
+    "training-data-summary": "Training data of {} v{}",
+}
+
 
 @task(name="register-in-mlflow", cache_policy=NO_CACHE)
 def register_task(
@@ -78,8 +85,9 @@ def register_task(
         folder = Path(cfg.runs_dir) / "models" / name / version
         write_documents(folder, docs)
         say(f"model card, training-data summary and RO-Crate written to {folder}")
-        artifact_markdown("model-card", card, f"Model card of {name} v{version}")
-        artifact_markdown("training-data-summary", summary, f"Training data of {name} v{version}")
+        artifact_markdown("model-card", card, DOCUMENTS["model-card"].format(name, version))
+        artifact_markdown("training-data-summary", summary,
+                          DOCUMENTS["training-data-summary"].format(name, version))  # fmt: skip
         return docs
 
     # The start-up's own registry user, on a site whose MLflow checks permissions.

@@ -147,6 +147,12 @@ def abs_ref(ref: str | None, root: Path) -> str | None:
     return ref
 
 
+def project_name(path: str | os.PathLike[str]) -> str:
+    """The name of the project at ``path`` (its file or folder)."""
+    path = Path(path).resolve()
+    return load_project(path / PROJECT_FILE if path.is_dir() else path).name
+
+
 def project_overrides(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """(start-up, profile overrides) that the project at ``path`` (its file or folder)
     stands for."""

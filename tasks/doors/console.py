@@ -76,13 +76,16 @@ def current_trigger() -> tuple[str, str]:
     return "run", today
 
 
-def label_for(cfg: Any, sid: str, kind: str | None = None) -> RunLabel:
+def label_for(cfg: Any, sid: str, kind: str | None = None,
+              project: str | None = None) -> RunLabel:  # fmt: skip
     """The console label of start-up ``sid``'s run on profile ``cfg``; ``kind`` (sweep,
-    ingest) replaces the trigger of a run that is not the pipeline."""
+    ingest) replaces the trigger of a run that is not the pipeline; ``project``: the name
+    of the start-up's own project a run trains (else the profile's project of it)."""
     st = cfg.startups.get(sid)
     trigger, day = current_trigger()
-    return RunLabel(sid, st.project if st is not None else "default", cfg.dataspace.dataset,
-                    cfg.purpose(sid)[0], kind or trigger, day)  # fmt: skip
+    project = project or (st.project if st is not None else "default")
+    return RunLabel(sid, project, cfg.dataspace.dataset, cfg.purpose(sid)[0], kind or trigger,
+                    day)  # fmt: skip
 
 
 def top_level() -> bool:
@@ -99,8 +102,10 @@ def label_current_run(label: RunLabel) -> None:
         run_id = flow_run.id
         if not run_id:
             return
-        have = list(flow_run.tags or [])
-        tags = have + [t for t in label.tags if t not in have]
+        # The label's tags win over same-named ones (a deployment's project: tag).
+        keys = {t.split(":", 1)[0] for t in label.tags}
+        have = [t for t in flow_run.tags or [] if t.split(":", 1)[0] not in keys]
+        tags = have + label.tags
         with get_client(sync_client=True) as client:
             client.update_flow_run(run_id, name=label.name, tags=tags)
 
@@ -145,3 +150,21 @@ def artifact_url(artifact_id: str) -> str:
 
         base = (PREFECT_UI_URL.value() or "").rstrip("/")
     return f"{base}/artifacts/artifact/{artifact_id}"
+
+
+def find_artifact(key: str, description: str) -> str | None:
+    """The newest artifact of this run's series with ``key`` and ``description`` (an
+    earlier run's document of a version this run reuses); None where none is found."""
+    with contextlib.suppress(Exception):
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.sorting import ArtifactSort
+
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(key)])),
+                sort=ArtifactSort.CREATED_DESC, limit=200)  # fmt: skip
+        for a in found:
+            if a.description == description:
+                return str(a.id)
+    return None

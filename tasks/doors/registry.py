@@ -234,7 +234,9 @@ def register_model(
         log(f"model already registered as {model_name} version {found.version} (fingerprint {fp})")
         return found
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    # A trained model outlasts an outage of the tracking server or of its database (503s):
+    # 9 retries back off 2, 4, ... 64, then 120 s (urllib3's cap), about 8 minutes in all.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     import mlflow
     from mlflow.exceptions import MlflowException
