@@ -118,6 +118,9 @@ PREFECT_RULES = (
     _rule("POST", r"/api/logs/?", body="logs"),
     _rule("POST", r"/api/events/?", body="events"),
     _rule("POST", r"/api/artifacts/?", body="artifact"),
+    # The start-up's own keyed artifacts (the summary links the documents of the run that
+    # registered a version it reuses: tasks/doors/console.py, find_artifact).
+    _rule("POST", r"/api/artifacts/filter", body="artifact_filter"),
     _rule("GET", r"/api/(block_types/slug/[^/]+|block_schemas/checksum/[^/]+)"),
     # A task's tag concurrency (Prefect's task engine takes a lease on tag:<t> limits).
     _rule("POST", r"/api/v2/concurrency_limits/increment-with-lease", body="tag_limits"),
@@ -186,6 +189,15 @@ def _checked_body(kind: str, method: str, body: bytes, startup: str,
             # one start-up's job never adds to another's.
             raise RelayRefusal(403, f"artifact: key {str(key)[:80]!r} does not start with "
                                f"this allocation's start-up ({startup}-)")  # fmt: skip
+        return body, new
+    if kind == "artifact_filter":
+        doc = _json(body, "artifact filter")
+        keys = (((doc or {}).get("artifacts") or {}).get("key") or {}).get("any_") \
+            if isinstance(doc, dict) else None  # fmt: skip
+        if not isinstance(keys, list) or not keys or not all(
+                isinstance(k, str) and k.startswith(f"{startup}-") for k in keys):  # fmt: skip
+            raise RelayRefusal(403, "artifact filter: only artifacts whose keys start with this "
+                               f"allocation's start-up ({startup}-), named")  # fmt: skip
         return body, new
     if kind == "logs":
         logs = _json(body, "logs")

@@ -248,7 +248,15 @@ def test_bodies_that_would_reach_beyond_the_allocation_are_refused(site: Any) ->
     for key in ("startup-b-agri-yield-pipeline-summary", "pipeline-summary"):
         r = http.post(url + "/artifacts/", json={"key": key, "flow_run_id": mine})
         assert r.status_code == 403 and "does not start with" in r.json()["detail"], r.text
+    queries = ({}, {"artifacts": {"key": {"any_": ["startup-b-agri-yield-model-card"]}}},
+               {"artifacts": {"key": {"like_": "startup-a-%"}}})  # fmt: skip
+    for query in queries:
+        r = http.post(url + "/artifacts/filter", json=query)
+        assert r.status_code == 403 and "artifact filter" in r.json()["detail"], r.text
     assert len(site["seen"]) == n + 1  # only the run of its own went through
+    own = {"artifacts": {"key": {"any_": ["startup-a-mobility-eta-model-card"]}}}
+    r = http.post(url + "/artifacts/filter", json=own)
+    assert r.status_code != 403, r.text
     r = http.post(
         url + "/artifacts/",
         json={

@@ -57,6 +57,9 @@ def test_slurm_conf_has_the_site_facts(site: Site) -> None:
     assert conf["AccountingStorageTRES"] == "gres/gpu"
     assert conf["JobAcctGatherType"] == "jobacct_gather/linux"
     assert conf["MinJobAge"] == "300" and conf["KillWait"] == "10"
+    # Fair-share between the start-ups' accounts (issue 19), not first come first served.
+    assert conf["PriorityType"] == "priority/multifactor"
+    assert int(conf["PriorityWeightFairshare"]) > int(conf["PriorityWeightAge"]) > 0
     for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldPidFile", "SlurmctldLogFile"):
         assert conf[key].startswith(str(site.root)), key
     node = next(ln for ln in text.splitlines() if ln.startswith("NodeName="))
