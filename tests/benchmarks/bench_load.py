@@ -96,10 +96,16 @@ def _deployments(api: str, names: list[str]) -> dict[str, str]:
 
 def _drop_deployments(api: str, names: list[str]) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         for name in names:
+            # Runs an interrupted benchmark left waiting would stay Late for ever.
+            left = DeploymentFilter(name=DeploymentFilterName(any_=[f"{name}-nightly"]))
+            for fr in client.read_flow_runs(deployment_filter=left, limit=200):
+                if fr.state is None or not fr.state.is_final():
+                    client.delete_flow_run(fr.id)
             for d in client.read_deployments():
                 if d.name == f"{name}-nightly" and d.work_pool_name == f"aif-load-{name}":
                     client.delete_deployment(d.id)
@@ -209,6 +215,20 @@ def _phase(api: str, deps: dict[str, str], per: int, site: Site,
             "ids": [str(i) for i in ids], "startups": sorted(by_startup)}  # fmt: skip
 
 
+def _top_level_runs(api: str, deployment_ids: list[str]) -> list[str]:
+    """Every flow run of these deployments (a duplicate or a stray one would be here)."""
+    out: list[str] = []
+    offset = 0
+    while True:
+        query = {"deployments": {"id": {"any_": deployment_ids}}, "limit": 200, "offset": offset}
+        r = httpx.post(f"{api}/flow_runs/filter", timeout=120, json=query)
+        page = r.json()
+        out += [str(x["id"]) for x in page]
+        if len(page) < 200:
+            return out
+        offset += 200
+
+
 def _slurm_jobs(site: Site, names: list[str], since: str) -> dict[str, list[tuple[str, str]]]:
     out = subprocess.run(
         ["sacct", "-n", "-P", "-X", "-a", "--starttime", since, "--accounts", ",".join(names),
@@ -259,6 +279,10 @@ def main() -> int:
                 ),
                 flush=True,
             )
+        every = _top_level_runs(api, list(deps.values()))
+        made_ids = {i for r in results for i in r["ids"]}
+        print(f"flow runs of the load deployments: {len(every)} for {len(made_ids)} made; "
+              f"none lost or added: {set(every) == made_ids}")  # fmt: skip
         jobs = _slurm_jobs(site, names, since)
         total = sum(r["runs"] for r in results)
         per_account = {a: len(js) for a, js in jobs.items()}
