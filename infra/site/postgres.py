@@ -416,6 +416,17 @@ def _checkpoint(path: Path) -> None:
         conn.close()
 
 
+def _set_aside(path: Path, why: str) -> str:
+    """Rename the SQLite file (its log folded in first) to ``<name>.<why>-<time>``."""
+    _checkpoint(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for extra in ("", "-wal", "-shm"):
+        side = path.with_name(path.name + extra)
+        if side.exists():
+            side.rename(side.with_name(f"{side.name}.{why}-{stamp}"))
+    return f"{path.name}.{why}-{stamp}"
+
+
 def pending(site: Site) -> list[str]:
     """The SQLite databases of an earlier site not yet copied into PostgreSQL."""
     return [str(m.sqlite(site)) for m in MIGRATIONS if m.sqlite(site).exists()]
@@ -432,8 +443,11 @@ def migrate_sqlite(site: Site, progress: Callable[[str], None],
         if not path.exists():
             continue
         if _has_tables(site, m.database):
-            progress(f"postgres: {path} (SQLite, {m.label}) is left alone: the site's "
-                     f"PostgreSQL database {m.database} is already in use")  # fmt: skip
+            # Set aside (not copied, not deleted), so that the next `up` does not stop the
+            # servers for it again.
+            kept = _set_aside(path, "not-migrated")
+            progress(f"postgres: {path} (SQLite, {m.label}) is left alone, kept as {kept}: "
+                     f"the site's PostgreSQL database {m.database} is already in use")  # fmt: skip
             continue
         progress(f"postgres: copying {m.label} from {path} (SQLite) into database {m.database}")
         t0 = time.monotonic()
@@ -453,16 +467,10 @@ def migrate_sqlite(site: Site, progress: Callable[[str], None],
             raise SiteError(f"site part postgres: copying {path} into database {m.database} "
                             f"failed ({why}); nothing was changed, the SQLite file is "
                             "kept") from None  # fmt: skip
-        _checkpoint(path)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for extra in ("", "-wal", "-shm"):
-            side = path.with_name(path.name + extra)
-            if side.exists():
-                side.rename(side.with_name(f"{side.name}.migrated-{stamp}"))
+        kept = _set_aside(path, "migrated")
         rows = sum(counts.values())
         progress(f"postgres: {m.label}: {rows} rows in {len(counts)} tables copied in "
-                 f"{time.monotonic() - t0:.1f}s; the SQLite file is kept as "
-                 f"{path.name}.migrated-{stamp}")  # fmt: skip
+                 f"{time.monotonic() - t0:.1f}s; the SQLite file is kept as {kept}")  # fmt: skip
         done.append(m.database)
     return done
 

@@ -191,7 +191,10 @@ def test_a_database_in_use_is_never_overwritten(clean: Site) -> None:
     _mlflow_sqlite(clean)
     said: list[str] = []
     assert postgres.migrate_sqlite(clean, said.append, MLFLOW_ONLY[:1]) == []
-    assert (clean.root / "mlflow" / "mlflow.db").exists()
+    # Kept, set aside: the next `up` does not stop the servers for it again.
+    assert list((clean.root / "mlflow").glob("mlflow.db.not-migrated-*"))
+    assert not (clean.root / "mlflow" / "mlflow.db").exists()
+    assert str(clean.root / "mlflow" / "mlflow.db") not in postgres.pending(clean)
     assert any("is left alone" in line and "already in use" in line for line in said)
     assert live.get_experiment_by_name("made-on-postgres") is not None
     assert live.get_experiment_by_name("trips-startup-a") is None
