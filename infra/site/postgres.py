@@ -24,7 +24,6 @@ import os
 import pwd
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -105,16 +104,9 @@ def _as_postgres() -> list[str]:
 def open_path(path: Path) -> list[str]:
     """Give the ``postgres`` user traverse (x, an ACL entry) on each folder above ``path``
     that denies it (a site under /root); the folders opened."""
-    opened = []
-    for folder in reversed(path.parents):
-        if folder.stat().st_mode & stat.S_IXOTH:
-            continue
-        can = procs.run([*_as_postgres(), "test", "-x", str(folder)], check=False)
-        if can.returncode == 0:
-            continue
-        procs.run(["setfacl", "-m", f"u:{OS_USER}:x", str(folder)])
-        opened.append(str(folder))
-    return opened
+    from aifactory.infra.site.slurm_parts import open_path_to
+
+    return open_path_to(path, f"u:{OS_USER}:x", _as_postgres())
 
 
 def ensure_cluster(site: Site, progress: Callable[[str], None]) -> None:
@@ -196,14 +188,20 @@ def ensure_databases(site: Site, progress: Callable[[str], None]) -> None:
                     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
                     if cur.fetchone():
                         continue
-                    cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(db), sql.Identifier(app.role)))  # fmt: skip
-                    cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
-                        sql.Identifier(db)))  # fmt: skip
+                    _create_database(cur, db, app.role)
                     progress(f"postgres: database {db} (owner {app.role})")
     finally:
         conn.close()
     pgpass_file(site)
+
+
+def _create_database(cur: Any, db: str, role: str) -> None:
+    """Database ``db``, owned by ``role``, closed to every other role."""
+    from psycopg2 import sql
+
+    cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+        sql.Identifier(db), sql.Identifier(role)))  # fmt: skip
+    cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(db)))
 
 
 def _drop_and_create(site: Site, app: App, db: str) -> None:
@@ -215,10 +213,7 @@ def _drop_and_create(site: Site, app: App, db: str) -> None:
         with conn.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(db)))  # fmt: skip
-            cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                sql.Identifier(db), sql.Identifier(app.role)))  # fmt: skip
-            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
-                sql.Identifier(db)))  # fmt: skip
+            _create_database(cur, db, app.role)
     finally:
         conn.close()
 

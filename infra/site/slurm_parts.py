@@ -331,21 +331,25 @@ def close_site_folder(site: Site) -> None:
         os.chmod(runs / name, mode)
 
 
-def open_path_to_startups(path: Path) -> list[str]:
-    """Give the start-ups' group traverse (x) on each folder above ``path`` that denies it
-    (an ACL entry: nothing else changes); the folders opened."""
+def open_path_to(path: Path, acl: str, as_user: list[str]) -> list[str]:
+    """Give ``acl`` (an ACL entry such as ``g:GROUP:x``) on each folder above ``path`` that
+    the user ``as_user`` runs as cannot traverse (nothing else changes); the folders opened."""
     opened = []
     for folder in reversed(path.resolve().parents):
         if folder.stat().st_mode & stat.S_IXOTH:
             continue
-        # Asked as a start-up's user: its groups and the folder's ACL decide.
-        can = procs.run(["runuser", "-u", ACCOUNTS[0], "--", "test", "-x", str(folder)],
-                        check=False)  # fmt: skip
+        # Asked as that user: its groups and the folder's ACL decide.
+        can = procs.run([*as_user, "test", "-x", str(folder)], check=False)
         if can.returncode == 0:
             continue
-        procs.run(["setfacl", "-m", f"g:{STARTUPS_GROUP}:x", str(folder)])
+        procs.run(["setfacl", "-m", acl, str(folder)])
         opened.append(str(folder))
     return opened
+
+
+def open_path_to_startups(path: Path) -> list[str]:
+    """Give the start-ups' group traverse (x) on each folder above ``path`` that denies it."""
+    return open_path_to(path, f"g:{STARTUPS_GROUP}:x", ["runuser", "-u", ACCOUNTS[0], "--"])
 
 
 def check_startup_users_can_run(site: Site, runs_dir: Path, python: str) -> None:

@@ -51,20 +51,26 @@ def _iso(t: Any) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
-def _startup_of(fr: Any) -> str:
+def _tag(fr: Any, key: str) -> str:
     for t in fr.tags or []:
-        if t.startswith("startup:"):
+        if t.startswith(f"{key}:"):
             return str(t.split(":", 1)[1])
-    params = fr.parameters or {}
-    return str(params.get("startup") or "")
+    return ""
+
+
+def _startup_of(fr: Any) -> str:
+    return _tag(fr, "startup") or str((fr.parameters or {}).get("startup") or "")
+
+
+def _record_of(runs_dir: str, run_id: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads((Path(runs_dir) / "pipeline" / f"{run_id}.json").read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def _model_of(runs_dir: str, run_id: str) -> str:
-    try:
-        rec = json.loads((Path(runs_dir) / "pipeline" / f"{run_id}.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    return str((rec.get("model") or {}).get("uri") or "")
+    return str((_record_of(runs_dir, run_id).get("model") or {}).get("uri") or "")
 
 
 def ui_base(api_url: str) -> str:
@@ -249,20 +255,6 @@ def records(runs_dir: str, startup: str | None, limit: int) -> list[dict[str, An
 
 
 # -- the operators' nightly report -----------------------------------------------------
-def _tag(fr: Any, key: str) -> str:
-    for t in fr.tags or []:
-        if t.startswith(f"{key}:"):
-            return str(t.split(":", 1)[1])
-    return ""
-
-
-def _record_of(runs_dir: str, run_id: str) -> dict[str, Any]:
-    try:
-        return dict(json.loads((Path(runs_dir) / "pipeline" / f"{run_id}.json").read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
 def nightly_rows(client: Any, api_url: str, runs_dir: str, startups: list[str],
                  day: dt.date | None, gpu_hours: Callable[[list[str]], float],
                  ) -> tuple[dt.date | None, list[dict[str, Any]]]:  # fmt: skip
@@ -303,7 +295,7 @@ def nightly_rows(client: Any, api_url: str, runs_dir: str, startups: list[str],
         state = fr.state.name if fr.state else "unknown"
         failed = fr.state is not None and fr.state.is_final() and not fr.state.is_completed()
         rows.append({
-            "startup": _tag(fr, "startup") or _startup_of(fr), "project": _tag(fr, "project"),
+            "startup": _startup_of(fr), "project": _tag(fr, "project"),
             "run": fr.name, "state": state,
             "reason": " ".join(str(fr.state.message or "").split())[:200] if failed else "",
             "gpu_hours": round(hours, 3), "model": str((rec.get("model") or {}).get("uri") or ""),
